@@ -1,0 +1,1 @@
+"""patchgd: train image classifiers end-to-end on very large images with Patch Gradient Descent."""

@@ -1,0 +1,1 @@
+"""Digit sources, the UltraMNIST generator, CSV + folder datasets and slide preparation."""
