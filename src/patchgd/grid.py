@@ -1,0 +1,97 @@
+"""Patch-grid geometry: padding, row-major cell numbering and patch extraction.
+
+This module is the one home of the facts "which pixels make cell ``i``" and "how a side that is not a
+multiple of the patch size is handled". Models and methods ask a :class:`PatchGrid` for the patches at
+some cells and never slice images themselves, so a lazy, disk-backed grid can stand in later.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["PatchGrid", "grid_shape"]
+
+
+def grid_shape(height: int, width: int, patch_size: int) -> tuple[int, int]:
+    """Rows and columns of the patch grid covering an ``height x width`` image.
+
+    Args:
+        height: Image height in pixels.
+        width: Image width in pixels.
+        patch_size: Side of a square patch in pixels.
+
+    Returns:
+        ``(m, n)`` with ``m = ceil(height / p)`` and ``n = ceil(width / p)``: a partial last row or column
+        is kept (and padded), never cropped.
+
+    Example:
+        >>> grid_shape(300, 512, 128)
+        (3, 4)
+    """
+    if patch_size <= 0:
+        raise ValueError(f"patch_size must be a positive number of pixels, got {patch_size}")
+    return math.ceil(height / patch_size), math.ceil(width / patch_size)
+
+
+class PatchGrid:
+    """A batch of images seen as an ``m x n`` grid of ``p x p`` patches per image.
+
+    Cells are numbered row-major: flat index ``i = r * n + c`` is the patch
+    ``image[:, r*p:(r+1)*p, c*p:(c+1)*p]``. Images whose sides are not multiples of ``p`` are padded at
+    the bottom and right with ``pad_value`` (one copy, only when needed). Patches are gathered from a
+    strided view of the images, so only the requested patches are ever copied.
+
+    Args:
+        images: ``(B, C, H, W)`` tensor.
+        patch_size: Side ``p`` of the square patches.
+        pad_value: Fill value for the padding.
+
+    Example:
+        >>> grid = PatchGrid(torch.zeros(2, 3, 300, 512), 128)
+        >>> grid.rows, grid.cols, grid.num_cells
+        (3, 4, 12)
+        >>> grid.patches(torch.tensor([[0, 11], [5, 6]])).shape
+        torch.Size([4, 3, 128, 128])
+    """
+
+    def __init__(self, images: torch.Tensor, patch_size: int, pad_value: float = 0.0):
+        if images.dim() != 4:
+            raise ValueError(f"images must be a (B, C, H, W) tensor, got shape {tuple(images.shape)}")
+        batch, _, height, width = images.shape
+        self.patch_size = patch_size
+        self.rows, self.cols = grid_shape(height, width, patch_size)
+        pad_bottom = self.rows * patch_size - height
+        pad_right = self.cols * patch_size - width
+        if pad_bottom or pad_right:
+            images = F.pad(images, (0, pad_right, 0, pad_bottom), value=pad_value)
+        self.batch_size = batch
+        self.device = images.device
+        # (B, C, m, n, p, p) view sharing the image storage.
+        self._cells = images.unfold(2, patch_size, patch_size).unfold(3, patch_size, patch_size)
+
+    @property
+    def num_cells(self) -> int:
+        """Number of cells ``m * n`` per image."""
+        return self.rows * self.cols
+
+    def patches(self, cells: torch.Tensor, images: torch.Tensor | None = None) -> torch.Tensor:
+        """Copy out the patches at the given cells.
+
+        Args:
+            cells: Flat row-major cell indices, ``(B, k)`` (cells per image) or, with ``images``, ``(N,)``.
+            images: Optional ``(N,)`` image index for each cell in a flat ``cells``; then the result holds
+                patch ``cells[j]`` of image ``images[j]`` at position ``j``.
+
+        Returns:
+            ``(B * k, C, p, p)`` (image-major) or ``(N, C, p, p)`` tensor of patches.
+        """
+        if images is None:
+            images = torch.arange(self.batch_size, device=cells.device).unsqueeze(1).expand_as(cells)
+        rows = torch.div(cells, self.cols, rounding_mode="floor")
+        cols = cells % self.cols
+        # Advanced indices around a slice put the indexed dims first: (..., C, p, p).
+        picked = self._cells[images, :, rows, cols]
+        return picked.reshape(-1, *picked.shape[-3:])

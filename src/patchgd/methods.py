@@ -1,0 +1,314 @@
+"""Training steps: PatchGD (Algorithm 1 of the paper) and the GD baselines, behind one interface.
+
+Each method object wraps a model and an optimizer and exposes ``step(images, labels) -> dict``; a trainer
+switches method by name through :func:`create_model` and :func:`create_method` and nothing else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .grid import PatchGrid
+from .model import GDClassifier, GDExtendedClassifier, PatchGDClassifier
+
+__all__ = ["PatchGD", "GD", "sample_schedule", "create_model", "create_method", "METHODS"]
+
+AMP_DTYPES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class _Step:
+    """What every method shares: device, mixed precision, label checks and the optimizer update."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, amp: str | None = None):
+        if amp not in AMP_DTYPES:
+            raise ValueError(f"amp must be one of None, 'bf16', 'fp16'; got {amp!r}")
+        self.model = model
+        self.optimizer = optimizer
+        self.device = next(model.parameters()).device
+        if amp == "fp16" and self.device.type != "cuda":
+            raise ValueError(f"amp='fp16' needs a CUDA device (the model is on {self.device}); "
+                             "use amp='bf16' on the CPU")
+        self.amp = amp
+        # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
+        self.scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
+
+    def autocast(self):
+        if self.amp is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=AMP_DTYPES[self.amp])
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def update(self) -> None:
+        """Apply the accumulated gradients and clear them."""
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def inputs(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Move a batch to the model's device, checking the labels against the classes."""
+        if images.dim() != 4:
+            raise ValueError(f"images must be a (B, C, H, W) tensor, got shape {tuple(images.shape)}")
+        labels = torch.as_tensor(labels)
+        if labels.shape != (images.shape[0],) or labels.dtype.is_floating_point:
+            raise ValueError(f"labels must be {images.shape[0]} integer class indices (one per image), "
+                             f"got shape {tuple(labels.shape)} and dtype {labels.dtype}")
+        classes = self.model.num_classes
+        bad = (labels < 0) | (labels >= classes)
+        if bad.any():
+            raise ValueError(f"label {labels[bad][0].item()} is outside the {classes} classes "
+                             f"(expected 0..{classes - 1})")
+        return images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True).long()
+
+    def sync(self) -> None:
+        """Wait for queued GPU work, so that wall-clock timings are true."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def sample_schedule(batch_size: int, num_cells: int, k: int, inner_iterations: int,
+                    generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    """The default sampler: ``inner_iterations`` chunks of ``k`` cells per image, without repeats.
+
+    Per image, cells come from a random permutation of all ``num_cells`` cells, taken ``k`` at a time;
+    when a permutation runs out, a fresh one continues it, with the cells still in the current chunk
+    moved to its end, so that no chunk ever holds a cell twice.
+
+    Args:
+        batch_size: Images ``B``.
+        num_cells: Cells per image ``m * n``.
+        k: Cells per image and inner iteration (``1 <= k <= num_cells``).
+        inner_iterations: Number of chunks ``ζ``.
+        generator: Random generator (default: torch's global one).
+
+    Returns:
+        A list of ``inner_iterations`` LongTensors of shape ``(B, k)``.
+    """
+    total = k * inner_iterations
+    orders = []
+    for _ in range(batch_size):
+        order = torch.randperm(num_cells, generator=generator)
+        while order.numel() < total:
+            # The chunk still open at the end of ``order`` must not meet its own cells again.
+            open_chunk = order[order.numel() // k * k:]
+            fresh = torch.randperm(num_cells, generator=generator)
+            clash = torch.isin(fresh, open_chunk)
+            order = torch.cat([order, fresh[~clash], fresh[clash]])
+        orders.append(order[:total])
+    return list(torch.stack(orders).view(batch_size, inner_iterations, k).unbind(1))
+
+
+class PatchGD(_Step):
+    """Patch Gradient Descent: one call of :meth:`step` is one iteration of Algorithm 1 on a batch.
+
+    Args:
+        model: A :class:`~patchgd.PatchGDClassifier`.
+        optimizer: Optimizer over the model's parameters.
+        sampling: Fraction of the cells of each image that carries gradients in one inner iteration;
+            ``k = ceil(sampling * m * n)``.
+        max_sampled: Fraction of the cells visited per batch; ``ζ = ceil(max_sampled / sampling)``.
+        inner_iterations: ``ζ`` given directly (overrides ``max_sampled``).
+        grad_accum_steps: ``ε``, inner iterations per optimizer update (default ``ζ``: one update per
+            batch). A last, shorter group also updates, its loss scaled by its own length.
+        fill_mode: ``"train"`` fills ``Z`` with the backbone in training mode (the paper's code: BatchNorm
+            uses batch statistics in fill and inner steps alike), ``"eval"`` in evaluation mode.
+        fill_batch_size: Patches per backbone call while filling (default ``B * k``, what an inner
+            iteration already holds, so a larger image never raises the peak through the fill).
+        amp: ``None``, ``"bf16"`` (CPU or CUDA) or ``"fp16"`` (CUDA, with a gradient scaler).
+        generator: Random generator for the sampler.
+
+    Example:
+        >>> model = PatchGDClassifier("test_resnet", num_classes=10, patch_size=32)
+        >>> trainer = PatchGD(model, torch.optim.Adam(model.parameters()), sampling=0.25)
+        >>> stats = trainer.step(torch.randn(2, 3, 128, 128), torch.tensor([3, 7]))
+    """
+
+    def __init__(self, model: PatchGDClassifier, optimizer: torch.optim.Optimizer, sampling: float = 0.25,
+                 max_sampled: float = 1.0, inner_iterations: int | None = None,
+                 grad_accum_steps: int | None = None, *, fill_mode: str = "train",
+                 fill_batch_size: int | None = None, amp: str | None = None,
+                 generator: torch.Generator | None = None):
+        super().__init__(model, optimizer, amp)
+        if not 0 < sampling <= 1:
+            raise ValueError(f"sampling must be a fraction in (0, 1], got {sampling}")
+        if not max_sampled > 0:
+            raise ValueError(f"max_sampled must be a positive fraction of the cells, got {max_sampled}")
+        for name, value in (("inner_iterations", inner_iterations), ("grad_accum_steps", grad_accum_steps),
+                            ("fill_batch_size", fill_batch_size)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        if fill_mode not in ("train", "eval"):
+            raise ValueError(f"fill_mode must be 'train' or 'eval', got {fill_mode!r}")
+        self.sampling = sampling
+        self.max_sampled = max_sampled
+        self.inner_iterations = inner_iterations
+        self.grad_accum_steps = grad_accum_steps
+        self.fill_mode = fill_mode
+        self.fill_batch_size = fill_batch_size
+        self.generator = generator
+
+    def schedule_for(self, grid: PatchGrid, schedule: Sequence[torch.Tensor] | None) -> list[torch.Tensor]:
+        """The cells of each inner iteration as ``(B, k)`` LongTensors: sampled, or the given ones checked."""
+        cells = grid.num_cells
+        if schedule is None:
+            k = math.ceil(self.sampling * cells)
+            zeta = self.inner_iterations or math.ceil(self.max_sampled / self.sampling)
+            schedule = sample_schedule(grid.batch_size, cells, k, zeta, self.generator)
+        elif self.inner_iterations is not None and len(schedule) != self.inner_iterations:
+            raise ValueError(f"schedule has {len(schedule)} entries but inner_iterations={self.inner_iterations}")
+        if len(schedule) == 0:
+            raise ValueError("schedule is empty: expected one entry per inner iteration")
+        checked = []
+        for j, idx in enumerate(schedule):
+            idx = torch.as_tensor(idx)
+            if idx.dtype not in (torch.int64, torch.int32) or idx.dim() not in (1, 2) or \
+                    (idx.dim() == 2 and idx.shape[0] != grid.batch_size):
+                raise ValueError(f"schedule[{j}] must be an integer tensor of shape (k,) or "
+                                 f"({grid.batch_size}, k); got {tuple(idx.shape)} {idx.dtype}")
+            idx = idx.long().expand(grid.batch_size, -1)
+            k = idx.shape[1]
+            if not 1 <= k <= cells:
+                raise ValueError(f"schedule[{j}] asks for {k} patches per image but the grid has "
+                                 f"{grid.rows}x{grid.cols} = {cells} cells")
+            if idx.min() < 0 or idx.max() >= cells:
+                bad = idx[(idx < 0) | (idx >= cells)][0].item()
+                raise ValueError(f"schedule[{j}] holds cell index {bad}, outside the {grid.rows}x{grid.cols} "
+                                 f"grid (expected 0..{cells - 1})")
+            if (idx.sort(dim=1).values.diff(dim=1) == 0).any():
+                raise ValueError(f"schedule[{j}] repeats a cell within an image; each cell may appear once")
+            checked.append(idx.to(grid.device))
+        return checked
+
+    def step(self, images: torch.Tensor, labels: torch.Tensor,
+             schedule: Sequence[torch.Tensor] | None = None) -> dict:
+        """One iteration of Algorithm 1 on a batch.
+
+        Args:
+            images: ``(B, C, H, W)`` images.
+            labels: ``(B,)`` class indices.
+            schedule: Optional cells per inner iteration: flat row-major indices, ``(k,)`` (the same cells
+                in every image) or ``(B, k)`` per image.
+
+        Returns:
+            ``loss`` (mean over inner iterations), ``fill_time``, ``inner_time``, ``step_time`` in seconds,
+            ``inner_iterations``, ``patches_per_image`` (``k`` of the first inner iteration) and
+            ``optimizer_steps``.
+        """
+        start = time.perf_counter()
+        model = self.model
+        images, labels = self.inputs(images, labels)
+        grid = model.grid(images)
+        schedule = self.schedule_for(grid, schedule)
+        batch, zeta = grid.batch_size, len(schedule)
+        eps = self.grad_accum_steps or zeta
+        model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+
+        if self.fill_mode == "eval":
+            model.backbone.eval()
+        with self.autocast():
+            z = model.fill_z(grid, self.fill_batch_size or batch * schedule[0].shape[1])
+        model.backbone.train()
+        self.sync()
+        filled = time.perf_counter()
+
+        rows = torch.arange(batch, device=grid.device).unsqueeze(1)
+        losses, updates = [], 0
+        for j, cells in enumerate(schedule, start=1):
+            group_len = min(eps, zeta - (j - 1) // eps * eps)
+            z = z.detach()  # earlier inner iterations stay in Z as values, not as graph
+            with self.autocast():
+                features = model.encode(grid.patches(cells))
+                z.view(batch, model.latent_dim, -1)[rows, :, cells] = \
+                    features.view(batch, cells.shape[1], -1).to(z.dtype)
+                loss = F.cross_entropy(model.head(z).float(), labels)
+            self.backward(loss / group_len)
+            losses.append(loss.detach())
+            if j % eps == 0 or j == zeta:
+                self.update()
+                updates += 1
+        self.sync()
+        end = time.perf_counter()
+        return {"loss": torch.stack(losses).mean().item(), "fill_time": filled - start,
+                "inner_time": end - filled, "step_time": end - start, "inner_iterations": zeta,
+                "patches_per_image": schedule[0].shape[1], "optimizer_steps": updates}
+
+
+class GD(_Step):
+    """Plain gradient descent on whole images: the GD and GD-extended baselines.
+
+    Args:
+        model: A :class:`~patchgd.model.GDClassifier` or :class:`~patchgd.model.GDExtendedClassifier`.
+        optimizer: Optimizer over the model's parameters.
+        amp: ``None``, ``"bf16"`` or ``"fp16"`` (CUDA).
+    """
+
+    def step(self, images: torch.Tensor, labels: torch.Tensor) -> dict:
+        """One forward/backward/update on a batch; returns ``loss`` and ``step_time``."""
+        start = time.perf_counter()
+        images, labels = self.inputs(images, labels)
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.autocast():
+            loss = F.cross_entropy(self.model(images).float(), labels)
+        self.backward(loss)
+        self.update()
+        self.sync()
+        return {"loss": loss.item(), "step_time": time.perf_counter() - start, "optimizer_steps": 1}
+
+
+METHODS = ("patchgd", "gd", "gd-extended")
+
+
+def create_model(method: str, backbone: str | nn.Module, num_classes: int, *, patch_size: int = 128,
+                 latent_dim: int = 256, in_chans: int = 3, pretrained: str | None = None,
+                 head_width: int = 256, head_dropout: float = 0.2, pad_value: float = 0.0,
+                 image_size: int | None = None, channels_last: bool = False) -> nn.Module:
+    """Build the model a method trains.
+
+    Args:
+        method: ``"patchgd"``, ``"gd"`` or ``"gd-extended"``.
+        backbone: A timm model name or a module (see the model classes).
+        num_classes: Number of classes.
+        patch_size: PatchGD's patch side.
+        latent_dim: PatchGD's latent size ``s``.
+        in_chans: Image channels.
+        pretrained: Path of a local weights file.
+        head_width: Channels of the conv head (PatchGD, GD-extended).
+        head_dropout: Dropout2d of the conv head.
+        pad_value: PatchGD's padding value.
+        image_size: Input size of the whole image, for GD backbones built for one (ViTs).
+        channels_last: Channels-last memory format.
+    """
+    if method == "patchgd":
+        return PatchGDClassifier(backbone, num_classes, patch_size, latent_dim, in_chans=in_chans,
+                                 pretrained=pretrained, pad_value=pad_value, head_width=head_width,
+                                 head_dropout=head_dropout, channels_last=channels_last)
+    common = dict(in_chans=in_chans, pretrained=pretrained, img_size=image_size, channels_last=channels_last)
+    if method == "gd":
+        return GDClassifier(backbone, num_classes, **common)
+    if method == "gd-extended":
+        return GDExtendedClassifier(backbone, num_classes, head_width=head_width, head_dropout=head_dropout,
+                                    **common)
+    raise ValueError(f"unknown method {method!r}: expected one of {', '.join(METHODS)}")
+
+
+def create_method(method: str, model: nn.Module, optimizer: torch.optim.Optimizer, *, amp: str | None = None,
+                  **patchgd_options) -> PatchGD | GD:
+    """The step object for ``method``; ``patchgd_options`` go to :class:`PatchGD` (ignored by GD)."""
+    if method == "patchgd":
+        return PatchGD(model, optimizer, amp=amp, **patchgd_options)
+    if method in ("gd", "gd-extended"):
+        return GD(model, optimizer, amp=amp)
+    raise ValueError(f"unknown method {method!r}: expected one of {', '.join(METHODS)}")

@@ -1,0 +1,175 @@
+"""The PatchGD classifier: a patch backbone filling a latent grid ``Z``, and a head classifying ``Z``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .backbones import PatchEncoder, create_timm
+from .grid import PatchGrid
+from .heads import ConvHead
+
+__all__ = ["PatchGDClassifier", "GDClassifier", "GDExtendedClassifier"]
+
+
+class PatchGDClassifier(nn.Module):
+    """Backbone ``f_θ1`` (patch -> ``s`` features) and head ``g_θ2`` (``Z`` -> logits).
+
+    Args:
+        backbone: A timm model name (its pooled features get a linear projection to ``latent_dim``) or
+            any module mapping ``(N, C, p, p)`` to ``(N, latent_dim)``.
+        num_classes: Number of classes.
+        patch_size: Side ``p`` of the square patches.
+        latent_dim: Latent size ``s`` of each cell of ``Z``.
+        head: ``"conv"`` for the paper's head, or any module mapping ``(B, s, m, n)`` to logits.
+        in_chans: Image channels (for a timm backbone).
+        pretrained: Path of a local weights file for a timm backbone.
+        pad_value: Value that pads images whose sides are not multiples of ``patch_size``.
+        fill_batch_size: Default number of patches per backbone call in :meth:`fill_z`.
+        head_width: Channels of the conv head.
+        head_dropout: Dropout2d probability of the conv head.
+        channels_last: Feed patches to the backbone in channels-last memory format.
+
+    Example:
+        >>> model = PatchGDClassifier("test_resnet", num_classes=10, patch_size=32, latent_dim=16)
+        >>> model.fill_z(torch.randn(2, 3, 64, 96)).shape
+        torch.Size([2, 16, 2, 3])
+    """
+
+    def __init__(self, backbone: str | nn.Module, num_classes: int, patch_size: int, latent_dim: int = 256,
+                 head: str | nn.Module = "conv", *, in_chans: int = 3, pretrained: str | Path | None = None,
+                 pad_value: float = 0.0, fill_batch_size: int = 64, head_width: int = 256,
+                 head_dropout: float = 0.2, channels_last: bool = False):
+        super().__init__()
+        if patch_size <= 0:
+            raise ValueError(f"patch_size must be positive, got {patch_size}")
+        if fill_batch_size <= 0:
+            raise ValueError(f"fill_batch_size must be positive, got {fill_batch_size}")
+        if isinstance(backbone, str):
+            backbone = PatchEncoder(backbone, latent_dim, patch_size, in_chans=in_chans, pretrained=pretrained)
+        elif pretrained is not None:
+            raise ValueError("pretrained applies to a timm backbone name; load weights into your module yourself")
+        if head == "conv":
+            head = ConvHead(latent_dim, num_classes, width=head_width, dropout=head_dropout)
+        elif isinstance(head, str):
+            raise ValueError(f"unknown head {head!r}: expected 'conv' or an nn.Module")
+        self.backbone = backbone
+        self.head = head
+        self.num_classes = num_classes
+        self.patch_size = patch_size
+        self.latent_dim = latent_dim
+        self.pad_value = pad_value
+        self.fill_batch_size = fill_batch_size
+        self.channels_last = channels_last
+
+    def grid(self, images: torch.Tensor) -> PatchGrid:
+        """The patch grid of ``images`` under this model's patch size and padding."""
+        return PatchGrid(images, self.patch_size, self.pad_value)
+
+    def encode(self, patches: torch.Tensor) -> torch.Tensor:
+        """Run the backbone on a batch of patches ``(N, C, p, p)`` -> ``(N, s)``."""
+        if self.channels_last:
+            patches = patches.contiguous(memory_format=torch.channels_last)
+        out = self.backbone(patches)
+        if out.shape != (patches.shape[0], self.latent_dim):
+            raise ValueError(f"backbone returned shape {tuple(out.shape)} for {patches.shape[0]} patches; "
+                             f"expected ({patches.shape[0]}, {self.latent_dim}) (N, latent_dim)")
+        return out
+
+    def fill_z(self, images: torch.Tensor | PatchGrid, batch_size: int | None = None) -> torch.Tensor:
+        """Algorithm 2: encode every patch without gradients and place it in its cell of ``Z``.
+
+        The backbone sees at most ``batch_size`` patches at a time, whatever the image size, so the
+        memory of a fill is bounded by the chunk, ``Z`` and the input.
+
+        Args:
+            images: ``(B, C, H, W)`` images, or their :class:`PatchGrid`.
+            batch_size: Patches per backbone call (default: ``self.fill_batch_size``).
+
+        Returns:
+            ``Z`` of shape ``(B, s, m, n)``, float32, cells in row-major order.
+        """
+        grid = images if isinstance(images, PatchGrid) else self.grid(images)
+        chunk = batch_size or self.fill_batch_size
+        batch, cells = grid.batch_size, grid.num_cells
+        device = grid.device
+        z = torch.empty(batch, self.latent_dim, cells, device=device)
+        with torch.no_grad():
+            for start in range(0, batch * cells, chunk):
+                flat = torch.arange(start, min(start + chunk, batch * cells), device=device)
+                image_idx, cell_idx = flat // cells, flat % cells
+                z[image_idx, :, cell_idx] = self.encode(grid.patches(cell_idx, image_idx)).float()
+        return z.view(batch, self.latent_dim, grid.rows, grid.cols)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Inference (Fig. 3b of the paper): ``head(fill_z(images))``."""
+        return self.head(self.fill_z(images))
+
+
+class GDClassifier(nn.Module):
+    """The GD baseline: a backbone with its own classifier on the whole image.
+
+    Args:
+        backbone: A timm model name, or any module mapping ``(B, C, H, W)`` to logits.
+        num_classes: Number of classes.
+        in_chans: Image channels (for a timm backbone).
+        pretrained: Path of a local weights file for a timm backbone.
+        img_size: Input size, for backbones built for one (ViTs).
+        channels_last: Feed images in channels-last memory format.
+    """
+
+    def __init__(self, backbone: str | nn.Module, num_classes: int, *, in_chans: int = 3,
+                 pretrained: str | Path | None = None, img_size: int | None = None, channels_last: bool = False):
+        super().__init__()
+        if isinstance(backbone, str):
+            backbone = create_timm(backbone, in_chans=in_chans, num_classes=num_classes, img_size=img_size,
+                                   pretrained=pretrained)
+        self.backbone = backbone
+        self.num_classes = num_classes
+        self.channels_last = channels_last
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self.backbone(images)
+
+
+class GDExtendedClassifier(GDClassifier):
+    """The GD-extended baseline: the backbone's unpooled feature map, then the same kind of head as PatchGD.
+
+    It is the paper's control for the head's extra parameters: a CNN's last feature map plays the role
+    of ``Z``.
+
+    Args:
+        backbone: A timm model name (a CNN: ``forward_features`` must return a ``(B, C, h, w)`` map), or any
+            module mapping images to such a map, with ``feature_dim`` giving ``C``.
+        num_classes: Number of classes.
+        feature_dim: Channels of a custom module's feature map (read from timm otherwise).
+        head: ``"conv"`` for the paper's head, or any module mapping the feature map to logits.
+        head_width: Channels of the conv head.
+        head_dropout: Dropout2d probability of the conv head.
+        **kwargs: ``in_chans``, ``pretrained``, ``img_size``, ``channels_last`` as for :class:`GDClassifier`.
+    """
+
+    def __init__(self, backbone: str | nn.Module, num_classes: int, *, feature_dim: int | None = None,
+                 head: str | nn.Module = "conv", head_width: int = 256, head_dropout: float = 0.2, **kwargs):
+        if isinstance(backbone, str):
+            backbone = create_timm(backbone, num_classes=0, global_pool="", in_chans=kwargs.pop("in_chans", 3),
+                                   img_size=kwargs.pop("img_size", None), pretrained=kwargs.pop("pretrained", None))
+            feature_dim = backbone.num_features
+        elif feature_dim is None:
+            raise ValueError("a custom GD-extended backbone needs feature_dim (channels of its feature map)")
+        super().__init__(backbone, num_classes, **kwargs)
+        self.head = ConvHead(feature_dim, num_classes, head_width, head_dropout) if head == "conv" else head
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        features = self.backbone.forward_features(images) if hasattr(self.backbone, "forward_features") \
+            else self.backbone(images)
+        if features.dim() != 4:
+            raise ValueError(f"GD-extended needs a (B, C, h, w) feature map; the backbone gave shape "
+                             f"{tuple(features.shape)} (a ViT has no spatial map: use a CNN)")
+        return self.head(features)
