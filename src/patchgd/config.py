@@ -1,0 +1,317 @@
+"""Run configuration: nested dataclasses, YAML files and ``--set dotted.key=value`` overrides.
+
+The dataclasses below are the one home of the schema. Their type annotations drive the type checks and
+their field metadata holds the range checks, so no list of keys is restated anywhere else.
+
+Example:
+    >>> cfg = load_config("configs/demo.yaml", ["train.lr=3e-4", "model.pretrained=null"])
+    >>> cfg.train.lr
+    0.0003
+    >>> save_config(cfg, "runs/demo/config.yaml")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import operator
+import os
+import re
+import tempfile
+import types
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema; the message says where, what and why."""
+
+
+# Checks a field may carry in its metadata: name -> (test, how the expectation reads in an error).
+_CHECKS = {
+    "gt": (operator.gt, "> {}"),
+    "ge": (operator.ge, ">= {}"),
+    "lt": (operator.lt, "< {}"),
+    "le": (operator.le, "<= {}"),
+    "pattern": (lambda value, regex: re.fullmatch(regex, value), "a string matching {}"),
+}
+
+
+def _field(default: Any, **checks: Any) -> Any:
+    """A dataclass field whose loaded value must pass ``checks`` (keys of ``_CHECKS``; None skips them)."""
+    return field(default=default, metadata=checks)
+
+
+@dataclass
+class ModelConfig:
+    """The classifier: a timm backbone ``backbone`` encoding ``patch_size`` patches to ``latent_dim``, a
+    conv head ``head_width`` wide with ``head_dropout``; ``pretrained`` is a local weights file, since
+    nothing is ever downloaded."""
+
+    backbone: str = "resnet18"
+    patch_size: int = _field(128, ge=1)
+    latent_dim: int = _field(256, ge=1)
+    pretrained: str | None = None
+    in_chans: int = _field(3, ge=1)
+    head_width: int = _field(256, ge=1)
+    head_dropout: float = _field(0.2, ge=0, lt=1)
+    channels_last: bool = False
+
+
+@dataclass
+class DataConfig:
+    """Where the images and labels live (paths relative to ``root``) and how they are prepared.
+
+    ``val_csv: null`` validates on fold ``fold`` of the train CSV's kfold column; ``label_column: null``
+    auto-detects it; ``image_size`` resizes to a square (the low-resolution GD baseline).
+    """
+
+    root: str | None = None
+    train_csv: str = "train.csv"
+    val_csv: str | None = "val.csv"
+    train_dir: str = "train"
+    val_dir: str = "val"
+    label_column: str | None = None
+    fold: int | None = _field(None, ge=0)
+    num_classes: int = _field(10, ge=2)
+    image_size: int | None = _field(None, ge=1)
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    pad_value: float = 0.0
+    num_workers: int = _field(0, ge=0)
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop. ``schedule: paper`` warms up linearly from 0 over ``warmup_epochs``, then
+    decays linearly to half the peak ``lr`` at the last step."""
+
+    epochs: int = _field(10, ge=1)
+    batch_size: int = _field(8, ge=1)
+    lr: float = _field(1e-3, gt=0)
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    weight_decay: float = _field(0.0, ge=0)
+    momentum: float = _field(0.9, ge=0)
+    schedule: Literal["paper", "constant"] = "paper"
+    warmup_epochs: float = _field(2.0, ge=0)
+    amp: Literal["bf16", "fp16"] | None = None
+    seed: int = _field(0, ge=0)
+    device: str = _field("auto", pattern=r"auto|cpu|cuda(:\d+)?")
+    eval_batch_size: int | None = _field(None, ge=1)
+    log_every: int = _field(10, ge=1)
+
+
+@dataclass
+class PatchGDConfig:
+    """Algorithm 1: the fraction ``sampling`` of patches per inner iteration, ``max_sampled`` of them per
+    batch; ``inner_iterations`` (ζ) and ``grad_accum_steps`` (ε) are derived from those when null."""
+
+    sampling: float = _field(0.25, gt=0, le=1)
+    max_sampled: float = _field(1.0, gt=0)
+    inner_iterations: int | None = _field(None, ge=1)
+    grad_accum_steps: int | None = _field(None, ge=1)
+    fill_mode: Literal["train", "eval"] = "train"
+    fill_batch_size: int | None = _field(None, ge=1)
+
+
+@dataclass
+class MemoryConfig:
+    """A memory budget such as ``"4GB"``, or null for none."""
+
+    budget: str | None = None
+
+
+@dataclass
+class Config:
+    """A whole run: the method, where it writes, and one section per concern."""
+
+    method: Literal["patchgd", "gd", "gd-extended"] = "patchgd"
+    output_dir: str = "runs/patchgd"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    patchgd: PatchGDConfig = field(default_factory=PatchGDConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-3`` as a float: YAML 1.1 wants ``1.0e-3`` and would give a string."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _error(where: str | None, key: str, value: Any, expected: str) -> ConfigError:
+    prefix = f"{where}: " if where else ""
+    return ConfigError(f"{prefix}{key}: got {value!r} ({type(value).__name__}), expected {expected}")
+
+
+def _describe(hint: Any) -> str:
+    """How a type annotation reads in an error message, e.g. ``one of 'bf16', 'fp16' or null``."""
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (Union, types.UnionType):
+        return " or ".join("null" if arg is type(None) else _describe(arg) for arg in args)
+    if origin is Literal:
+        return "one of " + ", ".join(map(repr, args))
+    if origin is list:
+        return f"a list of {_describe(args[0])}"
+    return hint.__name__
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+    """``value`` as type ``hint``; raises TypeError unless it already is one (int -> float aside)."""
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = (arg for arg in args if arg is not type(None))
+        return _coerce(value, inner)
+    if origin is Literal:
+        if isinstance(value, str) and value in args:
+            return value
+    elif origin is list:
+        if isinstance(value, list):
+            return [_coerce(item, args[0]) for item in value]
+    elif hint is float:
+        # Writing `lr: 1` is harmless; a bool is an int to Python but never a number to a user.
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif type(value) is hint:  # exact, so True is no int and "3" no int
+        return value
+    raise TypeError
+
+
+def _build(cls: type, raw: Any, prefix: str, where: str | None) -> Any:
+    """An instance of dataclass ``cls`` from mapping ``raw``, checked key by key; ``prefix`` names it."""
+    if raw is None:  # a section whose keys are all commented out reads as null
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise _error(where, prefix or "the top level", raw, "a section (a mapping of keys)")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = get_type_hints(cls)
+    kwargs = {}
+    for name, value in raw.items():
+        key = f"{prefix}.{name}" if prefix else str(name)
+        if name not in fields:
+            close = difflib.get_close_matches(str(name), fields, n=1)
+            section = f"{prefix}." if prefix else ""
+            hint = f"did you mean '{section}{close[0]}'?" if close else f"expected one of {', '.join(fields)}"
+            raise ConfigError(f"{where + ': ' if where else ''}unknown key '{key}'; {hint}")
+        if dataclasses.is_dataclass(hints[name]):
+            kwargs[name] = _build(hints[name], value, key, where)
+            continue
+        try:
+            value = _coerce(value, hints[name])
+        except TypeError:
+            raise _error(where, key, value, _describe(hints[name])) from None
+        checks = fields[name].metadata
+        if value is not None and not all(_CHECKS[check][0](value, bound) for check, bound in checks.items()):
+            raise _error(where, key, value, " and ".join(_CHECKS[c][1].format(b) for c, b in checks.items()))
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def config_from_dict(d: Mapping[str, Any] | None, source: str | None = None) -> Config:
+    """Build and validate a Config from a (possibly partial) nested mapping; missing keys take defaults.
+
+    Args:
+        d: Nested mapping as read from YAML, e.g. ``{"train": {"lr": 3e-4}}``.
+        source: What to name in error messages (a file path), if anything.
+
+    Raises:
+        ConfigError: On an unknown key, a value of the wrong type or one out of range.
+    """
+    return _build(Config, d, "", source)
+
+
+def config_to_dict(config: Config) -> dict[str, Any]:
+    """The config as plain nested dicts and lists, ready for YAML or a checkpoint."""
+    return dataclasses.asdict(config)
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config file ({e.strerror})") from None
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: invalid YAML: {getattr(e, 'problem', None) or e}") from None
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    """Set one ``dotted.key=value`` in nested dict ``raw``, the value parsed as YAML."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set {item!r}: expected dotted.key=value, e.g. train.lr=3e-4")
+    try:
+        value = yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {item!r}: value is not valid YAML: {e}") from None
+    *sections, name = key.split(".")
+    node = raw
+    for depth, section in enumerate(sections, 1):
+        if node.get(section) is None:
+            node[section] = {}
+        if not isinstance(node[section], dict):
+            raise ConfigError(f"--set {item!r}: '{'.'.join(sections[:depth])}' is a value, not a section")
+        node = node[section]
+    node[name] = value
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Read a YAML config (or start from defaults), apply ``--set`` overrides in order, and validate.
+
+    Args:
+        path: YAML file; None or an empty file means all defaults.
+        overrides: ``dotted.key=value`` strings, the value parsed as YAML (``null``, ``[0.5]``, ``3e-4``).
+
+    Returns:
+        The validated Config.
+
+    Raises:
+        ConfigError: Naming the file or the override, the dotted key, the bad value and what was expected.
+    """
+    raw, where = {}, None
+    if path is not None:
+        where = str(path)
+        raw = _read_yaml(Path(path))
+        raw = {} if raw is None else raw
+    config = config_from_dict(raw, source=where)  # errors in the file name the file, before any override
+    for item in overrides:
+        _apply_override(raw, item)
+        config = config_from_dict(raw, source=f"--set {item}")
+    return config
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    """Write ``config`` as YAML, atomically: a reader never sees a half-written file.
+
+    Args:
+        config: The config to save; ``load_config(path)`` gives it back equal.
+        path: Destination file; missing parent folders are created.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(config_to_dict(config), sort_keys=False)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a run's config is meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
