@@ -1,0 +1,274 @@
+import os
+from pathlib import Path
+
+import pytest
+
+from patchgd.config import (
+    Config,
+    ConfigError,
+    DataConfig,
+    MemoryConfig,
+    ModelConfig,
+    PatchGDConfig,
+    TrainConfig,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+    save_config,
+)
+
+
+def write(tmp_path: Path, text: str, name: str = "run.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_defaults_match_the_documented_schema():
+    c = Config()
+    assert (c.method, c.output_dir) == ("patchgd", "runs/patchgd")
+    assert c.model == ModelConfig("resnet18", 128, 256, None, 3, 256, 0.2, False)
+    assert c.data == DataConfig(
+        None, "train.csv", "val.csv", "train", "val", None, None, 10, None, None, None, 0.0, 0
+    )
+    assert c.train == TrainConfig(10, 8, 1e-3, "adam", 0.0, 0.9, "paper", 2.0, None, 0, "auto", None, 10)
+    assert c.patchgd == PatchGDConfig(0.25, 1.0, None, None, "train", None)
+    assert c.memory == MemoryConfig(None)
+
+
+def test_sections_are_independent_between_instances():
+    a, b = Config(), Config()
+    a.train.lr = 0.5
+    assert b.train.lr == 1e-3
+
+
+def test_no_path_and_empty_file_give_defaults(tmp_path):
+    assert load_config(None) == Config()
+    assert load_config(write(tmp_path, "")) == Config()
+    assert load_config(write(tmp_path, "# only a comment\nmodel:\n", "c.yaml")) == Config()
+
+
+def test_yaml_load_sets_nested_values_and_keeps_the_rest_default(tmp_path):
+    path = write(
+        tmp_path,
+        """
+method: gd-extended
+model:
+  backbone: resnet50
+  patch_size: 256
+data:
+  root: /data/pandas
+  mean: [0.5, 0.4, 0.3]
+  val_csv: null
+  fold: 2
+train:
+  lr: 1         # int where a float is wanted is fine
+  amp: bf16
+  device: cuda:1
+patchgd:
+  sampling: 1
+memory:
+  budget: 4GB
+""",
+    )
+    c = load_config(path)
+    assert c.method == "gd-extended"
+    assert (c.model.backbone, c.model.patch_size, c.model.latent_dim) == ("resnet50", 256, 256)
+    assert (c.data.root, c.data.val_csv, c.data.fold) == ("/data/pandas", None, 2)
+    assert c.data.mean == [0.5, 0.4, 0.3] and all(type(x) is float for x in c.data.mean)
+    assert c.train.lr == 1.0 and type(c.train.lr) is float
+    assert (c.train.amp, c.train.device, c.train.epochs) == ("bf16", "cuda:1", 10)
+    assert c.patchgd.sampling == 1.0
+    assert c.memory.budget == "4GB"
+
+
+def test_exponent_without_a_dot_reads_as_a_float(tmp_path):
+    # Plain YAML 1.1 would read 1e-3 as the string "1e-3".
+    assert load_config(write(tmp_path, "train:\n  lr: 5e-4\n")).train.lr == 0.0005
+    assert load_config(None, ["train.lr=3e-4"]).train.lr == 0.0003
+
+
+def test_overrides_nested_null_list_and_order(tmp_path):
+    path = write(tmp_path, "model:\n  pretrained: weights/r18.pth\ntrain:\n  epochs: 3\n")
+    c = load_config(
+        path,
+        [
+            "train.epochs=5",
+            "model.pretrained=null",
+            "data.mean=[0.5]",
+            "data.std=[1, 0.25]",
+            "patchgd.inner_iterations=4",
+            "train.epochs=7",  # later wins
+            "output_dir=runs/a=b",  # only the first '=' splits
+        ],
+    )
+    assert c.train.epochs == 7
+    assert c.model.pretrained is None
+    assert c.data.mean == [0.5] and c.data.std == [1.0, 0.25]
+    assert c.patchgd.inner_iterations == 4
+    assert c.output_dir == "runs/a=b"
+
+
+def test_override_creates_a_section_missing_from_the_file(tmp_path):
+    c = load_config(write(tmp_path, "method: gd\n"), ["memory.budget=2GB", " model.in_chans = 1"])
+    assert (c.method, c.memory.budget, c.model.in_chans) == ("gd", "2GB", 1)
+
+
+def test_round_trip_through_yaml_and_dict(tmp_path):
+    c = Config(method="gd")
+    c.model.pretrained = "w.pth"
+    c.data.mean, c.data.std, c.data.val_csv = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225], None
+    c.train.lr, c.train.amp, c.train.warmup_epochs = 3e-4, "fp16", 0.5
+    c.patchgd.sampling, c.patchgd.grad_accum_steps = 0.1, 2
+    c.memory.budget = "512MB"
+    path = tmp_path / "out" / "config.yaml"
+    save_config(c, path)
+    assert load_config(path) == c
+    assert config_from_dict(config_to_dict(c)) == c
+    assert config_to_dict(c)["train"]["lr"] == 3e-4
+
+
+def test_save_is_atomic_and_leaves_no_temp_file(tmp_path):
+    path = tmp_path / "config.yaml"
+    save_config(Config(), path)
+    save_config(Config(method="gd"), path)  # overwrite in place
+    assert os.listdir(tmp_path) == ["config.yaml"]
+    assert load_config(path).method == "gd"
+
+
+def test_failed_save_keeps_the_old_file_and_no_temp_file(tmp_path, monkeypatch):
+    path = tmp_path / "config.yaml"
+    save_config(Config(method="gd"), path)
+
+    def fail(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        save_config(Config(method="patchgd"), path)
+    assert os.listdir(tmp_path) == ["config.yaml"]
+    monkeypatch.undo()
+    assert load_config(path).method == "gd"
+
+
+def test_config_error_is_a_value_error():
+    assert issubclass(ConfigError, ValueError)
+
+
+@pytest.mark.parametrize(
+    "yaml_text, expected",
+    [
+        # wrong types: key, value with its type, what was expected
+        ('train:\n  epochs: "ten"\n', ["train.epochs", "'ten' (str)", "expected int"]),
+        ("train:\n  epochs: true\n", ["train.epochs", "True (bool)", "expected int"]),
+        ('train:\n  epochs: "10"\n', ["train.epochs", "'10' (str)", "expected int"]),
+        ("train:\n  epochs: 2.0\n", ["train.epochs", "2.0 (float)", "expected int"]),
+        ("train:\n  lr: yes\n", ["train.lr", "True (bool)", "expected float"]),
+        ("model:\n  patch_size: null\n", ["model.patch_size", "None (NoneType)", "expected int"]),
+        ("model:\n  channels_last: 1\n", ["model.channels_last", "1 (int)", "expected bool"]),
+        ("model:\n  backbone: 18\n", ["model.backbone", "18 (int)", "expected str"]),
+        ("data:\n  mean: 0.5\n", ["data.mean", "0.5 (float)", "list of float or null"]),
+        ("data:\n  mean: [0.5, x]\n", ["data.mean", "[0.5, 'x']", "list of float"]),
+        ("patchgd:\n  inner_iterations: 1.5\n", ["patchgd.inner_iterations", "expected int or null"]),
+        # enums
+        ("method: sgd\n", ["method", "'sgd'", "'patchgd', 'gd', 'gd-extended'"]),
+        ("train:\n  optimizer: rmsprop\n", ["train.optimizer", "'rmsprop'", "'adam', 'adamw', 'sgd'"]),
+        ("train:\n  schedule: cosine\n", ["train.schedule", "'cosine'", "'paper', 'constant'"]),
+        ("train:\n  amp: fp32\n", ["train.amp", "'fp32'", "'bf16', 'fp16' or null"]),
+        ("patchgd:\n  fill_mode: test\n", ["patchgd.fill_mode", "'test'", "'train', 'eval'"]),
+        ("train:\n  device: gpu\n", ["train.device", "'gpu'", "auto|cpu|cuda"]),
+        # ranges
+        ("model:\n  patch_size: 0\n", ["model.patch_size", "got 0", ">= 1"]),
+        ("model:\n  in_chans: 0\n", ["model.in_chans", "got 0", ">= 1"]),
+        ("patchgd:\n  sampling: 0\n", ["patchgd.sampling", "got 0", "> 0 and <= 1"]),
+        ("patchgd:\n  sampling: 1.5\n", ["patchgd.sampling", "got 1.5", "> 0 and <= 1"]),
+        ("patchgd:\n  max_sampled: 0\n", ["patchgd.max_sampled", "got 0", "> 0"]),
+        ("patchgd:\n  inner_iterations: 0\n", ["patchgd.inner_iterations", "got 0", ">= 1"]),
+        ("patchgd:\n  grad_accum_steps: 0\n", ["patchgd.grad_accum_steps", "got 0", ">= 1"]),
+        ("train:\n  epochs: 0\n", ["train.epochs", "got 0", ">= 1"]),
+        ("train:\n  batch_size: -2\n", ["train.batch_size", "got -2", ">= 1"]),
+        ("train:\n  lr: 0\n", ["train.lr", "got 0", "> 0"]),
+        ("train:\n  lr: -1.0e-3\n", ["train.lr", "got -0.001", "> 0"]),
+        ("data:\n  num_classes: 1\n", ["data.num_classes", "got 1", ">= 2"]),
+        # structure
+        ("model: 5\n", ["model", "got 5 (int)", "section"]),
+        ("train: [1, 2]\n", ["train", "got [1, 2] (list)", "section"]),
+        ("- a\n- b\n", ["top level", "(list)", "section"]),
+    ],
+)
+def test_file_errors_name_the_file_the_key_and_the_expectation(tmp_path, yaml_text, expected):
+    path = write(tmp_path, yaml_text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: ")
+    for part in expected:
+        assert part in message
+
+
+@pytest.mark.parametrize(
+    "yaml_text, key, suggestion",
+    [
+        ("trian:\n  lr: 0.1\n", "'trian'", "did you mean 'train'?"),
+        ("train:\n  learning_rate: 0.1\n", "'train.learning_rate'", None),
+        ("train:\n  epoch: 3\n", "'train.epoch'", "did you mean 'train.epochs'?"),
+        ("patchgd:\n  samplng: 0.5\n", "'patchgd.samplng'", "did you mean 'patchgd.sampling'?"),
+    ],
+)
+def test_unknown_keys_are_named_with_a_suggestion(tmp_path, yaml_text, key, suggestion):
+    path = write(tmp_path, yaml_text)
+    with pytest.raises(ConfigError, match="unknown key") as info:
+        load_config(path)
+    message = str(info.value)
+    assert str(path) in message and key in message
+    if suggestion:
+        assert suggestion in message
+    else:  # nothing close: list what the section does accept
+        assert "did you mean" not in message and "lr, optimizer" in message
+
+
+def test_boundary_and_optional_values_are_accepted():
+    c = load_config(
+        None,
+        ["patchgd.sampling=1", "data.num_classes=2", "train.amp=null", "data.fold=0", "train.device=cuda"],
+    )
+    assert (c.patchgd.sampling, c.data.num_classes, c.train.amp, c.data.fold) == (1.0, 2, None, 0)
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("train.lr", ["--set 'train.lr'", "dotted.key=value"]),
+        ("=3", ["--set '=3'", "dotted.key=value"]),
+        ("train.epochs=ten", ["--set train.epochs=ten", "train.epochs", "'ten' (str)", "expected int"]),
+        ("train.lrr=0.1", ["train.lrr", "did you mean 'train.lr'?"]),
+        ("model=5", ["model", "section"]),
+        ("train.epochs.x=5", ["'train.epochs' is a value, not a section"]),
+        ("data.mean=[0.5", ["--set 'data.mean=[0.5'", "not valid YAML"]),
+    ],
+)
+def test_override_errors_name_the_override(tmp_path, override, expected):
+    path = write(tmp_path, "train:\n  epochs: 3\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, [override])
+    for part in expected:
+        assert part in str(info.value)
+
+
+def test_yaml_syntax_error_names_the_file_and_line(tmp_path):
+    path = write(tmp_path, "model:\n  backbone: resnet18\n  patch_size: [128\ntrain:\n  lr: 0.1\n")
+    with pytest.raises(ConfigError, match="invalid YAML") as info:
+        load_config(path)
+    assert str(info.value).startswith(f"{path}, line ")
+
+
+def test_missing_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_config_from_dict_fills_defaults_and_names_its_source():
+    c = config_from_dict({"train": {"batch_size": 2}})
+    assert c.train.batch_size == 2 and c.train.epochs == 10 and c.model == ModelConfig()
+    with pytest.raises(ConfigError, match=r"^ckpt\.pt: train\.batch_size: got 0"):
+        config_from_dict({"train": {"batch_size": 0}}, source="ckpt.pt")
