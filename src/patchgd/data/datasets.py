@@ -1,0 +1,304 @@
+"""Datasets of images listed in a CSV file: UltraMNIST (``image_id,label``) and PANDA
+(``image_id,isup_grade[,kfold]``) layouts, and the per-channel statistics to normalise them."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from patchgd.data.errors import DataError
+from patchgd.data.images import IMAGE_EXTENSIONS, read_image
+
+LABEL_COLUMNS = ("label", "isup_grade")  # auto-detected in this order
+FOLD_COLUMN = "kfold"
+SPLITS = ("train", "val")
+
+
+class ImageCSVDataset(Dataset):
+    """Images in a folder, listed with their integer labels in a CSV file.
+
+    The CSV is validated when the dataset is built (columns, labels, folds and that every image file
+    exists), so bad data fails before training starts. Items are ``(image, label)`` with ``image`` a
+    ``float32`` tensor ``(in_chans, H, W)``: pixels scaled to [0, 1], optionally resized to a square,
+    then normalised with ``mean`` and ``std``.
+
+    Args:
+        csv_path: The CSV file, with an id column and a label column.
+        image_dir: The image folder. None looks beside the CSV for a folder named like it
+            (``train.csv`` -> ``train/``), then for ``<stem>_images/`` (``train_images/``, as PANDA).
+        num_classes: When given, every label must lie in ``[0, num_classes)``.
+        label_column: The label column; None picks the first of ``label``, ``isup_grade`` present.
+        id_column: The image id column. An id is a file name, with or without one of the extensions
+            ``.png .jpg .jpeg .tif .tiff``.
+        fold: With a ``kfold`` column, the fold held out for validation.
+        split: With ``fold``: ``"train"`` keeps rows whose ``kfold != fold``, ``"val"`` those with
+            ``kfold == fold``.
+        in_chans: 1 (grayscale) or 3 (RGB); images are converted to it.
+        image_size: Resize every image to ``image_size × image_size`` (bilinear, antialiased).
+        mean: Per-channel mean subtracted after scaling to [0, 1] (one value is repeated); None for 0.
+        std: Per-channel standard deviation divided by; None for 1.
+
+    Raises:
+        FileNotFoundError: The CSV, the image folder or an image file is missing.
+        DataError: A column is missing or a label or fold value is invalid.
+
+    Example:
+        >>> ds = ImageCSVDataset("data/panda/train.csv", num_classes=6, fold=0, split="val",
+        ...                      in_chans=3, image_size=512)  # doctest: +SKIP
+        >>> image, label = ds[0]  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        csv_path: str | Path,
+        image_dir: str | Path | None = None,
+        *,
+        num_classes: int | None = None,
+        label_column: str | None = None,
+        id_column: str = "image_id",
+        fold: int | None = None,
+        split: str | None = None,
+        in_chans: int = 1,
+        image_size: int | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+    ) -> None:
+        if in_chans not in (1, 3):
+            raise ValueError(f"in_chans={in_chans}; expected 1 or 3")
+        if image_size is not None and image_size < 1:
+            raise ValueError(f"image_size={image_size}; expected a positive number of pixels")
+        if (fold is None) != (split is None):
+            raise ValueError(f"fold={fold}, split={split!r}; give both (split one of {SPLITS}) or neither")
+        if split is not None and split not in SPLITS:
+            raise ValueError(f"split={split!r}; expected one of {SPLITS}")
+        self.csv_path = Path(csv_path)
+        self.image_dir = _resolve_image_dir(self.csv_path, image_dir)
+        self.in_chans = in_chans
+        self.image_size = image_size
+        self.mean = _per_channel(mean, 0.0, in_chans, "mean")
+        self.std = _per_channel(std, 1.0, in_chans, "std")
+        if (self.std <= 0).any():
+            raise ValueError(f"std={std}; expected positive values")
+
+        rows, columns = _read_csv(self.csv_path)
+        self.label_column = _pick_label_column(self.csv_path, columns, label_column)
+        _require_column(self.csv_path, columns, id_column, "image id")
+        if fold is not None:
+            _require_column(self.csv_path, columns, FOLD_COLUMN, "fold")
+            rows = _select_fold(self.csv_path, rows, fold, split)
+        self.image_ids = [row[id_column] for _, row in rows]
+        self.labels = [
+            _parse_label(self.csv_path, line, row[id_column], row[self.label_column], num_classes) for line, row in rows
+        ]
+        self.paths = _find_images(self.image_dir, self.image_ids)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = self.load_image(index)
+        return (image - self.mean) / self.std, self.labels[index]
+
+    def load_image(self, index: int) -> torch.Tensor:
+        """The image at ``index`` with pixels in [0, 1], resized but not normalised.
+
+        Args:
+            index: The row.
+        """
+        image = torch.from_numpy(read_image(self.paths[index], self.in_chans))
+        if self.image_size is not None and image.shape[1:] != (self.image_size, self.image_size):
+            size = (self.image_size, self.image_size)
+            image = F.interpolate(image[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0]
+        return image
+
+
+def compute_normalization(
+    source: ImageCSVDataset | str | Path,
+    in_chans: int | None = None,
+    *,
+    max_images: int | None = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and standard deviation of the [0, 1] pixels of a dataset or an image folder.
+
+    Images are read one at a time, so any number fits in memory; the statistics of all pixels are
+    combined exactly (Chan et al.'s parallel variance), in float64.
+
+    Args:
+        source: A dataset (its resized, un-normalised images) or a folder of images.
+        in_chans: 1 or 3; for a dataset, None or its own ``in_chans``; for a folder, None means 1.
+        max_images: Use a random subset of this many images (drawn with ``seed``); None for all.
+        seed: The seed of the subset.
+        progress: Show a progress bar.
+
+    Returns:
+        ``(mean, std)``, each a tuple with one value per channel.
+
+    Example:
+        >>> mean, std = compute_normalization("data/ultramnist/train", max_images=500)  # doctest: +SKIP
+    """
+    if isinstance(source, ImageCSVDataset):
+        if in_chans not in (None, source.in_chans):
+            raise ValueError(f"in_chans={in_chans} but the dataset has in_chans={source.in_chans}")
+        count = len(source)
+        load = source.load_image
+    else:
+        paths = _list_images(Path(source))
+        channels = 1 if in_chans is None else in_chans
+        count = len(paths)
+        def load(i: int) -> torch.Tensor:
+            return torch.from_numpy(read_image(paths[i], channels))
+    indices = np.arange(count)
+    if max_images is not None and max_images < count:
+        indices = np.sort(np.random.default_rng(seed).choice(count, size=max_images, replace=False))
+    total = 0
+    mean = m2 = None
+    for i in tqdm(indices, desc="normalisation", unit="img", disable=not progress):
+        pixels = load(int(i)).double().flatten(1)
+        n = pixels.shape[1]
+        image_mean = pixels.mean(dim=1)
+        image_m2 = ((pixels - image_mean[:, None]) ** 2).sum(dim=1)
+        if mean is None:
+            total, mean, m2 = n, image_mean, image_m2
+            continue
+        delta = image_mean - mean
+        mean = mean + delta * n / (total + n)
+        m2 = m2 + image_m2 + delta**2 * total * n / (total + n)
+        total += n
+    if mean is None:
+        raise DataError(f"{source}: no images to compute the normalisation from")
+    std = (m2 / total).sqrt()
+    return tuple(mean.tolist()), tuple(std.tolist())
+
+
+def _resolve_image_dir(csv_path: Path, image_dir: str | Path | None) -> Path:
+    if image_dir is not None:
+        folder = Path(image_dir)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"image folder {folder} does not exist")
+        return folder
+    candidates = [csv_path.with_suffix(""), csv_path.parent / f"{csv_path.stem}_images"]
+    for folder in candidates:
+        if folder.is_dir():
+            return folder
+    raise FileNotFoundError(
+        f"no image folder for {csv_path}; expected {candidates[0]} or {candidates[1]}, or pass image_dir"
+    )
+
+
+def _read_csv(path: Path) -> tuple[list[tuple[int, dict[str, str]]], list[str]]:
+    if not path.is_file():
+        raise FileNotFoundError(f"CSV file {path} does not exist")
+    # utf-8-sig: spreadsheets often prepend a byte-order mark that would otherwise rename the first column.
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        columns = [c.strip() for c in reader.fieldnames or []]
+        reader.fieldnames = columns
+        rows = [(reader.line_num, row) for row in reader]
+    if not columns:
+        raise DataError(f"{path}: empty file; expected a header line such as image_id,label")
+    if not rows:
+        raise DataError(f"{path}: no rows after the header")
+    return rows, columns
+
+
+def _pick_label_column(path: Path, columns: list[str], label_column: str | None) -> str:
+    if label_column is not None:
+        _require_column(path, columns, label_column, "label")
+        return label_column
+    for name in LABEL_COLUMNS:
+        if name in columns:
+            return name
+    raise DataError(f"{path}: no label column; expected one of {list(LABEL_COLUMNS)}, found columns {columns}")
+
+
+def _require_column(path: Path, columns: list[str], name: str, role: str) -> None:
+    if name not in columns:
+        raise DataError(f"{path}: no {role} column {name!r}; found columns {columns}")
+
+
+def _select_fold(
+    path: Path, rows: list[tuple[int, dict[str, str]]], fold: int, split: str
+) -> list[tuple[int, dict[str, str]]]:
+    folds = [_parse_int(path, line, FOLD_COLUMN, row[FOLD_COLUMN]) for line, row in rows]
+    if fold not in folds:
+        raise DataError(f"{path}: fold={fold} not in the {FOLD_COLUMN} column; folds found: {sorted(set(folds))}")
+    keep_val = split == "val"
+    return [r for r, k in zip(rows, folds) if (k == fold) == keep_val]
+
+
+def _parse_label(path: Path, line: int, image_id: str, value: str, num_classes: int | None) -> int:
+    label = _parse_int(path, line, f"label of {image_id!r}", value)
+    if label < 0 or (num_classes is not None and label >= num_classes):
+        expected = f"[0, {num_classes})" if num_classes is not None else "a non-negative integer"
+        raise DataError(f"{path}, line {line}: label {label} of image {image_id!r} is out of range; expected {expected}")
+    return label
+
+
+def _parse_int(path: Path, line: int, what: str, value: str | None) -> int:
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        number = math.nan
+    if not number.is_integer():
+        raise DataError(f"{path}, line {line}: {what} is {value!r}; expected an integer")
+    return int(number)
+
+
+def _find_images(image_dir: Path, image_ids: list[str]) -> list[Path]:
+    # One directory listing instead of a stat per row and extension: fast on large (network) folders.
+    names = {entry.name for entry in os.scandir(image_dir)}
+    by_stem = {}
+    for name in sorted(names):
+        stem, ext = os.path.splitext(name)
+        if ext.lower() in IMAGE_EXTENSIONS:
+            key = (stem, ext.lower())
+            by_stem.setdefault(key, name)
+    paths, missing = [], []
+    for image_id in image_ids:
+        name = _match(image_id, names, by_stem)
+        if name is None:
+            missing.append(image_id)
+        else:
+            paths.append(image_dir / name)
+    if missing:
+        shown = ", ".join(repr(m) for m in missing[:5]) + (", ..." if len(missing) > 5 else "")
+        raise FileNotFoundError(
+            f"{len(missing)} image(s) missing from {image_dir}: {shown}; "
+            f"expected files named by image_id with an extension among {' '.join(IMAGE_EXTENSIONS)}"
+        )
+    return paths
+
+
+def _match(image_id: str, names: set[str], by_stem: dict[tuple[str, str], str]) -> str | None:
+    if image_id in names and os.path.splitext(image_id)[1].lower() in IMAGE_EXTENSIONS:
+        return image_id
+    for ext in IMAGE_EXTENSIONS:
+        if (image_id, ext) in by_stem:
+            return by_stem[(image_id, ext)]
+    return None
+
+
+def _list_images(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder {folder} does not exist")
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def _per_channel(values: Sequence[float] | None, default: float, in_chans: int, name: str) -> torch.Tensor:
+    values = [default] if values is None else list(values)
+    if len(values) == 1:
+        values = values * in_chans
+    if len(values) != in_chans:
+        raise ValueError(f"{name}={values}; expected 1 or {in_chans} values (one per channel)")
+    return torch.tensor(values, dtype=torch.float32).view(in_chans, 1, 1)
