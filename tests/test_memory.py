@@ -41,7 +41,9 @@ def test_parse_size_accepts_documented_forms(text, expected):
     assert parse_size(text) == expected
 
 
-@pytest.mark.parametrize("bad", ["", "GB", "4 G", "4XB", "-1GB", "1,5GB", "4 GB GB", "1e9", -5, True, 1.5, None])
+@pytest.mark.parametrize(
+    "bad", ["", "GB", "4 G", "4XB", "-1GB", "1,5GB", "4 GB GB", "1e9", -5, True, 1.5, None]
+)
 def test_parse_size_rejects_with_value_and_forms_in_message(bad):
     with pytest.raises(ValueError) as info:
         parse_size(bad)

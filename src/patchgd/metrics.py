@@ -6,8 +6,9 @@ are ordinal. Kappa and the confusion matrix come from scikit-learn, always with 
 and still weigh in the kappa.
 
 Example:
-    >>> evaluate_predictions(torch.tensor([0, 1, 2, 2]), torch.tensor([0, 1, 1, 2]), num_classes=3)["accuracy"]
-    0.75
+    >>> metrics = evaluate_predictions(torch.tensor([0, 1, 2, 2]), torch.tensor([0, 1, 1, 2]), num_classes=3)
+    >>> metrics["accuracy"], round(metrics["qwk"], 4)
+    (0.75, 0.8)
 """
 
 from __future__ import annotations
