@@ -23,6 +23,13 @@ __all__ = ["PatchGD", "GD", "sample_schedule", "create_model", "create_method", 
 AMP_DTYPES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy, computed in at least float32 even when the logits come out of mixed precision."""
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return F.cross_entropy(logits, labels)
+
+
 class _Step:
     """What every method shares: device, mixed precision, label checks and the optimizer update."""
 
@@ -232,7 +239,8 @@ class PatchGD(_Step):
                 features = model.encode(grid.patches(cells))
                 z.view(batch, model.latent_dim, -1)[rows, :, cells] = \
                     features.view(batch, cells.shape[1], -1).to(z.dtype)
-                loss = F.cross_entropy(model.head(z).float(), labels)
+                logits = model.head(z)
+            loss = classification_loss(logits, labels)
             self.backward(loss / group_len)
             losses.append(loss.detach())
             if j % eps == 0 or j == zeta:
@@ -261,7 +269,8 @@ class GD(_Step):
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         with self.autocast():
-            loss = F.cross_entropy(self.model(images).float(), labels)
+            logits = self.model(images)
+        loss = classification_loss(logits, labels)
         self.backward(loss)
         self.update()
         self.sync()

@@ -89,7 +89,8 @@ class PatchGDClassifier(nn.Module):
             batch_size: Patches per backbone call (default: ``self.fill_batch_size``).
 
         Returns:
-            ``Z`` of shape ``(B, s, m, n)``, float32, cells in row-major order.
+            ``Z`` of shape ``(B, s, m, n)`` in the default dtype (float32 under mixed precision too),
+            cells in row-major order.
         """
         grid = images if isinstance(images, PatchGrid) else self.grid(images)
         chunk = batch_size or self.fill_batch_size
@@ -100,7 +101,7 @@ class PatchGDClassifier(nn.Module):
             for start in range(0, batch * cells, chunk):
                 flat = torch.arange(start, min(start + chunk, batch * cells), device=device)
                 image_idx, cell_idx = flat // cells, flat % cells
-                z[image_idx, :, cell_idx] = self.encode(grid.patches(cell_idx, image_idx)).float()
+                z[image_idx, :, cell_idx] = self.encode(grid.patches(cell_idx, image_idx)).to(z.dtype)
         return z.view(batch, self.latent_dim, grid.rows, grid.cols)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
