@@ -167,6 +167,10 @@ def test_corrupt_image_names_file(ultra):
     ds[0]
     with pytest.raises(DataError, match=r"im3.png: cannot decode image"):
         ds[3]
+    bad.unlink()
+    (ultra.parent / "train" / "im3.tiff").write_bytes(b"II*\x00garbage")
+    with pytest.raises(DataError, match=r"im3.tiff: no image data"):
+        ImageCSVDataset(ultra)[3]
 
 
 def test_compute_normalization_matches_numpy(tmp_path):

@@ -48,6 +48,8 @@ def read_image(path: str | Path, in_chans: int) -> np.ndarray:
 
 
 def _to_chw(array: np.ndarray, in_chans: int, path: Path) -> np.ndarray:
+    if array.size == 0:
+        raise DataError(f"{path}: no image data; expected a non-empty image")
     pixels = _to_unit_range(array, path)
     if pixels.ndim == 2:
         pixels = pixels[:, :, None]

@@ -164,6 +164,8 @@ def _convert_slide(job: tuple[Path, Path, int]) -> None:
 
 
 def _pyramid_levels(tif: tifffile.TiffFile) -> list:
+    if not tif.series:
+        raise ValueError("no image in the file")
     base = tif.series[0]
     levels = list(base.levels)
     height, width = _height_width(base)
