@@ -1,0 +1,282 @@
+"""The training loop: build everything from a :class:`~patchgd.config.Config`, train, evaluate, checkpoint.
+
+Read top to bottom: builders, :func:`train_one_epoch`, :func:`evaluate`, checkpoints, then :func:`fit`,
+which ties them together. Every method (``patchgd``, ``gd``, ``gd-extended``) goes through the same loop.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from .config import Config, config_to_dict, save_config
+from .data.datasets import ImageCSVDataset
+from .grid import grid_shape
+from .io import atomic_file
+from .memory import PeakMemory, format_size
+from .methods import classification_loss, create_method, create_model
+from .metrics import evaluate_predictions
+from .plots import plot_learning_curves
+
+METRIC_COLUMNS = ["epoch", "lr", "train_loss", "val_loss", "val_accuracy", "val_qwk", "peak_memory_bytes",
+                  "epoch_time_s"]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` is the first GPU when there is one, else the CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device={name!r} but no CUDA device is available; use 'cpu' or 'auto'")
+    return device
+
+
+def build_datasets(cfg: Config) -> tuple[ImageCSVDataset, ImageCSVDataset]:
+    """Train and validation sets from ``data.*``: two CSVs, or one CSV split by its kfold column."""
+    if cfg.data.root is None:
+        raise ValueError("data.root is not set: point it at the folder holding the CSVs and images")
+    root = Path(cfg.data.root)
+    common = dict(num_classes=cfg.data.num_classes, label_column=cfg.data.label_column,
+                  in_chans=cfg.model.in_chans, image_size=cfg.data.image_size, mean=cfg.data.mean,
+                  std=cfg.data.std)
+    if cfg.data.val_csv is None:
+        if cfg.data.fold is None:
+            raise ValueError("data.val_csv is null but data.fold is not set: name a validation CSV or a fold")
+        csv_path, image_dir = root / cfg.data.train_csv, root / cfg.data.train_dir
+        return (ImageCSVDataset(csv_path, image_dir, fold=cfg.data.fold, split="train", **common),
+                ImageCSVDataset(csv_path, image_dir, fold=cfg.data.fold, split="val", **common))
+    return (ImageCSVDataset(root / cfg.data.train_csv, root / cfg.data.train_dir, **common),
+            ImageCSVDataset(root / cfg.data.val_csv, root / cfg.data.val_dir, **common))
+
+
+def build_model(cfg: Config) -> nn.Module:
+    """The model ``cfg.method`` trains, on the CPU."""
+    m = cfg.model
+    return create_model(cfg.method, m.backbone, cfg.data.num_classes, patch_size=m.patch_size,
+                        latent_dim=m.latent_dim, in_chans=m.in_chans, pretrained=m.pretrained,
+                        head_width=m.head_width, head_dropout=m.head_dropout, pad_value=cfg.data.pad_value,
+                        image_size=cfg.data.image_size, channels_last=m.channels_last)
+
+
+def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+    """Adam (the paper's), AdamW or SGD with momentum over all parameters."""
+    t = cfg.train
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    optimizer = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
+    return optimizer(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+
+
+def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
+    """The paper's schedule (App. C), stepped once per batch: linear warm-up from 0 over
+    ``warmup_epochs``, then linear decay reaching half the peak at the last step; or a constant rate."""
+    total = cfg.train.epochs * steps_per_epoch
+    warmup = min(round(cfg.train.warmup_epochs * steps_per_epoch), total - 1)
+
+    def factor(step: int) -> float:
+        if cfg.train.schedule == "constant":
+            return 1.0
+        if step < warmup:
+            return step / warmup
+        return 1.0 - 0.5 * (step - warmup) / max(total - 1 - warmup, 1)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def build_method(cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 generator: torch.Generator | None = None):
+    """The step object of ``cfg.method`` (PatchGD options from ``cfg.patchgd``)."""
+    p = cfg.patchgd
+    return create_method(cfg.method, model, optimizer, amp=cfg.train.amp, sampling=p.sampling,
+                         max_sampled=p.max_sampled, inner_iterations=p.inner_iterations,
+                         grad_accum_steps=p.grad_accum_steps, fill_mode=p.fill_mode,
+                         fill_batch_size=p.fill_batch_size, generator=generator)
+
+
+def patches_per_step(cfg: Config, image_shape: tuple[int, ...]) -> int:
+    """Patches a PatchGD inner iteration holds with gradients: ``B * k``; also its default fill chunk."""
+    rows, cols = grid_shape(image_shape[-2], image_shape[-1], cfg.model.patch_size)
+    return cfg.train.batch_size * math.ceil(cfg.patchgd.sampling * rows * cols)
+
+
+def train_one_epoch(method, loader: DataLoader, scheduler, epoch: int, measure_step: int) -> dict:
+    """One pass over ``loader``; the step at index ``measure_step`` is measured for peak memory."""
+    losses, peak = [], 0
+    bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True)
+    for i, (images, labels) in enumerate(bar):
+        if i == measure_step:
+            with PeakMemory(method.device, baseline=(method.model, method.optimizer, images)) as meter:
+                stats = method.step(images, labels)
+            peak = meter.peak_bytes
+        else:
+            stats = method.step(images, labels)
+        scheduler.step()
+        losses.append(stats["loss"])
+        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+    return {"train_loss": float(np.mean(losses)), "peak_memory_bytes": peak}
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, num_classes: int,
+             amp_dtype: torch.dtype | None = None) -> dict:
+    """Loss, accuracy, quadratic weighted kappa and confusion matrix of ``model`` on ``loader``.
+
+    PatchGD models infer as in Fig. 3b of the paper: fill ``Z`` in eval mode, then the head.
+    """
+    model.eval()
+    all_logits, all_labels = [], []
+    for images, labels in tqdm(loader, desc="eval", leave=False, dynamic_ncols=True):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            all_logits.append(model(images.to(device)).float().cpu())
+        all_labels.append(labels)
+    logits, labels = torch.cat(all_logits), torch.cat(all_labels)
+    results = evaluate_predictions(logits, labels, num_classes)
+    results["loss"] = classification_loss(logits, labels).item()
+    return results
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """``torch.save`` written atomically, so an interrupted save never corrupts the last good one."""
+    with atomic_file(path) as tmp:
+        torch.save(state, tmp)
+
+
+def rng_states(generator: torch.Generator) -> dict:
+    states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+              "sampler": generator.get_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: dict, generator: torch.Generator) -> None:
+    torch.set_rng_state(states["torch"])
+    np.random.set_state(states["numpy"])
+    random.setstate(states["python"])
+    generator.set_state(states["sampler"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def append_metrics(path: Path, row: dict) -> None:
+    """Add one epoch to ``metrics.csv`` (the file is rewritten whole, atomically)."""
+    rows = list(csv.DictReader(path.open())) if path.exists() else []
+    rows.append(row)
+    with atomic_file(path) as tmp, tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and torch; return the generator of PatchGD's patch sampler."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def fit(cfg: Config, resume: str | Path | None = None, *, log=print) -> dict:
+    """Train ``cfg`` (or resume the run in ``resume``), evaluating and checkpointing every epoch.
+
+    The run directory (``cfg.output_dir``, or ``resume``) receives ``config.yaml`` (resolved),
+    ``metrics.csv``, ``last.pt``, ``best.pt``, ``eval.json`` (the last evaluation with its confusion
+    matrix) and ``learning_curves.png``.
+
+    Args:
+        cfg: The run's configuration.
+        resume: A run directory whose ``last.pt`` to continue from, at the epoch after it.
+        log: Where progress lines go.
+
+    Returns:
+        A summary: run directory, best and final validation accuracy, epochs run and the peak memory.
+    """
+    run_dir = Path(resume) if resume is not None else Path(cfg.output_dir)
+    if resume is None and (run_dir / "last.pt").exists():
+        raise FileExistsError(f"{run_dir} already holds a run (last.pt); resume it with --resume {run_dir} "
+                              "or choose another output_dir")
+    device = resolve_device(cfg.train.device)
+    generator = seed_everything(cfg.train.seed)
+    train_set, val_set = build_datasets(cfg)
+    image_shape = tuple(train_set[0][0].shape)
+    if cfg.memory.budget is not None and resume is None:
+        from .plan import plan_budget  # the planner measures trial steps: only when a budget asks for it
+
+        plan = plan_budget(cfg, image_shape, device)
+        log(plan.describe())
+        cfg = plan.apply(cfg)
+
+    model = build_model(cfg).to(device)
+    if cfg.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if cfg.method == "patchgd":
+        model.fill_batch_size = cfg.patchgd.fill_batch_size or patches_per_step(cfg, image_shape)
+    optimizer = build_optimizer(cfg, model)
+    method = build_method(cfg, model, optimizer, generator)
+    loader_generator = torch.Generator()
+    train_loader = DataLoader(train_set, batch_size=cfg.train.batch_size, shuffle=True,
+                              num_workers=cfg.data.num_workers, generator=loader_generator)
+    val_loader = DataLoader(val_set, batch_size=cfg.train.eval_batch_size or cfg.train.batch_size,
+                            num_workers=cfg.data.num_workers)
+    scheduler = build_scheduler(cfg, optimizer, len(train_loader))
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.amp)
+
+    start_epoch, best_accuracy = 1, -1.0
+    if resume is not None:
+        state = torch.load(run_dir / "last.pt", map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if method.scaler is not None and state.get("scaler"):
+            method.scaler.load_state_dict(state["scaler"])
+        restore_rng_states(state["rng"], generator)
+        start_epoch, best_accuracy = state["epoch"] + 1, state["best_accuracy"]
+        log(f"resuming {run_dir} at epoch {start_epoch}")
+    save_config(cfg, run_dir / "config.yaml")
+    log(f"{cfg.method} on {device}: {len(train_set)} train / {len(val_set)} val images of shape "
+        f"{'x'.join(map(str, image_shape))}, batch {cfg.train.batch_size}, {cfg.train.epochs} epochs")
+
+    results, peak = {}, 0
+    for epoch in range(start_epoch, cfg.train.epochs + 1):
+        started = time.perf_counter()
+        loader_generator.manual_seed(cfg.train.seed * 1_000_003 + epoch)  # a resumed epoch shuffles alike
+        lr = optimizer.param_groups[0]["lr"]
+        train_stats = train_one_epoch(method, train_loader, scheduler, epoch,
+                                      measure_step=min(1, len(train_loader) - 1))
+        results = evaluate(model, val_loader, device, cfg.data.num_classes, amp_dtype)
+        elapsed = time.perf_counter() - started
+        peak = max(peak, train_stats["peak_memory_bytes"])
+        append_metrics(run_dir / "metrics.csv", {
+            "epoch": epoch, "lr": lr, "train_loss": train_stats["train_loss"], "val_loss": results["loss"],
+            "val_accuracy": results["accuracy"], "val_qwk": results["qwk"],
+            "peak_memory_bytes": train_stats["peak_memory_bytes"], "epoch_time_s": round(elapsed, 3)})
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "scaler": method.scaler.state_dict() if method.scaler else None,
+                 "epoch": epoch, "best_accuracy": max(best_accuracy, results["accuracy"]),
+                 "config": config_to_dict(cfg), "rng": rng_states(generator)}
+        if results["accuracy"] > best_accuracy:
+            best_accuracy = results["accuracy"]
+            save_checkpoint(run_dir / "best.pt", state)
+        save_checkpoint(run_dir / "last.pt", state)
+        with atomic_file(run_dir / "eval.json") as tmp:
+            tmp.write_text(json.dumps({**results, "confusion": results["confusion"].tolist(), "epoch": epoch},
+                                      indent=2))
+        plot_learning_curves(run_dir / "metrics.csv", run_dir / "learning_curves.png")
+        log(f"epoch {epoch}/{cfg.train.epochs}  train loss {train_stats['train_loss']:.4f}  "
+            f"val loss {results['loss']:.4f}  val acc {results['accuracy']:.4f}  qwk {results['qwk']:.4f}  "
+            f"peak {format_size(train_stats['peak_memory_bytes'])}  {elapsed:.1f}s")
+
+    return {"run_dir": str(run_dir), "best_accuracy": best_accuracy,
+            "final_accuracy": results.get("accuracy"), "epochs": cfg.train.epochs,
+            "peak_memory_bytes": peak, "config": cfg}
