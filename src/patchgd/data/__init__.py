@@ -1,1 +1,19 @@
 """Digit sources, the UltraMNIST generator, CSV + folder datasets and slide preparation."""
+
+from patchgd.data.datasets import ImageCSVDataset, compute_normalization
+from patchgd.data.digits import DigitSource, load_digits_source, split_pools
+from patchgd.data.errors import DataError
+from patchgd.data.panda import prepare_panda
+from patchgd.data.ultramnist import generate_ultramnist, preset_options
+
+__all__ = [
+    "DataError",
+    "DigitSource",
+    "ImageCSVDataset",
+    "compute_normalization",
+    "generate_ultramnist",
+    "load_digits_source",
+    "prepare_panda",
+    "preset_options",
+    "split_pools",
+]

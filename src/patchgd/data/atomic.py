@@ -34,6 +34,7 @@ def atomic_directory(out_dir: str | Path, *, overwrite: bool = False) -> Iterato
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
     try:
+        tmp.chmod(0o755)  # mkdtemp makes it private; a data set is meant to be shared
         yield tmp
         # Checked again: another process may have created OUT while this one was generating.
         _check_target(out, overwrite)

@@ -97,7 +97,8 @@ class ImageCSVDataset(Dataset):
             rows = _select_fold(self.csv_path, rows, fold, split)
         self.image_ids = [row[id_column] for _, row in rows]
         self.labels = [
-            _parse_label(self.csv_path, line, row[id_column], row[self.label_column], num_classes) for line, row in rows
+            _parse_label(self.csv_path, line, row[id_column], row[self.label_column], num_classes)
+            for line, row in rows
         ]
         self.paths = _find_images(self.image_dir, self.image_ids)
 
@@ -117,7 +118,7 @@ class ImageCSVDataset(Dataset):
         image = torch.from_numpy(read_image(self.paths[index], self.in_chans))
         if self.image_size is not None and image.shape[1:] != (self.image_size, self.image_size):
             size = (self.image_size, self.image_size)
-            image = F.interpolate(image[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0]
+            image = F.interpolate(image[None], size, mode="bilinear", antialias=True, align_corners=False)[0]
         return image
 
 
@@ -219,7 +220,9 @@ def _pick_label_column(path: Path, columns: list[str], label_column: str | None)
     for name in LABEL_COLUMNS:
         if name in columns:
             return name
-    raise DataError(f"{path}: no label column; expected one of {list(LABEL_COLUMNS)}, found columns {columns}")
+    raise DataError(
+        f"{path}: no label column; expected one of {list(LABEL_COLUMNS)}, found columns {columns}"
+    )
 
 
 def _require_column(path: Path, columns: list[str], name: str, role: str) -> None:
@@ -232,7 +235,9 @@ def _select_fold(
 ) -> list[tuple[int, dict[str, str]]]:
     folds = [_parse_int(path, line, FOLD_COLUMN, row[FOLD_COLUMN]) for line, row in rows]
     if fold not in folds:
-        raise DataError(f"{path}: fold={fold} not in the {FOLD_COLUMN} column; folds found: {sorted(set(folds))}")
+        raise DataError(
+            f"{path}: fold={fold} not in the {FOLD_COLUMN} column; folds found: {sorted(set(folds))}"
+        )
     keep_val = split == "val"
     return [r for r, k in zip(rows, folds) if (k == fold) == keep_val]
 
@@ -241,7 +246,9 @@ def _parse_label(path: Path, line: int, image_id: str, value: str, num_classes: 
     label = _parse_int(path, line, f"label of {image_id!r}", value)
     if label < 0 or (num_classes is not None and label >= num_classes):
         expected = f"[0, {num_classes})" if num_classes is not None else "a non-negative integer"
-        raise DataError(f"{path}, line {line}: label {label} of image {image_id!r} is out of range; expected {expected}")
+        raise DataError(
+            f"{path}, line {line}: label {label} of image {image_id!r} is out of range; expected {expected}"
+        )
     return label
 
 

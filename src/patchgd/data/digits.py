@@ -84,13 +84,17 @@ def load_mnist(path: str | Path) -> DigitSource:
         )
     labels_file = _find_idx(folder, f"{prefix}-labels-idx1-ubyte")
     if labels_file is None:
-        raise FileNotFoundError(f"{images_file} has no labels beside it; expected {prefix}-labels-idx1-ubyte[.gz]")
+        raise FileNotFoundError(
+            f"{images_file} has no labels beside it; expected {prefix}-labels-idx1-ubyte[.gz]"
+        )
     images = read_idx(images_file, ndim=3)
     labels = read_idx(labels_file, ndim=1)
     if images.shape[1:] != (28, 28):
         raise DataError(f"{images_file}: images are {images.shape[1]}x{images.shape[2]}; expected 28x28")
     if len(images) != len(labels):
-        raise DataError(f"{images_file} holds {len(images)} images but {labels_file} holds {len(labels)} labels")
+        raise DataError(
+            f"{images_file} holds {len(images)} images but {labels_file} holds {len(labels)} labels"
+        )
     if labels.size and labels.max() > 9:
         raise DataError(f"{labels_file}: label {int(labels.max())} found; expected digits 0..9")
     return DigitSource(images, labels.astype(np.int64), f"MNIST ({len(labels)} digits) from {folder}")
@@ -138,15 +142,16 @@ def load_sklearn_digits() -> DigitSource:
     Each digit (values 0..16) is scaled to 0..255, resized bilinearly to 20×20 and centred in a black
     28×28 frame, the way MNIST digits are placed. Needs no download.
     """
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # imported here: scikit-learn is slow to import
 
     bunch = load_digits()
     small = np.clip(bunch.images * (255.0 / 16.0), 0, 255).round().astype(np.uint8)
-    offset = (28 - _SKLEARN_DIGIT_PX) // 2
+    lo = (28 - _SKLEARN_DIGIT_PX) // 2
+    hi = lo + _SKLEARN_DIGIT_PX
     images = np.zeros((len(small), 28, 28), dtype=np.uint8)
     for i, digit in enumerate(small):
-        resized = Image.fromarray(digit).resize((_SKLEARN_DIGIT_PX, _SKLEARN_DIGIT_PX), Image.Resampling.BILINEAR)
-        images[i, offset : offset + _SKLEARN_DIGIT_PX, offset : offset + _SKLEARN_DIGIT_PX] = np.asarray(resized)
+        resized = Image.fromarray(digit).resize((_SKLEARN_DIGIT_PX,) * 2, Image.Resampling.BILINEAR)
+        images[i, lo:hi, lo:hi] = np.asarray(resized)
     labels = bunch.target.astype(np.int64)
     return DigitSource(images, labels, f"scikit-learn bundled digits ({len(labels)}, upsampled to 28x28)")
 

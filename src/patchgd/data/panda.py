@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import tifffile
 from PIL import Image
-from sklearn.model_selection import StratifiedKFold
 from tqdm import tqdm
 
 from patchgd.data.atomic import atomic_directory
@@ -72,7 +71,10 @@ def prepare_panda(
     kfold = assign_folds(slides.labels, folds, seed)
     with atomic_directory(out, overwrite=overwrite) as tmp:
         (tmp / "train_images").mkdir()
-        jobs = [(path, tmp / "train_images" / f"{image_id}.png", size) for path, image_id in zip(slides.paths, slides.image_ids)]
+        jobs = [
+            (path, tmp / "train_images" / f"{image_id}.png", size)
+            for path, image_id in zip(slides.paths, slides.image_ids)
+        ]
         _run(jobs, workers, tqdm(total=len(jobs), desc=f"PANDA {size}px", unit="slide", disable=not progress))
         with (tmp / "train.csv").open("w", newline="") as f:
             writer = csv.writer(f, lineterminator="\n")
@@ -89,6 +91,9 @@ def assign_folds(labels: list[int], folds: int, seed: int) -> list[int]:
         folds: The number of folds, at least 2 and at most the number of rows.
         seed: The shuffling seed.
     """
+    # Imported here: scikit-learn takes about a second to import, which every `patchgd` command would pay.
+    from sklearn.model_selection import StratifiedKFold
+
     if not 2 <= folds <= len(labels):
         raise ValueError(f"folds={folds}; expected 2..{len(labels)} for {len(labels)} rows")
     kfold = np.full(len(labels), -1, dtype=np.int64)
@@ -173,7 +178,7 @@ def _pyramid_levels(tif: tifffile.TiffFile) -> list:
         if series.axes != base.axes:
             continue
         h, w = _height_width(series)
-        # Same aspect ratio up to the rounding of a downsampled side: another level, not a label or macro image.
+        # Same aspect ratio up to the rounding of a downsampled side: another level, not a label image.
         if abs(h - height * w / width) <= 1 + 0.01 * h:
             levels.append(series)
     return levels
@@ -190,7 +195,9 @@ def _to_rgb(array: np.ndarray, axes: str, path: Path) -> Image.Image:
     if "S" not in axes:
         array, axes = array[..., None], axes + "S"
     if any(n != 1 for n, a in zip(array.shape, axes) if a not in "YXS"):
-        raise DataError(f"{path}: image of shape {array.shape} and axes {axes!r}; expected a single (Y, X[, S]) image")
+        raise DataError(
+            f"{path}: image of shape {array.shape} and axes {axes!r}; expected a single (Y, X[, S]) image"
+        )
     kept = "".join(a for a in axes if a in "YXS")
     array = array.reshape([n for n, a in zip(array.shape, axes) if a in "YXS"])
     array = np.moveaxis(array, [kept.index(a) for a in "YXS"], [0, 1, 2])

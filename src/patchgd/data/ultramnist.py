@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,7 +55,7 @@ class PlacedDigit:
 
 
 def preset_options(name: str) -> dict[str, int]:
-    """Options of a named variant: ``"default"`` (512 px, sums 0–9) or ``"original"`` (4000 px, sums 0–27).
+    """Options of a named variant: ``"default"`` (512 px, sums 0–9) or ``"original"`` (4000 px, 0–27).
 
     Args:
         name: The preset's name.
@@ -142,7 +141,9 @@ def sample_composition(rng: np.random.Generator, label: int, min_digits: int, ma
     return digits
 
 
-def place_boxes(rng: np.random.Generator, sizes: np.ndarray, image_size: int) -> list[tuple[int, int, int, int]] | None:
+def place_boxes(
+    rng: np.random.Generator, sizes: np.ndarray, image_size: int
+) -> list[tuple[int, int, int, int]] | None:
     """Random non-overlapping square boxes for digits of the given sizes, or None if they don't fit.
 
     Larger digits are placed first (they are the hardest to fit); each digit gets a bounded number of
@@ -217,7 +218,7 @@ def generate_ultramnist(
         FileExistsError: ``out_dir`` is not empty and ``overwrite`` is false.
 
     Example:
-        >>> generate_ultramnist("data/ultramnist", train=1000, val=200, digits="../shared/data/mnist")  # doctest: +SKIP
+        >>> generate_ultramnist("data/um", train=1000, val=200, digits="mnist/")  # doctest: +SKIP
     """
     max_scale = default_max_scale(image_size) if max_scale is None else max_scale
     _check_options(train, val, image_size, num_classes, min_digits, max_digits, max_scale)
@@ -257,7 +258,8 @@ def generate_ultramnist(
                 image_id = f"{split}_{i:0{width}d}"
                 image, placed = _make_image(rng, source, pools[split], int(label), options)
                 Image.fromarray(image, mode="L").save(tmp / split / f"{image_id}.png")
-                records.append({"image_id": image_id, "label": int(label), "digits": [_as_json(p) for p in placed]})
+                digits_json = [_as_json(p) for p in placed]
+                records.append({"image_id": image_id, "label": int(label), "digits": digits_json})
                 bar.update()
             _write_csv(tmp / f"{split}.csv", records)
             meta["images"][split] = records
@@ -300,10 +302,13 @@ def _check_options(
     if train < 0 or val < 0 or train + val == 0:
         raise ValueError(f"train={train}, val={val}; expected non-negative counts, not both zero")
     if not 1 <= min_digits <= max_digits:
-        raise ValueError(f"min_digits={min_digits}, max_digits={max_digits}; expected 1 <= min_digits <= max_digits")
+        raise ValueError(
+            f"min_digits={min_digits}, max_digits={max_digits}; expected 1 <= min_digits <= max_digits"
+        )
     if not 1 <= num_classes <= 9 * max_digits + 1:
         raise ValueError(
-            f"num_classes={num_classes}; sums of at most {max_digits} digits allow 1..{9 * max_digits + 1} classes"
+            f"num_classes={num_classes}; sums of at most {max_digits} digits "
+            f"allow 1..{9 * max_digits + 1} classes"
         )
     if max_scale < 1 or max_scale * MNIST_PX > image_size:
         raise ValueError(
@@ -315,7 +320,9 @@ def _check_options(
 def _check_pool(source: DigitSource, pool: np.ndarray, split: str) -> None:
     missing = sorted(set(range(10)) - set(np.unique(source.labels[pool]).tolist()))
     if missing:
-        raise ValueError(f"the {split} digit pool of {source.description} lacks digits {missing}; expected all of 0..9")
+        raise ValueError(
+            f"the {split} digit pool of {source.description} lacks digits {missing}; expected all of 0..9"
+        )
 
 
 def _tuple_counts(n: int, total: int) -> list[list[int]]:
