@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -148,17 +148,7 @@ def compute_normalization(
     Example:
         >>> mean, std = compute_normalization("data/ultramnist/train", max_images=500)  # doctest: +SKIP
     """
-    if isinstance(source, ImageCSVDataset):
-        if in_chans not in (None, source.in_chans):
-            raise ValueError(f"in_chans={in_chans} but the dataset has in_chans={source.in_chans}")
-        count = len(source)
-        load = source.load_image
-    else:
-        paths = _list_images(Path(source))
-        channels = 1 if in_chans is None else in_chans
-        count = len(paths)
-        def load(i: int) -> torch.Tensor:
-            return torch.from_numpy(read_image(paths[i], channels))
+    count, load = _image_loader(source, in_chans)
     indices = np.arange(count)
     if max_images is not None and max_images < count:
         indices = np.sort(np.random.default_rng(seed).choice(count, size=max_images, replace=False))
@@ -180,6 +170,18 @@ def compute_normalization(
         raise DataError(f"{source}: no images to compute the normalisation from")
     std = (m2 / total).sqrt()
     return tuple(mean.tolist()), tuple(std.tolist())
+
+
+def _image_loader(
+    source: ImageCSVDataset | str | Path, in_chans: int | None
+) -> tuple[int, Callable[[int], torch.Tensor]]:
+    if isinstance(source, ImageCSVDataset):
+        if in_chans not in (None, source.in_chans):
+            raise ValueError(f"in_chans={in_chans} but the dataset has in_chans={source.in_chans}")
+        return len(source), source.load_image
+    paths = _list_images(Path(source))
+    channels = 1 if in_chans is None else in_chans
+    return len(paths), lambda i: torch.from_numpy(read_image(paths[i], channels))
 
 
 def _resolve_image_dir(csv_path: Path, image_dir: str | Path | None) -> Path:
@@ -265,12 +267,11 @@ def _parse_int(path: Path, line: int, what: str, value: str | None) -> int:
 def _find_images(image_dir: Path, image_ids: list[str]) -> list[Path]:
     # One directory listing instead of a stat per row and extension: fast on large (network) folders.
     names = {entry.name for entry in os.scandir(image_dir)}
-    by_stem = {}
+    by_stem: dict[tuple[str, str], str] = {}
     for name in sorted(names):
         stem, ext = os.path.splitext(name)
         if ext.lower() in IMAGE_EXTENSIONS:
-            key = (stem, ext.lower())
-            by_stem.setdefault(key, name)
+            by_stem.setdefault((stem, ext.lower()), name)
     paths, missing = [], []
     for image_id in image_ids:
         name = _match(image_id, names, by_stem)

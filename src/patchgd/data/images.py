@@ -14,6 +14,8 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 _TIFF_EXTENSIONS = (".tif", ".tiff")
 # PIL converts these modes to L/RGB itself; 16-bit and float modes go through numpy to keep their range.
 _PIL_CONVERTIBLE = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}
+# A decompression bomb is an image larger than Pillow's MAX_IMAGE_PIXELS; its message names the limit.
+_DECODE_ERRORS = (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError, tifffile.TiffFileError)
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601, as PIL's RGB -> L
 
 
@@ -42,7 +44,7 @@ def read_image(path: str | Path, in_chans: int) -> np.ndarray:
                     array = np.asarray(image.convert("L" if in_chans == 1 else "RGB"))
                 else:
                     array = np.asarray(image)
-    except (OSError, UnidentifiedImageError, ValueError, tifffile.TiffFileError) as err:
+    except _DECODE_ERRORS as err:
         raise DataError(f"{path}: cannot decode image ({err})") from err
     return _to_chw(array, in_chans, path)
 
