@@ -1,14 +1,15 @@
-"""Files that are either written whole or not at all."""
+"""Files and folders that are either written whole or not at all."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_file"]
+__all__ = ["atomic_file", "atomic_directory"]
 
 
 @contextlib.contextmanager
@@ -36,3 +37,60 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def atomic_directory(out_dir: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary directory that replaces ``out_dir`` when the block succeeds.
+
+    Args:
+        out_dir: The directory to produce.
+        overwrite: Replace an existing non-empty ``out_dir``. The old one is renamed away before the
+            new one is renamed in and only deleted afterwards, so a failure never loses both.
+
+    Raises:
+        FileExistsError: ``out_dir`` is a file, or a non-empty directory and ``overwrite`` is false.
+
+    Example:
+        >>> with atomic_directory("out/set") as tmp:  # doctest: +SKIP
+        ...     (tmp / "train.csv").write_text("image_id,label\\n")
+    """
+    out = Path(out_dir)
+    _check_target(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
+    try:
+        tmp.chmod(0o755)  # mkdtemp makes it private; a data set is meant to be shared
+        yield tmp
+        # Checked again: another process may have created OUT while this one was generating.
+        _check_target(out, overwrite)
+        _replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _check_target(out: Path, overwrite: bool) -> None:
+    if out.is_file() or out.is_symlink():
+        raise FileExistsError(f"{out} exists and is not a directory; expected a directory path to create")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} already exists and is not empty; pass overwrite=True to replace it")
+
+
+def _replace(new: Path, out: Path) -> None:
+    if not out.exists():
+        new.rename(out)
+        return
+    if not any(out.iterdir()):
+        out.rmdir()
+        new.rename(out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f"{out.name}.old-", dir=out.parent))
+    old.rmdir()
+    out.rename(old)
+    try:
+        new.rename(out)
+    except BaseException:
+        old.rename(out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

@@ -17,7 +17,7 @@ import tifffile
 from PIL import Image
 from tqdm import tqdm
 
-from patchgd.data.atomic import atomic_directory
+from patchgd.io import atomic_directory
 from patchgd.data.datasets import ImageCSVDataset
 from patchgd.data.errors import DataError
 

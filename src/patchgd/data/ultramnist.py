@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from patchgd.data.atomic import atomic_directory
+from patchgd.io import atomic_directory
 from patchgd.data.digits import DigitSource, load_digits_source, split_pools
 
 MNIST_PX = 28
