@@ -1,0 +1,165 @@
+"""Peak memory of one training step against image size, for GD and PatchGD.
+
+PatchGD keeps the number of gradient-carrying patches fixed (``k`` per image and inner iteration,
+whatever the image size), so its step peak should grow only by the input and ``Z``; GD's grows with the
+image area. Each method is measured with :class:`patchgd.memory.PeakMemory` on a step taken after a
+warm-up step (Adam's state exists by then), with the model, the optimizer and the input as baseline,
+so the peak is absolute. Target: PatchGD's peak at the largest size at most 1.3x its peak at the smallest.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from ..grid import grid_shape
+from ..io import atomic_file
+from ..memory import PeakMemory, format_size
+from ..methods import GD, PatchGD, sample_schedule
+from ._common import add_common_arguments, build_model, format_table, resolve_device, write_json
+
+TARGET = 1.3
+MIB = 1024**2
+
+
+def register(subparsers) -> None:
+    """Add the ``memory`` subcommand."""
+    parser = subparsers.add_parser("memory", help="training-step peak memory vs image size, GD and PatchGD "
+                                   "(target: PatchGD <= 1.3x)", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_arguments(parser, image_sizes=[512, 1024, 2048, 4096], repeats=None)
+    parser.add_argument("--patches", type=int, default=4,
+                        help="PatchGD's gradient-carrying patches per image and inner iteration, k (default 4)")
+    parser.add_argument("--inner-iterations", type=int, default=2,
+                        help="PatchGD's inner iterations; the peak is reached by the second, when gradients "
+                             "from the first are held (default 2)")
+    parser.add_argument("--methods", nargs="+", choices=("gd", "patchgd"), default=["gd", "patchgd"],
+                        help="methods to measure (default both)")
+    parser.set_defaults(func=run)
+
+
+class Stepper:
+    """One method's model, optimizer and step, ready to be measured at any image size."""
+
+    def __init__(self, method: str, args: argparse.Namespace, device: torch.device):
+        self.method, self.args, self.device = method, args, device
+        self.model = build_model(method, args, device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-4)
+        if method == "patchgd":
+            self.trainer = PatchGD(self.model, self.optimizer, inner_iterations=args.inner_iterations, amp=args.amp)
+        else:
+            self.trainer = GD(self.model, self.optimizer, amp=args.amp)
+        self.generator = torch.Generator().manual_seed(args.seed)
+
+    def step(self, images: torch.Tensor, labels: torch.Tensor) -> dict:
+        if self.method == "gd":
+            return self.trainer.step(images, labels)
+        rows, cols = grid_shape(images.shape[2], images.shape[3], self.args.patch_size)
+        if self.args.patches > rows * cols:
+            raise ValueError(f"--patches {self.args.patches} exceeds the {rows}x{cols} cells of a "
+                             f"{images.shape[2]} px image")
+        # An explicit schedule holds k fixed exactly; a sampling fraction k / cells could round to k + 1.
+        schedule = sample_schedule(images.shape[0], rows * cols, self.args.patches, self.args.inner_iterations,
+                                   self.generator)
+        return self.trainer.step(images, labels, schedule=schedule)
+
+    def measure(self, size: int) -> dict:
+        """The peak of one step on a ``size`` px batch, with the input's and ``Z``'s own bytes."""
+        args = self.args
+        images = torch.randn(args.batch_size, 3, size, size, device=self.device)
+        labels = torch.randint(0, args.num_classes, (args.batch_size,), device=self.device)
+        rows, cols = grid_shape(size, size, args.patch_size)
+        record = {"image_size": size, "input_bytes": images.numel() * images.element_size(),
+                  "z_bytes": args.batch_size * args.latent_dim * rows * cols * torch.get_default_dtype().itemsize
+                  if self.method == "patchgd" else 0}
+        try:
+            with PeakMemory(self.device, baseline=[self.model, self.optimizer, images]) as meter:
+                stats = self.step(images, labels)
+        except torch.OutOfMemoryError:
+            return {**record, "peak_bytes": None, "baseline_bytes": None, "step_s": None, "error": "out of memory"}
+        return {**record, "peak_bytes": meter.peak_bytes, "baseline_bytes": meter.baseline_bytes,
+                "step_s": stats["step_time"]}
+
+
+def summarise(method: str, rows: list[dict]) -> dict:
+    """Growth from the smallest to the largest size, and for PatchGD the growth input and ``Z`` explain."""
+    first, last = rows[0], rows[-1]
+    summary = {"sizes": rows, "ratio": None}
+    if first["peak_bytes"] and last["peak_bytes"]:
+        summary["ratio"] = last["peak_bytes"] / first["peak_bytes"]
+        own = lambda r: r["peak_bytes"] - r["input_bytes"] - r["z_bytes"]  # noqa: E731
+        summary["ratio_without_input_and_z"] = own(last) / own(first)
+        summary["expected_peak_bytes"] = first["peak_bytes"] + (last["input_bytes"] + last["z_bytes"]) - (
+            first["input_bytes"] + first["z_bytes"])
+    return summary
+
+
+def plot(results: dict, png: Path) -> None:
+    """Log-log peak memory against image side, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for method, summary in results.items():
+        points = [(r["image_size"], r["peak_bytes"] / MIB) for r in summary["sizes"] if r["peak_bytes"]]
+        ax.plot(*zip(*points), "o-", label=method)
+        if method == "patchgd":
+            base = summary["sizes"][0]
+            extra = lambda r: (r["input_bytes"] + r["z_bytes"] - base["input_bytes"] - base["z_bytes"]) / MIB  # noqa: E731
+            ax.plot([r["image_size"] for r in summary["sizes"]],
+                    [base["peak_bytes"] / MIB + extra(r) for r in summary["sizes"]], "k:",
+                    label="patchgd at smallest + input + Z")
+    ax.set(xscale="log", yscale="log", xlabel="image side (px)", ylabel="training-step peak (MiB)",
+           title="Peak memory of one training step")
+    ax.set_xticks([r["image_size"] for r in next(iter(results.values()))["sizes"]])
+    ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.minorticks_off()
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_file(png) as tmp:
+        fig.savefig(tmp, format="png", dpi=90)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Measure each method at each size, print the table, write ``memory.json`` and ``memory.png``."""
+    device = resolve_device(args.device)
+    sizes = sorted(args.image_sizes)
+    results = {}
+    for method in args.methods:
+        stepper = Stepper(method, args, device)
+        warm = torch.randn(args.batch_size, 3, sizes[0], sizes[0], device=device)
+        stepper.step(warm, torch.zeros(args.batch_size, dtype=torch.long, device=device))
+        del warm
+        results[method] = summarise(method, [stepper.measure(size) for size in sizes])
+        del stepper
+
+    print(f"training-step peak memory: {args.backbone}, batch {args.batch_size}, {device}; PatchGD "
+          f"{args.patch_size} px patches, k = {args.patches}, {args.inner_iterations} inner iterations")
+    table = []
+    for method, summary in results.items():
+        for r in summary["sizes"]:
+            peak = format_size(r["peak_bytes"]) if r["peak_bytes"] else r["error"]
+            table.append([method, r["image_size"], peak, format_size(r["input_bytes"]), format_size(r["z_bytes"]),
+                          r["step_s"] if r["step_s"] is not None else "-"])
+    print(format_table(["method", "image px", "peak", "input", "Z", "metered step s"], table))
+    for method, summary in results.items():
+        if summary["ratio"] is not None:
+            line = f"{method}: peak {sizes[-1]}/{sizes[0]} px = {summary['ratio']:.3f}x"
+            if method == "patchgd":
+                line += (f" (target <= {TARGET}); input + Z alone predict {format_size(summary['expected_peak_bytes'])}"
+                         f"; without input and Z the peak grows {summary['ratio_without_input_and_z']:.3f}x")
+            print(line)
+    patchgd_ratio = results.get("patchgd", {}).get("ratio")
+    payload = {"target_ratio": TARGET, "met": patchgd_ratio is not None and patchgd_ratio <= TARGET,
+               "methods": results}
+    write_json(args, "memory", device, payload)
+    png = Path(args.out) / "memory.png"
+    plot(results, png)
+    print(f"wrote {png}")
+    return 0
