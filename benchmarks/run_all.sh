@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Run the speed and memory benchmarks with their defaults (about 10 minutes on 2 CPU cores).
+# Usage: benchmarks/run_all.sh [FLAGS...]   e.g. --device cuda; FLAGS go to every benchmark.
+# Results (JSON, PNG) go to $OUT (default benchmarks/results); PYTHON picks the interpreter.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python}
+OUT=${OUT:-benchmarks/results}
+export HF_HUB_OFFLINE=1  # random weights only: nothing may reach a model hub
+for name in fill step memory inference; do
+    echo "== $name"
+    start=$SECONDS
+    "$PYTHON" -m patchgd.bench "$name" --out "$OUT" "$@"
+    echo "($name took $((SECONDS - start)) s)"
+done

@@ -1,0 +1,79 @@
+"""The benchmarks run end to end on a tiny configuration and record what they measured.
+
+Nothing here asserts on speed (timings depend on the machine); memory on the CPU is counted, not timed,
+so its growth with image size is checked.
+"""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from patchgd.bench.__main__ import build_parser, main
+
+TINY = ["--backbone", "test_resnet", "--patch-size", "32", "--latent-dim", "8", "--head-width", "8",
+        "--num-classes", "3", "--device", "cpu"]
+TIMING = ["--repeats", "1", "--warmup", "0"]
+
+
+def run_bench(out, name, *flags):
+    assert main([name, *TINY, "--out", str(out), *flags]) == 0
+    record = json.loads((out / f"{name}.json").read_text())
+    assert record["benchmark"] == name and record["machine"]["device"] == "cpu"
+    return record
+
+
+@pytest.mark.parametrize("name", ["fill", "step", "memory", "inference"])
+def test_every_benchmark_is_registered(name):
+    args = build_parser().parse_args([name])
+    assert args.benchmark == name and callable(args.func)
+
+
+def test_python_m_entry_point_prints_help():
+    done = subprocess.run([sys.executable, "-m", "patchgd.bench", "step", "--help"], capture_output=True,
+                          text=True, check=True)
+    assert "--image-sizes" in done.stdout and "--device" in done.stdout
+
+
+def test_fill(tmp_path):
+    results = run_bench(tmp_path, "fill", "--image-sizes", "64", "96", "--fill-batch-size", "3", *TIMING)["results"]
+    assert [r["patches"] for r in results["sizes"]] == [2 * 2, 3 * 3]
+    for row in results["sizes"]:
+        assert row["ratio"] > 0 and row["fill_z_patches_per_s"] > 0 and row["backbone_patches_per_s"] > 0
+    assert results["worst_ratio"] == min(r["ratio"] for r in results["sizes"])
+
+
+def test_step(tmp_path):
+    results = run_bench(tmp_path, "step", "--image-sizes", "64", "--batch-size", "2", "--sampling", "0.5",
+                        *TIMING)["results"]
+    (row,) = results["sizes"]
+    assert row["patches_per_image"] == math.ceil(0.5 * 4) and row["inner_iterations"] == 2
+    for key in ("step_s", "parts_s", "gd_step_s", "ratio_step_to_parts", "ratio_step_to_gd", "step_fill_s",
+                "step_inner_s", "parts_fill_s", "parts_inner_s"):
+        assert row[key] > 0, key
+
+
+def test_memory_patchgd_grows_less_than_gd(tmp_path):
+    results = run_bench(tmp_path, "memory", "--image-sizes", "64", "128", "--patches", "1",
+                        "--batch-size", "2")["results"]
+    peaks = {method: [r["peak_bytes"] for r in summary["sizes"]] for method, summary in results["methods"].items()}
+    assert peaks["patchgd"][1] - peaks["patchgd"][0] < peaks["gd"][1] - peaks["gd"][0]
+    small, large = results["methods"]["patchgd"]["sizes"]
+    assert large["input_bytes"] - small["input_bytes"] == 2 * 3 * (128**2 - 64**2) * 4
+    assert large["z_bytes"] == 2 * 8 * 4 * 4 * 4  # 2 images x latent 8 x 4 x 4 cells, float32
+    assert (tmp_path / "memory.png").stat().st_size > 0
+
+
+def test_inference(tmp_path):
+    results = run_bench(tmp_path, "inference", "--image-sizes", "64", *TIMING)["results"]
+    (row,) = results["sizes"]
+    assert row["gd_images_per_s"] > 0 and row["patchgd_images_per_s"] > 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without a CUDA device")
+def test_cuda_without_a_gpu_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="--device cuda was given but torch sees no CUDA device"):
+        main(["fill", *TINY[:-2], "--device", "cuda", "--out", str(tmp_path)])
