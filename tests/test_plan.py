@@ -1,0 +1,122 @@
+"""The memory-budget planner: its choice, re-measured independently, fits; one step more does not."""
+
+import math
+import re
+
+import pytest
+import torch
+
+from patchgd import train
+from patchgd.config import config_from_dict
+from patchgd.memory import PeakMemory, format_size
+from patchgd.plan import BudgetError, plan_budget
+
+IMAGE = (1, 96, 96)  # a 3x3 grid of 32-pixel patches
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Two intra-op threads on two busy cores make these small steps tens of times slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_config(method, budget="1GB", batch_size=4, sampling=0.25, device="cpu"):
+    return config_from_dict({
+        "method": method,
+        "model": {"backbone": "test_convnext", "patch_size": 32, "latent_dim": 8, "head_width": 8, "in_chans": 1},
+        "train": {"batch_size": batch_size, "device": device},
+        "patchgd": {"sampling": sampling},
+        "memory": {"budget": budget},
+    })
+
+
+def peak_of(cfg, device="cpu", image=IMAGE):
+    """Peak of a training step after a warm-up step, measured here rather than by the planner; None if a
+    capped CUDA device runs out of memory."""
+    torch.manual_seed(0)
+    model = train.build_model(cfg).to(device)
+    optimizer = train.build_optimizer(cfg, model)
+    method = train.build_method(cfg, model, optimizer)
+    images = torch.randn(cfg.train.batch_size, *image)
+    labels = torch.randint(cfg.data.num_classes, (cfg.train.batch_size,))
+    try:
+        method.step(images, labels)
+        with PeakMemory(device, baseline=(model, optimizer, images)) as meter:
+            method.step(images, labels)
+    except torch.OutOfMemoryError:
+        return None
+    return meter.peak_bytes
+
+
+def check_largest_batch(method, device, image=IMAGE):
+    """With a budget between the peaks of batches 2 and 3, the planned batch fits on re-measurement and
+    one more image does not."""
+    peaks = {b: peak_of(make_config(method, batch_size=b, device=device), device, image) for b in (2, 3)}
+    budget = (peaks[2] + peaks[3]) // 2
+    cfg = make_config(method, budget=str(budget), device=device)
+    plan = plan_budget(cfg, image, device)
+    planned = plan.apply(cfg)
+    assert planned.train.batch_size == plan.batch_size
+    remeasured = peak_of(planned, device, image)
+    assert remeasured is not None and remeasured <= budget
+    # On CUDA the planner's cap is still on: "one more" may also fail by running out of memory under it.
+    one_more = peak_of(make_config(method, batch_size=plan.batch_size + 1, device=device), device, image)
+    assert one_more is None or one_more > budget
+    return plan, remeasured
+
+
+@pytest.mark.parametrize("method", ["gd", "gd-extended", "patchgd"])
+def test_largest_fitting_batch_on_cpu(method):
+    plan, remeasured = check_largest_batch(method, "cpu")
+    assert plan.batch_size == 2 and plan.peak_bytes == remeasured  # the CPU count is deterministic
+    assert [t.batch_size for t in plan.trials] == [1, 2, 4, 3]
+    assert "chose batch 2" in plan.describe()
+
+
+def test_batch_capped_by_config():
+    plan = plan_budget(make_config("gd", batch_size=3), IMAGE, "cpu")
+    assert plan.batch_size == 3 and [t.batch_size for t in plan.trials] == [1, 2, 3]
+    assert plan_budget(make_config("gd", batch_size=3), IMAGE, "cpu", max_batch_size=5).batch_size == 5
+
+
+def test_patchgd_lowers_patches_per_inner_iteration():
+    # All 9 cells per inner iteration do not fit at batch 1; the budget lies between k = 3 and k = 4.
+    peaks = {k: peak_of(make_config("patchgd", batch_size=1, sampling=k / 9)) for k in (3, 4)}
+    budget = (peaks[3] + peaks[4]) // 2
+    cfg = make_config("patchgd", budget=str(budget), batch_size=4, sampling=1.0)
+    plan = plan_budget(cfg, IMAGE, "cpu")
+    planned = plan.apply(cfg)
+    assert (plan.batch_size, plan.patches_per_image, plan.inner_iterations) == (1, 3, 3)  # ζ = ceil(1 / (3/9))
+    assert math.ceil(planned.patchgd.sampling * 9) == 3 and planned.train.batch_size == 1
+    assert planned.patchgd.max_sampled == cfg.patchgd.max_sampled
+    assert peak_of(planned) == plan.peak_bytes <= budget
+    assert "k lowered from 9" in plan.describe()
+
+
+@pytest.mark.parametrize("method", ["gd", "patchgd"])
+def test_impossible_budget_names_smallest_peak(method):
+    smallest = peak_of(make_config(method, batch_size=1, sampling=1 / 9))  # batch 1, and k = 1 for PatchGD
+    with pytest.raises(BudgetError, match=re.escape(f"below the smallest feasible peak {format_size(smallest)}")):
+        plan_budget(make_config(method, budget="10KB", sampling=1.0), IMAGE, "cpu")
+
+
+def test_unset_or_bad_budget():
+    with pytest.raises(ValueError, match="memory.budget is not set"):
+        plan_budget(make_config("gd", budget=None), IMAGE, "cpu")
+    with pytest.raises(ValueError, match="memory.budget: invalid size '4 apples'"):
+        plan_budget(make_config("gd", budget="4 apples"), IMAGE, "cpu")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", ["gd", "patchgd"])
+def test_largest_fitting_batch_on_cuda(method):
+    try:
+        # Large enough images that the allocator's 2 MiB segments do not dominate the peaks.
+        plan, _ = check_largest_batch(method, "cuda", image=(1, 512, 512))
+        assert plan.capped and plan.peak_bytes <= plan.budget_bytes
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)  # the planner's cap outlives the test otherwise
