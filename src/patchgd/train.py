@@ -210,6 +210,10 @@ def fit(cfg: Config, resume: str | Path | None = None, *, log=print) -> dict:
     generator = seed_everything(cfg.train.seed)
     train_set, val_set = build_datasets(cfg)
     image_shape = tuple(train_set[0][0].shape)
+    if cfg.method == "patchgd" and cfg.model.patch_size > min(image_shape[1:]):
+        raise ValueError(f"model.patch_size={cfg.model.patch_size} is larger than the {image_shape[1]}x"
+                         f"{image_shape[2]} images of {train_set.csv_path}; expected at most "
+                         f"{min(image_shape[1:])} px (a smaller patch, or no data.image_size downscaling)")
     if cfg.memory.budget is not None and resume is None:
         from .plan import plan_budget  # the planner measures trial steps: only when a budget asks for it
 

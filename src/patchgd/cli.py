@@ -1,0 +1,283 @@
+"""The ``patchgd`` command: generate, prepare, train, evaluate, predict, plan, stats, demo and bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .config import Config, ConfigError, config_from_dict, load_config
+
+PACKAGED_CONFIGS = Path(__file__).parent / "configs"
+
+
+def _config_from_args(args) -> Config:
+    return load_config(args.config, args.set)
+
+
+def cmd_generate(args) -> int:
+    from .data.digits import load_digits_source
+    from .data.ultramnist import generate_ultramnist, preset_options
+
+    source = load_digits_source(args.digits)
+    print(f"digits: {source.description}")
+    options = preset_options(args.preset) if args.preset else {}
+    if args.image_size is not None:
+        options["image_size"] = args.image_size
+    out = generate_ultramnist(args.out, train=args.train, val=args.val, digits=source, seed=args.seed,
+                              overwrite=args.overwrite, **options)
+    print(f"wrote {out} (train.csv, val.csv, train/, val/, meta.json)")
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    from .data.panda import prepare_panda
+
+    out = prepare_panda(args.src, args.out, size=args.size, folds=args.folds, seed=args.seed,
+                        workers=args.workers, overwrite=args.overwrite)
+    print(f"wrote {out} (train.csv with kfold column, train_images/)")
+    return 0
+
+
+def cmd_stats(args) -> int:
+    from .data.datasets import compute_normalization
+
+    mean, std = compute_normalization(args.folder, args.in_chans, max_images=args.max_images, progress=True)
+    print(json.dumps({"mean": [round(float(v), 6) for v in mean], "std": [round(float(v), 6) for v in std]}))
+    print("put these under data.mean and data.std in your config", file=sys.stderr)
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .train import fit
+
+    if args.resume:
+        saved = Path(args.resume) / "config.yaml"
+        if not saved.is_file():
+            raise FileNotFoundError(f"{saved} not found: --resume expects a run directory made by patchgd train")
+        cfg = load_config(saved, args.set)
+    else:
+        if args.config is None:
+            raise ConfigError("patchgd train needs --config FILE.yaml (or --resume RUN_DIR)")
+        cfg = _config_from_args(args)
+    summary = fit(cfg, resume=args.resume)
+    print(f"best val accuracy {summary['best_accuracy']:.4f}; run directory {summary['run_dir']}")
+    return 0
+
+
+def _load_checkpoint(path: str | Path, device: torch.device):
+    """Rebuild the model saved in a checkpoint; returns ``(model, cfg)`` in eval mode."""
+    from .train import build_model
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    state = torch.load(path, map_location=device, weights_only=False)
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise ValueError(f"{path} is not a patchgd checkpoint (expected a dict with 'model' and 'config')")
+    cfg = config_from_dict(state["config"], source=str(path))
+    model = build_model(cfg)
+    model.load_state_dict(state["model"])
+    if cfg.method == "patchgd" and cfg.patchgd.fill_batch_size:
+        model.fill_batch_size = cfg.patchgd.fill_batch_size
+    return model.to(device).eval(), cfg
+
+
+def cmd_evaluate(args) -> int:
+    from .data.datasets import ImageCSVDataset
+    from .train import evaluate, resolve_device
+
+    device = resolve_device(args.device)
+    model, cfg = _load_checkpoint(args.checkpoint, device)
+    data = Path(args.data)
+    csv_path = data if data.suffix == ".csv" else data / args.csv
+    dataset = ImageCSVDataset(csv_path, args.image_dir, num_classes=cfg.data.num_classes,
+                              label_column=cfg.data.label_column, in_chans=cfg.model.in_chans,
+                              image_size=cfg.data.image_size, mean=cfg.data.mean, std=cfg.data.std)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size)
+    results = evaluate(model, loader, device, cfg.data.num_classes)
+    results["confusion"] = results["confusion"].tolist()
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print(f"{len(dataset)} images: loss {results['loss']:.4f}  accuracy {results['accuracy']:.4f}  "
+              f"qwk {results['qwk']:.4f}")
+        print("confusion (rows = true class):")
+        for row in results["confusion"]:
+            print("  " + " ".join(f"{v:5d}" for v in row))
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .data.images import read_image
+    from .train import resolve_device
+
+    device = resolve_device(args.device)
+    model, cfg = _load_checkpoint(args.checkpoint, device)
+    mean = torch.tensor(cfg.data.mean or [0.0]).view(-1, 1, 1)
+    std = torch.tensor(cfg.data.std or [1.0]).view(-1, 1, 1)
+    predictions = []
+    for path in args.images:
+        image = torch.from_numpy(read_image(Path(path), cfg.model.in_chans))
+        if cfg.data.image_size is not None:
+            image = torch.nn.functional.interpolate(image[None], size=(cfg.data.image_size,) * 2,
+                                                    mode="bilinear", antialias=True)[0]
+        with torch.inference_mode():
+            probs = torch.softmax(model(((image - mean) / std)[None].to(device)).float(), dim=1)[0].cpu()
+        predictions.append({"image": str(path), "class": int(probs.argmax()),
+                            "probabilities": [round(float(p), 6) for p in probs]})
+    if args.json:
+        print(json.dumps(predictions, indent=2))
+    else:
+        for p in predictions:
+            print(f"{p['image']}: class {p['class']} (p={max(p['probabilities']):.3f})  "
+                  f"probabilities {' '.join(f'{v:.3f}' for v in p['probabilities'])}")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from .plan import plan_from_config
+    from .train import resolve_device
+
+    cfg = _config_from_args(args)
+    if args.budget:
+        cfg.memory.budget = args.budget
+    if cfg.memory.budget is None:
+        raise ConfigError("no memory budget: give --budget 4GB or set memory.budget in the config")
+    print(plan_from_config(cfg, resolve_device(cfg.train.device)).describe())
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .data.digits import load_digits_source
+    from .data.ultramnist import generate_ultramnist
+    from .train import fit
+
+    cfg = load_config(PACKAGED_CONFIGS / "demo.yaml", args.set)
+    out = Path(args.out)
+    data_dir = out / "data"
+    source = load_digits_source(args.digits)
+    print(f"digits: {source.description}")
+    started = time.perf_counter()
+    if not (data_dir / "train.csv").exists():
+        generate_ultramnist(data_dir, train=args.train, val=args.val, image_size=args.image_size,
+                            digits=source, seed=cfg.train.seed)
+    cfg.data.root = str(data_dir)
+    cfg.output_dir = str(out / "run")
+    summary = fit(cfg)
+    minutes = (time.perf_counter() - started) / 60
+    from .memory import format_size
+
+    print(f"\ndemo done in {minutes:.1f} min: validation accuracy {summary['final_accuracy']:.3f} "
+          f"(best {summary['best_accuracy']:.3f}; chance is {1 / cfg.data.num_classes:.3f}), "
+          f"peak training-step memory {format_size(summary['peak_memory_bytes'])}")
+    print(f"run directory: {summary['run_dir']} (config.yaml, metrics.csv, best.pt, last.pt, "
+          "learning_curves.png)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="patchgd", description=(
+        "Train image classifiers end-to-end on very large images with Patch Gradient Descent "
+        "(Gupta et al., TMLR 2024)."))
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_config(p, required=True):
+        p.add_argument("--config", required=required, help="YAML config file")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key, e.g. --set train.lr=3e-4 (repeatable)")
+
+    gen = sub.add_parser("generate", help="generate a synthetic data set")
+    gen_sub = gen.add_subparsers(dest="dataset", required=True, metavar="DATASET")
+    um = gen_sub.add_parser("ultramnist", help="UltraMNIST: 3-5 digits per image, label = their sum")
+    um.add_argument("out", help="output folder (written atomically)")
+    um.add_argument("--train", type=int, required=True, help="number of training images")
+    um.add_argument("--val", type=int, required=True, help="number of validation images")
+    um.add_argument("--image-size", type=int, default=None, help="image side in pixels (default 512)")
+    um.add_argument("--digits", default=None,
+                    help="MNIST folder in IDX format (default: scikit-learn's bundled digits)")
+    um.add_argument("--preset", choices=["default", "original"], default=None,
+                    help="'original' = the 4000 px, 28-class benchmark")
+    um.add_argument("--seed", type=int, default=0)
+    um.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    um.set_defaults(func=cmd_generate)
+
+    prep = sub.add_parser("prepare", help="prepare a real data set for training")
+    prep_sub = prep.add_subparsers(dest="dataset", required=True, metavar="DATASET")
+    panda = prep_sub.add_parser("panda", help="PANDA: resize slides to N px squares, stratified folds")
+    panda.add_argument("src", help="PANDA folder with train.csv and train_images/")
+    panda.add_argument("out", help="output folder (written atomically)")
+    panda.add_argument("--size", type=int, required=True, help="side N of the square images (512/2048/4096)")
+    panda.add_argument("--folds", type=int, default=5, help="number of stratified folds")
+    panda.add_argument("--seed", type=int, default=42)
+    panda.add_argument("--workers", type=int, default=1, help="parallel reader processes")
+    panda.add_argument("--overwrite", action="store_true")
+    panda.set_defaults(func=cmd_prepare)
+
+    stats = sub.add_parser("stats", help="per-channel mean and std of a data set, for data.mean/data.std")
+    stats.add_argument("folder", help="folder of training images")
+    stats.add_argument("--in-chans", type=int, default=1, help="1 (grayscale, default) or 3 (RGB)")
+    stats.add_argument("--max-images", type=int, default=None, help="use a random subset of this size")
+    stats.set_defaults(func=cmd_stats)
+
+    train = sub.add_parser("train", help="train a model from a YAML config")
+    with_config(train, required=False)
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR at its next epoch")
+    train.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("evaluate", help="evaluate a checkpoint on a labelled data set")
+    ev.add_argument("checkpoint", help="best.pt or last.pt of a run")
+    ev.add_argument("--data", required=True, help="data folder (with --csv) or a CSV file")
+    ev.add_argument("--csv", default="val.csv", help="CSV inside --data (default val.csv)")
+    ev.add_argument("--image-dir", default=None, help="image folder (default: beside the CSV, named like it)")
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--json", action="store_true", help="print the results as JSON")
+    ev.set_defaults(func=cmd_evaluate)
+
+    pred = sub.add_parser("predict", help="predict the class of images with a checkpoint")
+    pred.add_argument("checkpoint", help="best.pt or last.pt of a run")
+    pred.add_argument("images", nargs="+", help="image files")
+    pred.add_argument("--device", default="auto")
+    pred.add_argument("--json", action="store_true", help="print the predictions as JSON")
+    pred.set_defaults(func=cmd_predict)
+
+    plan = sub.add_parser("plan", help="fit a run into a memory budget and show the plan")
+    with_config(plan)
+    plan.add_argument("--budget", help="memory budget, e.g. 4GB (default: memory.budget of the config)")
+    plan.set_defaults(func=cmd_plan)
+
+    demo = sub.add_parser("demo", help="generate a small UltraMNIST set and train PatchGD on it (CPU, minutes)")
+    demo.add_argument("--digits", default=None,
+                      help="MNIST folder in IDX format (default: scikit-learn's bundled digits)")
+    demo.add_argument("--out", default="patchgd-demo", help="folder for the data and the run")
+    demo.add_argument("--train", type=int, default=1000, help="training images")
+    demo.add_argument("--val", type=int, default=300, help="validation images")
+    demo.add_argument("--image-size", type=int, default=256, help="image side in pixels")
+    demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a key of the demo config (configs/demo.yaml)")
+    demo.set_defaults(func=cmd_demo)
+
+    bench = sub.add_parser("bench", help="speed, memory and accuracy benchmarks")
+    bench_sub = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+    from .bench import register_all
+
+    register_all(bench_sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
+        print(f"patchgd {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""The command line end to end on tiny data: generate -> train -> evaluate -> predict -> resume, and bad input."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from patchgd.cli import main
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, mnist_dir):
+    out = tmp_path_factory.mktemp("data") / "ultramnist"
+    assert main(["generate", "ultramnist", str(out), "--train", "16", "--val", "10", "--image-size", "96",
+                 "--digits", str(mnist_dir), "--seed", "1"]) == 0
+    return out
+
+
+def copy_data(data, tmp_path):
+    """A private copy of the data set, to break without harming the other tests."""
+    import shutil
+
+    return Path(shutil.copytree(data, tmp_path / "data"))
+
+
+def write_config(tmp_path, root, **overrides):
+    cfg = {
+        "method": "patchgd", "output_dir": str(tmp_path / "run"),
+        "model": {"backbone": "test_resnet", "patch_size": 32, "latent_dim": 8, "in_chans": 1,
+                  "head_width": 8},
+        "data": {"root": str(root), "num_classes": 10},
+        "train": {"epochs": 1, "batch_size": 4, "device": "cpu", "warmup_epochs": 0.5},
+        "patchgd": {"sampling": 0.5},
+    }
+    for key, value in overrides.items():
+        section, name = key.split("__")
+        cfg[section][name] = value
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def metrics_epochs(run):
+    return [int(row["epoch"]) for row in csv.DictReader((run / "metrics.csv").open())]
+
+
+def test_train_evaluate_predict_and_resume(tmp_path, data, capsys):
+    config = write_config(tmp_path, data)
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(config)]) == 0
+    for name in ("config.yaml", "metrics.csv", "best.pt", "last.pt", "eval.json", "learning_curves.png"):
+        assert (run / name).is_file(), name
+    assert metrics_epochs(run) == [1]
+    capsys.readouterr()
+
+    assert main(["evaluate", str(run / "best.pt"), "--data", str(data), "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert 0 <= results["accuracy"] <= 1 and len(results["confusion"]) == 10
+    assert sum(map(sum, results["confusion"])) == 10
+
+    images = sorted((data / "val").glob("*.png"))[:2]
+    assert main(["predict", str(run / "last.pt"), *map(str, images), "--json"]) == 0
+    predictions = json.loads(capsys.readouterr().out)
+    assert [p["image"] for p in predictions] == list(map(str, images))
+    for p in predictions:
+        assert abs(sum(p["probabilities"]) - 1) < 1e-4 and p["class"] == max(range(10), key=p["probabilities"].__getitem__)
+
+    assert main(["train", "--resume", str(run), "--set", "train.epochs=2"]) == 0
+    assert "resuming" in capsys.readouterr().out
+    assert metrics_epochs(run) == [1, 2]
+
+
+@pytest.mark.parametrize("method", ["patchgd", "gd"])
+def test_a_resumed_run_continues_exactly_where_it_stopped(tmp_path, data, monkeypatch, method):
+    import patchgd.train
+
+    runs = {}
+    for name in ("straight", "interrupted"):
+        (tmp_path / name).mkdir()
+        runs[name] = tmp_path / name / "run"
+        config = write_config(tmp_path / name, data, train__epochs=2)
+        args = ["train", "--config", str(config), "--set", f"method={method}"]
+        if name == "interrupted":
+            real_epoch = patchgd.train.train_one_epoch
+
+            def crash_in_epoch_2(method_, loader, scheduler, epoch, measure_step):
+                if epoch == 2:
+                    raise KeyboardInterrupt
+                return real_epoch(method_, loader, scheduler, epoch, measure_step)
+
+            monkeypatch.setattr(patchgd.train, "train_one_epoch", crash_in_epoch_2)
+            with pytest.raises(KeyboardInterrupt):
+                main(args)
+            monkeypatch.undo()
+            assert metrics_epochs(runs[name]) == [1]
+            args = ["train", "--resume", str(runs[name])]
+        assert main(args) == 0
+    a, b = (torch.load(runs[name] / "last.pt", weights_only=False) for name in ("straight", "interrupted"))
+    assert a["epoch"] == b["epoch"] == 2
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    rows = [list(csv.DictReader((runs[name] / "metrics.csv").open())) for name in runs]
+    for row_a, row_b in zip(*rows):
+        assert {k: row_a[k] for k in ("epoch", "lr", "train_loss", "val_loss")} == \
+            {k: row_b[k] for k in ("epoch", "lr", "train_loss", "val_loss")}
+
+
+def test_training_twice_into_one_directory_is_refused(tmp_path, data, capsys):
+    config = write_config(tmp_path, data)
+    assert main(["train", "--config", str(config)]) == 0
+    assert main(["train", "--config", str(config)]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+
+
+def break_missing_image(root):
+    (root / "train" / "train_000003.png").unlink()
+    return "train_000003"
+
+
+def break_label_column(root):
+    text = (root / "train.csv").read_text().replace("image_id,label", "image_id,target", 1)
+    (root / "train.csv").write_text(text)
+    return "no label column"
+
+
+def break_label_range(root):
+    lines = (root / "train.csv").read_text().splitlines()
+    lines[2] = lines[2].rsplit(",", 1)[0] + ",12"
+    (root / "train.csv").write_text("\n".join(lines) + "\n")
+    return "label 12"
+
+
+def break_png(root):
+    (root / "train" / "train_000000.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    return "train_000000.png"
+
+
+@pytest.mark.parametrize("breaker", [break_missing_image, break_label_column, break_label_range, break_png])
+def test_bad_data_is_a_clear_error_and_leaves_no_checkpoint(tmp_path, data, capsys, breaker):
+    root = copy_data(data, tmp_path)
+    expected = breaker(root)
+    assert main(["train", "--config", str(write_config(tmp_path, root))]) == 2
+    err = capsys.readouterr().err
+    assert expected in err, err
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--set", "model.patch_size=128"], "model.patch_size=128 is larger than the 96x96 images"),
+    (["--set", "train.epoch=3"], "unknown key 'train.epoch'; did you mean 'train.epochs'?"),
+    (["--set", "train.epochs=ten"], "train.epochs"),
+    (["--set", "data.root=/nonexistent/place"], "/nonexistent/place"),
+])
+def test_bad_config_is_a_clear_error(tmp_path, data, capsys, args, expected):
+    assert main(["train", "--config", str(write_config(tmp_path, data)), *args]) == 2
+    assert expected in capsys.readouterr().err
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_generate_refuses_to_overwrite_and_checkpoint_errors_are_clear(tmp_path, data, capsys):
+    assert main(["generate", "ultramnist", str(data), "--train", "10", "--val", "10", "--image-size", "96"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    not_a_checkpoint = tmp_path / "x.pt"
+    torch.save([1, 2], not_a_checkpoint)
+    assert main(["predict", str(not_a_checkpoint), "img.png"]) == 2
+    assert "not a patchgd checkpoint" in capsys.readouterr().err
+
+
+def test_every_subcommand_has_help(capsys):
+    for command in (["generate", "ultramnist"], ["prepare", "panda"], ["stats"], ["train"], ["evaluate"],
+                    ["predict"], ["plan"], ["demo"], ["bench"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*command, "--help"])
+        assert exit_info.value.code == 0
+        assert "usage: patchgd" in capsys.readouterr().out
