@@ -1,6 +1,5 @@
 """Tiny models shared by the tests: fast on two CPU cores, deterministic, no downloads."""
 
-import torch
 import torch.nn as nn
 
 

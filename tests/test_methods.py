@@ -254,3 +254,13 @@ def test_schedule_length_must_match_inner_iterations():
 def test_unknown_method_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown method 'sgd'"):
         patchgd.create_model("sgd", "test_resnet", 2)
+
+
+def test_k_and_zeta_ignore_float_noise():
+    from patchgd.methods import default_inner_iterations, patches_per_iteration
+
+    assert patches_per_iteration(0.28, 25) == 7  # 0.28 * 25 = 7.000000000000001 in floats
+    assert patches_per_iteration(7 / 25, 25) == 7
+    assert patches_per_iteration(0.25, 10) == 3
+    assert default_inner_iterations(0.3, 0.9) == 3  # 0.9 / 0.3 = 3.0000000000000004
+    assert default_inner_iterations(0.3, 1.0) == 4

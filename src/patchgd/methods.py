@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from .grid import PatchGrid
 from .model import GDClassifier, GDExtendedClassifier, PatchGDClassifier
 
-__all__ = ["PatchGD", "GD", "sample_schedule", "create_model", "create_method", "METHODS"]
+__all__ = ["PatchGD", "GD", "sample_schedule", "patches_per_iteration", "default_inner_iterations", "create_model", "create_method", "METHODS"]
 
 AMP_DTYPES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -82,6 +82,21 @@ class _Step:
         """Wait for queued GPU work, so that wall-clock timings are true."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+def _ceil(x: float) -> int:
+    """``ceil`` that ignores float noise: ``0.28 * 25`` is ``7.000000000000001``, meant as 7."""
+    return math.ceil(round(x, 9))
+
+
+def patches_per_iteration(sampling: float, num_cells: int) -> int:
+    """``k = ceil(sampling * m * n)``: the cells per image that carry gradients in one inner iteration."""
+    return _ceil(sampling * num_cells)
+
+
+def default_inner_iterations(sampling: float, max_sampled: float) -> int:
+    """``ζ = ceil(max_sampled / sampling)``: inner iterations that visit ``max_sampled`` of the cells."""
+    return _ceil(max_sampled / sampling)
 
 
 def sample_schedule(batch_size: int, num_cells: int, k: int, inner_iterations: int,
@@ -169,8 +184,8 @@ class PatchGD(_Step):
         """The cells of each inner iteration as ``(B, k)`` LongTensors: sampled, or the given ones checked."""
         cells = grid.num_cells
         if schedule is None:
-            k = math.ceil(self.sampling * cells)
-            zeta = self.inner_iterations or math.ceil(self.max_sampled / self.sampling)
+            k = patches_per_iteration(self.sampling, cells)
+            zeta = self.inner_iterations or default_inner_iterations(self.sampling, self.max_sampled)
             schedule = sample_schedule(grid.batch_size, cells, k, zeta, self.generator)
         elif self.inner_iterations is not None and len(schedule) != self.inner_iterations:
             raise ValueError(f"schedule has {len(schedule)} entries but inner_iterations={self.inner_iterations}")

@@ -15,7 +15,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -102,13 +101,6 @@ def _setting(cfg: Config, batch_size: int, sampling: float | None) -> Config:
     if sampling is not None:
         cfg = dataclasses.replace(cfg, patchgd=dataclasses.replace(cfg.patchgd, sampling=sampling))
     return cfg
-
-
-def _sampling_for(k: int, cells: int) -> float:
-    """A sampling fraction giving exactly ``k`` of ``cells`` under ``k = ceil(sampling * cells)``."""
-    sampling = k / cells
-    # k / cells * cells can round above k (7 / 25 * 25 = 7.000000000000001), which ceil makes k + 1.
-    return sampling if math.ceil(sampling * cells) == k else math.nextafter(sampling, 0)
 
 
 def _largest_fitting(fits: Callable[[int], bool], high: int) -> int:
@@ -198,9 +190,9 @@ def plan_budget(cfg: Config, image_shape: tuple[int, ...], device: torch.device 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         batch_size = _largest_fitting(lambda b: fits(b, sampling), max_batch_size or cfg.train.batch_size)
         if patchgd and batch_size == 0 and trials[0].patches_per_image > 1:
-            k = _largest_fitting(lambda k: fits(1, _sampling_for(k, rows * cols)), trials[0].patches_per_image - 1)
+            k = _largest_fitting(lambda k: fits(1, k / (rows * cols)), trials[0].patches_per_image - 1)
             if k:
-                batch_size, sampling = 1, _sampling_for(k, rows * cols)
+                batch_size, sampling = 1, k / (rows * cols)
     if batch_size == 0:
         smallest = trials[-1]  # both searches try their smallest setting first and stop when it fails
         what = f"{cfg.method}, batch 1" + (", k 1" if patchgd else "")

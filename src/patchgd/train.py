@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import random
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from .data.datasets import ImageCSVDataset
 from .grid import grid_shape
 from .io import atomic_file
 from .memory import PeakMemory, format_size
-from .methods import classification_loss, create_method, create_model
+from .methods import classification_loss, create_method, create_model, patches_per_iteration
 from .metrics import evaluate_predictions
 from .plots import plot_learning_curves
 
@@ -107,7 +106,7 @@ def build_method(cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer
 def patches_per_step(cfg: Config, image_shape: tuple[int, ...]) -> int:
     """Patches a PatchGD inner iteration holds with gradients: ``B * k``; also its default fill chunk."""
     rows, cols = grid_shape(image_shape[-2], image_shape[-1], cfg.model.patch_size)
-    return cfg.train.batch_size * math.ceil(cfg.patchgd.sampling * rows * cols)
+    return cfg.train.batch_size * patches_per_iteration(cfg.patchgd.sampling, rows * cols)
 
 
 def train_one_epoch(method, loader: DataLoader, scheduler, epoch: int, measure_step: int) -> dict:
