@@ -151,18 +151,20 @@ class GDExtendedClassifier(GDClassifier):
         head: ``"conv"`` for the paper's head, or any module mapping the feature map to logits.
         head_width: Channels of the conv head.
         head_dropout: Dropout2d probability of the conv head.
-        **kwargs: ``in_chans``, ``pretrained``, ``img_size``, ``channels_last`` as for :class:`GDClassifier`.
+        in_chans, pretrained, img_size, channels_last: As for :class:`GDClassifier`.
     """
 
     def __init__(self, backbone: str | nn.Module, num_classes: int, *, feature_dim: int | None = None,
-                 head: str | nn.Module = "conv", head_width: int = 256, head_dropout: float = 0.2, **kwargs):
+                 head: str | nn.Module = "conv", head_width: int = 256, head_dropout: float = 0.2,
+                 in_chans: int = 3, pretrained: str | Path | None = None, img_size: int | None = None,
+                 channels_last: bool = False):
         if isinstance(backbone, str):
-            backbone = create_timm(backbone, num_classes=0, global_pool="", in_chans=kwargs.pop("in_chans", 3),
-                                   img_size=kwargs.pop("img_size", None), pretrained=kwargs.pop("pretrained", None))
+            backbone = create_timm(backbone, in_chans=in_chans, num_classes=0, global_pool="", img_size=img_size,
+                                   pretrained=pretrained)
             feature_dim = backbone.num_features
         elif feature_dim is None:
             raise ValueError("a custom GD-extended backbone needs feature_dim (channels of its feature map)")
-        super().__init__(backbone, num_classes, **kwargs)
+        super().__init__(backbone, num_classes, channels_last=channels_last)
         self.head = ConvHead(feature_dim, num_classes, head_width, head_dropout) if head == "conv" else head
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
