@@ -176,3 +176,13 @@ def test_every_subcommand_has_help(capsys):
             main([*command, "--help"])
         assert exit_info.value.code == 0
         assert "usage: patchgd" in capsys.readouterr().out
+
+
+def test_plan_shows_the_batch_that_fits_the_budget(tmp_path, data, capsys):
+    # 48 px patches: test_resnet's last map stays 2 x 2, so BatchNorm works even for a single patch.
+    config = write_config(tmp_path, data, model__patch_size=48)
+    assert main(["plan", "--config", str(config), "--budget", "1GB"]) == 0
+    out = capsys.readouterr().out
+    assert "budget" in out and "chose batch 4" in out  # 4 = train.batch_size, the upper bound
+    assert main(["plan", "--config", str(config), "--budget", "1KB"]) == 2
+    assert "below the smallest feasible peak" in capsys.readouterr().err
