@@ -50,7 +50,8 @@ def _field(default: Any, **checks: Any) -> Any:
 class ModelConfig:
     """The classifier: a timm backbone ``backbone`` encoding ``patch_size`` patches to ``latent_dim``, a
     conv head ``head_width`` wide with ``head_dropout``; ``pretrained`` is a local weights file, since
-    nothing is ever downloaded."""
+    nothing is ever downloaded. ``init_backbone`` (App. C of the paper) starts the backbone from a
+    checkpoint (``best.pt``/``last.pt`` of a GD, GD-extended or PatchGD run) or a plain state-dict file."""
 
     backbone: str = "resnet18"
     patch_size: int = _field(128, ge=1)
@@ -60,6 +61,7 @@ class ModelConfig:
     head_width: int = _field(256, ge=1)
     head_dropout: float = _field(0.2, ge=0, lt=1)
     channels_last: bool = False
+    init_backbone: str | None = None
 
 
 @dataclass

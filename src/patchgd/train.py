@@ -68,6 +68,35 @@ def build_model(cfg: Config) -> nn.Module:
                         image_size=cfg.data.image_size, channels_last=m.channels_last)
 
 
+def init_backbone(model: nn.Module, path: str | Path) -> int:
+    """Load the backbone weights of a checkpoint or state-dict file into ``model``'s backbone (App. C).
+
+    Keys are matched by name after the wrapper prefixes (``backbone.``, ``backbone.features.``) are
+    dropped, so a GD run's timm backbone initialises PatchGD's ``backbone.features``; the source's
+    classifier and head, which the target lacks, are ignored. Returns the number of tensors loaded.
+    """
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = state.get("model", state) if isinstance(state, dict) else state
+    target = getattr(model.backbone, "features", model.backbone)
+    wanted = target.state_dict()
+    found = {}
+    for key, value in state.items():
+        for prefix in ("backbone.features.", "backbone.", ""):
+            if key.startswith(prefix) and key[len(prefix):] in wanted:
+                found[key[len(prefix):]] = value
+                break
+    if not found:
+        raise ValueError(f"model.init_backbone={str(path)!r}: no key matches the backbone's (e.g. "
+                         f"{next(iter(wanted), '?')!r}); expected a patchgd checkpoint or a state dict of the "
+                         "same backbone")
+    bad = [k for k, v in found.items() if v.shape != wanted[k].shape]
+    if bad:
+        raise ValueError(f"model.init_backbone={str(path)!r}: {bad[0]!r} has shape {tuple(found[bad[0]].shape)}, "
+                         f"expected {tuple(wanted[bad[0]].shape)} (another backbone or in_chans?)")
+    target.load_state_dict(found, strict=False)
+    return len(found)
+
+
 def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     """Adam (the paper's), AdamW or SGD with momentum over all parameters."""
     t = cfg.train
@@ -220,7 +249,11 @@ def fit(cfg: Config, resume: str | Path | None = None, *, log=print) -> dict:
         log(plan.describe())
         cfg = plan.apply(cfg)
 
-    model = build_model(cfg).to(device)
+    model = build_model(cfg)
+    if cfg.model.init_backbone is not None and resume is None:
+        loaded = init_backbone(model, cfg.model.init_backbone)
+        log(f"backbone initialised from {cfg.model.init_backbone}: {loaded} tensors")
+    model = model.to(device)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if cfg.method == "patchgd":

@@ -1,0 +1,68 @@
+"""The UltraMNIST benchmark runs end to end on its tiny --quick configuration, and PatchGD's backbone can
+start from another run's backbone (model.init_backbone)."""
+
+import json
+
+import pytest
+import torch
+
+from patchgd.bench import ultramnist
+from patchgd.bench.__main__ import main
+from patchgd.config import load_config
+from patchgd.memory import parse_size
+from patchgd.methods import create_model
+from patchgd.train import init_backbone
+
+
+def test_quick_benchmark_end_to_end(tmp_path):
+    # The digits default to the shared MNIST beside the repository (scikit-learn's, with a warning, if absent).
+    assert main(["ultramnist", "--quick", "--threads", "1", "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "ultramnist.json").read_text())
+    results = record["results"]
+    budgets = results["budgets_bytes"]
+    assert budgets == {"loose": parse_size("64MB"), "tight": parse_size("16MB")}
+    runs = {(r["budget"], r["name"]): r for r in results["runs"]}
+    assert set(runs) == {(b, m) for b in ("loose", "tight") for m in ("gd", "gd-extended", "patchgd")}
+    for r in results["runs"] + results["ablations"]:
+        assert 1 <= r["batch_size"] <= ultramnist.QUICK["max_batch"]
+        assert 0 < r["peak_memory_bytes"] <= budgets[r["budget"]]
+        assert 0 <= r["final_accuracy"] <= r["best_accuracy"] <= 1
+        assert len(r["val_accuracy_per_epoch"]) == ultramnist.QUICK["epochs"]
+    ablations = {r["name"]: r for r in results["ablations"]}
+    assert ablations["patchgd s=0.5 max=1"]["sampling"] == 0.5
+    assert ablations["patchgd s=0.25 max=0.5"]["max_sampled"] == 0.5
+    assert ablations["patchgd eps=1"]["grad_accum_steps"] == 1
+    assert ablations["patchgd init from gd"]["init_backbone"].endswith("tight/gd/best.pt")
+    assert (tmp_path / "ultramnist.md").read_text().count("| tight |") == 3 + len(ablations)
+    assert (tmp_path / "ultramnist_curves.png").stat().st_size > 0
+
+
+def test_auto_budgets_are_gd_peak_at_loose_batch_and_a_quarter():
+    args = ultramnist.argparse.Namespace(budgets=["auto", "auto"], loose_batch=16)
+    peaks = {1: 100, 2: 200, 4: 400, 8: 800, 16: 1600}
+    assert ultramnist.choose_budgets(args, peaks) == (1632, 408)
+    args.budgets = ["1KB", "auto"]
+    assert ultramnist.choose_budgets(args, peaks) == (parse_size("1KB"), parse_size("1KB") // 4)
+
+
+def test_init_backbone_maps_a_gd_checkpoint_into_patchgd(tmp_path):
+    assert load_config(None, ["model.init_backbone=runs/gd/best.pt"]).model.init_backbone == "runs/gd/best.pt"
+    torch.manual_seed(0)
+    gd = create_model("gd", "test_resnet", 10, in_chans=1)
+    torch.save({"model": gd.state_dict(), "epoch": 3}, tmp_path / "best.pt")
+    torch.manual_seed(1)
+    patchgd = create_model("patchgd", "test_resnet", 10, patch_size=16, latent_dim=8, head_width=8, in_chans=1)
+    head_before = {k: v.clone() for k, v in patchgd.head.state_dict().items()}
+    loaded = init_backbone(patchgd, tmp_path / "best.pt")
+    features = patchgd.backbone.features.state_dict()
+    assert loaded == len(features)  # every feature tensor, and GD's classifier (fc) ignored
+    for name, value in gd.backbone.state_dict().items():
+        if name in features:
+            assert torch.equal(features[name], value), name
+        else:
+            assert name.startswith(gd.backbone.default_cfg["classifier"]), name
+    assert all(torch.equal(v, head_before[k]) for k, v in patchgd.head.state_dict().items())
+
+    torch.save({"something.else": torch.zeros(3)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="no key matches"):
+        init_backbone(patchgd, tmp_path / "other.pt")
