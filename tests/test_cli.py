@@ -186,3 +186,14 @@ def test_plan_shows_the_batch_that_fits_the_budget(tmp_path, data, capsys):
     assert "budget" in out and "chose batch 4" in out  # 4 = train.batch_size, the upper bound
     assert main(["plan", "--config", str(config), "--budget", "1KB"]) == 2
     assert "below the smallest feasible peak" in capsys.readouterr().err
+
+
+def test_demo_runs_on_the_bundled_digits_and_again_into_a_new_run(tmp_path, capsys):
+    args = ["demo", "--out", str(tmp_path), "--train", "20", "--val", "10", "--image-size", "64",
+            "--set", "train.epochs=1", "--set", "train.batch_size=5"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "scikit-learn" in out and "validation accuracy" in out and "peak training-step memory" in out
+    assert (tmp_path / "run" / "learning_curves.png").is_file() and (tmp_path / "run" / "best.pt").is_file()
+    assert main(args) == 0
+    assert (tmp_path / "run-2" / "metrics.csv").is_file()

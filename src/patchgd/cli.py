@@ -155,6 +155,7 @@ def cmd_plan(args) -> int:
 def cmd_demo(args) -> int:
     from .data.digits import load_digits_source
     from .data.ultramnist import generate_ultramnist
+    from .memory import format_size
     from .train import fit
 
     cfg = load_config(PACKAGED_CONFIGS / "demo.yaml", args.set)
@@ -167,11 +168,14 @@ def cmd_demo(args) -> int:
         generate_ultramnist(data_dir, train=args.train, val=args.val, image_size=args.image_size,
                             digits=source, seed=cfg.train.seed)
     cfg.data.root = str(data_dir)
-    cfg.output_dir = str(out / "run")
+    # A second demo in the same folder reuses the data but trains into a new run directory.
+    run_dir, attempt = out / "run", 1
+    while run_dir.exists():
+        attempt += 1
+        run_dir = out / f"run-{attempt}"
+    cfg.output_dir = str(run_dir)
     summary = fit(cfg)
     minutes = (time.perf_counter() - started) / 60
-    from .memory import format_size
-
     print(f"\ndemo done in {minutes:.1f} min: validation accuracy {summary['final_accuracy']:.3f} "
           f"(best {summary['best_accuracy']:.3f}; chance is {1 / cfg.data.num_classes:.3f}), "
           f"peak training-step memory {format_size(summary['peak_memory_bytes'])}")
@@ -255,9 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--digits", default=None,
                       help="MNIST folder in IDX format (default: scikit-learn's bundled digits)")
     demo.add_argument("--out", default="patchgd-demo", help="folder for the data and the run")
-    demo.add_argument("--train", type=int, default=1000, help="training images")
-    demo.add_argument("--val", type=int, default=300, help="validation images")
-    demo.add_argument("--image-size", type=int, default=256, help="image side in pixels")
+    demo.add_argument("--train", type=int, default=2000, help="training images")
+    demo.add_argument("--val", type=int, default=400, help="validation images")
+    demo.add_argument("--image-size", type=int, default=128, help="image side in pixels")
     demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="override a key of the demo config (configs/demo.yaml)")
     demo.set_defaults(func=cmd_demo)
