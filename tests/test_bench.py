@@ -15,8 +15,16 @@ import torch
 from patchgd.bench.__main__ import build_parser, main
 
 TINY = ["--backbone", "test_resnet", "--patch-size", "32", "--latent-dim", "8", "--head-width", "8",
-        "--num-classes", "3", "--device", "cpu"]
+        "--num-classes", "3", "--threads", "1", "--device", "cpu"]
 TIMING = ["--repeats", "1", "--warmup", "0"]
+
+
+@pytest.fixture(autouse=True)
+def restore_threads():
+    """``--threads`` sets torch's process-wide thread count; the rest of the suite keeps its own."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 def run_bench(out, name, *flags):

@@ -54,13 +54,19 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, image_sizes: list[i
     parser.add_argument("--amp", choices=("bf16", "fp16"), default=None,
                         help="mixed precision (fp16 needs cuda; default: off, float32)")
     parser.add_argument("--channels-last", action="store_true", help="feed the backbone channels-last tensors")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: torch's choice); 1 keeps timings steadier on a "
+                             "machine shared with other jobs")
     parser.add_argument("--seed", type=int, default=0, help="random seed of weights and images (default 0)")
     parser.add_argument("--out", default="bench-results",
                         help="folder for the JSON (and PNG) outputs (default bench-results)")
 
 
-def resolve_device(name: str) -> torch.device:
-    """The device named by ``--device``, with one clear error when CUDA was asked for and is missing."""
+def resolve_device(args: argparse.Namespace) -> torch.device:
+    """The device named by ``--device`` (one clear error when CUDA is missing); applies ``--threads``."""
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    name = args.device
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():

@@ -33,7 +33,7 @@ def measure(args: argparse.Namespace, model, size: int, device: torch.device) ->
     images = torch.randn(args.batch_size, 3, size, size, device=device)
     grid = model.grid(images)
     all_cells = torch.arange(grid.num_cells, device=device).expand(grid.batch_size, -1)
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    memory_format = torch.channels_last if model.channels_last else torch.contiguous_format
     cut = grid.patches(all_cells).contiguous(memory_format=memory_format)
     chunks = cut.split(args.fill_batch_size)
 
@@ -57,7 +57,7 @@ def measure(args: argparse.Namespace, model, size: int, device: torch.device) ->
 
 def run(args: argparse.Namespace) -> int:
     """Measure every image size, print the table and write ``fill.json``."""
-    device = resolve_device(args.device)
+    device = resolve_device(args)
     model = build_model("patchgd", args, device).eval()
     rows = [measure(args, model, size, device) for size in args.image_sizes]
     print(f"fill_z vs bare backbone: {args.backbone}, {args.patch_size} px patches, batch {args.batch_size}, "

@@ -27,7 +27,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Measure both methods at each image size, print the table and write ``inference.json``."""
-    device = resolve_device(args.device)
+    device = resolve_device(args)
     models = {method: build_model(method, args, device).eval() for method in ("gd", "patchgd")}
     models["patchgd"].fill_batch_size = args.fill_batch_size
     results = []

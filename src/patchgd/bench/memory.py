@@ -128,7 +128,7 @@ def plot(results: dict, png: Path) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Measure each method at each size, print the table, write ``memory.json`` and ``memory.png``."""
-    device = resolve_device(args.device)
+    device = resolve_device(args)
     sizes = sorted(args.image_sizes)
     results = {}
     for method in args.methods:

@@ -42,10 +42,11 @@ def parts(trainer: PatchGD, images: torch.Tensor, labels: torch.Tensor):
     schedule = trainer.schedule_for(grid, None)
     batch, k, zeta = grid.batch_size, schedule[0].shape[1], len(schedule)
     eps = trainer.grad_accum_steps or zeta
+    memory_format = torch.channels_last if model.channels_last else torch.contiguous_format
     all_cells = torch.arange(grid.num_cells, device=device).expand(batch, -1)
     # PatchGD fills in chunks of the B * k patches an inner iteration holds (its default fill_batch_size).
-    fill_chunks = grid.patches(all_cells).split(batch * k)
-    sampled = [grid.patches(cells) for cells in schedule]
+    fill_chunks = grid.patches(all_cells).contiguous(memory_format=memory_format).split(batch * k)
+    sampled = [grid.patches(cells).contiguous(memory_format=memory_format) for cells in schedule]
     rows = torch.arange(batch, device=device).unsqueeze(1)
     z = torch.zeros(batch, model.latent_dim, grid.rows, grid.cols, device=device)
 
@@ -78,7 +79,7 @@ def parts(trainer: PatchGD, images: torch.Tensor, labels: torch.Tensor):
 
 def run(args: argparse.Namespace) -> int:
     """Measure each image size, print the table and write ``step.json``."""
-    device = resolve_device(args.device)
+    device = resolve_device(args)
     model = build_model("patchgd", args, device)
     trainer = PatchGD(model, torch.optim.Adam(model.parameters(), lr=1e-4), sampling=args.sampling,
                       max_sampled=args.max_sampled, amp=args.amp)
