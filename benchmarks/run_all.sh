@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Run the speed and memory benchmarks with their defaults (about 10 minutes on 2 CPU cores).
+# Run the speed and memory benchmarks with their defaults (12.5 minutes on 2 shared CPU cores; see
+# benchmarks/RESULTS.md). The UltraMNIST accuracy benchmark is separate: patchgd bench ultramnist.
 # Usage: benchmarks/run_all.sh [FLAGS...]   e.g. --device cuda; FLAGS go to every benchmark.
 # Results (JSON, PNG) go to $OUT (default benchmarks/results); PYTHON picks the interpreter.
 set -euo pipefail
