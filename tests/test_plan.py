@@ -14,15 +14,6 @@ from patchgd.plan import BudgetError, plan_budget
 IMAGE = (1, 96, 96)  # a 3x3 grid of 32-pixel patches
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Two intra-op threads on two busy cores make these small steps tens of times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_config(method, budget="1GB", batch_size=4, sampling=0.25, device="cpu"):
     return config_from_dict({
         "method": method,
