@@ -197,3 +197,29 @@ def test_demo_runs_on_the_bundled_digits_and_again_into_a_new_run(tmp_path, caps
     assert (tmp_path / "run" / "learning_curves.png").is_file() and (tmp_path / "run" / "best.pt").is_file()
     assert main(args) == 0
     assert (tmp_path / "run-2" / "metrics.csv").is_file()
+
+
+def test_prepare_panda_then_stats_then_train_on_a_fold(tmp_path, capsys):
+    import numpy as np
+    import tifffile
+
+    src = tmp_path / "panda"
+    (src / "train_images").mkdir(parents=True)
+    rows = ["image_id,isup_grade"]
+    for i in range(8):
+        tifffile.imwrite(src / "train_images" / f"s{i}.tiff", np.full((40, 70, 3), 30 * i, np.uint8))
+        rows.append(f"s{i},{i % 2}")
+    (src / "train.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "panda_64"
+    assert main(["prepare", "panda", str(src), str(out), "--size", "64", "--folds", "2"]) == 0
+    assert sorted(p.name for p in (out / "train_images").iterdir()) == [f"s{i}.png" for i in range(8)]
+    capsys.readouterr()
+
+    assert main(["stats", str(out / "train_images"), "--in-chans", "3"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert len(stats["mean"]) == len(stats["std"]) == 3
+
+    config = write_config(tmp_path, out, data__val_csv=None, data__fold=0, data__train_dir="train_images",
+                          data__num_classes=6, model__in_chans=3, data__mean=stats["mean"], data__std=stats["std"])
+    assert main(["train", "--config", str(config)]) == 0
+    assert metrics_epochs(tmp_path / "run") == [1]

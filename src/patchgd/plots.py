@@ -22,7 +22,7 @@ def plot_learning_curves(metrics_csv: str | Path, png: str | Path, title: str | 
         metrics_csv: The run's metrics file (columns ``epoch``, ``train_loss``, ``val_loss``,
             ``val_accuracy``).
         png: Where to write the figure (atomically).
-        title: Figure title (default: the run directory's name).
+        title: Figure title (default: the run directory, as ``parent/name``).
     """
     rows = list(csv.DictReader(Path(metrics_csv).open()))
     epochs = [int(r["epoch"]) for r in rows]
@@ -33,7 +33,8 @@ def plot_learning_curves(metrics_csv: str | Path, png: str | Path, title: str | 
     loss_ax.legend()
     acc_ax.plot(epochs, [float(r["val_accuracy"]) for r in rows], "o-", color="tab:green")
     acc_ax.set(xlabel="epoch", ylabel="accuracy", title="validation accuracy", ylim=(0, 1))
-    fig.suptitle(title or Path(metrics_csv).parent.name)
+    run_dir = Path(metrics_csv).resolve().parent
+    fig.suptitle(title or f"{run_dir.parent.name}/{run_dir.name}")
     fig.tight_layout()
     with atomic_file(png) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
