@@ -113,21 +113,18 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from .data.images import read_image
+    from .data.datasets import load_image, per_channel
     from .train import resolve_device
 
     device = resolve_device(args.device)
     model, cfg = _load_checkpoint(args.checkpoint, device)
-    mean = torch.tensor(cfg.data.mean or [0.0]).view(-1, 1, 1)
-    std = torch.tensor(cfg.data.std or [1.0]).view(-1, 1, 1)
+    channels = cfg.model.in_chans
+    mean, std = per_channel(cfg.data.mean, 0.0, channels, "mean"), per_channel(cfg.data.std, 1.0, channels, "std")
     predictions = []
     for path in args.images:
-        image = torch.from_numpy(read_image(Path(path), cfg.model.in_chans))
-        if cfg.data.image_size is not None:
-            image = torch.nn.functional.interpolate(image[None], size=(cfg.data.image_size,) * 2,
-                                                    mode="bilinear", antialias=True)[0]
+        image = (load_image(path, channels, cfg.data.image_size) - mean) / std
         with torch.inference_mode():
-            probs = torch.softmax(model(((image - mean) / std)[None].to(device)).float(), dim=1)[0].cpu()
+            probs = torch.softmax(model(image[None].to(device)).float(), dim=1)[0].cpu()
         predictions.append({"image": str(path), "class": int(probs.argmax()),
                             "probabilities": [round(float(p), 6) for p in probs]})
     if args.json:

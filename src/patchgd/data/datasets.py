@@ -84,8 +84,8 @@ class ImageCSVDataset(Dataset):
         self.image_dir = _resolve_image_dir(self.csv_path, image_dir)
         self.in_chans = in_chans
         self.image_size = image_size
-        self.mean = _per_channel(mean, 0.0, in_chans, "mean")
-        self.std = _per_channel(std, 1.0, in_chans, "std")
+        self.mean = per_channel(mean, 0.0, in_chans, "mean")
+        self.std = per_channel(std, 1.0, in_chans, "std")
         if (self.std <= 0).any():
             raise ValueError(f"std={std}; expected positive values")
 
@@ -115,11 +115,24 @@ class ImageCSVDataset(Dataset):
         Args:
             index: The row.
         """
-        image = torch.from_numpy(read_image(self.paths[index], self.in_chans))
-        if self.image_size is not None and image.shape[1:] != (self.image_size, self.image_size):
-            size = (self.image_size, self.image_size)
-            image = F.interpolate(image[None], size, mode="bilinear", antialias=True, align_corners=False)[0]
-        return image
+        return load_image(self.paths[index], self.in_chans, self.image_size)
+
+
+def load_image(path: str | Path, in_chans: int, image_size: int | None = None) -> torch.Tensor:
+    """An image as ``float32`` ``(in_chans, H, W)`` in [0, 1], resized to a square if ``image_size`` is set.
+
+    The one way training, evaluation and prediction read an image.
+
+    Args:
+        path: The image file.
+        in_chans: 1 or 3.
+        image_size: Side of the square to resize to (bilinear, antialiased); None keeps the size.
+    """
+    image = torch.from_numpy(read_image(path, in_chans))
+    if image_size is not None and image.shape[1:] != (image_size, image_size):
+        size = (image_size, image_size)
+        image = F.interpolate(image[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0]
+    return image
 
 
 def compute_normalization(
@@ -303,7 +316,8 @@ def _list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
-def _per_channel(values: Sequence[float] | None, default: float, in_chans: int, name: str) -> torch.Tensor:
+def per_channel(values: Sequence[float] | None, default: float, in_chans: int, name: str) -> torch.Tensor:
+    """``values`` (one, or one per channel; None for ``default``) as a ``(in_chans, 1, 1)`` tensor."""
     values = [default] if values is None else list(values)
     if len(values) == 1:
         values = values * in_chans
