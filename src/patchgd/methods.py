@@ -23,6 +23,19 @@ __all__ = ["PatchGD", "GD", "sample_schedule", "patches_per_iteration", "default
 AMP_DTYPES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def autocast(device: torch.device, amp: str | None):
+    """Mixed precision ``amp`` (``None``, ``"bf16"``, ``"fp16"``) for ``device``; a no-op for ``None``."""
+    if amp is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=AMP_DTYPES[amp])
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so that wall-clock timings are true."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy, computed in at least float32 even when the logits come out of mixed precision."""
     if logits.dtype in (torch.float16, torch.bfloat16):
@@ -47,9 +60,7 @@ class _Step:
         self.scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
 
     def autocast(self):
-        if self.amp is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=AMP_DTYPES[self.amp])
+        return autocast(self.device, self.amp)
 
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler else loss).backward()
@@ -79,9 +90,7 @@ class _Step:
         return images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True).long()
 
     def sync(self) -> None:
-        """Wait for queued GPU work, so that wall-clock timings are true."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        sync(self.device)
 
 
 def _ceil(x: float) -> int:

@@ -23,7 +23,7 @@ from .data.datasets import ImageCSVDataset
 from .grid import grid_shape
 from .io import atomic_file
 from .memory import PeakMemory, format_size
-from .methods import classification_loss, create_method, create_model, patches_per_iteration
+from .methods import autocast, classification_loss, create_method, create_model, patches_per_iteration
 from .metrics import evaluate_predictions
 from .plots import plot_learning_curves
 
@@ -157,7 +157,7 @@ def train_one_epoch(method, loader: DataLoader, scheduler, epoch: int, measure_s
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, num_classes: int,
-             amp_dtype: torch.dtype | None = None) -> dict:
+             amp: str | None = None) -> dict:
     """Loss, accuracy, quadratic weighted kappa and confusion matrix of ``model`` on ``loader``.
 
     PatchGD models infer as in Fig. 3b of the paper: fill ``Z`` in eval mode, then the head.
@@ -165,7 +165,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, num_cla
     model.eval()
     all_logits, all_labels = [], []
     for images, labels in tqdm(loader, desc="eval", leave=False, dynamic_ncols=True):
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        with autocast(device, amp):
             all_logits.append(model(images.to(device)).float().cpu())
         all_labels.append(labels)
     logits, labels = torch.cat(all_logits), torch.cat(all_labels)
@@ -266,7 +266,6 @@ def fit(cfg: Config, resume: str | Path | None = None, *, log=print) -> dict:
     val_loader = DataLoader(val_set, batch_size=cfg.train.eval_batch_size or cfg.train.batch_size,
                             num_workers=cfg.data.num_workers)
     scheduler = build_scheduler(cfg, optimizer, len(train_loader))
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.amp)
 
     start_epoch, best_accuracy = 1, -1.0
     if resume is not None:
@@ -290,7 +289,7 @@ def fit(cfg: Config, resume: str | Path | None = None, *, log=print) -> dict:
         lr = optimizer.param_groups[0]["lr"]
         train_stats = train_one_epoch(method, train_loader, scheduler, epoch,
                                       measure_step=min(1, len(train_loader) - 1))
-        results = evaluate(model, val_loader, device, cfg.data.num_classes, amp_dtype)
+        results = evaluate(model, val_loader, device, cfg.data.num_classes, cfg.train.amp)
         elapsed = time.perf_counter() - started
         peak = max(peak, train_stats["peak_memory_bytes"])
         append_metrics(run_dir / "metrics.csv", {

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..io import atomic_file
-from ..methods import AMP_DTYPES, create_model
+from ..methods import autocast, create_model, sync
 
 __all__ = ["add_common_arguments", "resolve_device", "build_model", "autocast", "sync", "timed",
            "interleaved", "median", "machine", "format_table", "write_json"]
@@ -81,19 +81,6 @@ def build_model(method: str, args: argparse.Namespace, device: torch.device) -> 
                          latent_dim=args.latent_dim, head_width=args.head_width,
                          channels_last=args.channels_last)
     return model.to(device)
-
-
-def autocast(device: torch.device, amp: str | None):
-    """Mixed precision as the trainers apply it, for code a benchmark runs outside a trainer."""
-    if amp is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=AMP_DTYPES[amp])
-
-
-def sync(device: torch.device) -> None:
-    """Wait for queued GPU work, so that a wall-clock reading covers it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
