@@ -2,11 +2,26 @@
 
 Gupta, Mago, Chavan, Prasad, Thomas, "Patch Gradient Descent: Training Neural Networks on Very Large
 Images", TMLR 2024 (arXiv 2301.13817).
+
+The public names are imported on first use, so that ``patchgd --help`` (and any module that needs no
+model) does not pay for importing torch.
 """
 
-from .methods import GD, PatchGD, create_method, create_model
-from .model import GDClassifier, GDExtendedClassifier, PatchGDClassifier
+import importlib
 
 __all__ = ["PatchGDClassifier", "PatchGD", "GD", "GDClassifier", "GDExtendedClassifier", "create_model",
            "create_method"]
 __version__ = "0.1.0"
+
+_HOMES = {"PatchGD": "methods", "GD": "methods", "create_method": "methods", "create_model": "methods",
+          "PatchGDClassifier": "model", "GDClassifier": "model", "GDExtendedClassifier": "model"}
+
+
+def __getattr__(name: str):
+    if name in _HOMES:
+        return getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

@@ -66,10 +66,21 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """Where the images and labels live (paths relative to ``root``) and how they are prepared.
+    """Where the images and labels live (paths relative to ``root``) and how their pixels are read.
 
-    ``val_csv: null`` validates on fold ``fold`` of the train CSV's kfold column; ``label_column: null``
+    Layouts: a train CSV (``train_csv``, columns ``id_column`` and ``label_column``; labels are integers or
+    class names) with its image folder ``train_dir``, or, when ``root`` holds no ``train_csv``, one
+    subfolder per class (in ``train_dir`` if it exists, else in ``root``). Validation: fold ``fold`` of
+    the CSV's kfold column, else ``val_csv`` (or a ``val_dir`` of class folders) when it exists, else a
+    stratified, seeded ``val_fraction`` of the training images (recorded in the run's ``split.csv``).
+    ``num_classes`` and ``classes`` are inferred from the labels when null (class names sort
+    alphabetically); a value given that disagrees with the labels is an error. ``label_column: null``
     auto-detects it; ``image_size`` resizes to a square (the low-resolution GD baseline).
+
+    Pixels: integer images scale by their dtype's range (``bit_depth`` bits instead, e.g. 12 for 12-bit
+    data in uint16); ``intensity: unit`` requires float images to lie in [0, 1], ``range`` maps
+    ``intensity_range`` [low, high] to [0, 1] (values outside are clipped: a window), ``percentile``
+    stretches each image's ``percentiles`` [low, high] to [0, 1].
     """
 
     root: str | None = None
@@ -77,20 +88,47 @@ class DataConfig:
     val_csv: str | None = "val.csv"
     train_dir: str = "train"
     val_dir: str = "val"
+    id_column: str = "image_id"
     label_column: str | None = None
     fold: int | None = _field(None, ge=0)
-    num_classes: int = _field(10, ge=2)
+    val_fraction: float = _field(0.2, gt=0, lt=1)
+    num_classes: int | None = _field(None, ge=2)
+    classes: list[str] | None = None
     image_size: int | None = _field(None, ge=1)
     mean: list[float] | None = None
     std: list[float] | None = None
     pad_value: float = 0.0
     num_workers: int = _field(0, ge=0)
+    bit_depth: int | None = _field(None, ge=1, le=32)
+    intensity: Literal["unit", "range", "percentile"] = "unit"
+    intensity_range: list[float] | None = None
+    percentiles: list[float] = field(default_factory=lambda: [1.0, 99.0])
+
+
+@dataclass
+class AugmentConfig:
+    """Training-time augmentation of whole images, so the patch grid and Z stay aligned with the image:
+    ``flip`` (horizontal and vertical, each with probability 1/2), ``rotate90`` (a random multiple of
+    90 degrees; non-square images are only rotated by 180), and colour jitter for stained (H&E) or
+    natural images via torchvision's ColorJitter: ``brightness``, ``contrast``, ``saturation``, ``hue``
+    (0 = off)."""
+
+    flip: bool = False
+    rotate90: bool = False
+    brightness: float = _field(0.0, ge=0)
+    contrast: float = _field(0.0, ge=0)
+    saturation: float = _field(0.0, ge=0)
+    hue: float = _field(0.0, ge=0, le=0.5)
 
 
 @dataclass
 class TrainConfig:
     """The optimisation loop. ``schedule: paper`` warms up linearly from 0 over ``warmup_epochs``, then
-    decays linearly to half the peak ``lr`` at the last step."""
+    decays linearly to half the peak ``lr`` at the last step. ``log_every`` batches between progress
+    lines when output is not a terminal; ``threads`` sets torch's CPU threads (null: torch's default);
+    ``tensorboard`` writes event files into the run directory; ``patience`` stops after that many
+    epochs without a better validation accuracy; ``balanced_sampler`` draws training images with
+    probability inversely proportional to their class's frequency."""
 
     epochs: int = _field(10, ge=1)
     batch_size: int = _field(8, ge=1)
@@ -105,14 +143,20 @@ class TrainConfig:
     device: str = _field("auto", pattern=r"auto|cpu|cuda(:\d+)?")
     eval_batch_size: int | None = _field(None, ge=1)
     log_every: int = _field(10, ge=1)
+    threads: int | None = _field(None, ge=1)
+    tensorboard: bool = False
+    patience: int | None = _field(None, ge=1)
+    balanced_sampler: bool = False
 
 
 @dataclass
 class PatchGDConfig:
-    """Algorithm 1: the fraction ``sampling`` of patches per inner iteration, ``max_sampled`` of them per
-    batch; ``inner_iterations`` (ζ) and ``grad_accum_steps`` (ε) are derived from those when null."""
+    """Algorithm 1: the fraction ``sampling`` of patches per inner iteration (or an absolute
+    ``patches_per_step`` k per image, which keeps memory fixed as images grow), ``max_sampled`` of them
+    per batch; ``inner_iterations`` (ζ) and ``grad_accum_steps`` (ε) are derived from those when null."""
 
     sampling: float = _field(0.25, gt=0, le=1)
+    patches_per_step: int | None = _field(None, ge=1)
     max_sampled: float = _field(1.0, gt=0)
     inner_iterations: int | None = _field(None, ge=1)
     grad_accum_steps: int | None = _field(None, ge=1)
@@ -122,7 +166,9 @@ class PatchGDConfig:
 
 @dataclass
 class MemoryConfig:
-    """A memory budget such as ``"4GB"``, or null for none."""
+    """A memory budget such as ``"4GB"``, or null for none. It bounds the training step's peak: on CUDA
+    the device peak of the caching allocator (the allocator is capped at it), on the CPU the step's
+    tensor peak (the process's RSS, reported beside it, also holds the interpreter and libraries)."""
 
     budget: str | None = None
 
@@ -136,6 +182,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     patchgd: PatchGDConfig = field(default_factory=PatchGDConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
 

@@ -154,8 +154,9 @@ def test_bad_labels(ultra):
     with pytest.raises(DataError, match="label -1 of image 'im0' is out of range"):
         ImageCSVDataset(ultra)
     write_csv(ultra, "image_id,label\nim0,seven\n")
-    with pytest.raises(DataError, match=r"line 2: label of 'im0' is 'seven'; expected an integer"):
-        ImageCSVDataset(ultra)
+    with pytest.raises(DataError, match=r"line 2: label 'seven' of image 'im0' is not a known class; "
+                       r"expected one of \['one', 'two'\]"):
+        ImageCSVDataset(ultra, classes=["one", "two"])
     write_csv(ultra, "image_id,label\nim0,2.0\n")
     assert ImageCSVDataset(ultra).labels == [2]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import register_all
+from . import parse_with_benchmarks, register_all
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,7 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_with_benchmarks(build_parser(), argv)
     return args.func(args)
 
 

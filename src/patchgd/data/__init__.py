@@ -1,6 +1,6 @@
-"""Digit sources, the UltraMNIST generator, CSV + folder datasets and slide preparation."""
+"""Digit sources, the UltraMNIST generator, CSV and class-folder datasets and slide preparation."""
 
-from patchgd.data.datasets import ImageCSVDataset, compute_normalization
+from patchgd.data.datasets import ImageCSVDataset, ImageDataset, ImageFolderDataset, compute_normalization
 from patchgd.data.digits import DigitSource, load_digits_source, split_pools
 from patchgd.data.errors import DataError
 from patchgd.data.panda import prepare_panda
@@ -10,6 +10,8 @@ __all__ = [
     "DataError",
     "DigitSource",
     "ImageCSVDataset",
+    "ImageDataset",
+    "ImageFolderDataset",
     "compute_normalization",
     "generate_ultramnist",
     "load_digits_source",

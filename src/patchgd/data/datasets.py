@@ -1,5 +1,6 @@
-"""Datasets of images listed in a CSV file: UltraMNIST (``image_id,label``) and PANDA
-(``image_id,isup_grade[,kfold]``) layouts, and the per-channel statistics to normalise them."""
+"""Datasets of images: listed in a CSV file (UltraMNIST's ``image_id,label``, PANDA's
+``image_id,isup_grade[,kfold]``, labels as integers or class names) or sorted into class folders; the
+stratified validation split; and the per-channel statistics to normalise them."""
 
 from __future__ import annotations
 
@@ -17,35 +18,112 @@ from tqdm import tqdm
 
 from patchgd.data.errors import DataError
 from patchgd.data.images import IMAGE_EXTENSIONS, read_image
+from patchgd.data.intensity import Intensity
 
 LABEL_COLUMNS = ("label", "isup_grade")  # auto-detected in this order
 FOLD_COLUMN = "kfold"
 SPLITS = ("train", "val")
 
 
-class ImageCSVDataset(Dataset):
-    """Images in a folder, listed with their integer labels in a CSV file.
+class ImageDataset(Dataset):
+    """Image files with their class indices: the reading every layout shares.
+
+    Items are ``(image, label)`` with ``image`` a ``float32`` tensor ``(in_chans, H, W)``: pixels scaled
+    to [0, 1] as ``intensity`` says, optionally resized to a square, augmented by ``transform`` (training
+    only), then normalised with ``mean`` and ``std``.
+
+    Args:
+        paths: The image files.
+        labels: Their class indices.
+        classes: Class names, index ``i`` naming class ``i``; None when the labels are plain integers.
+        origin: What the list came from (a CSV file, a folder), named in messages.
+        in_chans: 1 (grayscale) or 3 (RGB); images are converted to it.
+        image_size: Resize every image to ``image_size × image_size`` (bilinear, antialiased).
+        mean: Per-channel mean subtracted after scaling to [0, 1] (one value is repeated); None for 0.
+        std: Per-channel standard deviation divided by; None for 1.
+        intensity: How pixel values map to [0, 1] (default: :class:`~patchgd.data.intensity.Intensity`).
+        transform: Applied to each ``(C, H, W)`` [0, 1] image before normalisation (augmentation).
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        labels: Sequence[int],
+        *,
+        classes: Sequence[str] | None = None,
+        origin: str | Path = "",
+        in_chans: int = 1,
+        image_size: int | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        intensity: Intensity | None = None,
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        if in_chans not in (1, 3):
+            raise ValueError(f"in_chans={in_chans}; expected 1 or 3")
+        if image_size is not None and image_size < 1:
+            raise ValueError(f"image_size={image_size}; expected a positive number of pixels")
+        self.paths = list(paths)
+        self.labels = list(labels)
+        self.classes = list(classes) if classes is not None else None
+        self.origin = origin
+        self.in_chans = in_chans
+        self.image_size = image_size
+        self.mean = per_channel(mean, 0.0, in_chans, "mean")
+        self.std = per_channel(std, 1.0, in_chans, "std")
+        if (self.std <= 0).any():
+            raise ValueError(f"std={std}; expected positive values")
+        self.intensity = intensity or Intensity()
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = self.load_image(index)
+        if self.transform is not None:
+            image = self.transform(image)
+        return (image - self.mean) / self.std, self.labels[index]
+
+    def load_image(self, index: int) -> torch.Tensor:
+        """The image at ``index`` with pixels in [0, 1], resized but neither augmented nor normalised.
+
+        Args:
+            index: The row.
+        """
+        return load_image(self.paths[index], self.in_chans, self.image_size, self.intensity)
+
+    def subset(self, indices: Sequence[int]) -> ImageDataset:
+        """A dataset of the items at ``indices``, read the same way (without ``transform``)."""
+        indices = list(indices)
+        return ImageDataset([self.paths[i] for i in indices], [self.labels[i] for i in indices],
+                            classes=self.classes, origin=self.origin, in_chans=self.in_chans,
+                            image_size=self.image_size, mean=self.mean.flatten().tolist(),
+                            std=self.std.flatten().tolist(), intensity=self.intensity)
+
+
+class ImageCSVDataset(ImageDataset):
+    """Images in a folder, listed with their labels (integers or class names) in a CSV file.
 
     The CSV is validated when the dataset is built (columns, labels, folds and that every image file
-    exists), so bad data fails before training starts. Items are ``(image, label)`` with ``image`` a
-    ``float32`` tensor ``(in_chans, H, W)``: pixels scaled to [0, 1], optionally resized to a square,
-    then normalised with ``mean`` and ``std``.
+    exists), so bad data fails before training starts. Labels that are all integers are class indices;
+    otherwise they are class names, indexed in ``classes`` (given, or the sorted names found).
 
     Args:
         csv_path: The CSV file, with an id column and a label column.
         image_dir: The image folder. None looks beside the CSV for a folder named like it
             (``train.csv`` -> ``train/``), then for ``<stem>_images/`` (``train_images/``, as PANDA).
-        num_classes: When given, every label must lie in ``[0, num_classes)``.
+        num_classes: When given, every integer label must lie in ``[0, num_classes)``.
+        classes: Class names in index order; every label must be one of them (None: the sorted names
+            found, or integer labels).
         label_column: The label column; None picks the first of ``label``, ``isup_grade`` present.
         id_column: The image id column. An id is a file name, with or without one of the extensions
             ``.png .jpg .jpeg .tif .tiff``.
         fold: With a ``kfold`` column, the fold held out for validation.
         split: With ``fold``: ``"train"`` keeps rows whose ``kfold != fold``, ``"val"`` those with
             ``kfold == fold``.
-        in_chans: 1 (grayscale) or 3 (RGB); images are converted to it.
-        image_size: Resize every image to ``image_size × image_size`` (bilinear, antialiased).
-        mean: Per-channel mean subtracted after scaling to [0, 1] (one value is repeated); None for 0.
-        std: Per-channel standard deviation divided by; None for 1.
+        **read: How images are read: ``in_chans``, ``image_size``, ``mean``, ``std``, ``intensity``,
+            ``transform`` (see :class:`ImageDataset`).
 
     Raises:
         FileNotFoundError: The CSV, the image folder or an image file is missing.
@@ -63,31 +141,19 @@ class ImageCSVDataset(Dataset):
         image_dir: str | Path | None = None,
         *,
         num_classes: int | None = None,
+        classes: Sequence[str] | None = None,
         label_column: str | None = None,
         id_column: str = "image_id",
         fold: int | None = None,
         split: str | None = None,
-        in_chans: int = 1,
-        image_size: int | None = None,
-        mean: Sequence[float] | None = None,
-        std: Sequence[float] | None = None,
+        **read,
     ) -> None:
-        if in_chans not in (1, 3):
-            raise ValueError(f"in_chans={in_chans}; expected 1 or 3")
-        if image_size is not None and image_size < 1:
-            raise ValueError(f"image_size={image_size}; expected a positive number of pixels")
         if (fold is None) != (split is None):
             raise ValueError(f"fold={fold}, split={split!r}; give both (split one of {SPLITS}) or neither")
         if split is not None and split not in SPLITS:
             raise ValueError(f"split={split!r}; expected one of {SPLITS}")
         self.csv_path = Path(csv_path)
         self.image_dir = _resolve_image_dir(self.csv_path, image_dir)
-        self.in_chans = in_chans
-        self.image_size = image_size
-        self.mean = per_channel(mean, 0.0, in_chans, "mean")
-        self.std = per_channel(std, 1.0, in_chans, "std")
-        if (self.std <= 0).any():
-            raise ValueError(f"std={std}; expected positive values")
 
         rows, columns = _read_csv(self.csv_path)
         self.label_column = _pick_label_column(self.csv_path, columns, label_column)
@@ -96,29 +162,100 @@ class ImageCSVDataset(Dataset):
             _require_column(self.csv_path, columns, FOLD_COLUMN, "fold")
             rows = _select_fold(self.csv_path, rows, fold, split)
         self.image_ids = [row[id_column] for _, row in rows]
-        self.labels = [
-            _parse_label(self.csv_path, line, row[id_column], row[self.label_column], num_classes)
-            for line, row in rows
-        ]
-        self.paths = _find_images(self.image_dir, self.image_ids)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image = self.load_image(index)
-        return (image - self.mean) / self.std, self.labels[index]
-
-    def load_image(self, index: int) -> torch.Tensor:
-        """The image at ``index`` with pixels in [0, 1], resized but not normalised.
-
-        Args:
-            index: The row.
-        """
-        return load_image(self.paths[index], self.in_chans, self.image_size)
+        labels, classes = _encode_labels(self.csv_path, [(line, row[id_column], row[self.label_column])
+                                                         for line, row in rows], classes, num_classes)
+        super().__init__(_find_images(self.image_dir, self.image_ids), labels, classes=classes,
+                         origin=self.csv_path, **read)
 
 
-def load_image(path: str | Path, in_chans: int, image_size: int | None = None) -> torch.Tensor:
+class ImageFolderDataset(ImageDataset):
+    """Images sorted into one subfolder per class, as torchvision's ``ImageFolder``: ``folder/cat/1.png``.
+
+    Class names are the subfolder names, indexed in sorted order unless ``classes`` gives the order.
+    Images are found in each class folder and its subfolders, in sorted order; files of other types are
+    ignored.
+
+    Args:
+        folder: The folder holding the class folders.
+        classes: Class names in index order; every class folder must be one of them, and a class
+            without a folder has no images here (a validation set may lack one).
+        **read: How images are read (see :class:`ImageDataset`).
+
+    Raises:
+        FileNotFoundError: ``folder`` does not exist.
+        DataError: No class folder holds an image, or a folder is not among ``classes``.
+
+    Example:
+        >>> ds = ImageFolderDataset("my_images/train", in_chans=3)  # doctest: +SKIP
+        >>> ds.classes  # doctest: +SKIP
+        ['benign', 'malignant']
+    """
+
+    def __init__(self, folder: str | Path, *, classes: Sequence[str] | None = None, **read) -> None:
+        self.folder = Path(folder)
+        found = class_folders(self.folder)
+        if not found:
+            raise DataError(f"{self.folder}: no class folders with images; expected {self.folder}/<class name>/"
+                            f"<images> with extensions {' '.join(IMAGE_EXTENSIONS)}")
+        if classes is None:
+            classes = sorted(found)
+        unknown = sorted(set(found) - set(classes))
+        if unknown:
+            raise DataError(f"{self.folder}: class folder(s) {unknown} are not among the classes {list(classes)} "
+                            "(of the training set, or data.classes)")
+        index = {name: i for i, name in enumerate(classes)}
+        paths, labels = [], []
+        for name in sorted(found):
+            paths += found[name]
+            labels += [index[name]] * len(found[name])
+        super().__init__(paths, labels, classes=classes, origin=self.folder, **read)
+
+
+def class_folders(folder: Path) -> dict[str, list[Path]]:
+    """``{class name: its image files}`` for the subfolders of ``folder`` that hold images."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder {folder} does not exist")
+    found = {}
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        files = sorted(p for p in sub.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        if files:
+            found[sub.name] = files
+    return found
+
+
+def stratified_split(dataset: ImageDataset, fraction: float, seed: int) -> tuple[ImageDataset, ImageDataset]:
+    """Hold out ``fraction`` of ``dataset`` for validation, stratified by class, reproducibly from ``seed``.
+
+    Args:
+        dataset: The images to split.
+        fraction: Share of the images held out, in (0, 1).
+        seed: Seed of the split (scikit-learn's ``train_test_split``).
+
+    Returns:
+        ``(train, val)`` datasets.
+
+    Raises:
+        DataError: A class has too few images to appear on both sides.
+    """
+    from sklearn.model_selection import train_test_split
+
+    counts = np.bincount(dataset.labels)
+    rare = [i for i, c in enumerate(counts) if 0 < c < 2]
+    if rare:
+        name = dataset.classes[rare[0]] if dataset.classes else rare[0]
+        raise DataError(f"{dataset.origin}: class {name!r} has 1 image; a stratified validation split needs at "
+                        "least 2 per class (add images, or give a validation CSV or folder)")
+    try:
+        train_idx, val_idx = train_test_split(np.arange(len(dataset)), test_size=fraction, random_state=seed,
+                                              stratify=dataset.labels)
+    except ValueError as err:  # e.g. fewer held-out images than classes
+        raise DataError(f"{dataset.origin}: cannot hold out data.val_fraction={fraction} of {len(dataset)} "
+                        f"images stratified by class ({err})") from None
+    return dataset.subset(sorted(train_idx)), dataset.subset(sorted(val_idx))
+
+
+def load_image(path: str | Path, in_chans: int, image_size: int | None = None,
+               intensity: Intensity | None = None) -> torch.Tensor:
     """An image as ``float32`` ``(in_chans, H, W)`` in [0, 1], resized to a square if ``image_size`` is set.
 
     The one way training, evaluation and prediction read an image.
@@ -127,8 +264,9 @@ def load_image(path: str | Path, in_chans: int, image_size: int | None = None) -
         path: The image file.
         in_chans: 1 or 3.
         image_size: Side of the square to resize to (bilinear, antialiased); None keeps the size.
+        intensity: How pixel values map to [0, 1] (see :mod:`patchgd.data.intensity`).
     """
-    image = torch.from_numpy(read_image(path, in_chans))
+    image = torch.from_numpy(read_image(path, in_chans, intensity))
     if image_size is not None and image.shape[1:] != (image_size, image_size):
         size = (image_size, image_size)
         image = F.interpolate(image[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0]
@@ -136,9 +274,10 @@ def load_image(path: str | Path, in_chans: int, image_size: int | None = None) -
 
 
 def compute_normalization(
-    source: ImageCSVDataset | str | Path,
+    source: ImageDataset | str | Path,
     in_chans: int | None = None,
     *,
+    intensity: Intensity | None = None,
     max_images: int | None = None,
     seed: int = 0,
     progress: bool = False,
@@ -149,8 +288,10 @@ def compute_normalization(
     combined exactly (Chan et al.'s parallel variance), in float64.
 
     Args:
-        source: A dataset (its resized, un-normalised images) or a folder of images.
+        source: A dataset (its resized, un-normalised images, read with its own options) or a folder of
+            images (its subfolders too, so a folder of class folders works).
         in_chans: 1 or 3; for a dataset, None or its own ``in_chans``; for a folder, None means 1.
+        intensity: For a folder, how pixel values map to [0, 1], as training reads them.
         max_images: Use a random subset of this many images (drawn with ``seed``); None for all.
         seed: The seed of the subset.
         progress: Show a progress bar.
@@ -161,7 +302,7 @@ def compute_normalization(
     Example:
         >>> mean, std = compute_normalization("data/ultramnist/train", max_images=500)  # doctest: +SKIP
     """
-    count, load = _image_loader(source, in_chans)
+    count, load = _image_loader(source, in_chans, intensity)
     indices = np.arange(count)
     if max_images is not None and max_images < count:
         indices = np.sort(np.random.default_rng(seed).choice(count, size=max_images, replace=False))
@@ -186,15 +327,15 @@ def compute_normalization(
 
 
 def _image_loader(
-    source: ImageCSVDataset | str | Path, in_chans: int | None
+    source: ImageDataset | str | Path, in_chans: int | None, intensity: Intensity | None
 ) -> tuple[int, Callable[[int], torch.Tensor]]:
-    if isinstance(source, ImageCSVDataset):
+    if isinstance(source, ImageDataset):
         if in_chans not in (None, source.in_chans):
             raise ValueError(f"in_chans={in_chans} but the dataset has in_chans={source.in_chans}")
         return len(source), source.load_image
     paths = _list_images(Path(source))
     channels = 1 if in_chans is None else in_chans
-    return len(paths), lambda i: torch.from_numpy(read_image(paths[i], channels))
+    return len(paths), lambda i: torch.from_numpy(read_image(paths[i], channels, intensity))
 
 
 def _resolve_image_dir(csv_path: Path, image_dir: str | Path | None) -> Path:
@@ -257,6 +398,32 @@ def _select_fold(
     return [r for r, k in zip(rows, folds) if (k == fold) == keep_val]
 
 
+def _encode_labels(path: Path, rows: list[tuple[int, str, str]], classes: Sequence[str] | None,
+                   num_classes: int | None) -> tuple[list[int], list[str] | None]:
+    """Class indices of ``(line, image id, label)`` rows, and the class names when labels are names.
+
+    Integer labels (every one, unless ``classes`` is given) are indices checked against ``num_classes``;
+    otherwise each label is a class name, looked up in ``classes`` (given, or the sorted names found).
+    """
+    if classes is None and all(_is_integer(value) for _, _, value in rows):
+        return [_parse_label(path, line, image_id, value, num_classes) for line, image_id, value in rows], None
+    names = [value.strip() for _, _, value in rows]
+    classes = list(classes) if classes is not None else sorted(set(names))
+    index = {name: i for i, name in enumerate(classes)}
+    for (line, image_id, _), name in zip(rows, names):
+        if name not in index:
+            raise DataError(f"{path}, line {line}: label {name!r} of image {image_id!r} is not a known class; "
+                            f"expected one of {classes} (the training set's classes, or data.classes)")
+    return [index[name] for name in names], classes
+
+
+def _is_integer(value: str | None) -> bool:
+    try:
+        return float(value).is_integer()  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+
+
 def _parse_label(path: Path, line: int, image_id: str, value: str, num_classes: int | None) -> int:
     label = _parse_int(path, line, f"label of {image_id!r}", value)
     if label < 0 or (num_classes is not None and label >= num_classes):
@@ -313,7 +480,7 @@ def _match(image_id: str, names: set[str], by_stem: dict[tuple[str, str], str]) 
 def _list_images(folder: Path) -> list[Path]:
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder {folder} does not exist")
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
 
 def per_channel(values: Sequence[float] | None, default: float, in_chans: int, name: str) -> torch.Tensor:
