@@ -86,10 +86,10 @@ def test_a_resumed_run_continues_exactly_where_it_stopped(tmp_path, data, monkey
         if name == "interrupted":
             real_epoch = patchgd.train.train_one_epoch
 
-            def crash_in_epoch_2(method_, loader, scheduler, epoch, measure_step):
+            def crash_in_epoch_2(method_, loader, scheduler, epoch, measure_step, **kwargs):
                 if epoch == 2:
                     raise KeyboardInterrupt
-                return real_epoch(method_, loader, scheduler, epoch, measure_step)
+                return real_epoch(method_, loader, scheduler, epoch, measure_step, **kwargs)
 
             monkeypatch.setattr(patchgd.train, "train_one_epoch", crash_in_epoch_2)
             with pytest.raises(KeyboardInterrupt):

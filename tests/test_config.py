@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 
 from patchgd.config import (
+    AugmentConfig,
     Config,
     ConfigError,
     DataConfig,
@@ -29,10 +30,17 @@ def test_defaults_match_the_documented_schema():
     assert (c.method, c.output_dir) == ("patchgd", "runs/patchgd")
     assert c.model == ModelConfig("resnet18", 128, 256, None, 3, 256, 0.2, False)
     assert c.data == DataConfig(
-        None, "train.csv", "val.csv", "train", "val", None, None, 10, None, None, None, 0.0, 0
+        root=None, train_csv="train.csv", val_csv="val.csv", train_dir="train", val_dir="val", id_column="image_id",
+        label_column=None, fold=None, val_fraction=0.2, num_classes=None, classes=None, image_size=None, mean=None,
+        std=None, pad_value=0.0, num_workers=0, bit_depth=None, intensity="unit", intensity_range=None,
+        percentiles=[1.0, 99.0],
     )
-    assert c.train == TrainConfig(10, 8, 1e-3, "adam", 0.0, 0.9, "paper", 2.0, None, 0, "auto", None, 10)
-    assert c.patchgd == PatchGDConfig(0.25, 1.0, None, None, "train", None)
+    assert c.train == TrainConfig(10, 8, 1e-3, "adam", 0.0, 0.9, "paper", 2.0, None, 0, "auto", None, 10,
+                                  threads=None, tensorboard=False, patience=None, balanced_sampler=False)
+    assert c.augment == AugmentConfig(flip=False, rotate90=False, brightness=0.0, contrast=0.0, saturation=0.0,
+                                      hue=0.0)
+    assert c.patchgd == PatchGDConfig(sampling=0.25, patches_per_step=None, max_sampled=1.0, inner_iterations=None,
+                                      grad_accum_steps=None, fill_mode="train", fill_batch_size=None)
     assert c.memory == MemoryConfig(None)
 
 

@@ -98,10 +98,20 @@ def test_evaluate_predictions_from_logits():
         [[5.0, 0.0, 0.0], [0.0, 5.0, 0.0], [0.0, 5.0, 0.0], [0.0, 0.0, 5.0], [0.0, 0.0, 5.0], [5.0, 0.0, 0.0]]
     )  # argmax = PREDS
     result = evaluate_predictions(logits, torch.tensor(TARGETS), num_classes=3)
-    assert set(result) == {"accuracy", "qwk", "confusion"}
+    assert set(result) == {"accuracy", "qwk", "confusion", "per_class"}
     assert result["accuracy"] == pytest.approx(0.5)
     assert result["qwk"] == pytest.approx(0.25)
     np.testing.assert_array_equal(result["confusion"], [[1, 1, 0], [0, 1, 1], [1, 0, 1]])
+
+
+def test_per_class_scores_by_hand():
+    # class 0: 1 right of 2 predicted, 2 true; class 1: 1 of 1 predicted, 2 true; class 2: 2 of 3, 2 true;
+    # class 3 never occurs: every score 0.
+    result = per_class_scores([0, 0, 1, 2, 2, 2], [0, 1, 1, 2, 2, 0], num_classes=4)
+    assert result["precision"] == pytest.approx([1 / 2, 1, 2 / 3, 0])
+    assert result["recall"] == pytest.approx([1 / 2, 1 / 2, 1, 0])
+    assert result["f1"] == pytest.approx([1 / 2, 2 / 3, 0.8, 0])
+    assert result["support"] == [2, 2, 2, 0]
 
 
 def test_evaluate_predictions_from_class_indices():

@@ -14,12 +14,13 @@ from patchgd.plan import BudgetError, plan_budget
 IMAGE = (1, 96, 96)  # a 3x3 grid of 32-pixel patches
 
 
-def make_config(method, budget="1GB", batch_size=4, sampling=0.25, device="cpu"):
+def make_config(method, budget="1GB", batch_size=4, sampling=0.25, device="cpu", patches_per_step=None):
     return config_from_dict({
         "method": method,
+        "data": {"num_classes": 10},
         "model": {"backbone": "test_convnext", "patch_size": 32, "latent_dim": 8, "head_width": 8, "in_chans": 1},
         "train": {"batch_size": batch_size, "device": device},
-        "patchgd": {"sampling": sampling},
+        "patchgd": {"sampling": sampling, "patches_per_step": patches_per_step},
         "memory": {"budget": budget},
     })
 
@@ -85,6 +86,21 @@ def test_patchgd_lowers_patches_per_inner_iteration():
     assert planned.patchgd.max_sampled == cfg.patchgd.max_sampled
     assert peak_of(planned) == plan.peak_bytes <= budget
     assert "k lowered from 9" in plan.describe()
+
+
+def test_patchgd_lowers_patches_per_step_when_the_config_sets_k():
+    peaks = {k: peak_of(make_config("patchgd", batch_size=1, patches_per_step=k)) for k in (2, 3)}
+    budget = (peaks[2] + peaks[3]) // 2
+    cfg = make_config("patchgd", budget=str(budget), batch_size=2, patches_per_step=5)
+    lines = []
+    plan = plan_budget(cfg, IMAGE, "cpu", log=lines.append)
+    planned = plan.apply(cfg)
+    assert (plan.batch_size, plan.patches_per_image, plan.inner_iterations) == (1, 2, 5)  # ζ = ceil(9 / 2)
+    assert (planned.patchgd.patches_per_step, planned.patchgd.sampling) == (2, cfg.patchgd.sampling)
+    assert peak_of(planned) == plan.peak_bytes <= budget
+    # one progress line per trial, naming both peaks
+    assert len(lines) == len(plan.trials) and all("tensor peak" in l and "process peak RSS" in l for l in lines)
+    assert "patches_per_step" in plan.describe()
 
 
 @pytest.mark.parametrize("method", ["gd", "patchgd"])

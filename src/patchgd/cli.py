@@ -1,4 +1,8 @@
-"""The ``patchgd`` command: generate, prepare, train, evaluate, predict, plan, stats, demo and bench."""
+"""The ``patchgd`` command: generate, prepare, train, evaluate, predict, plan, stats, demo and bench.
+
+Only the standard library, PyYAML and the config schema are imported here; every command imports what
+it needs (torch among it) when it runs, so that ``patchgd --help`` answers at once.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
+from .bench import parse_with_benchmarks
 from .config import Config, ConfigError, config_from_dict, load_config
 
 PACKAGED_CONFIGS = Path(__file__).parent / "configs"
@@ -45,8 +48,20 @@ def cmd_prepare(args) -> int:
 
 def cmd_stats(args) -> int:
     from .data.datasets import compute_normalization
+    from .train import build_datasets, read_options
 
-    mean, std = compute_normalization(args.folder, args.in_chans, max_images=args.max_images, progress=True)
+    if args.folder is None and args.config is None:
+        raise ConfigError("patchgd stats needs a FOLDER of images, --config FILE.yaml (its training images), "
+                          "or both")
+    if args.config is None:
+        source, in_chans, intensity = args.folder, args.in_chans, None
+    else:
+        cfg = _config_from_args(args)
+        read = read_options(cfg)
+        source = args.folder if args.folder is not None else build_datasets(cfg)[0]
+        in_chans, intensity = read["in_chans"], read["intensity"]
+    mean, std = compute_normalization(source, in_chans, intensity=intensity, max_images=args.max_images,
+                                      progress=True)
     print(json.dumps({"mean": [round(float(v), 6) for v in mean], "std": [round(float(v), 6) for v in std]}))
     print("put these under data.mean and data.std in your config", file=sys.stderr)
     return 0
@@ -69,8 +84,10 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _load_checkpoint(path: str | Path, device: torch.device):
+def _load_checkpoint(path: str | Path, device):
     """Rebuild the model saved in a checkpoint; returns ``(model, cfg)`` in eval mode."""
+    import torch
+
     from .train import build_model
 
     path = Path(path)
@@ -87,52 +104,105 @@ def _load_checkpoint(path: str | Path, device: torch.device):
     return model.to(device).eval(), cfg
 
 
+def _evaluation_set(args, cfg: Config):
+    """The labelled images ``patchgd evaluate`` scores: a CSV file, a folder holding ``--csv``, or a folder of
+    class folders; labels are read with the checkpoint's classes."""
+    from .data.datasets import ImageCSVDataset, ImageFolderDataset
+    from .train import read_options
+
+    data = Path(args.data)
+    read = read_options(cfg)
+    csv_path = data if data.suffix == ".csv" else data / args.csv
+    if csv_path.is_file() or data.suffix == ".csv":
+        return ImageCSVDataset(csv_path, args.image_dir, num_classes=cfg.data.num_classes,
+                               classes=cfg.data.classes, label_column=cfg.data.label_column, id_column=cfg.data.id_column, **read)
+    return ImageFolderDataset(data, classes=cfg.data.classes, **read)
+
+
 def cmd_evaluate(args) -> int:
-    from .data.datasets import ImageCSVDataset
-    from .train import evaluate, resolve_device
+    import torch
+
+    from .train import class_name, evaluate, resolve_device
 
     device = resolve_device(args.device)
     model, cfg = _load_checkpoint(args.checkpoint, device)
-    data = Path(args.data)
-    csv_path = data if data.suffix == ".csv" else data / args.csv
-    dataset = ImageCSVDataset(csv_path, args.image_dir, num_classes=cfg.data.num_classes,
-                              label_column=cfg.data.label_column, in_chans=cfg.model.in_chans,
-                              image_size=cfg.data.image_size, mean=cfg.data.mean, std=cfg.data.std)
+    dataset = _evaluation_set(args, cfg)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size)
     results = evaluate(model, loader, device, cfg.data.num_classes)
     results["confusion"] = results["confusion"].tolist()
+    results["classes"] = [class_name(cfg, c) for c in range(cfg.data.num_classes)]
     if args.json:
         print(json.dumps(results, indent=2))
-    else:
-        print(f"{len(dataset)} images: loss {results['loss']:.4f}  accuracy {results['accuracy']:.4f}  "
-              f"qwk {results['qwk']:.4f}")
-        print("confusion (rows = true class):")
-        for row in results["confusion"]:
-            print("  " + " ".join(f"{v:5d}" for v in row))
+        return 0
+    print(f"{len(dataset)} images: loss {results['loss']:.4f}  accuracy {results['accuracy']:.4f}  "
+          f"qwk {results['qwk']:.4f}")
+    width = max(8, *map(len, results["classes"]))
+    print(f"  {'class':<{width}}  precision  recall      f1  images")
+    per_class = results["per_class"]
+    for c, name in enumerate(results["classes"]):
+        print(f"  {name:<{width}}  {per_class['precision'][c]:9.4f}  {per_class['recall'][c]:6.4f}  "
+              f"{per_class['f1'][c]:6.4f}  {per_class['support'][c]:6d}")
+    print("confusion (rows = true class, columns = predicted):")
+    for name, row in zip(results["classes"], results["confusion"]):
+        print(f"  {name:<{width}}" + " ".join(f"{v:5d}" for v in row))
     return 0
 
 
+def _patch_progress(model, image, desc: str):
+    """A context that shows progress over the patches ``model`` encodes for ``image`` when that takes more
+    than one backbone call (a large image), on stderr; a no-op otherwise."""
+    import contextlib
+
+    from .grid import grid_shape
+    from .runlog import Progress
+
+    if not hasattr(model, "fill_z"):
+        return contextlib.nullcontext()
+    cells = grid_shape(image.shape[-2], image.shape[-1], model.patch_size)
+    total = cells[0] * cells[1]
+    if total <= (model.fill_batch_size or cells[1]):
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def shown():
+        progress = Progress([], desc, total=total, every=max(1, total // 10), unit="patch",
+                            write=lambda line: print(line, file=sys.stderr))
+        hook = model.backbone.register_forward_hook(lambda module, inputs, out: progress.update(len(out)))
+        try:
+            yield
+        finally:
+            hook.remove()
+            progress.close()
+
+    return shown()
+
+
 def cmd_predict(args) -> int:
+    import torch
+
     from .data.datasets import load_image, per_channel
-    from .train import resolve_device
+    from .train import class_name, read_options, resolve_device
 
     device = resolve_device(args.device)
     model, cfg = _load_checkpoint(args.checkpoint, device)
+    read = read_options(cfg)
     channels = cfg.model.in_chans
     mean, std = per_channel(cfg.data.mean, 0.0, channels, "mean"), per_channel(cfg.data.std, 1.0, channels, "std")
     predictions = []
     for path in args.images:
-        image = (load_image(path, channels, cfg.data.image_size) - mean) / std
-        with torch.inference_mode():
+        image = (load_image(path, channels, cfg.data.image_size, read["intensity"]) - mean) / std
+        with torch.inference_mode(), _patch_progress(model, image, str(path)):
             probs = torch.softmax(model(image[None].to(device)).float(), dim=1)[0].cpu()
-        predictions.append({"image": str(path), "class": int(probs.argmax()),
+        index = int(probs.argmax())
+        predictions.append({"image": str(path), "class": index, "class_name": class_name(cfg, index),
                             "probabilities": [round(float(p), 6) for p in probs]})
     if args.json:
         print(json.dumps(predictions, indent=2))
     else:
         for p in predictions:
-            print(f"{p['image']}: class {p['class']} (p={max(p['probabilities']):.3f})  "
-                  f"probabilities {' '.join(f'{v:.3f}' for v in p['probabilities'])}")
+            ranked = sorted(range(len(p["probabilities"])), key=lambda c: -p["probabilities"][c])
+            print(f"{p['image']}: {p['class_name']} (p={p['probabilities'][ranked[0]]:.3f})  "
+                  + "  ".join(f"{class_name(cfg, c)} {p['probabilities'][c]:.3f}" for c in ranked))
     return 0
 
 
@@ -145,7 +215,8 @@ def cmd_plan(args) -> int:
         cfg.memory.budget = args.budget
     if cfg.memory.budget is None:
         raise ConfigError("no memory budget: give --budget 4GB or set memory.budget in the config")
-    print(plan_from_config(cfg, resolve_device(cfg.train.device)).describe())
+    log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731 - progress, apart from the plan
+    print(plan_from_config(cfg, resolve_device(cfg.train.device), log=log).describe())
     return 0
 
 
@@ -174,7 +245,7 @@ def cmd_demo(args) -> int:
     summary = fit(cfg)
     minutes = (time.perf_counter() - started) / 60
     print(f"\ndemo done in {minutes:.1f} min: validation accuracy {summary['final_accuracy']:.3f} "
-          f"(best {summary['best_accuracy']:.3f}; chance is {1 / cfg.data.num_classes:.3f}), "
+          f"(best {summary['best_accuracy']:.3f}; chance is {1 / summary['config'].data.num_classes:.3f}), "
           f"peak training-step memory {format_size(summary['peak_memory_bytes'])}")
     print(f"run directory: {summary['run_dir']} (config.yaml, metrics.csv, best.pt, last.pt, "
           "learning_curves.png)")
@@ -220,8 +291,11 @@ def build_parser() -> argparse.ArgumentParser:
     panda.set_defaults(func=cmd_prepare)
 
     stats = sub.add_parser("stats", help="per-channel mean and std of a data set, for data.mean/data.std")
-    stats.add_argument("folder", help="folder of training images")
-    stats.add_argument("--in-chans", type=int, default=1, help="1 (grayscale, default) or 3 (RGB)")
+    stats.add_argument("folder", nargs="?", help="folder of images (its subfolders too); default: the training "
+                       "images of --config")
+    with_config(stats, required=False)
+    stats.add_argument("--in-chans", type=int, default=1,
+                       help="without --config: 1 (grayscale, default) or 3 (RGB)")
     stats.add_argument("--max-images", type=int, default=None, help="use a random subset of this size")
     stats.set_defaults(func=cmd_stats)
 
@@ -232,7 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("evaluate", help="evaluate a checkpoint on a labelled data set")
     ev.add_argument("checkpoint", help="best.pt or last.pt of a run")
-    ev.add_argument("--data", required=True, help="data folder (with --csv) or a CSV file")
+    ev.add_argument("--data", required=True,
+                    help="a CSV file, a folder holding --csv, or a folder of class folders")
     ev.add_argument("--csv", default="val.csv", help="CSV inside --data (default val.csv)")
     ev.add_argument("--image-dir", default=None, help="image folder (default: beside the CSV, named like it)")
     ev.add_argument("--batch-size", type=int, default=8)
@@ -244,7 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("checkpoint", help="best.pt or last.pt of a run")
     pred.add_argument("images", nargs="+", help="image files")
     pred.add_argument("--device", default="auto")
-    pred.add_argument("--json", action="store_true", help="print the predictions as JSON")
+    pred.add_argument("--json", action="store_true",
+                      help="print the predictions (class index and name, probabilities) as JSON")
     pred.set_defaults(func=cmd_predict)
 
     plan = sub.add_parser("plan", help="fit a run into a memory budget and show the plan")
@@ -272,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_with_benchmarks(build_parser(), argv)
     try:
         return args.func(args)
     except (ConfigError, ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:

@@ -25,6 +25,8 @@ Example:
 from __future__ import annotations
 
 import re
+import resource
+import sys
 import threading
 import weakref
 from collections.abc import Callable, Iterable
@@ -40,6 +42,7 @@ __all__ = [
     "format_size",
     "measure_peak",
     "parse_size",
+    "process_peak",
 ]
 
 T = TypeVar("T")
@@ -317,6 +320,33 @@ def measure_peak(
     with PeakMemory(device, baseline=baseline) as meter:
         result = fn()
     return result, meter.peak_bytes
+
+
+def process_peak(device: torch.device | str) -> tuple[str, int]:
+    """The peak a user sees from outside, beside :class:`PeakMemory`'s tensor peak, with its name.
+
+    On CUDA, ``"device peak"``: the most memory the caching allocator held on the device
+    (``torch.cuda.max_memory_reserved``) since the last reset of the peak statistics (entering a
+    :class:`PeakMemory` resets them), which is what the GPU must have free. Elsewhere,
+    ``"process peak RSS"``: the process's resident-set high-water mark since it started (the interpreter,
+    libraries and data included), what the operating system must provide.
+
+    Args:
+        device: The training device.
+
+    Returns:
+        ``(name, bytes)``.
+
+    Example:
+        >>> name, peak = process_peak("cpu")
+        >>> name
+        'process peak RSS'
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "device peak", torch.cuda.max_memory_reserved(device)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return "process peak RSS", rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB
 
 
 def cap_cuda_memory(budget_bytes: int | str, device: torch.device | str) -> bool:

@@ -98,8 +98,11 @@ def _ceil(x: float) -> int:
     return math.ceil(round(x, 9))
 
 
-def patches_per_iteration(sampling: float, num_cells: int) -> int:
-    """``k = ceil(sampling * m * n)``: the cells per image that carry gradients in one inner iteration."""
+def patches_per_iteration(sampling: float, num_cells: int, patches_per_step: int | None = None) -> int:
+    """``k``, the cells per image that carry gradients in one inner iteration: ``ceil(sampling * m * n)``,
+    or the absolute ``patches_per_step`` when given (at most ``m * n``)."""
+    if patches_per_step is not None:
+        return min(patches_per_step, num_cells)
     return _ceil(sampling * num_cells)
 
 
@@ -148,6 +151,9 @@ class PatchGD(_Step):
         optimizer: Optimizer over the model's parameters.
         sampling: Fraction of the cells of each image that carries gradients in one inner iteration;
             ``k = ceil(sampling * m * n)``.
+        patches_per_step: ``k`` given as an absolute number of cells per image instead (at most ``m * n``),
+            so that the gradient-carrying patches, and memory, stay fixed as images grow; then
+            ``ζ = ceil(max_sampled * m * n / k)``.
         max_sampled: Fraction of the cells visited per batch; ``ζ = ceil(max_sampled / sampling)``.
         inner_iterations: ``ζ`` given directly (overrides ``max_sampled``).
         grad_accum_steps: ``ε``, inner iterations per optimizer update (default ``ζ``: one update per
@@ -167,8 +173,8 @@ class PatchGD(_Step):
 
     def __init__(self, model: PatchGDClassifier, optimizer: torch.optim.Optimizer, sampling: float = 0.25,
                  max_sampled: float = 1.0, inner_iterations: int | None = None,
-                 grad_accum_steps: int | None = None, *, fill_mode: str = "train",
-                 fill_batch_size: int | None = None, amp: str | None = None,
+                 grad_accum_steps: int | None = None, *, patches_per_step: int | None = None,
+                 fill_mode: str = "train", fill_batch_size: int | None = None, amp: str | None = None,
                  generator: torch.Generator | None = None):
         super().__init__(model, optimizer, amp)
         if not 0 < sampling <= 1:
@@ -176,12 +182,13 @@ class PatchGD(_Step):
         if not max_sampled > 0:
             raise ValueError(f"max_sampled must be a positive fraction of the cells, got {max_sampled}")
         for name, value in (("inner_iterations", inner_iterations), ("grad_accum_steps", grad_accum_steps),
-                            ("fill_batch_size", fill_batch_size)):
+                            ("fill_batch_size", fill_batch_size), ("patches_per_step", patches_per_step)):
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
         if fill_mode not in ("train", "eval"):
             raise ValueError(f"fill_mode must be 'train' or 'eval', got {fill_mode!r}")
         self.sampling = sampling
+        self.patches_per_step = patches_per_step
         self.max_sampled = max_sampled
         self.inner_iterations = inner_iterations
         self.grad_accum_steps = grad_accum_steps
@@ -193,8 +200,9 @@ class PatchGD(_Step):
         """The cells of each inner iteration as ``(B, k)`` LongTensors: sampled, or the given ones checked."""
         cells = grid.num_cells
         if schedule is None:
-            k = patches_per_iteration(self.sampling, cells)
-            zeta = self.inner_iterations or default_inner_iterations(self.sampling, self.max_sampled)
+            k = patches_per_iteration(self.sampling, cells, self.patches_per_step)
+            fraction = self.sampling if self.patches_per_step is None else k / cells
+            zeta = self.inner_iterations or default_inner_iterations(fraction, self.max_sampled)
             schedule = sample_schedule(grid.batch_size, cells, k, zeta, self.generator)
         elif self.inner_iterations is not None and len(schedule) != self.inner_iterations:
             raise ValueError(f"schedule has {len(schedule)} entries but inner_iterations={self.inner_iterations}")

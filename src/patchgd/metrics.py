@@ -1,4 +1,4 @@
-"""Classification metrics: accuracy, quadratic weighted kappa and the confusion matrix.
+"""Classification metrics: accuracy, quadratic weighted kappa, the confusion matrix and per-class scores.
 
 The paper reports accuracy on UltraMNIST and quadratic weighted kappa (QWK) on PANDA, whose ISUP grades
 are ordinal. Kappa and the confusion matrix come from scikit-learn, always with the full label set
@@ -19,8 +19,9 @@ import numpy as np
 import torch
 from sklearn.metrics import cohen_kappa_score
 from sklearn.metrics import confusion_matrix as sklearn_confusion_matrix
+from sklearn.metrics import precision_recall_fscore_support
 
-__all__ = ["accuracy", "confusion_matrix", "evaluate_predictions", "quadratic_weighted_kappa"]
+__all__ = ["accuracy", "confusion_matrix", "evaluate_predictions", "per_class_scores", "quadratic_weighted_kappa"]
 
 
 def _as_numpy(values: Any) -> np.ndarray:
@@ -120,6 +121,28 @@ def confusion_matrix(preds: Any, targets: Any, num_classes: int) -> np.ndarray:
     return sklearn_confusion_matrix(targets, preds, labels=list(range(num_classes))).astype(np.int64)
 
 
+def per_class_scores(preds: Any, targets: Any, num_classes: int) -> dict[str, list]:
+    """Precision, recall, F1 and support of every class (scikit-learn's; 0 where a score is undefined).
+
+    Args:
+        preds: Predicted class indices, shape ``(N,)``.
+        targets: True class indices, shape ``(N,)``.
+        num_classes: Number of classes; every class gets an entry, present or not.
+
+    Returns:
+        ``{"precision": [...], "recall": [...], "f1": [...], "support": [...]}``, one value per class.
+
+    Example:
+        >>> per_class_scores([0, 1, 1], [0, 1, 0], num_classes=2)["recall"]
+        [0.5, 1.0]
+    """
+    preds, targets = _labels(preds, targets, num_classes)
+    precision, recall, f1, support = precision_recall_fscore_support(
+        targets, preds, labels=list(range(num_classes)), zero_division=0)
+    return {"precision": [float(v) for v in precision], "recall": [float(v) for v in recall],
+            "f1": [float(v) for v in f1], "support": [int(v) for v in support]}
+
+
 def evaluate_predictions(logits_or_preds: Any, targets: Any, num_classes: int) -> dict[str, Any]:
     """All classification metrics for one evaluation set.
 
@@ -130,8 +153,9 @@ def evaluate_predictions(logits_or_preds: Any, targets: Any, num_classes: int) -
         num_classes: Number of classes.
 
     Returns:
-        ``{"accuracy": float, "qwk": float, "confusion": np.ndarray}`` as computed by :func:`accuracy`,
-        :func:`quadratic_weighted_kappa` and :func:`confusion_matrix`.
+        ``{"accuracy": float, "qwk": float, "confusion": np.ndarray, "per_class": dict}`` as computed by
+        :func:`accuracy`, :func:`quadratic_weighted_kappa`, :func:`confusion_matrix` and
+        :func:`per_class_scores`.
 
     Example:
         >>> logits = torch.tensor([[2.0, 0.1, 0.0], [0.0, 3.0, 1.0], [0.0, 1.0, 5.0]])
@@ -151,4 +175,5 @@ def evaluate_predictions(logits_or_preds: Any, targets: Any, num_classes: int) -
         "accuracy": accuracy(preds, targets),
         "qwk": quadratic_weighted_kappa(preds, targets, num_classes),
         "confusion": confusion_matrix(preds, targets, num_classes),
+        "per_class": per_class_scores(preds, targets, num_classes),
     }

@@ -4,7 +4,12 @@ The paper's "4 GB" columns mean "the largest batch that fits in 4 GB". The plann
 real training steps (the trainer's own builders, on random images of the training shape) and measuring
 each with :class:`~patchgd.memory.PeakMemory`, as :func:`~patchgd.train.fit` measures its steps. GD and
 GD-extended trade batch size only; PatchGD first trades batch size, then, at batch 1, the patches per
-inner iteration ``k`` (its ``sampling``).
+inner iteration ``k`` (its ``sampling``, or ``patches_per_step`` when that sets ``k``).
+
+Which peak the budget bounds: on CUDA the device peak (what the caching allocator held, the memory the
+GPU must have; the allocator is also capped at the budget), on the CPU the tensor peak of the step
+(:class:`~patchgd.memory.PeakMemory`), since the process's RSS also holds the interpreter and libraries
+and its high-water mark cannot be reset between trials; it is reported beside it.
 
 Example:
     >>> plan = plan_budget(cfg, image_shape=(3, 512, 512), device="cpu")
@@ -15,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -23,7 +29,7 @@ import torch
 from . import train
 from .config import Config
 from .grid import grid_shape
-from .memory import PeakMemory, cap_cuda_memory, format_size, parse_size
+from .memory import PeakMemory, cap_cuda_memory, format_size, parse_size, process_peak
 
 __all__ = ["BudgetError", "Plan", "Trial", "plan_budget", "plan_from_config"]
 
@@ -33,11 +39,18 @@ class BudgetError(ValueError):
 
 
 class Trial(NamedTuple):
-    """One measured setting: batch size, PatchGD's ``k`` (None for GD), peak (None: out of CUDA memory)."""
+    """One measured setting: batch size, PatchGD's ``k`` (None for GD), tensor peak (None: out of CUDA
+    memory) and the process-level peak beside it (:func:`~patchgd.memory.process_peak`: the device peak on
+    CUDA, the process's peak RSS so far on the CPU)."""
 
     batch_size: int
     patches_per_image: int | None
     peak_bytes: int | None
+    process_bytes: int | None = None
+
+    def budgeted_bytes(self, device: torch.device) -> int | None:
+        """The peak the budget bounds on ``device`` (see the module's docstring)."""
+        return self.process_bytes if device.type == "cuda" else self.peak_bytes
 
 
 @dataclasses.dataclass
@@ -49,10 +62,11 @@ class Plan:
         budget_bytes: The budget in bytes.
         batch_size: The chosen batch size.
         sampling: PatchGD's chosen sampling fraction (None for GD).
+        patches_per_step: PatchGD's chosen absolute ``k`` when the config sets ``k`` that way, else None.
         patches_per_image: PatchGD's ``k`` per inner iteration (None for GD).
         num_cells: PatchGD's cells per image ``m * n`` (None for GD).
         inner_iterations: PatchGD's ``ζ`` under the chosen sampling (None for GD).
-        peak_bytes: Measured peak of the chosen setting.
+        peak_bytes: Measured tensor peak of the chosen setting.
         trials: Every measured setting, in the order tried.
         device: Where the trials ran.
         capped: Whether the CUDA allocator was capped at the budget.
@@ -62,6 +76,7 @@ class Plan:
     budget_bytes: int
     batch_size: int
     sampling: float | None
+    patches_per_step: int | None
     patches_per_image: int | None
     num_cells: int | None
     inner_iterations: int | None
@@ -80,26 +95,37 @@ class Plan:
             fits = "yes" if t.peak_bytes is not None and t.peak_bytes <= self.budget_bytes else "no"
             lines.append(f"  {t.batch_size:>5}  {t.patches_per_image or '-':>4}  {peak:>11}  {fits}")
         choice = f"chose batch {self.batch_size}"
-        if self.sampling is not None:
+        if self.patches_per_step is not None:
+            choice += (f", k {self.patches_per_image} of {self.num_cells} cells (patches_per_step), "
+                       f"ζ {self.inner_iterations}")
+        elif self.sampling is not None:
             choice += (f", k {self.patches_per_image} of {self.num_cells} cells (sampling {self.sampling:.4g}, "
                        f"ζ {self.inner_iterations})")
-        lines.append(f"{choice}: peak {format_size(self.peak_bytes)}")
+        lines.append(f"{choice}: tensor peak {format_size(self.peak_bytes)}")
         configured_k = self.trials[0].patches_per_image
-        if self.sampling is not None and self.patches_per_image < configured_k:
+        if configured_k is not None and self.patches_per_image < configured_k:
             lines.append(f"k lowered from {configured_k} with max_sampled kept: each batch takes more inner "
                          "iterations (ζ) of fewer patches")
         return "\n".join(lines)
 
+    def _fits(self, trial: Trial) -> bool:
+        budgeted = trial.budgeted_bytes(self.device)
+        return budgeted is not None and budgeted <= self.budget_bytes
+
     def apply(self, cfg: Config) -> Config:
-        """``cfg`` with the chosen batch size (and PatchGD sampling), as a new Config."""
-        return _setting(cfg, self.batch_size, self.sampling)
+        """``cfg`` with the chosen batch size (and PatchGD sampling or patches_per_step), as a new Config."""
+        cfg = _setting(cfg, self.batch_size, None, 1)
+        return dataclasses.replace(cfg, patchgd=dataclasses.replace(
+            cfg.patchgd, sampling=self.sampling or cfg.patchgd.sampling, patches_per_step=self.patches_per_step))
 
 
-def _setting(cfg: Config, batch_size: int, sampling: float | None) -> Config:
-    """``cfg`` with another batch size and, unless None, another PatchGD sampling."""
+def _setting(cfg: Config, batch_size: int, k: int | None, num_cells: int) -> Config:
+    """``cfg`` with another batch size and, unless None, PatchGD's ``k`` (as ``patches_per_step`` when the
+    config sets that, else as the sampling fraction ``k / num_cells``)."""
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=batch_size))
-    if sampling is not None:
-        cfg = dataclasses.replace(cfg, patchgd=dataclasses.replace(cfg.patchgd, sampling=sampling))
+    if k is not None:
+        change = {"patches_per_step": k} if cfg.patchgd.patches_per_step is not None else {"sampling": k / num_cells}
+        cfg = dataclasses.replace(cfg, patchgd=dataclasses.replace(cfg.patchgd, **change))
     return cfg
 
 
@@ -121,9 +147,10 @@ def _largest_fitting(fits: Callable[[int], bool], high: int) -> int:
     return good
 
 
-def _measure(cfg: Config, image_shape: tuple[int, ...], device: torch.device) -> tuple[int | None, dict]:
-    """Peak and stats of one training step of ``cfg`` after a warm-up step, everything built as
-    :func:`~patchgd.train.fit` builds it; ``(None, {})`` if a capped CUDA device ran out of memory."""
+def _measure(cfg: Config, image_shape: tuple[int, ...], device: torch.device) -> tuple[int | None, int | None, dict]:
+    """Tensor peak, process-level peak and stats of one training step of ``cfg`` after a warm-up step,
+    everything built as :func:`~patchgd.train.fit` builds it; ``(None, None, {})`` if a capped CUDA
+    device ran out of memory."""
     torch.manual_seed(cfg.train.seed)  # every trial starts from the same weights and data
     model = train.build_model(cfg).to(device)
     if cfg.model.channels_last:
@@ -140,24 +167,25 @@ def _measure(cfg: Config, image_shape: tuple[int, ...], device: torch.device) ->
         with PeakMemory(device, baseline=(model, optimizer, images)) as meter:
             stats = method.step(images, labels)
     except torch.OutOfMemoryError:
-        return None, {}
-    return meter.peak_bytes, stats
+        return None, None, {}
+    return meter.peak_bytes, process_peak(device)[1], stats
 
 
 def plan_budget(cfg: Config, image_shape: tuple[int, ...], device: torch.device | str, *,
-                max_batch_size: int | None = None) -> Plan:
+                max_batch_size: int | None = None, log: Callable[[str], None] | None = None) -> Plan:
     """Find the largest setting of ``cfg`` whose measured training-step peak fits ``cfg.memory.budget``.
 
     GD and GD-extended: the largest batch size up to ``max_batch_size``. PatchGD: the largest batch size
-    at the configured sampling; if not even batch 1 fits, the largest ``k`` below the configured one at
+    at the configured ``k``; if not even batch 1 fits, the largest ``k`` below the configured one at
     batch 1, keeping ``max_sampled`` (so ``ζ`` grows). On CUDA the process is first capped at the budget,
     so trials, and the training after them, run under it. The caller's random state is left as it was.
 
     Args:
-        cfg: The run's configuration; ``memory.budget`` must be set.
+        cfg: The run's configuration; ``memory.budget`` must be set and ``data.num_classes`` known.
         image_shape: ``(C, H, W)`` of one training image.
         device: Where training will run.
         max_batch_size: Largest batch size to consider (default ``cfg.train.batch_size``).
+        log: Receives one line per trial as it is measured (trials of large images take minutes).
 
     Returns:
         The :class:`Plan`; ``plan.apply(cfg)`` is the config to train with.
@@ -177,39 +205,52 @@ def plan_budget(cfg: Config, image_shape: tuple[int, ...], device: torch.device 
     patchgd = cfg.method == "patchgd"
     rows, cols = grid_shape(image_shape[-2], image_shape[-1], cfg.model.patch_size)
     trials: list[Trial] = []
-    measured: dict[tuple[int, float | None], tuple[int | None, dict]] = {}
+    measured: dict[tuple[int, int | None], tuple[int | None, int | None, dict]] = {}
+    process_name = process_peak(device)[0]
 
-    def fits(batch_size: int, sampling: float | None) -> bool:
-        setting = _setting(cfg, batch_size, sampling)
-        peak, _ = measured[batch_size, sampling] = _measure(setting, image_shape, device)
+    def fits(batch_size: int, k: int | None) -> bool:
+        setting = _setting(cfg, batch_size, k, rows * cols)
+        started = time.perf_counter()
+        peak, process, _ = measured[batch_size, k] = _measure(setting, image_shape, device)
         k = train.patches_per_step(setting, image_shape) // batch_size if patchgd else None
-        trials.append(Trial(batch_size, k, peak))
-        return peak is not None and peak <= budget
+        trial = Trial(batch_size, k, peak, process)
+        trials.append(trial)
+        budgeted = trial.budgeted_bytes(device)
+        if log is not None:
+            what = "out of memory" if peak is None else \
+                f"tensor peak {format_size(peak)}, {process_name} {format_size(process)}"
+            log(f"memory plan: trial {len(trials)}: batch {batch_size}" + (f", k {k}" if k else "") +
+                f": {what} ({time.perf_counter() - started:.1f}s)")
+        return budgeted is not None and budgeted <= budget
 
-    sampling = cfg.patchgd.sampling if patchgd else None
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        batch_size = _largest_fitting(lambda b: fits(b, sampling), max_batch_size or cfg.train.batch_size)
+        batch_size = _largest_fitting(lambda b: fits(b, None), max_batch_size or cfg.train.batch_size)
+        k = None
         if patchgd and batch_size == 0 and trials[0].patches_per_image > 1:
-            k = _largest_fitting(lambda k: fits(1, k / (rows * cols)), trials[0].patches_per_image - 1)
-            if k:
-                batch_size, sampling = 1, k / (rows * cols)
+            k = _largest_fitting(lambda k: fits(1, k), trials[0].patches_per_image - 1) or None
+            batch_size = 1 if k else 0
     if batch_size == 0:
         smallest = trials[-1]  # both searches try their smallest setting first and stop when it fails
         what = f"{cfg.method}, batch 1" + (", k 1" if patchgd else "")
-        peak = "peak (out of memory)" if smallest.peak_bytes is None else \
-            f"peak {format_size(smallest.peak_bytes)}"
+        peak = "peak (out of memory)" if smallest.budgeted_bytes(device) is None else \
+            f"peak {format_size(smallest.budgeted_bytes(device))}"
         raise BudgetError(f"memory budget {format_size(budget)} is below the smallest feasible {peak} "
                           f"({what}); raise memory.budget or use a smaller model/image")
-    peak, stats = measured[batch_size, sampling]
-    return Plan(method=cfg.method, budget_bytes=budget, batch_size=batch_size, sampling=sampling,
+    peak, _, stats = measured[batch_size, k]
+    chosen = _setting(cfg, batch_size, k, rows * cols).patchgd
+    return Plan(method=cfg.method, budget_bytes=budget, batch_size=batch_size,
+                sampling=chosen.sampling if patchgd else None,
+                patches_per_step=chosen.patches_per_step if patchgd else None,
                 patches_per_image=stats.get("patches_per_image"), num_cells=rows * cols if patchgd else None,
                 inner_iterations=stats.get("inner_iterations"), peak_bytes=peak, trials=trials, device=device,
                 capped=capped)
 
 
-def plan_from_config(cfg: Config, device: torch.device | str | None = None) -> Plan:
-    """:func:`plan_budget` for the shape of ``cfg``'s own training images, on ``device`` (default
+def plan_from_config(cfg: Config, device: torch.device | str | None = None,
+                     log: Callable[[str], None] | None = None) -> Plan:
+    """:func:`plan_budget` for the shape and classes of ``cfg``'s own training images, on ``device`` (default
     ``train.device``): what ``patchgd plan`` prints."""
-    train_set, _ = train.build_datasets(cfg)
+    train_set, val_set = train.build_datasets(cfg)
+    cfg = train.resolve_classes(cfg, train_set, val_set)
     device = train.resolve_device(cfg.train.device) if device is None else device
-    return plan_budget(cfg, tuple(train_set[0][0].shape), device)
+    return plan_budget(cfg, tuple(train_set[0][0].shape), device, log=log)

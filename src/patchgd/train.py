@@ -7,28 +7,35 @@ which ties them together. Every method (``patchgd``, ``gd``, ``gd-extended``) go
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
+import functools
 import random
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader
-from tqdm import tqdm
+from torch.utils.data import DataLoader, WeightedRandomSampler
 
-from .config import Config, config_to_dict, save_config
-from .data.datasets import ImageCSVDataset
+from .config import Config, ConfigError, config_to_dict, save_config
+from .data.datasets import ImageCSVDataset, ImageDataset, ImageFolderDataset, class_folders, stratified_split
+from .data.errors import DataError
+from .data.intensity import Intensity
 from .grid import grid_shape
 from .io import atomic_file
-from .memory import PeakMemory, format_size
+from .memory import PeakMemory, format_size, process_peak
 from .methods import autocast, classification_loss, create_method, create_model, patches_per_iteration
 from .metrics import evaluate_predictions
 from .plots import plot_learning_curves
+from .runlog import Progress, RunLogger
 
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "val_loss", "val_accuracy", "val_qwk", "peak_memory_bytes",
-                  "epoch_time_s"]
+                  "peak_process_bytes", "epoch_time_s"]
+SPLIT_FILE = "split.csv"
+DEFAULT_VAL_CSV = "val.csv"  # used when present; another name must exist
 
 
 def resolve_device(name: str) -> torch.device:
@@ -41,22 +48,139 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def build_datasets(cfg: Config) -> tuple[ImageCSVDataset, ImageCSVDataset]:
-    """Train and validation sets from ``data.*``: two CSVs, or one CSV split by its kfold column."""
-    if cfg.data.root is None:
+def read_options(cfg: Config) -> dict:
+    """How ``cfg`` reads an image: the keyword arguments every dataset of the run takes."""
+    d = cfg.data
+    return dict(in_chans=cfg.model.in_chans, image_size=d.image_size, mean=d.mean, std=d.std,
+                intensity=Intensity.from_config(d))
+
+
+def build_datasets(cfg: Config) -> tuple[ImageDataset, ImageDataset]:
+    """Train and validation sets from ``data.*`` (the layouts and validation rules of
+    :class:`~patchgd.config.DataConfig`); validation items use the training set's classes."""
+    d = cfg.data
+    if d.root is None:
         raise ValueError("data.root is not set: point it at the folder holding the CSVs and images")
-    root = Path(cfg.data.root)
-    common = dict(num_classes=cfg.data.num_classes, label_column=cfg.data.label_column,
-                  in_chans=cfg.model.in_chans, image_size=cfg.data.image_size, mean=cfg.data.mean,
-                  std=cfg.data.std)
-    if cfg.data.val_csv is None:
-        if cfg.data.fold is None:
-            raise ValueError("data.val_csv is null but data.fold is not set: name a validation CSV or a fold")
-        csv_path, image_dir = root / cfg.data.train_csv, root / cfg.data.train_dir
-        return (ImageCSVDataset(csv_path, image_dir, fold=cfg.data.fold, split="train", **common),
-                ImageCSVDataset(csv_path, image_dir, fold=cfg.data.fold, split="val", **common))
-    return (ImageCSVDataset(root / cfg.data.train_csv, root / cfg.data.train_dir, **common),
-            ImageCSVDataset(root / cfg.data.val_csv, root / cfg.data.val_dir, **common))
+    root, read = Path(d.root), read_options(cfg)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data.root {root} does not exist")
+    train_csv = root / d.train_csv
+    if train_csv.is_file():
+        common = dict(num_classes=d.num_classes, label_column=d.label_column, id_column=d.id_column, **read)
+        if d.fold is not None:
+            train = ImageCSVDataset(train_csv, root / d.train_dir, fold=d.fold, split="train", classes=d.classes,
+                                    **common)
+            return train, ImageCSVDataset(train_csv, root / d.train_dir, fold=d.fold, split="val",
+                                          classes=train.classes, **common)
+        train = ImageCSVDataset(train_csv, root / d.train_dir, classes=d.classes, **common)
+        val_csv = root / d.val_csv if d.val_csv is not None else None
+        if val_csv is not None and (val_csv.is_file() or d.val_csv != DEFAULT_VAL_CSV):
+            return train, ImageCSVDataset(val_csv, root / d.val_dir, classes=train.classes, **common)
+    else:
+        folder = root / d.train_dir if (root / d.train_dir).is_dir() else root
+        if not class_folders(folder):
+            raise DataError(f"{root}: no {d.train_csv} and no class folders with images; expected {train_csv} "
+                            f"(columns {d.id_column} and a label) or {folder}/<class name>/<images>")
+        train = ImageFolderDataset(folder, classes=d.classes, **read)
+        if folder != root and (root / d.val_dir).is_dir():
+            return train, ImageFolderDataset(root / d.val_dir, classes=train.classes, **read)
+    return stratified_split(train, d.val_fraction, cfg.train.seed)
+
+
+def resolve_classes(cfg: Config, train_set: ImageDataset, val_set: ImageDataset) -> Config:
+    """``cfg`` with ``data.num_classes`` and ``data.classes`` as the labels say.
+
+    Raises:
+        DataError: ``data.num_classes`` is given and disagrees with the labels, or fewer than two
+            classes are found.
+    """
+    d = cfg.data
+    if train_set.classes is not None:
+        classes, found = list(train_set.classes), len(train_set.classes)
+        if d.num_classes is not None and d.num_classes != found:
+            raise DataError(f"data.num_classes={d.num_classes} but the labels of {train_set.origin} name {found} "
+                            f"classes {classes}; expected {found} (or leave data.num_classes null to infer it)")
+    else:
+        classes, found = None, max(train_set.labels + val_set.labels) + 1
+    num_classes = d.num_classes or found
+    if num_classes < 2:
+        raise DataError(f"{train_set.origin}: the labels hold only class 0; expected at least two classes")
+    return dataclasses.replace(cfg, data=dataclasses.replace(d, num_classes=num_classes, classes=classes))
+
+
+def class_name(cfg: Config, index: int) -> str:
+    """The name of class ``index``: from ``data.classes``, else the index itself."""
+    return cfg.data.classes[index] if cfg.data.classes else str(index)
+
+
+def write_split(path: Path, root: str | Path, train_set: ImageDataset, val_set: ImageDataset) -> None:
+    """Record which image went to training and which to validation (``split.csv``: image, label, split)."""
+    root = Path(root).resolve()
+
+    def name(p: Path) -> str:
+        p = Path(p).resolve()
+        return p.relative_to(root).as_posix() if p.is_relative_to(root) else str(p)
+
+    with atomic_file(path) as tmp, tmp.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "label", "split"])
+        for split, ds in (("train", train_set), ("val", val_set)):
+            for p, label in zip(ds.paths, ds.labels):
+                writer.writerow([name(p), ds.classes[label] if ds.classes else label, split])
+
+
+def check_images(dataset: ImageDataset, logger: RunLogger) -> None:
+    """Read every image of ``dataset`` once, so that an unreadable file or values the intensity options
+    refuse stop the run before training, with the file named."""
+    for i in logger.progress(range(len(dataset)), f"checking {dataset.origin}", unit="image",
+                             every=max(10, len(dataset) // 10)):
+        dataset.load_image(i)
+
+
+class RandomRotate90:
+    """Rotate a ``(C, H, W)`` image by a random multiple of 90 degrees; a non-square image only by 0 or
+    180, so that every image of a batch keeps its shape."""
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        square = image.shape[-1] == image.shape[-2]
+        k = int(torch.randint(4, ())) if square else 2 * int(torch.randint(2, ()))
+        return torch.rot90(image, k, dims=(-2, -1))
+
+
+def build_augmentation(cfg: Config):
+    """The training images' transform from ``augment.*`` (torchvision transforms v2), or None.
+
+    Every step acts on the whole image before it is cut into patches, so the grid, ``Z`` and the
+    labels stay consistent.
+    """
+    from torchvision.transforms import v2
+
+    a = cfg.augment
+    steps = []
+    if a.flip:
+        steps += [v2.RandomHorizontalFlip(), v2.RandomVerticalFlip()]
+    if a.rotate90:
+        steps.append(RandomRotate90())
+    if (a.saturation or a.hue) and cfg.model.in_chans != 3:
+        raise ConfigError(f"augment.saturation/augment.hue need colour images; model.in_chans is "
+                          f"{cfg.model.in_chans}, expected 3")
+    if a.brightness or a.contrast or a.saturation or a.hue:
+        steps.append(v2.ColorJitter(brightness=a.brightness or None, contrast=a.contrast or None,
+                                    saturation=a.saturation or None, hue=a.hue or None))
+    return v2.Compose(steps) if steps else None
+
+
+def build_train_loader(cfg: Config, train_set: ImageDataset, generator: torch.Generator) -> DataLoader:
+    """Shuffled batches of ``train_set``; with ``train.balanced_sampler``, drawn with replacement with
+    probability inversely proportional to each image's class frequency (every class equally often)."""
+    sampler = None
+    if cfg.train.balanced_sampler:
+        counts = np.bincount(train_set.labels)
+        weights = torch.as_tensor(1.0 / counts[train_set.labels], dtype=torch.double)
+        sampler = WeightedRandomSampler(weights, num_samples=len(train_set), replacement=True,
+                                        generator=generator)
+    return DataLoader(train_set, batch_size=cfg.train.batch_size, shuffle=sampler is None, sampler=sampler,
+                      num_workers=cfg.data.num_workers, generator=generator)
 
 
 def build_model(cfg: Config) -> nn.Module:
@@ -127,44 +251,65 @@ def build_method(cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer
     """The step object of ``cfg.method`` (PatchGD options from ``cfg.patchgd``)."""
     p = cfg.patchgd
     return create_method(cfg.method, model, optimizer, amp=cfg.train.amp, sampling=p.sampling,
-                         max_sampled=p.max_sampled, inner_iterations=p.inner_iterations,
+                         patches_per_step=p.patches_per_step, max_sampled=p.max_sampled,
+                         inner_iterations=p.inner_iterations,
                          grad_accum_steps=p.grad_accum_steps, fill_mode=p.fill_mode,
                          fill_batch_size=p.fill_batch_size, generator=generator)
 
 
 def patches_per_step(cfg: Config, image_shape: tuple[int, ...]) -> int:
-    """Patches a PatchGD inner iteration holds with gradients: ``B * k``; also its default fill chunk."""
+    """Patches a PatchGD inner iteration holds with gradients: ``B * k``; also its default fill chunk.
+    ``k`` is ``patchgd.patches_per_step`` (at most the grid's cells) when set, else from ``sampling``."""
     rows, cols = grid_shape(image_shape[-2], image_shape[-1], cfg.model.patch_size)
-    return cfg.train.batch_size * patches_per_iteration(cfg.patchgd.sampling, rows * cols)
+    return cfg.train.batch_size * patches_per_iteration(cfg.patchgd.sampling, rows * cols,
+                                                        cfg.patchgd.patches_per_step)
 
 
-def train_one_epoch(method, loader: DataLoader, scheduler, epoch: int, measure_step: int) -> dict:
-    """One pass over ``loader``; the step at index ``measure_step`` is measured for peak memory."""
-    losses, peak = [], 0
-    bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True)
+def _stderr_logger() -> RunLogger:
+    """Progress for a caller that gave no logger: on stderr, so that stdout stays the caller's (JSON)."""
+    return RunLogger(None, echo=functools.partial(print, file=sys.stderr))
+
+
+def train_one_epoch(method, loader: DataLoader, scheduler, epoch: int, measure_step: int,
+                    logger: RunLogger | None = None, global_step: int = 0) -> dict:
+    """One pass over ``loader``; the step at index ``measure_step`` is measured for peak memory.
+
+    Returns:
+        ``train_loss`` (mean), ``peak_memory_bytes`` (the measured step's tensor peak) and
+        ``peak_process_bytes`` with its name ``peak_process_name`` (:func:`~patchgd.memory.process_peak`).
+    """
+    logger = logger or _stderr_logger()
+    losses, peak, process = [], 0, ("", 0)
+    bar = logger.progress(loader, f"epoch {epoch}", unit="batch")
     for i, (images, labels) in enumerate(bar):
         if i == measure_step:
             with PeakMemory(method.device, baseline=(method.model, method.optimizer, images)) as meter:
                 stats = method.step(images, labels)
-            peak = meter.peak_bytes
+            peak, process = meter.peak_bytes, process_peak(method.device)
         else:
             stats = method.step(images, labels)
         scheduler.step()
         losses.append(stats["loss"])
-        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
-    return {"train_loss": float(np.mean(losses)), "peak_memory_bytes": peak}
+        if isinstance(bar, Progress):
+            bar.set_info(loss=f"{np.mean(losses[-20:]):.4f}")
+        if (i + 1) % logger.every == 0:
+            logger.scalars({"loss/train_step": float(np.mean(losses[-logger.every:]))}, global_step + i + 1)
+    return {"train_loss": float(np.mean(losses)), "peak_memory_bytes": peak, "peak_process_name": process[0],
+            "peak_process_bytes": process[1]}
 
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, num_classes: int,
-             amp: str | None = None) -> dict:
-    """Loss, accuracy, quadratic weighted kappa and confusion matrix of ``model`` on ``loader``.
+             amp: str | None = None, logger: RunLogger | None = None) -> dict:
+    """Loss, accuracy, quadratic weighted kappa, confusion matrix and per-class precision, recall and F1 of
+    ``model`` on ``loader``.
 
     PatchGD models infer as in Fig. 3b of the paper: fill ``Z`` in eval mode, then the head.
     """
     model.eval()
+    logger = logger or _stderr_logger()
     all_logits, all_labels = [], []
-    for images, labels in tqdm(loader, desc="eval", leave=False, dynamic_ncols=True):
+    for images, labels in logger.progress(loader, "eval", unit="batch"):
         with autocast(device, amp):
             all_logits.append(model(images.to(device)).float().cpu())
         all_labels.append(labels)
@@ -215,44 +360,87 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def describe_data(cfg: Config, train_set: ImageDataset, val_set: ImageDataset) -> str:
+    """One line per class: its name and how many training and validation images it has."""
+    train_counts = np.bincount(train_set.labels, minlength=cfg.data.num_classes)
+    val_counts = np.bincount(val_set.labels, minlength=cfg.data.num_classes)
+    lines = [f"data: {len(train_set)} train images from {train_set.origin}, {len(val_set)} validation images "
+             f"from {val_set.origin}; {cfg.data.num_classes} classes"]
+    lines += [f"  {class_name(cfg, c)}: {train_counts[c]} train / {val_counts[c]} val"
+              for c in range(cfg.data.num_classes)]
+    return "\n".join(lines)
+
+
+def epoch_summary(epoch: int, cfg: Config, train_stats: dict, results: dict, elapsed: float) -> str:
+    """The line logged after each epoch, memory peaks named as what they are."""
+    process = (f", {train_stats['peak_process_name']} {format_size(train_stats['peak_process_bytes'])}"
+               if train_stats["peak_process_name"] else "")
+    return (f"epoch {epoch}/{cfg.train.epochs}  train loss {train_stats['train_loss']:.4f}  "
+            f"val loss {results['loss']:.4f}  val acc {results['accuracy']:.4f}  qwk {results['qwk']:.4f}  "
+            f"tensor peak {format_size(train_stats['peak_memory_bytes'])}{process}  {elapsed:.1f}s")
+
+
+def log_epoch(logger: RunLogger, epoch: int, lr: float, train_stats: dict, results: dict) -> None:
+    """An epoch's numbers as TensorBoard scalars."""
+    logger.scalars({"loss/train": train_stats["train_loss"], "loss/val": results["loss"],
+                    "accuracy/val": results["accuracy"], "qwk/val": results["qwk"], "lr": lr,
+                    "memory/tensor_peak_bytes": train_stats["peak_memory_bytes"],
+                    "memory/process_peak_bytes": train_stats["peak_process_bytes"]}, epoch)
+
+
 def fit(cfg: Config, resume: str | Path | None = None, *, log=print) -> dict:
     """Train ``cfg`` (or resume the run in ``resume``), evaluating and checkpointing every epoch.
 
-    The run directory (``cfg.output_dir``, or ``resume``) receives ``config.yaml`` (resolved),
+    The run directory (``cfg.output_dir``, or ``resume``) receives ``config.yaml`` (resolved: the classes
+    found included), ``split.csv`` (which image trained and which validated), ``train.log``,
     ``metrics.csv``, ``last.pt``, ``best.pt``, ``eval.json`` (the last evaluation with its confusion
-    matrix) and ``learning_curves.png``.
+    matrix and per-class scores), ``learning_curves.png`` and, with ``train.tensorboard``, ``tensorboard/``.
 
     Args:
         cfg: The run's configuration.
         resume: A run directory whose ``last.pt`` to continue from, at the epoch after it.
-        log: Where progress lines go.
+        log: Where progress lines go (besides ``train.log``).
 
     Returns:
-        A summary: run directory, best and final validation accuracy, epochs run and the peak memory.
+        A summary: run directory, best and final validation accuracy, the best epoch, epochs run, the
+        tensor peak memory and the resolved config.
     """
     run_dir = Path(resume) if resume is not None else Path(cfg.output_dir)
     if resume is None and (run_dir / "last.pt").exists():
         raise FileExistsError(f"{run_dir} already holds a run (last.pt); resume it with --resume {run_dir} "
                               "or choose another output_dir")
+    if cfg.train.threads is not None:
+        torch.set_num_threads(cfg.train.threads)
     device = resolve_device(cfg.train.device)
     generator = seed_everything(cfg.train.seed)
+    with RunLogger(run_dir, tensorboard=cfg.train.tensorboard, echo=log, every=cfg.train.log_every) as logger:
+        return _fit(cfg, run_dir, resume, device, generator, logger)
+
+
+def _fit(cfg: Config, run_dir: Path, resume, device: torch.device, generator: torch.Generator,
+         logger: RunLogger) -> dict:
     train_set, val_set = build_datasets(cfg)
+    cfg = resolve_classes(cfg, train_set, val_set)
+    logger.log(describe_data(cfg, train_set, val_set))
+    write_split(run_dir / SPLIT_FILE, cfg.data.root, train_set, val_set)
+    for dataset in (train_set, val_set):
+        check_images(dataset, logger)
     image_shape = tuple(train_set[0][0].shape)
     if cfg.method == "patchgd" and cfg.model.patch_size > min(image_shape[1:]):
         raise ValueError(f"model.patch_size={cfg.model.patch_size} is larger than the {image_shape[1]}x"
-                         f"{image_shape[2]} images of {train_set.csv_path}; expected at most "
+                         f"{image_shape[2]} images of {train_set.origin}; expected at most "
                          f"{min(image_shape[1:])} px (a smaller patch, or no data.image_size downscaling)")
     if cfg.memory.budget is not None and resume is None:
         from .plan import plan_budget  # the planner measures trial steps: only when a budget asks for it
 
-        plan = plan_budget(cfg, image_shape, device)
-        log(plan.describe())
+        plan = plan_budget(cfg, image_shape, device, log=logger.log)
+        logger.log(plan.describe())
         cfg = plan.apply(cfg)
 
     model = build_model(cfg)
     if cfg.model.init_backbone is not None and resume is None:
         loaded = init_backbone(model, cfg.model.init_backbone)
-        log(f"backbone initialised from {cfg.model.init_backbone}: {loaded} tensors")
+        logger.log(f"backbone initialised from {cfg.model.init_backbone}: {loaded} tensors")
     model = model.to(device)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -260,14 +448,14 @@ def fit(cfg: Config, resume: str | Path | None = None, *, log=print) -> dict:
         model.fill_batch_size = cfg.patchgd.fill_batch_size or patches_per_step(cfg, image_shape)
     optimizer = build_optimizer(cfg, model)
     method = build_method(cfg, model, optimizer, generator)
+    train_set.transform = build_augmentation(cfg)
     loader_generator = torch.Generator()
-    train_loader = DataLoader(train_set, batch_size=cfg.train.batch_size, shuffle=True,
-                              num_workers=cfg.data.num_workers, generator=loader_generator)
+    train_loader = build_train_loader(cfg, train_set, loader_generator)
     val_loader = DataLoader(val_set, batch_size=cfg.train.eval_batch_size or cfg.train.batch_size,
                             num_workers=cfg.data.num_workers)
     scheduler = build_scheduler(cfg, optimizer, len(train_loader))
 
-    start_epoch, best_accuracy = 1, -1.0
+    start_epoch, best_accuracy, best_epoch = 1, -1.0, 0
     if resume is not None:
         state = torch.load(run_dir / "last.pt", map_location=device, weights_only=False)
         model.load_state_dict(state["model"])
@@ -277,41 +465,48 @@ def fit(cfg: Config, resume: str | Path | None = None, *, log=print) -> dict:
             method.scaler.load_state_dict(state["scaler"])
         restore_rng_states(state["rng"], generator)
         start_epoch, best_accuracy = state["epoch"] + 1, state["best_accuracy"]
-        log(f"resuming {run_dir} at epoch {start_epoch}")
+        best_epoch = state.get("best_epoch", state["epoch"])
+        logger.log(f"resuming {run_dir} at epoch {start_epoch}")
     save_config(cfg, run_dir / "config.yaml")
-    log(f"{cfg.method} on {device}: {len(train_set)} train / {len(val_set)} val images of shape "
-        f"{'x'.join(map(str, image_shape))}, batch {cfg.train.batch_size}, {cfg.train.epochs} epochs")
+    logger.log(f"{cfg.method} on {device}: {len(train_set)} train / {len(val_set)} val images of shape "
+               f"{'x'.join(map(str, image_shape))}, batch {cfg.train.batch_size}, {cfg.train.epochs} epochs")
 
-    results, peak = {}, 0
+    results, peak, epoch = {}, 0, start_epoch - 1
     for epoch in range(start_epoch, cfg.train.epochs + 1):
         started = time.perf_counter()
         loader_generator.manual_seed(cfg.train.seed * 1_000_003 + epoch)  # a resumed epoch shuffles alike
         lr = optimizer.param_groups[0]["lr"]
         train_stats = train_one_epoch(method, train_loader, scheduler, epoch,
-                                      measure_step=min(1, len(train_loader) - 1))
-        results = evaluate(model, val_loader, device, cfg.data.num_classes, cfg.train.amp)
+                                      measure_step=min(1, len(train_loader) - 1), logger=logger,
+                                      global_step=(epoch - 1) * len(train_loader))
+        results = evaluate(model, val_loader, device, cfg.data.num_classes, cfg.train.amp, logger=logger)
         elapsed = time.perf_counter() - started
         peak = max(peak, train_stats["peak_memory_bytes"])
+        if results["accuracy"] > best_accuracy:
+            best_accuracy, best_epoch = results["accuracy"], epoch
         append_metrics(run_dir / "metrics.csv", {
             "epoch": epoch, "lr": lr, "train_loss": train_stats["train_loss"], "val_loss": results["loss"],
             "val_accuracy": results["accuracy"], "val_qwk": results["qwk"],
-            "peak_memory_bytes": train_stats["peak_memory_bytes"], "epoch_time_s": round(elapsed, 3)})
+            "peak_memory_bytes": train_stats["peak_memory_bytes"],
+            "peak_process_bytes": train_stats["peak_process_bytes"], "epoch_time_s": round(elapsed, 3)})
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "scaler": method.scaler.state_dict() if method.scaler else None,
-                 "epoch": epoch, "best_accuracy": max(best_accuracy, results["accuracy"]),
+                 "epoch": epoch, "best_accuracy": best_accuracy, "best_epoch": best_epoch,
                  "config": config_to_dict(cfg), "rng": rng_states(generator)}
-        if results["accuracy"] > best_accuracy:
-            best_accuracy = results["accuracy"]
+        if best_epoch == epoch:
             save_checkpoint(run_dir / "best.pt", state)
         save_checkpoint(run_dir / "last.pt", state)
         with atomic_file(run_dir / "eval.json") as tmp:
-            tmp.write_text(json.dumps({**results, "confusion": results["confusion"].tolist(), "epoch": epoch},
-                                      indent=2))
-        plot_learning_curves(run_dir / "metrics.csv", run_dir / "learning_curves.png")
-        log(f"epoch {epoch}/{cfg.train.epochs}  train loss {train_stats['train_loss']:.4f}  "
-            f"val loss {results['loss']:.4f}  val acc {results['accuracy']:.4f}  qwk {results['qwk']:.4f}  "
-            f"peak {format_size(train_stats['peak_memory_bytes'])}  {elapsed:.1f}s")
+            tmp.write_text(json.dumps({**results, "confusion": results["confusion"].tolist(), "epoch": epoch,
+                                       "classes": cfg.data.classes}, indent=2))
+        plot_learning_curves(run_dir / "metrics.csv", run_dir / "learning_curves.png",
+                             num_classes=cfg.data.num_classes)
+        logger.log(epoch_summary(epoch, cfg, train_stats, results, elapsed))
+        log_epoch(logger, epoch, lr, train_stats, results)
+        if cfg.train.patience is not None and epoch - best_epoch >= cfg.train.patience:
+            logger.log(f"early stop: no better validation accuracy for {cfg.train.patience} epochs "
+                       f"(best {best_accuracy:.4f} at epoch {best_epoch})")
+            break
 
-    return {"run_dir": str(run_dir), "best_accuracy": best_accuracy,
-            "final_accuracy": results.get("accuracy"), "epochs": cfg.train.epochs,
-            "peak_memory_bytes": peak, "config": cfg}
+    return {"run_dir": str(run_dir), "best_accuracy": best_accuracy, "best_epoch": best_epoch,
+            "final_accuracy": results.get("accuracy"), "epochs": epoch, "peak_memory_bytes": peak, "config": cfg}
