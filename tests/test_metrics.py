@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from patchgd.metrics import accuracy, confusion_matrix, evaluate_predictions, quadratic_weighted_kappa
+from patchgd.metrics import (accuracy, confusion_matrix, evaluate_predictions, per_class_scores,
+                             quadratic_weighted_kappa)
 
 # A 3-class example, worked by hand (rows = true class):
 #   targets 0 0 1 1 2 2
