@@ -264,3 +264,30 @@ def test_k_and_zeta_ignore_float_noise():
     assert patches_per_iteration(0.25, 10) == 3
     assert default_inner_iterations(0.3, 0.9) == 3  # 0.9 / 0.3 = 3.0000000000000004
     assert default_inner_iterations(0.3, 1.0) == 4
+
+
+def test_patches_per_step_is_an_absolute_k_and_matches_naive_algorithm1(float64):
+    """k = patches_per_step whatever the grid, ζ = ceil(max_sampled * m * n / k); the step equals the naive
+    loop on the schedule the default sampler draws with that k and ζ."""
+    k, cells = 5, 12  # 20 x 30 images: a 3 x 4 grid
+    zeta = math.ceil(cells / k)
+    ours = make_model()
+    theirs = copy.deepcopy(ours)
+    trainer = patchgd.PatchGD(ours, torch.optim.SGD(ours.parameters(), lr=0.1), patches_per_step=k,
+                              generator=torch.Generator().manual_seed(3))
+    naive_optimizer = torch.optim.SGD(list(theirs.backbone.parameters()) + list(theirs.head.parameters()), lr=0.1)
+    torch.manual_seed(10)
+    images, labels = torch.randn(2, 3, 20, 30), torch.tensor([2, 0])
+    schedule = sample_schedule(2, cells, k, zeta, torch.Generator().manual_seed(3))
+    torch.manual_seed(10)
+    stats = trainer.step(images, labels)
+    torch.manual_seed(10)
+    naive_algorithm1(theirs.backbone, theirs.head, naive_optimizer, images, labels, schedule, zeta)
+    assert (stats["patches_per_image"], stats["inner_iterations"]) == (k, zeta)
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    # a larger image keeps k (and so the memory of an inner iteration); more inner iterations cover it
+    stats = trainer.step(torch.randn(1, 3, 48, 64), torch.tensor([1]))
+    assert (stats["patches_per_image"], stats["inner_iterations"]) == (k, math.ceil(48 / k))
+    # k is capped by the grid
+    assert trainer.step(torch.randn(1, 3, 16, 16), torch.tensor([1]))["patches_per_image"] == 4
