@@ -372,3 +372,18 @@ def test_cap_cuda_memory_sets_fraction_and_rejects_oversized_budget():
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0, 0)
         torch.cuda.empty_cache()
+
+
+def test_process_peak_on_cpu_is_the_peak_rss():
+    from patchgd.memory import process_peak
+
+    def vm_hwm() -> int:  # the kernel's own record of the peak resident set, in kB
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+        pytest.skip("no /proc/self/status")
+
+    name, peak = process_peak("cpu")
+    assert name == "process peak RSS"
+    # getrusage and /proc account the same high-water mark slightly differently (page-table pages)
+    assert peak == pytest.approx(vm_hwm(), rel=0.01)
