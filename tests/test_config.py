@@ -280,3 +280,15 @@ def test_config_from_dict_fills_defaults_and_names_its_source():
     assert c.train.batch_size == 2 and c.train.epochs == 10 and c.model == ModelConfig()
     with pytest.raises(ConfigError, match=r"^ckpt\.pt: train\.batch_size: got 0"):
         config_from_dict({"train": {"batch_size": 0}}, source="ckpt.pt")
+
+
+def test_every_key_is_in_the_readme_table():
+    import dataclasses
+
+    table = (Path(__file__).resolve().parents[1] / "README.md").read_text().split("## Configuration", 1)[1]
+    cfg, keys = Config(), []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        keys += [f"{f.name}.{g.name}" for g in dataclasses.fields(value)] if dataclasses.is_dataclass(value) else [f.name]
+    missing = [key for key in keys if f"`{key}`" not in table]
+    assert not missing, f"config keys missing from the README's table: {missing}"

@@ -67,8 +67,11 @@ def test_class_folders_of_two_sizes_train_and_predict_names(tmp_path, folders, c
 
     images = [folders / "benign" / "benign0.png", folders / "malignant" / "malignant1.png"]
     assert main(["predict", str(run / "best.pt"), *map(str, images)]) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
+    captured = capsys.readouterr()
+    lines = captured.out.strip().splitlines()
     assert len(lines) == 2
+    # progress over the patches of each image (more than one backbone call: 4 x 4 cells, one row a call)
+    assert f"{images[0]}: 16/16 patch" in captured.err and f"{images[1]}: 9/9 patch" in captured.err
     for line, image in zip(lines, images):
         name = line.split(": ", 1)[1].split(" ")[0]
         assert line.startswith(str(image)) and name in CLASSES and "benign" in line and "malignant" in line
