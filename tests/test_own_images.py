@@ -101,6 +101,7 @@ def test_a_float_tiff_up_to_4000_is_refused_or_read_with_the_chosen_range(tmp_pa
     err = capsys.readouterr().err
     assert "bright" in err and ".tif: float pixel values range from" in err and "expects [0, 1]" in err
     assert not (tmp_path / "run" / "last.pt").exists()
+    assert "stopped: DataError: " in (tmp_path / "run" / "train.log").read_text()  # the log says why
 
     assert main(["stats", "--config", str(config), *overrides, "--set", "data.intensity=range",
                  "--set", "data.intensity_range=[0, 4000]"]) == 0

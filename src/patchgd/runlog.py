@@ -114,11 +114,12 @@ class RunLogger:
         if tensorboard:
             self.writer = open_summary_writer(run_dir / "tensorboard")
 
-    def log(self, message: str) -> None:
-        """Show ``message`` and append it, time-stamped, to the log file."""
+    def log(self, message: str, *, show: bool = True) -> None:
+        """Append ``message``, time-stamped, to the log file, and show it unless ``show`` is False."""
         if not self.enabled:
             return
-        self.echo(message)
+        if show:
+            self.echo(message)
         if self.file is not None:
             stamp = time.strftime("%Y-%m-%d %H:%M:%S")
             self.file.write("".join(f"{stamp}  {line}\n" for line in message.splitlines()))

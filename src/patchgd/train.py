@@ -414,7 +414,11 @@ def fit(cfg: Config, resume: str | Path | None = None, *, log=print) -> dict:
     device = resolve_device(cfg.train.device)
     generator = seed_everything(cfg.train.seed)
     with RunLogger(run_dir, tensorboard=cfg.train.tensorboard, echo=log, every=cfg.train.log_every) as logger:
-        return _fit(cfg, run_dir, resume, device, generator, logger)
+        try:
+            return _fit(cfg, run_dir, resume, device, generator, logger)
+        except Exception as err:  # the caller reports it; the log keeps why the run stopped
+            logger.log(f"stopped: {type(err).__name__}: {err}", show=False)
+            raise
 
 
 def _fit(cfg: Config, run_dir: Path, resume, device: torch.device, generator: torch.Generator,
