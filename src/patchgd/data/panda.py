@@ -18,7 +18,6 @@ from tqdm import tqdm
 
 from patchgd.io import atomic_directory
 from patchgd.data.datasets import ImageCSVDataset
-from patchgd.data.errors import DataError
 from patchgd.data.sources import open_source
 
 ISUP_GRADES = 6
