@@ -1,3 +1,5 @@
+import multiprocessing
+import os
 import pickle
 
 import numpy as np
@@ -251,3 +253,25 @@ def test_thumbnail_reads_a_small_level(tmp_path, tissue, backend):
     expected = np.asarray(Image.fromarray(tissue).resize((300, 233), Image.Resampling.BOX)).astype(int)
     assert np.abs(thumb.astype(int) - expected).mean() < 12  # the same picture, resampled differently
     assert backend(path).thumbnail(400).shape == (311, 400, 3)  # from level 1 (450 px wide)
+
+
+def _read_in_child(src, queue):
+    patch = src.read(0, 0, 8, 8)
+    queue.put((src._pid == os.getpid(), patch))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_forked_worker_opens_its_own_handle(tmp_path, tissue, backend):
+    """A DataLoader worker forked after the parent read inherits the source, not the parent's handle."""
+    path = tmp_path / "slide.tif"
+    write_pyramid_tiff(path, tissue[:256, :256], tile=64, levels=1, compression="zlib")
+    src = backend(path)
+    expected = src.read(0, 0, 8, 8)
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_read_in_child, args=(src, queue))
+    child.start()
+    reopened, patch = queue.get(timeout=60)
+    child.join()
+    assert reopened and child.exitcode == 0
+    np.testing.assert_array_equal(patch, expected)
