@@ -275,3 +275,13 @@ def test_a_forked_worker_opens_its_own_handle(tmp_path, tissue, backend):
     child.join()
     assert reopened and child.exitcode == 0
     np.testing.assert_array_equal(patch, expected)
+
+
+def test_openslide_transparent_pixels_become_the_background_colour(tmp_path, tissue):
+    """OpenSlide returns transparent RGBA where nothing was scanned (here: past the image's corner)."""
+    path = tmp_path / "slide.tif"
+    write_pyramid_tiff(path, tissue[:100, :120], tile=64, levels=1, compression="zlib")
+    src = OpenSlideSource(path)
+    region = src._region(0, 96, 116, 8, 8)  # 4 x 4 scanned pixels, the rest transparent
+    np.testing.assert_array_equal(region[:4, :4], tissue[96:100, 116:120])
+    assert (region[4:] == 255).all() and (region[:, 4:] == 255).all()  # generic TIFF: white background
