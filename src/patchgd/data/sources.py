@@ -531,7 +531,7 @@ class TiffSource(PatchSource):
     @property
     def _levels(self) -> list[tuple[int, int, float]]:
         self._ensure_open()
-        height0, width0 = self._level_shapes[0]
+        width0 = self._level_shapes[0][1]
         return [(h, w, width0 / w) for h, w in self._level_shapes]
 
     def _properties(self) -> dict:
@@ -557,6 +557,8 @@ class TiffSource(PatchSource):
         except (OSError, ValueError, KeyError, tifffile.TiffFileError) as err:
             if self._tif is not None:
                 self._tif.close()
+            if isinstance(err, DataError):  # from _yxs_index, which names the file
+                raise
             raise DataError(f"{self.path}: cannot read the tiled TIFF ({err})") from err
         self._level_shapes = shapes
 
@@ -622,7 +624,7 @@ def pyramid_levels(tif: tifffile.TiffFile) -> list:
         tif: An open TIFF.
 
     Raises:
-        ValueError: The file holds no image.
+        ValueError: The file holds no image, or its first image has no Y and X axes.
     """
     if not tif.series:
         raise ValueError("no image in the file")
@@ -642,7 +644,7 @@ def pyramid_levels(tif: tifffile.TiffFile) -> list:
 def _height_width(level) -> tuple[int, int]:  # noqa: ANN001 - a tifffile series or level
     axes = level.axes
     if "Y" not in axes or "X" not in axes:
-        raise DataError(f"TIFF series with axes {axes!r}; expected Y and X axes")
+        raise ValueError(f"TIFF series with axes {axes!r}; expected Y and X axes")
     return level.shape[axes.index("Y")], level.shape[axes.index("X")]
 
 
