@@ -53,6 +53,7 @@ def cmd_stats(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from . import distributed
     from .train import fit
 
     if args.resume:
@@ -64,8 +65,10 @@ def cmd_train(args) -> int:
         if args.config is None:
             raise ConfigError("patchgd train needs --config FILE.yaml (or --resume RUN_DIR)")
         cfg = _config_from_args(args)
-    summary = fit(cfg, resume=args.resume)
-    print(f"best val accuracy {summary['best_accuracy']:.4f}; run directory {summary['run_dir']}")
+    with distributed.process_group(cfg.train.device):  # joins torchrun's group; nothing when run alone
+        summary = fit(cfg, resume=args.resume)
+        if distributed.is_main():
+            print(f"best val accuracy {summary['best_accuracy']:.4f}; run directory {summary['run_dir']}")
     return 0
 
 

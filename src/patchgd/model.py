@@ -78,7 +78,8 @@ class PatchGDClassifier(nn.Module):
                              f"expected ({patches.shape[0]}, {self.latent_dim}) (N, latent_dim)")
         return out
 
-    def fill_z(self, images: torch.Tensor | PatchGrid, batch_size: int | None = None) -> torch.Tensor:
+    def fill_z(self, images: torch.Tensor | PatchGrid, batch_size: int | None = None, *,
+               shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
         """Algorithm 2: encode every patch without gradients and place it in its cell of ``Z``.
 
         The backbone sees at most ``batch_size`` patches at a time, whatever the image size, so the
@@ -87,6 +88,8 @@ class PatchGDClassifier(nn.Module):
         Args:
             images: ``(B, C, H, W)`` images, or their :class:`PatchGrid`.
             batch_size: Patches per backbone call (default: ``self.fill_batch_size``).
+            shard: ``(i, n)``: encode only the chunks ``i, i + n, ...`` and leave the other cells unset
+                (:func:`patchgd.distributed.parallel_fill` splits a fill over processes with it).
 
         Returns:
             ``Z`` of shape ``(B, s, m, n)`` in the default dtype (float32 under mixed precision too),
@@ -97,8 +100,9 @@ class PatchGDClassifier(nn.Module):
         batch, cells = grid.batch_size, grid.num_cells
         device = grid.device
         z = torch.empty(batch, self.latent_dim, cells, device=device)
+        index, shards = shard
         with torch.no_grad():
-            for start in range(0, batch * cells, chunk):
+            for start in range(index * chunk, batch * cells, shards * chunk):
                 flat = torch.arange(start, min(start + chunk, batch * cells), device=device)
                 image_idx, cell_idx = flat // cells, flat % cells
                 z[image_idx, :, cell_idx] = self.encode(grid.patches(cell_idx, image_idx)).to(z.dtype)
