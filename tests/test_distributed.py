@@ -184,7 +184,8 @@ def _eval_and_fill_worker(rank, out_dir):
     results = evaluate(model, loader, torch.device("cpu"), CLASSES)
     images = _val_set().tensors[0][:2]  # the same images on every process
     grid = model.train().grid(images)
-    z = distributed.parallel_fill(model, grid, chunk=5)  # 12 cells: chunks of 5, 5, 2 over 2 processes
+    # 12 cells: chunks of 5, 5, 2 over 2 processes; or one chunk of 64, and nothing for rank 1 to encode.
+    z = {chunk: distributed.parallel_fill(model, grid, chunk) for chunk in (5, 64)}
     torch.save({"eval": results, "z": z, "shard": len(loader.dataset)}, out_dir / f"eval-{rank}.pt")
 
 
@@ -209,9 +210,10 @@ def test_sharded_evaluation_counts_every_image_once_and_equals_one_process(two_p
 
 def test_parallel_fill_gives_the_single_process_z_bit_for_bit(two_process_eval_and_fill):
     model = _bn_model().train()
-    expected = model.fill_z(_val_set().tensors[0][:2], 5)
-    for results in two_process_eval_and_fill:
-        assert torch.equal(results["z"], expected)
+    for chunk in (5, 64):
+        expected = model.fill_z(_val_set().tensors[0][:2], chunk)
+        for results in two_process_eval_and_fill:
+            assert torch.equal(results["z"][chunk], expected)
 
 
 # --- fit(): one writer, resume -----------------------------------------------------------------------------

@@ -148,7 +148,7 @@ def cmd_plan(args) -> int:
         cfg.memory.budget = args.budget
     if cfg.memory.budget is None:
         raise ConfigError("no memory budget: give --budget 4GB or set memory.budget in the config")
-    print(plan_from_config(cfg, resolve_device(cfg.train.device)).describe())
+    print(plan_from_config(cfg, resolve_device(cfg.train.device), args.processes).describe())
     return 0
 
 
@@ -253,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", help="fit a run into a memory budget and show the plan")
     with_config(plan)
     plan.add_argument("--budget", help="memory budget, e.g. 4GB (default: memory.budget of the config)")
+    plan.add_argument("--processes", type=int, default=1, metavar="N",
+                      help="data-parallel processes (torchrun --nproc_per_node x nodes) the run will use; the "
+                           "budget and batch are per process, the global batch N times it (default 1)")
     plan.set_defaults(func=cmd_plan)
 
     demo = sub.add_parser("demo", help="generate a small UltraMNIST set and train PatchGD on it (CPU, minutes)")

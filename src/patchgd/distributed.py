@@ -264,7 +264,7 @@ def parallel_fill(model, grid, chunk: int) -> torch.Tensor:
     flat = z.view(batch, s, rows * cols).permute(0, 2, 1).reshape(total, s)  # row (b, cell) in fill order
 
     def owned(r: int) -> torch.Tensor:  # the rows of the chunks r, r + world, ...
-        starts = torch.arange(r * chunk, total, chunk * world, device=z.device)
+        starts = torch.arange(min(r * chunk, total), total, chunk * world, device=z.device)
         rows_r = (starts[:, None] + torch.arange(chunk, device=z.device)).flatten()
         return rows_r[rows_r < total]
 
