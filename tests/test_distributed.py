@@ -306,6 +306,27 @@ def test_a_killed_two_process_run_resumes_to_the_uninterrupted_weights(fit_runs)
         torch.testing.assert_close(resumed["model"][name], value, rtol=0, atol=0, msg=name)
 
 
+# --- the scaling benchmark ---------------------------------------------------------------------------------
+
+def _scaling_worker(rank, out_dir):
+    from patchgd.bench.__main__ import main
+
+    assert main(["scaling", "--backbone", "test_resnet", "--patch-size", "32", "--latent-dim", "8", "--head-width",
+                 "8", "--image-sizes", "64", "--batch-size", "2", "--repeats", "1", "--warmup", "0",
+                 "--device", "cpu", "--out", str(out_dir / f"rank{rank}")]) == 0
+
+
+def test_scaling_benchmark_measures_two_processes_and_rank_zero_writes(tmp_path):
+    import json
+
+    spawn(_scaling_worker, tmp_path)
+    assert not (tmp_path / "rank1").exists()
+    (row,) = json.loads((tmp_path / "rank0" / "scaling.json").read_text())["results"]["sizes"]
+    assert row["processes"] == 2
+    assert row["images_per_s_n"] == pytest.approx(2 * 2 / row["step_together_s"])
+    assert row["efficiency"] == pytest.approx(row["step_alone_s"] / row["step_together_s"])
+
+
 # --- CUDA / NCCL ---------------------------------------------------------------------------------------
 
 @pytest.mark.cuda
