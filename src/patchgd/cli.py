@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -279,10 +280,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Under torchrun every process prints its own error; the rank says which one failed first.
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    who = f"patchgd {args.command}" + (f" (rank {os.environ.get('RANK')} of {world})" if world > 1 else "")
     try:
         return args.func(args)
     except (ConfigError, ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
-        print(f"patchgd {args.command}: error: {err}", file=sys.stderr)
+        print(f"{who}: error: {err}", file=sys.stderr)
         return 2
 
 
