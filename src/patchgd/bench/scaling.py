@@ -32,6 +32,8 @@ def register(subparsers) -> None:
     parser.add_argument("--method", choices=METHODS, default="patchgd", help="method to train (default patchgd)")
     parser.add_argument("--sampling", type=float, default=0.25,
                         help="PatchGD fraction of cells per inner iteration (default 0.25)")
+    parser.add_argument("--fill-batch-size", type=int, default=64,
+                        help="patches per backbone call of the fills, alone and parallel (default 64)")
     parser.set_defaults(func=run)
 
 
@@ -70,7 +72,7 @@ def measure(args: argparse.Namespace, size: int, device: torch.device) -> dict:
         shared = torch.randn(args.batch_size, 3, size, size, device=device)
         model = alone.model
         grid = model.grid(shared)
-        chunk = model.fill_batch_size
+        chunk = args.fill_batch_size
         contenders["fill alone"] = on_rank_zero(lambda: model.fill_z(grid, chunk))
         contenders["parallel fill"] = on_all(lambda: distributed.parallel_fill(model, grid, chunk))
     samples = interleaved(contenders, args.repeats, args.warmup, device)
