@@ -32,8 +32,9 @@ def register(subparsers) -> None:
     parser.add_argument("--method", choices=METHODS, default="patchgd", help="method to train (default patchgd)")
     parser.add_argument("--sampling", type=float, default=0.25,
                         help="PatchGD fraction of cells per inner iteration (default 0.25)")
-    parser.add_argument("--fill-batch-size", type=int, default=64,
-                        help="patches per backbone call of the fills, alone and parallel (default 64)")
+    parser.add_argument("--fill-batch-size", type=int, default=None,
+                        help="patches per backbone call of the fills, alone and parallel (default: one grid row "
+                             "of every image, fill_z's own default); the parallel fill splits these chunks")
     parser.set_defaults(func=run)
 
 
@@ -72,7 +73,7 @@ def measure(args: argparse.Namespace, size: int, device: torch.device) -> dict:
         shared = torch.randn(args.batch_size, 3, size, size, device=device)
         model = alone.model
         grid = model.grid(shared)
-        chunk = args.fill_batch_size
+        chunk = args.fill_batch_size or grid.batch_size * grid.cols  # fill_z's default chunk, made explicit
         contenders["fill alone"] = on_rank_zero(lambda: model.fill_z(grid, chunk))
         contenders["parallel fill"] = on_all(lambda: distributed.parallel_fill(model, grid, chunk))
     samples = interleaved(contenders, args.repeats, args.warmup, device)
