@@ -5,6 +5,7 @@ they saw into files; the single-process references are computed here, in the tes
 """
 
 import copy
+import functools
 import os
 import socket
 import sys
@@ -73,7 +74,8 @@ class TinyHead(nn.Module):
         return self.net(z)
 
 
-CASES = {"patchgd eps=1": 1, "patchgd eps=zeta": ZETA, "patchgd eps=2, partial last group": 2, "gd": None}
+CASES = {"patchgd eps=1": 1, "patchgd eps=zeta": ZETA, "patchgd eps=2, partial last group": 2, "gd": None,
+         "patchgd parallel fill": 2}  # both processes hold the global batch and split its fill
 
 
 def _build(case):
@@ -85,7 +87,7 @@ def _build(case):
                                           head=TinyHead(6, CLASSES))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     method = patchgd.create_method("gd" if case == "gd" else "patchgd", model, optimizer,
-                                   inner_iterations=ZETA, grad_accum_steps=CASES[case])
+                                   inner_iterations=ZETA, grad_accum_steps=CASES[case], fill_batch_size=5)
     return model, method
 
 
@@ -111,6 +113,8 @@ def _steps_worker(rank, out_dir):
     results = {}
     for case in CASES:
         model, method = _build(case)
+        if case == "patchgd parallel fill":
+            method.fill = functools.partial(distributed.parallel_fill, model)
         distributed.wrap(method)
         calls = []
 
@@ -119,7 +123,7 @@ def _steps_worker(rank, out_dir):
             return allreduce_hook(state, bucket)
 
         method.forward_module.register_comm_hook(None, counting_allreduce)
-        _train(method, case, _data(), part)
+        _train(method, case, _data(), slice(None) if case == "patchgd parallel fill" else part)
         results[case] = {"params": copy.deepcopy(model.state_dict()), "allreduces": len(calls)}
     try:  # a non-finite loss on rank 1 stops both ranks with rank 1's message
         distributed.mean_loss(float("nan") if rank == 1 else 1.0, "epoch 1, step 2")
