@@ -13,9 +13,9 @@ gradients (:meth:`~patchgd.methods.PatchGD.step` runs its non-updating inner ite
 ``no_sync()``); the model's fill never communicates, unless :func:`parallel_fill` splits it on purpose.
 
 Example:
-    >>> with process_group("auto") as device:      # under torchrun, or alone
-    ...     model = ...; method = create_method(...)
-    ...     wrap(method)                           # DDP when there are several processes
+    >>> with process_group("auto"):                 # under torchrun, or alone
+    ...     method = create_method("patchgd", model.to(local_device(device)), optimizer)
+    ...     wrap(method)                            # DDP when there are several processes
 """
 
 from __future__ import annotations

@@ -273,6 +273,10 @@ def fit(cfg: Config, resume: str | Path | None = None, *, log=print) -> dict:
         loaded = init_backbone(model, cfg.model.init_backbone)
         log(f"backbone initialised from {cfg.model.init_backbone}: {loaded} tensors")
     if cfg.train.sync_batchnorm:
+        if cfg.patchgd.parallel_fill and cfg.method == "patchgd":
+            # SyncBatchNorm all-reduces per chunk, and the parallel fill gives processes unequal chunk counts.
+            raise ValueError("train.sync_batchnorm=true and patchgd.parallel_fill=true cannot be combined: the "
+                             "processes would encode different numbers of fill chunks; choose one")
         model = distributed.convert_sync_batchnorm(model, device)
     model = model.to(device)
     if cfg.model.channels_last:
