@@ -75,18 +75,21 @@ class TinyHead(nn.Module):
 
 
 CASES = {"patchgd eps=1": 1, "patchgd eps=zeta": ZETA, "patchgd eps=2, partial last group": 2, "gd": None,
-         "patchgd parallel fill": 2}  # both processes hold the global batch and split its fill
+         "gd-extended": None, "patchgd parallel fill": 2}  # both processes hold the global batch and split its fill
 
 
 def _build(case):
     torch.manual_seed(0)
     if case == "gd":
         model = patchgd.GDClassifier(TinyEncoder(latent_dim=CLASSES), CLASSES)
+    elif case == "gd-extended":
+        model = patchgd.GDExtendedClassifier(nn.Sequential(nn.Conv2d(3, 6, 3, stride=2), nn.ReLU()), CLASSES,
+                                             feature_dim=6, head=TinyHead(6, CLASSES))
     else:
         model = patchgd.PatchGDClassifier(TinyEncoder(latent_dim=6), CLASSES, patch_size=P, latent_dim=6,
                                           head=TinyHead(6, CLASSES))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    method = patchgd.create_method("gd" if case == "gd" else "patchgd", model, optimizer,
+    method = patchgd.create_method(case if case.startswith("gd") else "patchgd", model, optimizer,
                                    inner_iterations=ZETA, grad_accum_steps=CASES[case], fill_batch_size=5)
     return model, method
 
@@ -101,7 +104,7 @@ def _data():
 
 def _train(method, case, data, part=slice(None)):
     for images, labels, schedule in data:
-        if case == "gd":
+        if case.startswith("gd"):
             method.step(images[part], labels[part])
         else:
             method.step(images[part], labels[part], schedule=[idx[part] for idx in schedule])
@@ -154,7 +157,7 @@ def test_two_processes_update_like_one_on_the_global_batch(case, two_process_ste
             torch.testing.assert_close(got[name], value, rtol=1e-9, atol=1e-12, msg=f"rank {r}, {name}")
     # Gradients are all-reduced only on updating inner iterations (one bucket: the models are tiny).
     eps = CASES[case]
-    updates_per_step = 1 if case == "gd" else -(-ZETA // eps)
+    updates_per_step = 1 if case.startswith("gd") else -(-ZETA // eps)
     assert two_process_steps[0][case]["allreduces"] == STEPS * updates_per_step
 
 
