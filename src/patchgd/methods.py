@@ -156,18 +156,19 @@ def sample_schedule(batch_size: int, num_cells: int, k: int, inner_iterations: i
 
 class InnerIteration(nn.Module):
     """The forward of one inner iteration as a module of its own, so that DDP can wrap it: encode the
-    sampled patches, write their features into their cells of ``Z`` (in place), classify ``Z``."""
+    sampled patches, write their features into their cells of ``Z``, classify ``Z``; returns the logits
+    and ``Z`` (returned rather than relied on in place, should a wrapper ever copy its inputs)."""
 
     def __init__(self, model: PatchGDClassifier):
         super().__init__()
         self.model = model
 
     def forward(self, z: torch.Tensor, patches: torch.Tensor, rows: torch.Tensor,
-                cells: torch.Tensor) -> torch.Tensor:
+                cells: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         batch, k = cells.shape
         features = self.model.encode(patches)
         z.view(batch, self.model.latent_dim, -1)[rows, :, cells] = features.view(batch, k, -1).to(z.dtype)
-        return self.model.head(z)
+        return self.model.head(z), z
 
 
 class PatchGD(_Step):
@@ -295,7 +296,7 @@ class PatchGD(_Step):
             z = z.detach()  # earlier inner iterations stay in Z as values, not as graph
             with self.gradient_sync(updating):  # under DDP, only the updating iteration all-reduces
                 with self.autocast():
-                    logits = self.forward_module(z, grid.patches(cells), rows, cells)
+                    logits, z = self.forward_module(z, grid.patches(cells), rows, cells)
                 loss = classification_loss(logits, labels)
                 self.backward(loss / group_len)
             losses.append(loss.detach())
