@@ -232,8 +232,8 @@ def mean_loss(loss: float, where: str) -> float:
     losses = losses.cpu()
     bad = (~torch.isfinite(losses)).nonzero().flatten()
     if bad.numel():
-        who = f"rank {bad[0].item()} of {world}" if world > 1 else "the process"
-        raise RankFailure(f"{who}: non-finite training loss {losses[bad[0]].item()} at {where}; stopping "
+        who = f"rank {bad[0].item()} of {world}: " if world > 1 else ""
+        raise RankFailure(f"{who}non-finite training loss {losses[bad[0]].item()} at {where}; stopping "
                           "(lower train.lr, or check the inputs of that batch)")
     return losses.mean().item()
 
