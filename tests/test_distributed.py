@@ -166,6 +166,16 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank_with_its_message(two_pro
         assert "rank 1 of 2: non-finite training loss nan at epoch 1, step 2" in results["failure"]
 
 
+def test_alone_every_helper_is_the_single_process_case():
+    assert (distributed.rank(), distributed.world_size(), distributed.is_main()) == (0, 1, True)
+    assert distributed.mean_loss(2.5, "epoch 1, step 1") == 2.5
+    with pytest.raises(distributed.RankFailure, match=r"^non-finite training loss inf at epoch 1, step 4"):
+        distributed.mean_loss(float("inf"), "epoch 1, step 4")
+    values = torch.arange(5.0)
+    assert distributed.gather_in_order(values) is values and len(distributed.eval_shard(values)) == 5
+    assert distributed.train_sampler(values, seed=0) is None
+
+
 # --- evaluation and the parallel fill ----------------------------------------------------------------------
 
 VAL = 7  # not a multiple of the processes
