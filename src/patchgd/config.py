@@ -124,11 +124,13 @@ class AugmentConfig:
 @dataclass
 class TrainConfig:
     """The optimisation loop. ``schedule: paper`` warms up linearly from 0 over ``warmup_epochs``, then
-    decays linearly to half the peak ``lr`` at the last step. ``log_every`` batches between progress
-    lines when output is not a terminal; ``threads`` sets torch's CPU threads (null: torch's default);
-    ``tensorboard`` writes event files into the run directory; ``patience`` stops after that many
-    epochs without a better validation accuracy; ``balanced_sampler`` draws training images with
-    probability inversely proportional to their class's frequency."""
+    decays linearly to half the peak ``lr`` at the last step. ``batch_size`` is per process: under
+    ``torchrun`` the global batch is ``batch_size`` times the processes. ``sync_batchnorm`` makes BatchNorm
+    use the statistics of every process's batch (CUDA only); without it they are per process.
+    ``log_every`` batches between progress lines when output is not a terminal; ``threads`` sets torch's
+    CPU threads (null: torch's default); ``tensorboard`` writes event files into the run directory;
+    ``patience`` stops after that many epochs without a better validation accuracy; ``balanced_sampler``
+    draws training images with probability inversely proportional to their class's frequency."""
 
     epochs: int = _field(10, ge=1)
     batch_size: int = _field(8, ge=1)
@@ -143,6 +145,7 @@ class TrainConfig:
     device: str = _field("auto", pattern=r"auto|cpu|cuda(:\d+)?")
     eval_batch_size: int | None = _field(None, ge=1)
     log_every: int = _field(10, ge=1)
+    sync_batchnorm: bool = False
     threads: int | None = _field(None, ge=1)
     tensorboard: bool = False
     patience: int | None = _field(None, ge=1)
@@ -153,7 +156,9 @@ class TrainConfig:
 class PatchGDConfig:
     """Algorithm 1: the fraction ``sampling`` of patches per inner iteration (or an absolute
     ``patches_per_step`` k per image, which keeps memory fixed as images grow), ``max_sampled`` of them
-    per batch; ``inner_iterations`` (ζ) and ``grad_accum_steps`` (ε) are derived from those when null."""
+    per batch; ``inner_iterations`` (ζ) and ``grad_accum_steps`` (ε) are derived from those when null.
+    ``parallel_fill`` (under ``torchrun``) has all processes work on the same batch and split the fill of
+    its cells among them: for images whose fill dominates a step."""
 
     sampling: float = _field(0.25, gt=0, le=1)
     patches_per_step: int | None = _field(None, ge=1)
@@ -162,6 +167,7 @@ class PatchGDConfig:
     grad_accum_steps: int | None = _field(None, ge=1)
     fill_mode: Literal["train", "eval"] = "train"
     fill_batch_size: int | None = _field(None, ge=1)
+    parallel_fill: bool = False
 
 
 @dataclass

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import json
 import functools
 import random
@@ -20,6 +21,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
+from . import distributed
 from .config import Config, ConfigError, config_to_dict, save_config
 from .data.datasets import ImageCSVDataset, ImageDataset, ImageFolderDataset, class_folders, stratified_split
 from .data.errors import DataError
@@ -170,11 +172,15 @@ def build_augmentation(cfg: Config):
     return v2.Compose(steps) if steps else None
 
 
-def build_train_loader(cfg: Config, train_set: ImageDataset, generator: torch.Generator) -> DataLoader:
-    """Shuffled batches of ``train_set``; with ``train.balanced_sampler``, drawn with replacement with
-    probability inversely proportional to each image's class frequency (every class equally often)."""
-    sampler = None
+def build_train_loader(cfg: Config, train_set: ImageDataset, generator: torch.Generator,
+                       sampler: torch.utils.data.Sampler | None = None) -> DataLoader:
+    """Shuffled batches of ``train_set`` (or in the order of ``sampler``, a process's shard under
+    torchrun); with ``train.balanced_sampler``, drawn with replacement with probability inversely
+    proportional to each image's class frequency (every class equally often)."""
     if cfg.train.balanced_sampler:
+        if sampler is not None:
+            raise ValueError("train.balanced_sampler=true is not available with several processes (torchrun) "
+                             "yet; train on one process, or without it")
         counts = np.bincount(train_set.labels)
         weights = torch.as_tensor(1.0 / counts[train_set.labels], dtype=torch.double)
         sampler = WeightedRandomSampler(weights, num_samples=len(train_set), replacement=True,
@@ -274,6 +280,9 @@ def train_one_epoch(method, loader: DataLoader, scheduler, epoch: int, measure_s
                     logger: RunLogger | None = None, global_step: int = 0) -> dict:
     """One pass over ``loader``; the step at index ``measure_step`` is measured for peak memory.
 
+    With several processes, each step's loss is the mean over all of them, and a non-finite loss on any
+    one stops every process (:func:`patchgd.distributed.mean_loss`).
+
     Returns:
         ``train_loss`` (mean), ``peak_memory_bytes`` (the measured step's tensor peak) and
         ``peak_process_bytes`` with its name ``peak_process_name`` (:func:`~patchgd.memory.process_peak`).
@@ -289,7 +298,7 @@ def train_one_epoch(method, loader: DataLoader, scheduler, epoch: int, measure_s
         else:
             stats = method.step(images, labels)
         scheduler.step()
-        losses.append(stats["loss"])
+        losses.append(distributed.mean_loss(stats["loss"], f"epoch {epoch}, step {i + 1}"))
         if isinstance(bar, Progress):
             bar.set_info(loss=f"{np.mean(losses[-20:]):.4f}")
         if (i + 1) % logger.every == 0:
@@ -304,7 +313,9 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, num_cla
     """Loss, accuracy, quadratic weighted kappa, confusion matrix and per-class precision, recall and F1 of
     ``model`` on ``loader``.
 
-    PatchGD models infer as in Fig. 3b of the paper: fill ``Z`` in eval mode, then the head.
+    PatchGD models infer as in Fig. 3b of the paper: fill ``Z`` in eval mode, then the head. With several
+    processes, each ``loader`` holds a :func:`~patchgd.distributed.eval_shard`; the predictions of all are
+    gathered in the set's order before the metrics, so every image counts exactly once.
     """
     model.eval()
     logger = logger or _stderr_logger()
@@ -313,7 +324,10 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, num_cla
         with autocast(device, amp):
             all_logits.append(model(images.to(device)).float().cpu())
         all_labels.append(labels)
-    logits, labels = torch.cat(all_logits), torch.cat(all_labels)
+    # A shard can be empty when the set is smaller than the number of processes.
+    logits = torch.cat(all_logits) if all_logits else torch.empty(0, num_classes)
+    labels = torch.cat(all_labels) if all_labels else torch.empty(0, dtype=torch.long)
+    logits, labels = distributed.gather_in_order(logits), distributed.gather_in_order(labels)
     results = evaluate_predictions(logits, labels, num_classes)
     results["loss"] = classification_loss(logits, labels).item()
     return results
@@ -388,6 +402,24 @@ def log_epoch(logger: RunLogger, epoch: int, lr: float, train_stats: dict, resul
                     "memory/process_peak_bytes": train_stats["peak_process_bytes"]}, epoch)
 
 
+def save_epoch(run_dir: Path, cfg: Config, epoch: int, lr: float, train_stats: dict, results: dict,
+               elapsed: float, state: dict) -> None:
+    """Write an epoch into the run directory: ``metrics.csv``, ``last.pt`` (and ``best.pt`` when it is the
+    best epoch), ``eval.json`` and ``learning_curves.png``."""
+    append_metrics(run_dir / "metrics.csv", {
+        "epoch": epoch, "lr": lr, "train_loss": train_stats["train_loss"], "val_loss": results["loss"],
+        "val_accuracy": results["accuracy"], "val_qwk": results["qwk"],
+        "peak_memory_bytes": train_stats["peak_memory_bytes"],
+        "peak_process_bytes": train_stats["peak_process_bytes"], "epoch_time_s": round(elapsed, 3)})
+    if state["best_epoch"] == epoch:
+        save_checkpoint(run_dir / "best.pt", state)
+    save_checkpoint(run_dir / "last.pt", state)
+    with atomic_file(run_dir / "eval.json") as tmp:
+        tmp.write_text(json.dumps({**results, "confusion": results["confusion"].tolist(), "epoch": epoch,
+                                   "classes": cfg.data.classes}, indent=2))
+    plot_learning_curves(run_dir / "metrics.csv", run_dir / "learning_curves.png", num_classes=cfg.data.num_classes)
+
+
 def fit(cfg: Config, resume: str | Path | None = None, *, log=print) -> dict:
     """Train ``cfg`` (or resume the run in ``resume``), evaluating and checkpointing every epoch.
 
@@ -396,10 +428,14 @@ def fit(cfg: Config, resume: str | Path | None = None, *, log=print) -> dict:
     ``metrics.csv``, ``last.pt``, ``best.pt``, ``eval.json`` (the last evaluation with its confusion
     matrix and per-class scores), ``learning_curves.png`` and, with ``train.tensorboard``, ``tensorboard/``.
 
+    In a process group (``torchrun``, see :mod:`patchgd.distributed`) every process runs this function:
+    the model trains under DistributedDataParallel on its shard of each epoch, evaluation is sharded and
+    gathered, and rank 0 alone writes the run directory and logs.
+
     Args:
         cfg: The run's configuration.
         resume: A run directory whose ``last.pt`` to continue from, at the epoch after it.
-        log: Where progress lines go (besides ``train.log``).
+        log: Where progress lines go (rank 0's only; besides ``train.log``).
 
     Returns:
         A summary: run directory, best and final validation accuracy, the best epoch, epochs run, the
@@ -411,9 +447,11 @@ def fit(cfg: Config, resume: str | Path | None = None, *, log=print) -> dict:
                               "or choose another output_dir")
     if cfg.train.threads is not None:
         torch.set_num_threads(cfg.train.threads)
-    device = resolve_device(cfg.train.device)
+    device = distributed.local_device(resolve_device(cfg.train.device))
     generator = seed_everything(cfg.train.seed)
-    with RunLogger(run_dir, tensorboard=cfg.train.tensorboard, echo=log, every=cfg.train.log_every) as logger:
+    # Rank 0 alone writes the log file and TensorBoard events and prints: one switch for all of them.
+    with RunLogger(run_dir, tensorboard=cfg.train.tensorboard, echo=log, every=cfg.train.log_every,
+                   enabled=distributed.is_main()) as logger:
         try:
             return _fit(cfg, run_dir, resume, device, generator, logger)
         except Exception as err:  # the caller reports it; the log keeps why the run stopped
@@ -423,10 +461,12 @@ def fit(cfg: Config, resume: str | Path | None = None, *, log=print) -> dict:
 
 def _fit(cfg: Config, run_dir: Path, resume, device: torch.device, generator: torch.Generator,
          logger: RunLogger) -> dict:
+    log = logger.log
     train_set, val_set = build_datasets(cfg)
     cfg = resolve_classes(cfg, train_set, val_set)
-    logger.log(describe_data(cfg, train_set, val_set))
-    write_split(run_dir / SPLIT_FILE, cfg.data.root, train_set, val_set)
+    log(describe_data(cfg, train_set, val_set))
+    if distributed.is_main():
+        write_split(run_dir / SPLIT_FILE, cfg.data.root, train_set, val_set)
     for dataset in (train_set, val_set):
         check_images(dataset, logger)
     image_shape = tuple(train_set[0][0].shape)
@@ -437,27 +477,44 @@ def _fit(cfg: Config, run_dir: Path, resume, device: torch.device, generator: to
     if cfg.memory.budget is not None and resume is None:
         from .plan import plan_budget  # the planner measures trial steps: only when a budget asks for it
 
-        plan = plan_budget(cfg, image_shape, device, log=logger.log)
-        logger.log(plan.describe())
+        # One process plans its own batch; all take its choice, so every process steps on equal batches.
+        plan = plan_budget(cfg, image_shape, device, log=log) if distributed.is_main() else None
+        plan = distributed.broadcast_object(plan)
+        log(plan.describe())
         cfg = plan.apply(cfg)
 
     model = build_model(cfg)
     if cfg.model.init_backbone is not None and resume is None:
         loaded = init_backbone(model, cfg.model.init_backbone)
-        logger.log(f"backbone initialised from {cfg.model.init_backbone}: {loaded} tensors")
+        log(f"backbone initialised from {cfg.model.init_backbone}: {loaded} tensors")
+    if cfg.train.sync_batchnorm:
+        if cfg.patchgd.parallel_fill and cfg.method == "patchgd":
+            # SyncBatchNorm all-reduces per chunk, and the parallel fill gives processes unequal chunk counts.
+            raise ValueError("train.sync_batchnorm=true and patchgd.parallel_fill=true cannot be combined: the "
+                             "processes would encode different numbers of fill chunks; choose one")
+        model = distributed.convert_sync_batchnorm(model, device)
     model = model.to(device)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    # The patch-parallel fill has every process work on the same images, hence the same random draws.
+    shared = cfg.method == "patchgd" and cfg.patchgd.parallel_fill and distributed.world_size() > 1
+    if distributed.world_size() > 1 and not shared:  # other images per process: other dropout and cells
+        generator = seed_everything(cfg.train.seed + 1_000_003 * distributed.rank())
     if cfg.method == "patchgd":
         model.fill_batch_size = cfg.patchgd.fill_batch_size or patches_per_step(cfg, image_shape)
     optimizer = build_optimizer(cfg, model)
     method = build_method(cfg, model, optimizer, generator)
+    if shared:
+        method.fill = functools.partial(distributed.parallel_fill, model)
+    distributed.wrap(method)
     train_set.transform = build_augmentation(cfg)
+    sampler = distributed.train_sampler(train_set, cfg.train.seed, shared=shared)
     loader_generator = torch.Generator()
-    train_loader = build_train_loader(cfg, train_set, loader_generator)
-    val_loader = DataLoader(val_set, batch_size=cfg.train.eval_batch_size or cfg.train.batch_size,
+    train_loader = build_train_loader(cfg, train_set, loader_generator, sampler)
+    val_loader = DataLoader(distributed.eval_shard(val_set),
+                            batch_size=cfg.train.eval_batch_size or cfg.train.batch_size,
                             num_workers=cfg.data.num_workers)
-    scheduler = build_scheduler(cfg, optimizer, len(train_loader))
+    scheduler = build_scheduler(cfg, optimizer, len(train_loader))  # batches per process = global steps
 
     start_epoch, best_accuracy, best_epoch = 1, -1.0, 0
     if resume is not None:
@@ -467,50 +524,53 @@ def _fit(cfg: Config, run_dir: Path, resume, device: torch.device, generator: to
         scheduler.load_state_dict(state["scheduler"])
         if method.scaler is not None and state.get("scaler"):
             method.scaler.load_state_dict(state["scaler"])
-        restore_rng_states(state["rng"], generator)
+        per_rank = state.get("rng_ranks") or [state["rng"]]
+        if len(per_rank) == distributed.world_size():
+            restore_rng_states(per_rank[distributed.rank()], generator)
+        else:
+            log(f"warning: {run_dir / 'last.pt'} was written by {len(per_rank)} process(es), this run has "
+                f"{distributed.world_size()}: random states start afresh, so the run continues but will not "
+                "repeat an uninterrupted one")
         start_epoch, best_accuracy = state["epoch"] + 1, state["best_accuracy"]
         best_epoch = state.get("best_epoch", state["epoch"])
-        logger.log(f"resuming {run_dir} at epoch {start_epoch}")
-    save_config(cfg, run_dir / "config.yaml")
-    logger.log(f"{cfg.method} on {device}: {len(train_set)} train / {len(val_set)} val images of shape "
-               f"{'x'.join(map(str, image_shape))}, batch {cfg.train.batch_size}, {cfg.train.epochs} epochs")
+        log(f"resuming {run_dir} at epoch {start_epoch}")
+    if distributed.is_main():
+        save_config(cfg, run_dir / "config.yaml")
+    world = distributed.world_size()
+    log(f"{cfg.method} on {device}{f' x {world} processes' if world > 1 else ''}: {len(train_set)} train / "
+        f"{len(val_set)} val images of shape {'x'.join(map(str, image_shape))}, "
+        f"{distributed.batch_note(cfg.train.batch_size)}, {cfg.train.epochs} epochs")
 
     results, peak, epoch = {}, 0, start_epoch - 1
     for epoch in range(start_epoch, cfg.train.epochs + 1):
         started = time.perf_counter()
         loader_generator.manual_seed(cfg.train.seed * 1_000_003 + epoch)  # a resumed epoch shuffles alike
+        if sampler is not None:
+            sampler.set_epoch(epoch)
         lr = optimizer.param_groups[0]["lr"]
         train_stats = train_one_epoch(method, train_loader, scheduler, epoch,
                                       measure_step=min(1, len(train_loader) - 1), logger=logger,
                                       global_step=(epoch - 1) * len(train_loader))
+        distributed.broadcast_buffers(model)  # evaluate what rank 0 saves: its BatchNorm statistics
         results = evaluate(model, val_loader, device, cfg.data.num_classes, cfg.train.amp, logger=logger)
         elapsed = time.perf_counter() - started
         peak = max(peak, train_stats["peak_memory_bytes"])
-        if results["accuracy"] > best_accuracy:
+        if results["accuracy"] > best_accuracy:  # the gathered results: every process decides alike
             best_accuracy, best_epoch = results["accuracy"], epoch
-        append_metrics(run_dir / "metrics.csv", {
-            "epoch": epoch, "lr": lr, "train_loss": train_stats["train_loss"], "val_loss": results["loss"],
-            "val_accuracy": results["accuracy"], "val_qwk": results["qwk"],
-            "peak_memory_bytes": train_stats["peak_memory_bytes"],
-            "peak_process_bytes": train_stats["peak_process_bytes"], "epoch_time_s": round(elapsed, 3)})
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "scaler": method.scaler.state_dict() if method.scaler else None,
-                 "epoch": epoch, "best_accuracy": best_accuracy, "best_epoch": best_epoch,
-                 "config": config_to_dict(cfg), "rng": rng_states(generator)}
-        if best_epoch == epoch:
-            save_checkpoint(run_dir / "best.pt", state)
-        save_checkpoint(run_dir / "last.pt", state)
-        with atomic_file(run_dir / "eval.json") as tmp:
-            tmp.write_text(json.dumps({**results, "confusion": results["confusion"].tolist(), "epoch": epoch,
-                                       "classes": cfg.data.classes}, indent=2))
-        plot_learning_curves(run_dir / "metrics.csv", run_dir / "learning_curves.png",
-                             num_classes=cfg.data.num_classes)
-        logger.log(epoch_summary(epoch, cfg, train_stats, results, elapsed))
+        rngs = distributed.gather_objects(rng_states(generator))
+        if distributed.is_main():
+            save_epoch(run_dir, cfg, epoch, lr, train_stats, results, elapsed, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": method.scaler.state_dict() if method.scaler else None,
+                "epoch": epoch, "best_accuracy": best_accuracy, "best_epoch": best_epoch,
+                "config": config_to_dict(cfg), "rng": rngs[0], "rng_ranks": rngs if world > 1 else None})
+        log(epoch_summary(epoch, cfg, train_stats, results, elapsed))
         log_epoch(logger, epoch, lr, train_stats, results)
         if cfg.train.patience is not None and epoch - best_epoch >= cfg.train.patience:
-            logger.log(f"early stop: no better validation accuracy for {cfg.train.patience} epochs "
-                       f"(best {best_accuracy:.4f} at epoch {best_epoch})")
+            log(f"early stop: no better validation accuracy for {cfg.train.patience} epochs "
+                f"(best {best_accuracy:.4f} at epoch {best_epoch})")
             break
+    distributed.barrier()  # when fit returns on any process, the run directory is complete
 
     return {"run_dir": str(run_dir), "best_accuracy": best_accuracy, "best_epoch": best_epoch,
             "final_accuracy": results.get("accuracy"), "epochs": epoch, "peak_memory_bytes": peak, "config": cfg}
