@@ -289,6 +289,7 @@ def test_every_key_is_in_the_readme_table():
     cfg, keys = Config(), []
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
-        keys += [f"{f.name}.{g.name}" for g in dataclasses.fields(value)] if dataclasses.is_dataclass(value) else [f.name]
+        nested = dataclasses.is_dataclass(value)
+        keys += [f"{f.name}.{g.name}" for g in dataclasses.fields(value)] if nested else [f.name]
     missing = [key for key in keys if f"`{key}`" not in table]
     assert not missing, f"config keys missing from the README's table: {missing}"

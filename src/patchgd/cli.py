@@ -120,7 +120,8 @@ def _evaluation_set(args, cfg: Config):
     csv_path = data if data.suffix == ".csv" else data / args.csv
     if csv_path.is_file() or data.suffix == ".csv":
         return ImageCSVDataset(csv_path, args.image_dir, num_classes=cfg.data.num_classes,
-                               classes=cfg.data.classes, label_column=cfg.data.label_column, id_column=cfg.data.id_column, **read)
+                               classes=cfg.data.classes, label_column=cfg.data.label_column,
+                               id_column=cfg.data.id_column, **read)
     return ImageFolderDataset(data, classes=cfg.data.classes, **read)
 
 
