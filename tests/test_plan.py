@@ -107,7 +107,13 @@ def test_patchgd_lowers_patches_per_step_when_the_config_sets_k():
     assert peak_of(planned) == plan.peak_bytes <= budget
     # one progress line per trial, naming both peaks
     assert len(lines) == len(plan.trials) and all("tensor peak" in l and "process peak RSS" in l for l in lines)
-    assert "patches_per_step" in plan.describe()
+    described = plan.describe()
+    assert "patches_per_step" in described and "budget" in described and "on the tensor peak" in described
+    header, *rows = [line for line in described.splitlines() if line.startswith("  ")]
+    assert header.split() == ["batch", "k", "tensor", "peak", "process", "peak", "RSS", "fits"]
+    for trial, row in zip(plan.trials, rows):  # each trial's two peaks, as measured
+        assert row.split()[2:4] == format_size(trial.peak_bytes).split()
+        assert row.split()[4:6] == format_size(trial.process_bytes).split()
 
 
 @pytest.mark.parametrize("method", ["gd", "patchgd"])

@@ -91,12 +91,16 @@ class Plan:
     def describe(self) -> str:
         """A short table of the trials and the choice."""
         cap = "allocator capped at the budget" if self.capped else "no allocator cap; steps measured"
-        lines = [f"memory plan: {self.method} on {self.device}, budget {format_size(self.budget_bytes)} ({cap})",
-                 f"  {'batch':>5}  {'k':>4}  {'peak':>11}  fits"]
+        process, bounded = ("device peak", "device peak") if self.device.type == "cuda" else \
+            ("process peak RSS", "tensor peak")
+        lines = [f"memory plan: {self.method} on {self.device}, budget {format_size(self.budget_bytes)} on the "
+                 f"{bounded} ({cap})",
+                 f"  {'batch':>5}  {'k':>4}  {'tensor peak':>11}  {process:>16}  fits"]
         for t in self.trials:
             peak = "out of mem" if t.peak_bytes is None else format_size(t.peak_bytes)
-            fits = "yes" if t.peak_bytes is not None and t.peak_bytes <= self.budget_bytes else "no"
-            lines.append(f"  {t.batch_size:>5}  {t.patches_per_image or '-':>4}  {peak:>11}  {fits}")
+            other = "-" if t.process_bytes is None else format_size(t.process_bytes)
+            fits = "yes" if self._fits(t) else "no"
+            lines.append(f"  {t.batch_size:>5}  {t.patches_per_image or '-':>4}  {peak:>11}  {other:>16}  {fits}")
         choice = f"chose batch {self.batch_size}"
         if self.patches_per_step is not None:
             choice += (f", k {self.patches_per_image} of {self.num_cells} cells (patches_per_step), "
