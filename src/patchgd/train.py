@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import random
 import time
 from pathlib import Path
@@ -18,17 +19,24 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .config import Config, config_to_dict, save_config
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import Config, ConfigError, config_differences, config_from_dict, config_to_dict, save_config
 from .data.datasets import ImageCSVDataset
+from .data.images import require_one_size
 from .grid import grid_shape
 from .io import atomic_file
 from .memory import PeakMemory, format_size
 from .methods import autocast, classification_loss, create_method, create_model, patches_per_iteration
 from .metrics import evaluate_predictions
 from .plots import plot_learning_curves
+from .rundir import hold_run_dir
 
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "val_loss", "val_accuracy", "val_qwk", "peak_memory_bytes",
                   "epoch_time_s"]
+
+
+class DivergenceError(RuntimeError):
+    """Training produced a non-finite loss, parameter or validation output."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -48,15 +56,20 @@ def build_datasets(cfg: Config) -> tuple[ImageCSVDataset, ImageCSVDataset]:
     root = Path(cfg.data.root)
     common = dict(num_classes=cfg.data.num_classes, label_column=cfg.data.label_column,
                   in_chans=cfg.model.in_chans, image_size=cfg.data.image_size, mean=cfg.data.mean,
-                  std=cfg.data.std)
+                  std=cfg.data.std, verify=cfg.data.verify)
     if cfg.data.val_csv is None:
         if cfg.data.fold is None:
             raise ValueError("data.val_csv is null but data.fold is not set: name a validation CSV or a fold")
         csv_path, image_dir = root / cfg.data.train_csv, root / cfg.data.train_dir
-        return (ImageCSVDataset(csv_path, image_dir, fold=cfg.data.fold, split="train", **common),
+        sets = (ImageCSVDataset(csv_path, image_dir, fold=cfg.data.fold, split="train", **common),
                 ImageCSVDataset(csv_path, image_dir, fold=cfg.data.fold, split="val", **common))
-    return (ImageCSVDataset(root / cfg.data.train_csv, root / cfg.data.train_dir, **common),
-            ImageCSVDataset(root / cfg.data.val_csv, root / cfg.data.val_dir, **common))
+    else:
+        sets = (ImageCSVDataset(root / cfg.data.train_csv, root / cfg.data.train_dir, **common),
+                ImageCSVDataset(root / cfg.data.val_csv, root / cfg.data.val_dir, **common))
+    if cfg.data.image_size is None:
+        for dataset in sets:
+            require_one_size(dataset.paths, dataset.image_sizes)
+    return sets
 
 
 def build_model(cfg: Config) -> nn.Module:
@@ -75,8 +88,8 @@ def init_backbone(model: nn.Module, path: str | Path) -> int:
     dropped, so a GD run's timm backbone initialises PatchGD's ``backbone.features``; the source's
     classifier and head, which the target lacks, are ignored. Returns the number of tensors loaded.
     """
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    state = state.get("model", state) if isinstance(state, dict) else state
+    state = load_checkpoint(path)
+    state = state.get("model", state)
     target = getattr(model.backbone, "features", model.backbone)
     wanted = target.state_dict()
     found = {}
@@ -138,8 +151,28 @@ def patches_per_step(cfg: Config, image_shape: tuple[int, ...]) -> int:
     return cfg.train.batch_size * patches_per_iteration(cfg.patchgd.sampling, rows * cols)
 
 
+def check_finite(model: nn.Module, loss: float, epoch: int, step: int) -> None:
+    """Raise :class:`DivergenceError` if ``loss`` or a parameter (after the update) is not finite.
+
+    A non-finite gradient shows in the parameters it updated; the check costs one reduction per tensor.
+    (An fp16 gradient scaler skips such updates itself, so its parameters stay finite.)
+    """
+    where = f"epoch {epoch}, step {step}"
+    if not math.isfinite(loss):
+        raise DivergenceError(f"{where}: the training loss is {loss}")
+    params = [p.detach() for p in model.parameters()]
+    if not torch.stack([p.isfinite().all() for p in params]).all():
+        name = next(n for n, p in model.named_parameters() if not p.detach().isfinite().all())
+        raise DivergenceError(f"{where}: parameter {name} is not finite after the update (non-finite "
+                              f"gradients; the loss was {loss:.4g})")
+
+
 def train_one_epoch(method, loader: DataLoader, scheduler, epoch: int, measure_step: int) -> dict:
-    """One pass over ``loader``; the step at index ``measure_step`` is measured for peak memory."""
+    """One pass over ``loader``; the step at index ``measure_step`` is measured for peak memory.
+
+    Raises:
+        DivergenceError: A step gave a non-finite loss or left a non-finite parameter.
+    """
     losses, peak = [], 0
     bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True)
     for i, (images, labels) in enumerate(bar):
@@ -149,6 +182,7 @@ def train_one_epoch(method, loader: DataLoader, scheduler, epoch: int, measure_s
             peak = meter.peak_bytes
         else:
             stats = method.step(images, labels)
+        check_finite(method.model, stats["loss"], epoch, i + 1)
         scheduler.step()
         losses.append(stats["loss"])
         bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
@@ -174,15 +208,14 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, num_cla
     return results
 
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    """``torch.save`` written atomically, so an interrupted save never corrupts the last good one."""
-    with atomic_file(path) as tmp:
-        torch.save(state, tmp)
-
-
 def rng_states(generator: torch.Generator) -> dict:
-    states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-              "sampler": generator.get_state()}
+    """Every random state a resumed run needs, as tensors and plain values (the safe loader reads them)."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    states = {"torch": torch.get_rng_state(), "sampler": generator.get_state(),
+              "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss,
+                        "cached_gaussian": gauss},
+              "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next}}
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
@@ -190,17 +223,18 @@ def rng_states(generator: torch.Generator) -> dict:
 
 def restore_rng_states(states: dict, generator: torch.Generator) -> None:
     torch.set_rng_state(states["torch"])
-    np.random.set_state(states["numpy"])
-    random.setstate(states["python"])
     generator.set_state(states["sampler"])
+    n = states["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = states["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def append_metrics(path: Path, row: dict) -> None:
-    """Add one epoch to ``metrics.csv`` (the file is rewritten whole, atomically)."""
-    rows = list(csv.DictReader(path.open())) if path.exists() else []
-    rows.append(row)
+def write_metrics(path: Path, rows: list[dict]) -> None:
+    """Write ``metrics.csv`` whole, atomically, from the run's rows (one per epoch, kept in the checkpoint)."""
     with atomic_file(path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
         writer.writeheader()
@@ -215,26 +249,75 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def check_resume(state: dict, cfg: Config, run_dir: Path) -> None:
+    """Refuse to resume ``state`` under a config that differs from the one it was trained with.
+
+    Only ``train.epochs`` may grow (to extend a run); ``output_dir`` is where the run is now. Both configs
+    are compared resolved, so a key added to the schema since the checkpoint compares by its default.
+
+    Raises:
+        ConfigError: Listing every differing key with the checkpoint's value and the new one.
+    """
+    saved = config_to_dict(config_from_dict(state["config"], source=f"{run_dir / 'last.pt'} (its config)"))
+    differences = config_differences(saved, config_to_dict(cfg))
+    differences.pop("output_dir", None)
+    old_epochs, new_epochs = differences.get("train.epochs", (0, 0))
+    if new_epochs > old_epochs:
+        del differences["train.epochs"]
+    if differences:
+        listed = "; ".join(f"{key}: {old!r} in the checkpoint, {new!r} now" for key, old, new in
+                           ((k, *v) for k, v in differences.items()))
+        raise ConfigError(f"--resume {run_dir}: the config differs from the one the run was trained with "
+                          f"({listed}); only train.epochs may be raised. Start a new run to change anything else")
+
+
+def train_loader_drops_last(num_images: int, batch_size: int) -> bool:
+    """Whether the training loader drops its last batch: when it would hold a single image.
+
+    A batch of one image whose sampled patches give a single value per channel fails in the backbone's
+    BatchNorm (training mode needs more than one value); the images are reshuffled every epoch, so the one
+    left out differs from epoch to epoch.
+    """
+    return batch_size > 1 and num_images % batch_size == 1
+
+
 def fit(cfg: Config, resume: str | Path | None = None, *, log=print) -> dict:
     """Train ``cfg`` (or resume the run in ``resume``), evaluating and checkpointing every epoch.
 
     The run directory (``cfg.output_dir``, or ``resume``) receives ``config.yaml`` (resolved),
     ``metrics.csv``, ``last.pt``, ``best.pt``, ``eval.json`` (the last evaluation with its confusion
-    matrix) and ``learning_curves.png``.
+    matrix) and ``learning_curves.png``. It is locked for the life of the run
+    (:func:`patchgd.rundir.hold_run_dir`). Each epoch writes its checkpoints first, then its metrics row.
 
     Args:
-        cfg: The run's configuration.
+        cfg: The run's configuration. When resuming it must equal the checkpoint's, except for a larger
+            ``train.epochs``.
         resume: A run directory whose ``last.pt`` to continue from, at the epoch after it.
         log: Where progress lines go.
 
     Returns:
         A summary: run directory, best and final validation accuracy, epochs run and the peak memory.
+
+    Raises:
+        DivergenceError: A non-finite loss, parameter or validation output; the checkpoints on disk keep
+            the last epoch whose weights were all finite.
+        ConfigError: Resuming under a changed config.
     """
     run_dir = Path(resume) if resume is not None else Path(cfg.output_dir)
-    if resume is None and (run_dir / "last.pt").exists():
-        raise FileExistsError(f"{run_dir} already holds a run (last.pt); resume it with --resume {run_dir} "
-                              "or choose another output_dir")
+    with hold_run_dir(run_dir, fresh=resume is None, log=log):
+        return _fit(cfg, run_dir, resume is not None, log)
+
+
+def _fit(cfg: Config, run_dir: Path, resuming: bool, log) -> dict:
     device = resolve_device(cfg.train.device)
+    state = None
+    if resuming:
+        if not (run_dir / "last.pt").is_file():
+            raise FileNotFoundError(f"{run_dir} has no last.pt to resume from (its first epoch never finished); "
+                                    "start the run again without --resume")
+        state = load_checkpoint(run_dir / "last.pt", map_location=device)
+        check_resume(state, cfg, run_dir)
+        cfg.output_dir = str(run_dir)
     generator = seed_everything(cfg.train.seed)
     train_set, val_set = build_datasets(cfg)
     image_shape = tuple(train_set[0][0].shape)
@@ -242,7 +325,7 @@ def fit(cfg: Config, resume: str | Path | None = None, *, log=print) -> dict:
         raise ValueError(f"model.patch_size={cfg.model.patch_size} is larger than the {image_shape[1]}x"
                          f"{image_shape[2]} images of {train_set.csv_path}; expected at most "
                          f"{min(image_shape[1:])} px (a smaller patch, or no data.image_size downscaling)")
-    if cfg.memory.budget is not None and resume is None:
+    if cfg.memory.budget is not None and not resuming:
         from .plan import plan_budget  # the planner measures trial steps: only when a budget asks for it
 
         plan = plan_budget(cfg, image_shape, device)
@@ -250,7 +333,7 @@ def fit(cfg: Config, resume: str | Path | None = None, *, log=print) -> dict:
         cfg = plan.apply(cfg)
 
     model = build_model(cfg)
-    if cfg.model.init_backbone is not None and resume is None:
+    if cfg.model.init_backbone is not None and not resuming:
         loaded = init_backbone(model, cfg.model.init_backbone)
         log(f"backbone initialised from {cfg.model.init_backbone}: {loaded} tensors")
     model = model.to(device)
@@ -261,22 +344,37 @@ def fit(cfg: Config, resume: str | Path | None = None, *, log=print) -> dict:
     optimizer = build_optimizer(cfg, model)
     method = build_method(cfg, model, optimizer, generator)
     loader_generator = torch.Generator()
-    train_loader = DataLoader(train_set, batch_size=cfg.train.batch_size, shuffle=True,
+    drop_last = train_loader_drops_last(len(train_set), cfg.train.batch_size)
+    if drop_last:
+        log(f"{len(train_set)} training images in batches of {cfg.train.batch_size} would leave a last batch "
+            "of one image: it is dropped (a different image each epoch)")
+    train_loader = DataLoader(train_set, batch_size=cfg.train.batch_size, shuffle=True, drop_last=drop_last,
                               num_workers=cfg.data.num_workers, generator=loader_generator)
+    if len(train_loader) == 0:
+        raise ValueError(f"{train_set.csv_path}: {len(train_set)} training image(s); expected at least 2")
     val_loader = DataLoader(val_set, batch_size=cfg.train.eval_batch_size or cfg.train.batch_size,
                             num_workers=cfg.data.num_workers)
     scheduler = build_scheduler(cfg, optimizer, len(train_loader))
 
-    start_epoch, best_accuracy = 1, -1.0
-    if resume is not None:
-        state = torch.load(run_dir / "last.pt", map_location=device, weights_only=False)
+    start_epoch, best_accuracy, history = 1, -1.0, []
+    if state is not None:
+        if state["steps_per_epoch"] != len(train_loader):
+            raise ValueError(f"--resume {run_dir}: the training set gives {len(train_loader)} batches per epoch "
+                             f"({len(train_set)} images) but gave {state['steps_per_epoch']} when the run "
+                             "started; the learning-rate schedule depends on it. Start a new run")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        # Recompute the current rate from the schedule as it is now built: the same value when nothing
+        # changed, the stretched schedule's value at this step when train.epochs was raised.
+        scheduler.last_epoch -= 1
+        scheduler.step()
         if method.scaler is not None and state.get("scaler"):
             method.scaler.load_state_dict(state["scaler"])
         restore_rng_states(state["rng"], generator)
-        start_epoch, best_accuracy = state["epoch"] + 1, state["best_accuracy"]
+        start_epoch, best_accuracy, history = state["epoch"] + 1, state["best_accuracy"], state["metrics"]
+        # The checkpoint is the truth: rows a killed run wrote after it (or failed to write) are redone.
+        write_metrics(run_dir / "metrics.csv", history)
         log(f"resuming {run_dir} at epoch {start_epoch}")
     save_config(cfg, run_dir / "config.yaml")
     log(f"{cfg.method} on {device}: {len(train_set)} train / {len(val_set)} val images of shape "
@@ -287,23 +385,35 @@ def fit(cfg: Config, resume: str | Path | None = None, *, log=print) -> dict:
         started = time.perf_counter()
         loader_generator.manual_seed(cfg.train.seed * 1_000_003 + epoch)  # a resumed epoch shuffles alike
         lr = optimizer.param_groups[0]["lr"]
-        train_stats = train_one_epoch(method, train_loader, scheduler, epoch,
-                                      measure_step=min(1, len(train_loader) - 1))
-        results = evaluate(model, val_loader, device, cfg.data.num_classes, cfg.train.amp)
+        try:
+            train_stats = train_one_epoch(method, train_loader, scheduler, epoch,
+                                          measure_step=min(1, len(train_loader) - 1))
+            results = evaluate(model, val_loader, device, cfg.data.num_classes, cfg.train.amp)
+            if results["non_finite"]:
+                raise DivergenceError(f"epoch {epoch}: {results['non_finite']} of {len(val_set)} validation "
+                                      "images got non-finite logits")
+        except DivergenceError as err:
+            kept = f"the checkpoints in {run_dir} keep epoch {epoch - 1}" if epoch > 1 else "no checkpoint written"
+            raise DivergenceError(f"training diverged at {err}; stopped, {kept} (the last finite weights). "
+                                  "Try a lower train.lr, or check the data for non-finite pixels") from None
         elapsed = time.perf_counter() - started
         peak = max(peak, train_stats["peak_memory_bytes"])
-        append_metrics(run_dir / "metrics.csv", {
+        history = [*history, {
             "epoch": epoch, "lr": lr, "train_loss": train_stats["train_loss"], "val_loss": results["loss"],
             "val_accuracy": results["accuracy"], "val_qwk": results["qwk"],
-            "peak_memory_bytes": train_stats["peak_memory_bytes"], "epoch_time_s": round(elapsed, 3)})
+            "peak_memory_bytes": train_stats["peak_memory_bytes"], "epoch_time_s": round(elapsed, 3)}]
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "scaler": method.scaler.state_dict() if method.scaler else None,
                  "epoch": epoch, "best_accuracy": max(best_accuracy, results["accuracy"]),
-                 "config": config_to_dict(cfg), "rng": rng_states(generator)}
+                 "config": config_to_dict(cfg), "rng": rng_states(generator), "metrics": history,
+                 "steps_per_epoch": len(train_loader)}
+        # Checkpoints before the metrics row: a kill in between leaves a row missing, which the resume
+        # rewrites from the checkpoint, never a row whose weights are lost.
         if results["accuracy"] > best_accuracy:
             best_accuracy = results["accuracy"]
             save_checkpoint(run_dir / "best.pt", state)
         save_checkpoint(run_dir / "last.pt", state)
+        write_metrics(run_dir / "metrics.csv", history)
         with atomic_file(run_dir / "eval.json") as tmp:
             tmp.write_text(json.dumps({**results, "confusion": results["confusion"].tolist(), "epoch": epoch},
                                       indent=2))
