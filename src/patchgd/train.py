@@ -10,6 +10,7 @@ import csv
 import json
 import math
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -249,6 +250,24 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def copy_checkpoint(source: Path, target: Path) -> None:
+    """Copy a checkpoint file atomically (best.pt is last.pt of its epoch: no second serialisation)."""
+    with atomic_file(target) as tmp:
+        shutil.copyfile(source, tmp)
+
+
+def restore_run_files(run_dir: Path, state: dict) -> None:
+    """Bring the files written after ``last.pt`` in line with it, for a run killed in between.
+
+    ``metrics.csv`` is rewritten from the rows the checkpoint holds (a row written after it is dropped, a
+    row not yet written is added), and ``best.pt`` is copied from ``last.pt`` when the checkpoint's own
+    epoch was the best.
+    """
+    write_metrics(run_dir / "metrics.csv", state["metrics"])
+    if state["best_epoch"] == state["epoch"]:
+        copy_checkpoint(run_dir / "last.pt", run_dir / "best.pt")
+
+
 def check_resume(state: dict, cfg: Config, run_dir: Path) -> None:
     """Refuse to resume ``state`` under a config that differs from the one it was trained with.
 
@@ -287,7 +306,7 @@ def fit(cfg: Config, resume: str | Path | None = None, *, log=print) -> dict:
     The run directory (``cfg.output_dir``, or ``resume``) receives ``config.yaml`` (resolved),
     ``metrics.csv``, ``last.pt``, ``best.pt``, ``eval.json`` (the last evaluation with its confusion
     matrix) and ``learning_curves.png``. It is locked for the life of the run
-    (:func:`patchgd.rundir.hold_run_dir`). Each epoch writes its checkpoints first, then its metrics row.
+    (:func:`patchgd.rundir.hold_run_dir`). Each epoch writes ``last.pt``, then ``best.pt``, then its metrics row.
 
     Args:
         cfg: The run's configuration. When resuming it must equal the checkpoint's, except for a larger
@@ -356,7 +375,7 @@ def _fit(cfg: Config, run_dir: Path, resuming: bool, log) -> dict:
                             num_workers=cfg.data.num_workers)
     scheduler = build_scheduler(cfg, optimizer, len(train_loader))
 
-    start_epoch, best_accuracy, history = 1, -1.0, []
+    start_epoch, best_accuracy, best_epoch, history = 1, -1.0, 0, []
     if state is not None:
         if state["steps_per_epoch"] != len(train_loader):
             raise ValueError(f"--resume {run_dir}: the training set gives {len(train_loader)} batches per epoch "
@@ -373,8 +392,8 @@ def _fit(cfg: Config, run_dir: Path, resuming: bool, log) -> dict:
             method.scaler.load_state_dict(state["scaler"])
         restore_rng_states(state["rng"], generator)
         start_epoch, best_accuracy, history = state["epoch"] + 1, state["best_accuracy"], state["metrics"]
-        # The checkpoint is the truth: rows a killed run wrote after it (or failed to write) are redone.
-        write_metrics(run_dir / "metrics.csv", history)
+        best_epoch = state["best_epoch"]
+        restore_run_files(run_dir, state)
         log(f"resuming {run_dir} at epoch {start_epoch}")
     save_config(cfg, run_dir / "config.yaml")
     log(f"{cfg.method} on {device}: {len(train_set)} train / {len(val_set)} val images of shape "
@@ -393,9 +412,10 @@ def _fit(cfg: Config, run_dir: Path, resuming: bool, log) -> dict:
                 raise DivergenceError(f"epoch {epoch}: {results['non_finite']} of {len(val_set)} validation "
                                       "images got non-finite logits")
         except DivergenceError as err:
-            kept = f"the checkpoints in {run_dir} keep epoch {epoch - 1}" if epoch > 1 else "no checkpoint written"
-            raise DivergenceError(f"training diverged at {err}; stopped, {kept} (the last finite weights). "
-                                  "Try a lower train.lr, or check the data for non-finite pixels") from None
+            kept = (f"the checkpoints in {run_dir} keep epoch {epoch - 1}, the last with finite weights"
+                    if epoch > 1 else "no checkpoint was written")
+            raise DivergenceError(f"training diverged at {err}; stopped: {kept}. Try a lower train.lr, or "
+                                  "check the data for non-finite pixels (data.verify=full)") from None
         elapsed = time.perf_counter() - started
         peak = max(peak, train_stats["peak_memory_bytes"])
         history = [*history, {
@@ -407,12 +427,15 @@ def _fit(cfg: Config, run_dir: Path, resuming: bool, log) -> dict:
                  "epoch": epoch, "best_accuracy": max(best_accuracy, results["accuracy"]),
                  "config": config_to_dict(cfg), "rng": rng_states(generator), "metrics": history,
                  "steps_per_epoch": len(train_loader)}
-        # Checkpoints before the metrics row: a kill in between leaves a row missing, which the resume
-        # rewrites from the checkpoint, never a row whose weights are lost.
         if results["accuracy"] > best_accuracy:
-            best_accuracy = results["accuracy"]
-            save_checkpoint(run_dir / "best.pt", state)
+            best_accuracy, best_epoch = results["accuracy"], epoch
+        state["best_epoch"] = best_epoch
+        # last.pt first, then best.pt as its copy, then the metrics row: a kill at any point leaves a
+        # last.pt that the resume completes the rest from (see restore_run_files), never a row or a
+        # best.pt without its weights.
         save_checkpoint(run_dir / "last.pt", state)
+        if best_epoch == epoch:
+            copy_checkpoint(run_dir / "last.pt", run_dir / "best.pt")
         write_metrics(run_dir / "metrics.csv", history)
         with atomic_file(run_dir / "eval.json") as tmp:
             tmp.write_text(json.dumps({**results, "confusion": results["confusion"].tolist(), "epoch": epoch},
