@@ -234,6 +234,21 @@ def restore_rng_states(states: dict, generator: torch.Generator) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+def restore_training_state(state: dict, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
+                           scaler, generator: torch.Generator) -> None:
+    """Load a checkpoint's model, optimizer, scheduler, gradient scaler and random states."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    # Recompute the current rate from the schedule as it is now built: the same value when nothing
+    # changed, the stretched schedule's value at this step when train.epochs was raised.
+    scheduler.last_epoch -= 1
+    scheduler.step()
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    restore_rng_states(state["rng"], generator)
+
+
 def write_metrics(path: Path, rows: list[dict]) -> None:
     """Write ``metrics.csv`` whole, atomically, from the run's rows (one per epoch, kept in the checkpoint)."""
     with atomic_file(path) as tmp, tmp.open("w", newline="") as f:
@@ -381,16 +396,7 @@ def _fit(cfg: Config, run_dir: Path, resuming: bool, log) -> dict:
             raise ValueError(f"--resume {run_dir}: the training set gives {len(train_loader)} batches per epoch "
                              f"({len(train_set)} images) but gave {state['steps_per_epoch']} when the run "
                              "started; the learning-rate schedule depends on it. Start a new run")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        # Recompute the current rate from the schedule as it is now built: the same value when nothing
-        # changed, the stretched schedule's value at this step when train.epochs was raised.
-        scheduler.last_epoch -= 1
-        scheduler.step()
-        if method.scaler is not None and state.get("scaler"):
-            method.scaler.load_state_dict(state["scaler"])
-        restore_rng_states(state["rng"], generator)
+        restore_training_state(state, model, optimizer, scheduler, method.scaler, generator)
         start_epoch, best_accuracy, history = state["epoch"] + 1, state["best_accuracy"], state["metrics"]
         best_epoch = state["best_epoch"]
         restore_run_files(run_dir, state)
