@@ -223,15 +223,16 @@ def rng_states(generator: torch.Generator) -> dict:
 
 
 def restore_rng_states(states: dict, generator: torch.Generator) -> None:
-    torch.set_rng_state(states["torch"])
-    generator.set_state(states["sampler"])
+    # .cpu(): the checkpoint is loaded with map_location=device, but RNG states must be CPU byte tensors.
+    torch.set_rng_state(states["torch"].cpu())
+    generator.set_state(states["sampler"].cpu())
     n = states["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+    np.random.set_state(("MT19937", n["keys"].cpu().numpy().astype(np.uint32), n["pos"], n["has_gauss"],
                          n["cached_gaussian"]))
     p = states["python"]
     random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
     if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+        torch.cuda.set_rng_state_all([state.cpu() for state in states["cuda"]])
 
 
 def restore_training_state(state: dict, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
