@@ -89,7 +89,8 @@ def _check_target(out: Path, overwrite: bool) -> None:
     if out.is_file() or out.is_symlink():
         raise FileExistsError(f"{out} exists and is not a directory; expected a directory path to create")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} already exists and is not empty; pass overwrite=True (--overwrite on the command line) to replace it")
+        raise FileExistsError(f"{out} already exists and is not empty; pass overwrite=True (--overwrite on the "
+                              "command line) to replace it")
 
 
 def _replace(new: Path, out: Path) -> None:
