@@ -281,7 +281,7 @@ def test_a_held_run_directory_refuses_a_second_run_naming_the_holder(tmp_path, d
     assert main(["train", "--config", str(config)]) == 0  # released
 
 
-def test_resume_removes_stale_temporaries_and_rewrites_metrics_from_the_checkpoint(tmp_path, data):
+def test_resume_removes_stale_temporaries_and_restores_metrics_and_best_from_the_checkpoint(tmp_path, data):
     config = write_config(tmp_path, data, train__epochs=2)
     run = tmp_path / "run"
     assert main(["train", "--config", str(config), "--set", "train.epochs=1"]) == 0
@@ -290,6 +290,12 @@ def test_resume_removes_stale_temporaries_and_rewrites_metrics_from_the_checkpoi
         orphan.write_bytes(b"half a file")
     rows = metrics_rows(run)
     with (run / "metrics.csv").open("a") as f:  # a row for an epoch the checkpoint does not hold
+        f.write("2,0.1,9,9,0,0,0,0\n")
+    (run / "best.pt").unlink()  # as if killed between last.pt and its copy to best.pt
+    patchgd.train.restore_run_files(run, load_checkpoint(run / "last.pt"))  # what a resume does first
+    assert (run / "best.pt").read_bytes() == (run / "last.pt").read_bytes()  # epoch 1 is the best so far
+    assert metrics_rows(run) == rows
+    with (run / "metrics.csv").open("a") as f:
         f.write("2,0.1,9,9,0,0,0,0\n")
     assert main(["train", "--resume", str(run), "--set", "train.epochs=2"]) == 0
     assert not any(orphan.exists() for orphan in orphans)
