@@ -6,9 +6,10 @@ which ties them together. Every method (``patchgd``, ``gd``, ``gd-extended``) go
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import functools
 import json
-import math
 import random
 import shutil
 import time
@@ -20,6 +21,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from . import distributed
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Config, ConfigError, config_differences, config_from_dict, config_to_dict, save_config
 from .data.datasets import ImageCSVDataset
@@ -152,30 +154,32 @@ def patches_per_step(cfg: Config, image_shape: tuple[int, ...]) -> int:
     return cfg.train.batch_size * patches_per_iteration(cfg.patchgd.sampling, rows * cols)
 
 
-def check_finite(model: nn.Module, loss: float, epoch: int, step: int) -> None:
-    """Raise :class:`DivergenceError` if ``loss`` or a parameter (after the update) is not finite.
+def check_parameters_finite(model: nn.Module, where: str, loss: float) -> None:
+    """Raise :class:`DivergenceError` if an update left a parameter non-finite (non-finite gradients).
 
-    A non-finite gradient shows in the parameters it updated; the check costs one reduction per tensor.
-    (An fp16 gradient scaler skips such updates itself, so its parameters stay finite.)
+    The loss itself is checked by :func:`patchgd.distributed.mean_loss`, on every process at once; the
+    parameters are the same on every process. This costs one reduction per tensor. (An fp16 gradient
+    scaler skips updates with non-finite gradients itself, so its parameters stay finite.)
     """
-    where = f"epoch {epoch}, step {step}"
-    if not math.isfinite(loss):
-        raise DivergenceError(f"{where}: the training loss is {loss}")
     params = [p.detach() for p in model.parameters()]
     if not torch.stack([p.isfinite().all() for p in params]).all():
         name = next(n for n, p in model.named_parameters() if not p.detach().isfinite().all())
         raise DivergenceError(f"{where}: parameter {name} is not finite after the update (non-finite "
-                              f"gradients; the loss was {loss:.4g})")
+                              f"gradients; the loss was {loss:.4g}); lower train.lr")
 
 
 def train_one_epoch(method, loader: DataLoader, scheduler, epoch: int, measure_step: int) -> dict:
     """One pass over ``loader``; the step at index ``measure_step`` is measured for peak memory.
 
+    With several processes, each step's loss is the mean over all of them, and a non-finite loss on any
+    one stops every process (:func:`patchgd.distributed.mean_loss`).
+
     Raises:
-        DivergenceError: A step gave a non-finite loss or left a non-finite parameter.
+        RankFailure: A step gave a non-finite loss (on any process).
+        DivergenceError: A step left a non-finite parameter.
     """
     losses, peak = [], 0
-    bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True)
+    bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True, disable=not distributed.is_main())
     for i, (images, labels) in enumerate(bar):
         if i == measure_step:
             with PeakMemory(method.device, baseline=(method.model, method.optimizer, images)) as meter:
@@ -183,9 +187,10 @@ def train_one_epoch(method, loader: DataLoader, scheduler, epoch: int, measure_s
             peak = meter.peak_bytes
         else:
             stats = method.step(images, labels)
-        check_finite(method.model, stats["loss"], epoch, i + 1)
         scheduler.step()
-        losses.append(stats["loss"])
+        where = f"epoch {epoch}, step {i + 1}"
+        losses.append(distributed.mean_loss(stats["loss"], where))
+        check_parameters_finite(method.model, where, losses[-1])
         bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
     return {"train_loss": float(np.mean(losses)), "peak_memory_bytes": peak}
 
@@ -195,15 +200,21 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, num_cla
              amp: str | None = None) -> dict:
     """Loss, accuracy, quadratic weighted kappa and confusion matrix of ``model`` on ``loader``.
 
-    PatchGD models infer as in Fig. 3b of the paper: fill ``Z`` in eval mode, then the head.
+    PatchGD models infer as in Fig. 3b of the paper: fill ``Z`` in eval mode, then the head. With several
+    processes, each ``loader`` holds a :func:`~patchgd.distributed.eval_shard`; the predictions of all are
+    gathered in the set's order before the metrics, so every image counts exactly once.
     """
     model.eval()
     all_logits, all_labels = [], []
-    for images, labels in tqdm(loader, desc="eval", leave=False, dynamic_ncols=True):
+    for images, labels in tqdm(loader, desc="eval", leave=False, dynamic_ncols=True,
+                               disable=not distributed.is_main()):
         with autocast(device, amp):
             all_logits.append(model(images.to(device)).float().cpu())
         all_labels.append(labels)
-    logits, labels = torch.cat(all_logits), torch.cat(all_labels)
+    # A shard can be empty when the set is smaller than the number of processes.
+    logits = torch.cat(all_logits) if all_logits else torch.empty(0, num_classes)
+    labels = torch.cat(all_labels) if all_labels else torch.empty(0, dtype=torch.long)
+    logits, labels = distributed.gather_in_order(logits), distributed.gather_in_order(labels)
     results = evaluate_predictions(logits, labels, num_classes)
     results["loss"] = classification_loss(logits, labels).item()
     return results
@@ -236,8 +247,8 @@ def restore_rng_states(states: dict, generator: torch.Generator) -> None:
 
 
 def restore_training_state(state: dict, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
-                           scaler, generator: torch.Generator) -> None:
-    """Load a checkpoint's model, optimizer, scheduler, gradient scaler and random states."""
+                           scaler) -> None:
+    """Load a checkpoint's model, optimizer, scheduler and gradient scaler states."""
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -247,7 +258,6 @@ def restore_training_state(state: dict, model: nn.Module, optimizer: torch.optim
     scheduler.step()
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
-    restore_rng_states(state["rng"], generator)
 
 
 def write_metrics(path: Path, rows: list[dict]) -> None:
@@ -324,11 +334,15 @@ def fit(cfg: Config, resume: str | Path | None = None, *, log=print) -> dict:
     matrix) and ``learning_curves.png``. It is locked for the life of the run
     (:func:`patchgd.rundir.hold_run_dir`). Each epoch writes ``last.pt``, then ``best.pt``, then its metrics row.
 
+    In a process group (``torchrun``, see :mod:`patchgd.distributed`) every process runs this function:
+    the model trains under DistributedDataParallel on its shard of each epoch, evaluation is sharded and
+    gathered, and rank 0 alone writes the run directory and logs.
+
     Args:
         cfg: The run's configuration. When resuming it must equal the checkpoint's, except for a larger
             ``train.epochs``.
         resume: A run directory whose ``last.pt`` to continue from, at the epoch after it.
-        log: Where progress lines go.
+        log: Where progress lines go (rank 0's only).
 
     Returns:
         A summary: run directory, best and final validation accuracy, epochs run and the peak memory.
@@ -338,13 +352,16 @@ def fit(cfg: Config, resume: str | Path | None = None, *, log=print) -> dict:
             the last epoch whose weights were all finite.
         ConfigError: Resuming under a changed config.
     """
+    log = distributed.log_main(log)
     run_dir = Path(resume) if resume is not None else Path(cfg.output_dir)
-    with hold_run_dir(run_dir, fresh=resume is None, log=log):
+    # Only rank 0 writes the run directory, so only it holds the lock.
+    held = hold_run_dir(run_dir, fresh=resume is None, log=log) if distributed.is_main() else contextlib.nullcontext()
+    with held:
         return _fit(cfg, run_dir, resume is not None, log)
 
 
 def _fit(cfg: Config, run_dir: Path, resuming: bool, log) -> dict:
-    device = resolve_device(cfg.train.device)
+    device = distributed.local_device(resolve_device(cfg.train.device))
     state = None
     if resuming:
         if not (run_dir / "last.pt").is_file():
@@ -363,7 +380,9 @@ def _fit(cfg: Config, run_dir: Path, resuming: bool, log) -> dict:
     if cfg.memory.budget is not None and not resuming:
         from .plan import plan_budget  # the planner measures trial steps: only when a budget asks for it
 
-        plan = plan_budget(cfg, image_shape, device)
+        # One process plans its own batch; all take its choice, so every process steps on equal batches.
+        plan = plan_budget(cfg, image_shape, device) if distributed.is_main() else None
+        plan = distributed.broadcast_object(plan)
         log(plan.describe())
         cfg = plan.apply(cfg)
 
@@ -371,25 +390,42 @@ def _fit(cfg: Config, run_dir: Path, resuming: bool, log) -> dict:
     if cfg.model.init_backbone is not None and not resuming:
         loaded = init_backbone(model, cfg.model.init_backbone)
         log(f"backbone initialised from {cfg.model.init_backbone}: {loaded} tensors")
+    if cfg.train.sync_batchnorm:
+        if cfg.patchgd.parallel_fill and cfg.method == "patchgd":
+            # SyncBatchNorm all-reduces per chunk, and the parallel fill gives processes unequal chunk counts.
+            raise ValueError("train.sync_batchnorm=true and patchgd.parallel_fill=true cannot be combined: the "
+                             "processes would encode different numbers of fill chunks; choose one")
+        model = distributed.convert_sync_batchnorm(model, device)
     model = model.to(device)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    # The patch-parallel fill has every process work on the same images, hence the same random draws.
+    shared = cfg.method == "patchgd" and cfg.patchgd.parallel_fill and distributed.world_size() > 1
+    if distributed.world_size() > 1 and not shared:  # other images per process: other dropout and cells
+        generator = seed_everything(cfg.train.seed + 1_000_003 * distributed.rank())
     if cfg.method == "patchgd":
         model.fill_batch_size = cfg.patchgd.fill_batch_size or patches_per_step(cfg, image_shape)
     optimizer = build_optimizer(cfg, model)
     method = build_method(cfg, model, optimizer, generator)
+    if shared:
+        method.fill = functools.partial(distributed.parallel_fill, model)
+    distributed.wrap(method)
+    sampler = distributed.train_sampler(train_set, cfg.train.seed, shared=shared)
     loader_generator = torch.Generator()
-    drop_last = train_loader_drops_last(len(train_set), cfg.train.batch_size)
+    drop_last = train_loader_drops_last(len(sampler) if sampler is not None else len(train_set),
+                                        cfg.train.batch_size)
     if drop_last:
         log(f"{len(train_set)} training images in batches of {cfg.train.batch_size} would leave a last batch "
             "of one image: it is dropped (a different image each epoch)")
-    train_loader = DataLoader(train_set, batch_size=cfg.train.batch_size, shuffle=True, drop_last=drop_last,
-                              num_workers=cfg.data.num_workers, generator=loader_generator)
+    train_loader = DataLoader(train_set, batch_size=cfg.train.batch_size, shuffle=sampler is None,
+                              sampler=sampler, drop_last=drop_last, num_workers=cfg.data.num_workers,
+                              generator=loader_generator)
     if len(train_loader) == 0:
         raise ValueError(f"{train_set.csv_path}: {len(train_set)} training image(s); expected at least 2")
-    val_loader = DataLoader(val_set, batch_size=cfg.train.eval_batch_size or cfg.train.batch_size,
+    val_loader = DataLoader(distributed.eval_shard(val_set),
+                            batch_size=cfg.train.eval_batch_size or cfg.train.batch_size,
                             num_workers=cfg.data.num_workers)
-    scheduler = build_scheduler(cfg, optimizer, len(train_loader))
+    scheduler = build_scheduler(cfg, optimizer, len(train_loader))  # batches per process = global steps
 
     start_epoch, best_accuracy, best_epoch, history = 1, -1.0, 0, []
     if state is not None:
@@ -397,60 +433,77 @@ def _fit(cfg: Config, run_dir: Path, resuming: bool, log) -> dict:
             raise ValueError(f"--resume {run_dir}: the training set gives {len(train_loader)} batches per epoch "
                              f"({len(train_set)} images) but gave {state['steps_per_epoch']} when the run "
                              "started; the learning-rate schedule depends on it. Start a new run")
-        restore_training_state(state, model, optimizer, scheduler, method.scaler, generator)
+        restore_training_state(state, model, optimizer, scheduler, method.scaler)
+        per_rank = state.get("rng_ranks") or [state["rng"]]
+        if len(per_rank) == distributed.world_size():
+            restore_rng_states(per_rank[distributed.rank()], generator)
+        else:
+            log(f"warning: {run_dir / 'last.pt'} was written by {len(per_rank)} process(es), this run has "
+                f"{distributed.world_size()}: random states start afresh, so the run continues but will not "
+                "repeat an uninterrupted one")
         start_epoch, best_accuracy, history = state["epoch"] + 1, state["best_accuracy"], state["metrics"]
         best_epoch = state["best_epoch"]
-        restore_run_files(run_dir, state)
+        if distributed.is_main():
+            restore_run_files(run_dir, state)
         log(f"resuming {run_dir} at epoch {start_epoch}")
-    save_config(cfg, run_dir / "config.yaml")
-    log(f"{cfg.method} on {device}: {len(train_set)} train / {len(val_set)} val images of shape "
-        f"{'x'.join(map(str, image_shape))}, batch {cfg.train.batch_size}, {cfg.train.epochs} epochs")
+    if distributed.is_main():
+        save_config(cfg, run_dir / "config.yaml")
+    world = distributed.world_size()
+    log(f"{cfg.method} on {device}{f' x {world} processes' if world > 1 else ''}: {len(train_set)} train / "
+        f"{len(val_set)} val images of shape {'x'.join(map(str, image_shape))}, "
+        f"{distributed.batch_note(cfg.train.batch_size)}, {cfg.train.epochs} epochs")
 
     results, peak = {}, 0
     for epoch in range(start_epoch, cfg.train.epochs + 1):
         started = time.perf_counter()
         loader_generator.manual_seed(cfg.train.seed * 1_000_003 + epoch)  # a resumed epoch shuffles alike
+        if sampler is not None:
+            sampler.set_epoch(epoch)
         lr = optimizer.param_groups[0]["lr"]
         try:
             train_stats = train_one_epoch(method, train_loader, scheduler, epoch,
                                           measure_step=min(1, len(train_loader) - 1))
+            distributed.broadcast_buffers(model)  # evaluate what rank 0 saves: its BatchNorm statistics
             results = evaluate(model, val_loader, device, cfg.data.num_classes, cfg.train.amp)
             if results["non_finite"]:
                 raise DivergenceError(f"epoch {epoch}: {results['non_finite']} of {len(val_set)} validation "
-                                      "images got non-finite logits")
-        except DivergenceError as err:
+                                      "images got non-finite logits (lower train.lr, or check the data: "
+                                      "data.verify=full finds non-finite pixels)")
+        except (DivergenceError, distributed.RankFailure) as err:
             kept = (f"the checkpoints in {run_dir} keep epoch {epoch - 1}, the last with finite weights"
                     if epoch > 1 else "no checkpoint was written")
-            raise DivergenceError(f"training diverged at {err}; stopped: {kept}. Try a lower train.lr, or "
-                                  "check the data for non-finite pixels (data.verify=full)") from None
+            raise DivergenceError(f"training diverged: {err}; {kept}") from None
         elapsed = time.perf_counter() - started
         peak = max(peak, train_stats["peak_memory_bytes"])
         history = [*history, {
             "epoch": epoch, "lr": lr, "train_loss": train_stats["train_loss"], "val_loss": results["loss"],
             "val_accuracy": results["accuracy"], "val_qwk": results["qwk"],
             "peak_memory_bytes": train_stats["peak_memory_bytes"], "epoch_time_s": round(elapsed, 3)}]
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "scaler": method.scaler.state_dict() if method.scaler else None,
-                 "epoch": epoch, "best_accuracy": max(best_accuracy, results["accuracy"]),
-                 "config": config_to_dict(cfg), "rng": rng_states(generator), "metrics": history,
-                 "steps_per_epoch": len(train_loader)}
         if results["accuracy"] > best_accuracy:
             best_accuracy, best_epoch = results["accuracy"], epoch
-        state["best_epoch"] = best_epoch
-        # last.pt first, then best.pt as its copy, then the metrics row: a kill at any point leaves a
-        # last.pt that the resume completes the rest from (see restore_run_files), never a row or a
-        # best.pt without its weights.
-        save_checkpoint(run_dir / "last.pt", state)
-        if best_epoch == epoch:
-            copy_checkpoint(run_dir / "last.pt", run_dir / "best.pt")
-        write_metrics(run_dir / "metrics.csv", history)
-        with atomic_file(run_dir / "eval.json") as tmp:
-            tmp.write_text(json.dumps({**results, "confusion": results["confusion"].tolist(), "epoch": epoch},
-                                      indent=2))
-        plot_learning_curves(run_dir / "metrics.csv", run_dir / "learning_curves.png")
+        rngs = distributed.gather_objects(rng_states(generator))
+        if distributed.is_main():
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(),
+                     "scaler": method.scaler.state_dict() if method.scaler else None,
+                     "epoch": epoch, "best_accuracy": best_accuracy, "best_epoch": best_epoch,
+                     "config": config_to_dict(cfg), "rng": rngs[0], "rng_ranks": rngs if world > 1 else None,
+                     "metrics": history, "steps_per_epoch": len(train_loader)}
+            # last.pt first, then best.pt as its copy, then the metrics row: a kill at any point leaves a
+            # last.pt that the resume completes the rest from (see restore_run_files), never a row or a
+            # best.pt without its weights.
+            save_checkpoint(run_dir / "last.pt", state)
+            if best_epoch == epoch:
+                copy_checkpoint(run_dir / "last.pt", run_dir / "best.pt")
+            write_metrics(run_dir / "metrics.csv", history)
+            with atomic_file(run_dir / "eval.json") as tmp:
+                tmp.write_text(json.dumps({**results, "confusion": results["confusion"].tolist(), "epoch": epoch},
+                                          indent=2))
+            plot_learning_curves(run_dir / "metrics.csv", run_dir / "learning_curves.png")
         log(f"epoch {epoch}/{cfg.train.epochs}  train loss {train_stats['train_loss']:.4f}  "
             f"val loss {results['loss']:.4f}  val acc {results['accuracy']:.4f}  qwk {results['qwk']:.4f}  "
             f"peak {format_size(train_stats['peak_memory_bytes'])}  {elapsed:.1f}s")
+    distributed.barrier()  # when fit returns on any process, the run directory is complete
 
     return {"run_dir": str(run_dir), "best_accuracy": best_accuracy,
             "final_accuracy": results.get("accuracy"), "epochs": cfg.train.epochs,
