@@ -81,6 +81,9 @@ class DataConfig:
     data in uint16); ``intensity: unit`` requires float images to lie in [0, 1], ``range`` maps
     ``intensity_range`` [low, high] to [0, 1] (values outside are clipped: a window), ``percentile``
     stretches each image's ``percentiles`` [low, high] to [0, 1].
+    ``verify``: when the data set is built, ``header`` reads every image's header (size, channels, pixel
+    type), ``full`` decodes every image whole (a pass over the data, which also finds corrupt pixel data,
+    non-finite pixels and values the intensity options refuse before the first epoch).
     """
 
     root: str | None = None
@@ -103,6 +106,7 @@ class DataConfig:
     intensity: Literal["unit", "range", "percentile"] = "unit"
     intensity_range: list[float] | None = None
     percentiles: list[float] = field(default_factory=lambda: [1.0, 99.0])
+    verify: Literal["header", "full"] = "header"
 
 
 @dataclass
@@ -290,6 +294,24 @@ def config_from_dict(d: Mapping[str, Any] | None, source: str | None = None) -> 
 def config_to_dict(config: Config) -> dict[str, Any]:
     """The config as plain nested dicts and lists, ready for YAML or a checkpoint."""
     return dataclasses.asdict(config)
+
+
+def config_differences(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> dict[str, tuple]:
+    """Every dotted key whose value differs between two nested config dicts, as ``{key: (old, new)}``.
+
+    Example:
+        >>> config_differences({"train": {"lr": 0.1, "seed": 0}}, {"train": {"lr": 0.5, "seed": 0}})
+        {'train.lr': (0.1, 0.5)}
+    """
+    differences = {}
+    for name in sorted(set(old) | set(new), key=list({**old, **new}).index):
+        key = f"{prefix}{name}"
+        a, b = old.get(name), new.get(name)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            differences.update(config_differences(a, b, f"{key}."))
+        elif a != b:
+            differences[key] = (a, b)
+    return differences
 
 
 def _read_yaml(path: Path) -> Any:

@@ -6,12 +6,13 @@ which ties them together. Every method (``patchgd``, ``gd``, ``gd-extended``) go
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import functools
 import json
-import functools
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -22,9 +23,11 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from . import distributed
-from .config import Config, ConfigError, config_to_dict, save_config
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import Config, ConfigError, config_differences, config_from_dict, config_to_dict, save_config
 from .data.datasets import ImageCSVDataset, ImageDataset, ImageFolderDataset, class_folders, stratified_split
 from .data.errors import DataError
+from .data.images import require_one_size
 from .data.intensity import Intensity
 from .grid import grid_shape
 from .io import atomic_file
@@ -32,12 +35,17 @@ from .memory import PeakMemory, format_size, process_peak
 from .methods import autocast, classification_loss, create_method, create_model, patches_per_iteration
 from .metrics import evaluate_predictions
 from .plots import plot_learning_curves
+from .rundir import hold_run_dir
 from .runlog import Progress, RunLogger
 
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "val_loss", "val_accuracy", "val_qwk", "peak_memory_bytes",
                   "peak_process_bytes", "epoch_time_s"]
 SPLIT_FILE = "split.csv"
 DEFAULT_VAL_CSV = "val.csv"  # used when present; another name must exist
+
+
+class DivergenceError(RuntimeError):
+    """Training produced a non-finite loss, parameter or validation output."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -54,7 +62,7 @@ def read_options(cfg: Config) -> dict:
     """How ``cfg`` reads an image: the keyword arguments every dataset of the run takes."""
     d = cfg.data
     return dict(in_chans=cfg.model.in_chans, image_size=d.image_size, mean=d.mean, std=d.std,
-                intensity=Intensity.from_config(d))
+                intensity=Intensity.from_config(d), verify=d.verify)
 
 
 def build_datasets(cfg: Config) -> tuple[ImageDataset, ImageDataset]:
@@ -131,14 +139,6 @@ def write_split(path: Path, root: str | Path, train_set: ImageDataset, val_set: 
                 writer.writerow([name(p), ds.classes[label] if ds.classes else label, split])
 
 
-def check_images(dataset: ImageDataset, logger: RunLogger) -> None:
-    """Read every image of ``dataset`` once, so that an unreadable file or values the intensity options
-    refuse stop the run before training, with the file named."""
-    for i in logger.progress(range(len(dataset)), f"checking {dataset.origin}", unit="image",
-                             every=max(10, len(dataset) // 10)):
-        dataset.load_image(i)
-
-
 class RandomRotate90:
     """Rotate a ``(C, H, W)`` image by a random multiple of 90 degrees; a non-square image only by 0 or
     180, so that every image of a batch keeps its shape."""
@@ -173,7 +173,7 @@ def build_augmentation(cfg: Config):
 
 
 def build_train_loader(cfg: Config, train_set: ImageDataset, generator: torch.Generator,
-                       sampler: torch.utils.data.Sampler | None = None) -> DataLoader:
+                       sampler: torch.utils.data.Sampler | None = None, drop_last: bool = False) -> DataLoader:
     """Shuffled batches of ``train_set`` (or in the order of ``sampler``, a process's shard under
     torchrun); with ``train.balanced_sampler``, drawn with replacement with probability inversely
     proportional to each image's class frequency (every class equally often)."""
@@ -186,7 +186,7 @@ def build_train_loader(cfg: Config, train_set: ImageDataset, generator: torch.Ge
         sampler = WeightedRandomSampler(weights, num_samples=len(train_set), replacement=True,
                                         generator=generator)
     return DataLoader(train_set, batch_size=cfg.train.batch_size, shuffle=sampler is None, sampler=sampler,
-                      num_workers=cfg.data.num_workers, generator=generator)
+                      drop_last=drop_last, num_workers=cfg.data.num_workers, generator=generator)
 
 
 def build_model(cfg: Config) -> nn.Module:
@@ -205,8 +205,8 @@ def init_backbone(model: nn.Module, path: str | Path) -> int:
     dropped, so a GD run's timm backbone initialises PatchGD's ``backbone.features``; the source's
     classifier and head, which the target lacks, are ignored. Returns the number of tensors loaded.
     """
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    state = state.get("model", state) if isinstance(state, dict) else state
+    state = load_checkpoint(path)
+    state = state.get("model", state)
     target = getattr(model.backbone, "features", model.backbone)
     wanted = target.state_dict()
     found = {}
@@ -271,6 +271,20 @@ def patches_per_step(cfg: Config, image_shape: tuple[int, ...]) -> int:
                                                         cfg.patchgd.patches_per_step)
 
 
+def check_parameters_finite(model: nn.Module, where: str, loss: float) -> None:
+    """Raise :class:`DivergenceError` if an update left a parameter non-finite (non-finite gradients).
+
+    The loss itself is checked by :func:`patchgd.distributed.mean_loss`, on every process at once; the
+    parameters are the same on every process. This costs one reduction per tensor. (An fp16 gradient
+    scaler skips updates with non-finite gradients itself, so its parameters stay finite.)
+    """
+    params = [p.detach() for p in model.parameters()]
+    if not torch.stack([p.isfinite().all() for p in params]).all():
+        name = next(n for n, p in model.named_parameters() if not p.detach().isfinite().all())
+        raise DivergenceError(f"{where}: parameter {name} is not finite after the update (non-finite "
+                              f"gradients; the loss was {loss:.4g}); lower train.lr")
+
+
 def _stderr_logger() -> RunLogger:
     """Progress for a caller that gave no logger: on stderr, so that stdout stays the caller's (JSON)."""
     return RunLogger(None, echo=functools.partial(print, file=sys.stderr))
@@ -286,6 +300,10 @@ def train_one_epoch(method, loader: DataLoader, scheduler, epoch: int, measure_s
     Returns:
         ``train_loss`` (mean), ``peak_memory_bytes`` (the measured step's tensor peak) and
         ``peak_process_bytes`` with its name ``peak_process_name`` (:func:`~patchgd.memory.process_peak`).
+
+    Raises:
+        RankFailure: A step gave a non-finite loss (on any process).
+        DivergenceError: A step left a non-finite parameter.
     """
     logger = logger or _stderr_logger()
     losses, peak, process = [], 0, ("", 0)
@@ -298,7 +316,9 @@ def train_one_epoch(method, loader: DataLoader, scheduler, epoch: int, measure_s
         else:
             stats = method.step(images, labels)
         scheduler.step()
-        losses.append(distributed.mean_loss(stats["loss"], f"epoch {epoch}, step {i + 1}"))
+        where = f"epoch {epoch}, step {i + 1}"
+        losses.append(distributed.mean_loss(stats["loss"], where))
+        check_parameters_finite(method.model, where, losses[-1])
         if isinstance(bar, Progress):
             bar.set_info(loss=f"{np.mean(losses[-20:]):.4f}")
         if (i + 1) % logger.every == 0:
@@ -333,33 +353,48 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, num_cla
     return results
 
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    """``torch.save`` written atomically, so an interrupted save never corrupts the last good one."""
-    with atomic_file(path) as tmp:
-        torch.save(state, tmp)
-
-
 def rng_states(generator: torch.Generator) -> dict:
-    states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-              "sampler": generator.get_state()}
+    """Every random state a resumed run needs, as tensors and plain values (the safe loader reads them)."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    states = {"torch": torch.get_rng_state(), "sampler": generator.get_state(),
+              "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss,
+                        "cached_gaussian": gauss},
+              "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next}}
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
 
 
 def restore_rng_states(states: dict, generator: torch.Generator) -> None:
-    torch.set_rng_state(states["torch"])
-    np.random.set_state(states["numpy"])
-    random.setstate(states["python"])
-    generator.set_state(states["sampler"])
+    # .cpu(): the checkpoint is loaded with map_location=device, but RNG states must be CPU byte tensors.
+    torch.set_rng_state(states["torch"].cpu())
+    generator.set_state(states["sampler"].cpu())
+    n = states["numpy"]
+    np.random.set_state(("MT19937", n["keys"].cpu().numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = states["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
     if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+        torch.cuda.set_rng_state_all([state.cpu() for state in states["cuda"]])
 
 
-def append_metrics(path: Path, row: dict) -> None:
-    """Add one epoch to ``metrics.csv`` (the file is rewritten whole, atomically)."""
-    rows = list(csv.DictReader(path.open())) if path.exists() else []
-    rows.append(row)
+def restore_training_state(state: dict, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
+                           scaler) -> None:
+    """Load a checkpoint's model, optimizer, scheduler and gradient scaler states."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    # Recompute the current rate from the schedule as it is now built: the same value when nothing
+    # changed, the stretched schedule's value at this step when train.epochs was raised.
+    scheduler.last_epoch -= 1
+    scheduler.step()
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+
+
+def write_metrics(path: Path, rows: list[dict]) -> None:
+    """Write ``metrics.csv`` whole, atomically, from the run's rows (one per epoch, kept in the checkpoint)."""
     with atomic_file(path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
         writer.writeheader()
@@ -372,6 +407,56 @@ def seed_everything(seed: int) -> torch.Generator:
     np.random.seed(seed)
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
+
+
+def copy_checkpoint(source: Path, target: Path) -> None:
+    """Copy a checkpoint file atomically (best.pt is last.pt of its epoch: no second serialisation)."""
+    with atomic_file(target) as tmp:
+        shutil.copyfile(source, tmp)
+
+
+def restore_run_files(run_dir: Path, state: dict) -> None:
+    """Bring the files written after ``last.pt`` in line with it, for a run killed in between.
+
+    ``metrics.csv`` is rewritten from the rows the checkpoint holds (a row written after it is dropped, a
+    row not yet written is added), and ``best.pt`` is copied from ``last.pt`` when the checkpoint's own
+    epoch was the best.
+    """
+    write_metrics(run_dir / "metrics.csv", state["metrics"])
+    if state["best_epoch"] == state["epoch"]:
+        copy_checkpoint(run_dir / "last.pt", run_dir / "best.pt")
+
+
+def check_resume(state: dict, cfg: Config, run_dir: Path) -> None:
+    """Refuse to resume ``state`` under a config that differs from the one it was trained with.
+
+    Only ``train.epochs`` may grow (to extend a run); ``output_dir`` is where the run is now. Both configs
+    are compared resolved, so a key added to the schema since the checkpoint compares by its default.
+
+    Raises:
+        ConfigError: Listing every differing key with the checkpoint's value and the new one.
+    """
+    saved = config_to_dict(config_from_dict(state["config"], source=f"{run_dir / 'last.pt'} (its config)"))
+    differences = config_differences(saved, config_to_dict(cfg))
+    differences.pop("output_dir", None)
+    old_epochs, new_epochs = differences.get("train.epochs", (0, 0))
+    if new_epochs > old_epochs:
+        del differences["train.epochs"]
+    if differences:
+        listed = "; ".join(f"{key}: {old!r} in the checkpoint, {new!r} now" for key, old, new in
+                           ((k, *v) for k, v in differences.items()))
+        raise ConfigError(f"--resume {run_dir}: the config differs from the one the run was trained with "
+                          f"({listed}); only train.epochs may be raised. Start a new run to change anything else")
+
+
+def train_loader_drops_last(num_images: int, batch_size: int) -> bool:
+    """Whether the training loader drops its last batch: when it would hold a single image.
+
+    A batch of one image whose sampled patches give a single value per channel fails in the backbone's
+    BatchNorm (training mode needs more than one value); the images are reshuffled every epoch, so the one
+    left out differs from epoch to epoch.
+    """
+    return batch_size > 1 and num_images % batch_size == 1
 
 
 def describe_data(cfg: Config, train_set: ImageDataset, val_set: ImageDataset) -> str:
@@ -402,79 +487,78 @@ def log_epoch(logger: RunLogger, epoch: int, lr: float, train_stats: dict, resul
                     "memory/process_peak_bytes": train_stats["peak_process_bytes"]}, epoch)
 
 
-def save_epoch(run_dir: Path, cfg: Config, epoch: int, lr: float, train_stats: dict, results: dict,
-               elapsed: float, state: dict) -> None:
-    """Write an epoch into the run directory: ``metrics.csv``, ``last.pt`` (and ``best.pt`` when it is the
-    best epoch), ``eval.json`` and ``learning_curves.png``."""
-    append_metrics(run_dir / "metrics.csv", {
-        "epoch": epoch, "lr": lr, "train_loss": train_stats["train_loss"], "val_loss": results["loss"],
-        "val_accuracy": results["accuracy"], "val_qwk": results["qwk"],
-        "peak_memory_bytes": train_stats["peak_memory_bytes"],
-        "peak_process_bytes": train_stats["peak_process_bytes"], "epoch_time_s": round(elapsed, 3)})
-    if state["best_epoch"] == epoch:
-        save_checkpoint(run_dir / "best.pt", state)
-    save_checkpoint(run_dir / "last.pt", state)
-    with atomic_file(run_dir / "eval.json") as tmp:
-        tmp.write_text(json.dumps({**results, "confusion": results["confusion"].tolist(), "epoch": epoch,
-                                   "classes": cfg.data.classes}, indent=2))
-    plot_learning_curves(run_dir / "metrics.csv", run_dir / "learning_curves.png", num_classes=cfg.data.num_classes)
-
-
 def fit(cfg: Config, resume: str | Path | None = None, *, log=print) -> dict:
     """Train ``cfg`` (or resume the run in ``resume``), evaluating and checkpointing every epoch.
 
     The run directory (``cfg.output_dir``, or ``resume``) receives ``config.yaml`` (resolved: the classes
     found included), ``split.csv`` (which image trained and which validated), ``train.log``,
     ``metrics.csv``, ``last.pt``, ``best.pt``, ``eval.json`` (the last evaluation with its confusion
-    matrix and per-class scores), ``learning_curves.png`` and, with ``train.tensorboard``, ``tensorboard/``.
+    matrix and per-class scores), ``learning_curves.png`` and, with ``train.tensorboard``, ``tensorboard/``. It is locked for the life of the run
+    (:func:`patchgd.rundir.hold_run_dir`). Each epoch writes ``last.pt``, then ``best.pt``, then its metrics row.
 
     In a process group (``torchrun``, see :mod:`patchgd.distributed`) every process runs this function:
     the model trains under DistributedDataParallel on its shard of each epoch, evaluation is sharded and
     gathered, and rank 0 alone writes the run directory and logs.
 
     Args:
-        cfg: The run's configuration.
+        cfg: The run's configuration. When resuming it must equal the checkpoint's, except for a larger
+            ``train.epochs``.
         resume: A run directory whose ``last.pt`` to continue from, at the epoch after it.
         log: Where progress lines go (rank 0's only; besides ``train.log``).
 
     Returns:
         A summary: run directory, best and final validation accuracy, the best epoch, epochs run, the
         tensor peak memory and the resolved config.
+
+    Raises:
+        DivergenceError: A non-finite loss, parameter or validation output; the checkpoints on disk keep
+            the last epoch whose weights were all finite.
+        ConfigError: Resuming under a changed config.
     """
-    run_dir = Path(resume) if resume is not None else Path(cfg.output_dir)
-    if resume is None and (run_dir / "last.pt").exists():
-        raise FileExistsError(f"{run_dir} already holds a run (last.pt); resume it with --resume {run_dir} "
-                              "or choose another output_dir")
     if cfg.train.threads is not None:
         torch.set_num_threads(cfg.train.threads)
-    device = distributed.local_device(resolve_device(cfg.train.device))
-    generator = seed_everything(cfg.train.seed)
-    # Rank 0 alone writes the log file and TensorBoard events and prints: one switch for all of them.
-    with RunLogger(run_dir, tensorboard=cfg.train.tensorboard, echo=log, every=cfg.train.log_every,
-                   enabled=distributed.is_main()) as logger:
+    run_dir = Path(resume) if resume is not None else Path(cfg.output_dir)
+    # Only rank 0 writes the run directory, so only it holds the lock; and it alone writes the log file and
+    # TensorBoard events and prints: one switch for all of them.
+    main = distributed.is_main()
+    held = hold_run_dir(run_dir, fresh=resume is None, log=log) if main else contextlib.nullcontext()
+    with held, RunLogger(run_dir if main else None, tensorboard=cfg.train.tensorboard, echo=log,
+                         every=cfg.train.log_every, enabled=main) as logger:
         try:
-            return _fit(cfg, run_dir, resume, device, generator, logger)
+            return _fit(cfg, run_dir, resume is not None, logger)
         except Exception as err:  # the caller reports it; the log keeps why the run stopped
             logger.log(f"stopped: {type(err).__name__}: {err}", show=False)
             raise
 
 
-def _fit(cfg: Config, run_dir: Path, resume, device: torch.device, generator: torch.Generator,
-         logger: RunLogger) -> dict:
+def _fit(cfg: Config, run_dir: Path, resuming: bool, logger: RunLogger) -> dict:
     log = logger.log
+    device = distributed.local_device(resolve_device(cfg.train.device))
     train_set, val_set = build_datasets(cfg)
-    cfg = resolve_classes(cfg, train_set, val_set)
+    cfg = resolve_classes(cfg, train_set, val_set)  # before check_resume: the saved config holds the classes
     log(describe_data(cfg, train_set, val_set))
+    if cfg.data.image_size is None:  # one batch stacks its images: several images per batch need one size
+        for dataset, batch in ((train_set, cfg.train.batch_size),
+                               (val_set, cfg.train.eval_batch_size or cfg.train.batch_size)):
+            if batch > 1:
+                require_one_size(dataset.paths, dataset.image_sizes)
+    state = None
+    if resuming:
+        if not (run_dir / "last.pt").is_file():
+            raise FileNotFoundError(f"{run_dir} has no last.pt to resume from (its first epoch never finished); "
+                                    "start the run again without --resume")
+        state = load_checkpoint(run_dir / "last.pt", map_location=device)
+        check_resume(state, cfg, run_dir)
+        cfg.output_dir = str(run_dir)
     if distributed.is_main():
         write_split(run_dir / SPLIT_FILE, cfg.data.root, train_set, val_set)
-    for dataset in (train_set, val_set):
-        check_images(dataset, logger)
+    generator = seed_everything(cfg.train.seed)
     image_shape = tuple(train_set[0][0].shape)
     if cfg.method == "patchgd" and cfg.model.patch_size > min(image_shape[1:]):
         raise ValueError(f"model.patch_size={cfg.model.patch_size} is larger than the {image_shape[1]}x"
                          f"{image_shape[2]} images of {train_set.origin}; expected at most "
                          f"{min(image_shape[1:])} px (a smaller patch, or no data.image_size downscaling)")
-    if cfg.memory.budget is not None and resume is None:
+    if cfg.memory.budget is not None and not resuming:
         from .plan import plan_budget  # the planner measures trial steps: only when a budget asks for it
 
         # One process plans its own batch; all take its choice, so every process steps on equal batches.
@@ -484,7 +568,7 @@ def _fit(cfg: Config, run_dir: Path, resume, device: torch.device, generator: to
         cfg = plan.apply(cfg)
 
     model = build_model(cfg)
-    if cfg.model.init_backbone is not None and resume is None:
+    if cfg.model.init_backbone is not None and not resuming:
         loaded = init_backbone(model, cfg.model.init_backbone)
         log(f"backbone initialised from {cfg.model.init_backbone}: {loaded} tensors")
     if cfg.train.sync_batchnorm:
@@ -507,23 +591,29 @@ def _fit(cfg: Config, run_dir: Path, resume, device: torch.device, generator: to
     if shared:
         method.fill = functools.partial(distributed.parallel_fill, model)
     distributed.wrap(method)
-    train_set.transform = build_augmentation(cfg)
     sampler = distributed.train_sampler(train_set, cfg.train.seed, shared=shared)
     loader_generator = torch.Generator()
-    train_loader = build_train_loader(cfg, train_set, loader_generator, sampler)
+    drop_last = train_loader_drops_last(len(sampler) if sampler is not None else len(train_set),
+                                        cfg.train.batch_size)
+    if drop_last:
+        log(f"{len(train_set)} training images in batches of {cfg.train.batch_size} would leave a last batch "
+            "of one image: it is dropped (a different image each epoch)")
+    train_set.transform = build_augmentation(cfg)
+    train_loader = build_train_loader(cfg, train_set, loader_generator, sampler, drop_last)
+    if len(train_loader) == 0:
+        raise ValueError(f"{train_set.origin}: {len(train_set)} training image(s); expected at least 2")
     val_loader = DataLoader(distributed.eval_shard(val_set),
                             batch_size=cfg.train.eval_batch_size or cfg.train.batch_size,
                             num_workers=cfg.data.num_workers)
     scheduler = build_scheduler(cfg, optimizer, len(train_loader))  # batches per process = global steps
 
-    start_epoch, best_accuracy, best_epoch = 1, -1.0, 0
-    if resume is not None:
-        state = torch.load(run_dir / "last.pt", map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if method.scaler is not None and state.get("scaler"):
-            method.scaler.load_state_dict(state["scaler"])
+    start_epoch, best_accuracy, best_epoch, history = 1, -1.0, 0, []
+    if state is not None:
+        if state["steps_per_epoch"] != len(train_loader):
+            raise ValueError(f"--resume {run_dir}: the training set gives {len(train_loader)} batches per epoch "
+                             f"({len(train_set)} images) but gave {state['steps_per_epoch']} when the run "
+                             "started; the learning-rate schedule depends on it. Start a new run")
+        restore_training_state(state, model, optimizer, scheduler, method.scaler)
         per_rank = state.get("rng_ranks") or [state["rng"]]
         if len(per_rank) == distributed.world_size():
             restore_rng_states(per_rank[distributed.rank()], generator)
@@ -531,8 +621,10 @@ def _fit(cfg: Config, run_dir: Path, resume, device: torch.device, generator: to
             log(f"warning: {run_dir / 'last.pt'} was written by {len(per_rank)} process(es), this run has "
                 f"{distributed.world_size()}: random states start afresh, so the run continues but will not "
                 "repeat an uninterrupted one")
-        start_epoch, best_accuracy = state["epoch"] + 1, state["best_accuracy"]
-        best_epoch = state.get("best_epoch", state["epoch"])
+        start_epoch, best_accuracy, history = state["epoch"] + 1, state["best_accuracy"], state["metrics"]
+        best_epoch = state["best_epoch"]
+        if distributed.is_main():
+            restore_run_files(run_dir, state)
         log(f"resuming {run_dir} at epoch {start_epoch}")
     if distributed.is_main():
         save_config(cfg, run_dir / "config.yaml")
@@ -548,22 +640,49 @@ def _fit(cfg: Config, run_dir: Path, resume, device: torch.device, generator: to
         if sampler is not None:
             sampler.set_epoch(epoch)
         lr = optimizer.param_groups[0]["lr"]
-        train_stats = train_one_epoch(method, train_loader, scheduler, epoch,
-                                      measure_step=min(1, len(train_loader) - 1), logger=logger,
-                                      global_step=(epoch - 1) * len(train_loader))
-        distributed.broadcast_buffers(model)  # evaluate what rank 0 saves: its BatchNorm statistics
-        results = evaluate(model, val_loader, device, cfg.data.num_classes, cfg.train.amp, logger=logger)
+        try:
+            train_stats = train_one_epoch(method, train_loader, scheduler, epoch,
+                                          measure_step=min(1, len(train_loader) - 1), logger=logger,
+                                          global_step=(epoch - 1) * len(train_loader))
+            distributed.broadcast_buffers(model)  # evaluate what rank 0 saves: its BatchNorm statistics
+            results = evaluate(model, val_loader, device, cfg.data.num_classes, cfg.train.amp, logger=logger)
+            if results["non_finite"]:
+                raise DivergenceError(f"epoch {epoch}: {results['non_finite']} of {len(val_set)} validation "
+                                      "images got non-finite logits (lower train.lr, or check the data: "
+                                      "data.verify=full finds non-finite pixels)")
+        except (DivergenceError, distributed.RankFailure) as err:
+            kept = (f"the checkpoints in {run_dir} keep epoch {epoch - 1}, the last with finite weights"
+                    if epoch > 1 else "no checkpoint was written")
+            raise DivergenceError(f"training diverged: {err}; {kept}") from None
         elapsed = time.perf_counter() - started
         peak = max(peak, train_stats["peak_memory_bytes"])
-        if results["accuracy"] > best_accuracy:  # the gathered results: every process decides alike
+        history = [*history, {
+            "epoch": epoch, "lr": lr, "train_loss": train_stats["train_loss"], "val_loss": results["loss"],
+            "val_accuracy": results["accuracy"], "val_qwk": results["qwk"],
+            "peak_memory_bytes": train_stats["peak_memory_bytes"],
+            "peak_process_bytes": train_stats["peak_process_bytes"], "epoch_time_s": round(elapsed, 3)}]
+        if results["accuracy"] > best_accuracy:
             best_accuracy, best_epoch = results["accuracy"], epoch
         rngs = distributed.gather_objects(rng_states(generator))
         if distributed.is_main():
-            save_epoch(run_dir, cfg, epoch, lr, train_stats, results, elapsed, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": method.scaler.state_dict() if method.scaler else None,
-                "epoch": epoch, "best_accuracy": best_accuracy, "best_epoch": best_epoch,
-                "config": config_to_dict(cfg), "rng": rngs[0], "rng_ranks": rngs if world > 1 else None})
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(),
+                     "scaler": method.scaler.state_dict() if method.scaler else None,
+                     "epoch": epoch, "best_accuracy": best_accuracy, "best_epoch": best_epoch,
+                     "config": config_to_dict(cfg), "rng": rngs[0], "rng_ranks": rngs if world > 1 else None,
+                     "metrics": history, "steps_per_epoch": len(train_loader)}
+            # last.pt first, then best.pt as its copy, then the metrics row: a kill at any point leaves a
+            # last.pt that the resume completes the rest from (see restore_run_files), never a row or a
+            # best.pt without its weights.
+            save_checkpoint(run_dir / "last.pt", state)
+            if best_epoch == epoch:
+                copy_checkpoint(run_dir / "last.pt", run_dir / "best.pt")
+            write_metrics(run_dir / "metrics.csv", history)
+            with atomic_file(run_dir / "eval.json") as tmp:
+                tmp.write_text(json.dumps({**results, "confusion": results["confusion"].tolist(), "epoch": epoch,
+                                           "classes": cfg.data.classes}, indent=2))
+            plot_learning_curves(run_dir / "metrics.csv", run_dir / "learning_curves.png",
+                                 num_classes=cfg.data.num_classes)
         log(epoch_summary(epoch, cfg, train_stats, results, elapsed))
         log_epoch(logger, epoch, lr, train_stats, results)
         if cfg.train.patience is not None and epoch - best_epoch >= cfg.train.patience:
@@ -573,4 +692,5 @@ def _fit(cfg: Config, run_dir: Path, resume, device: torch.device, generator: to
     distributed.barrier()  # when fit returns on any process, the run directory is complete
 
     return {"run_dir": str(run_dir), "best_accuracy": best_accuracy, "best_epoch": best_epoch,
-            "final_accuracy": results.get("accuracy"), "epochs": epoch, "peak_memory_bytes": peak, "config": cfg}
+            "final_accuracy": results.get("accuracy"), "epochs": epoch, "peak_memory_bytes": peak,
+            "config": cfg}

@@ -5,8 +5,10 @@ stratified validation split; and the per-channel statistics to normalise them.""
 from __future__ import annotations
 
 import csv
+import functools
 import math
 import os
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -17,8 +19,9 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from patchgd.data.errors import DataError
-from patchgd.data.images import IMAGE_EXTENSIONS, read_image
+from patchgd.data.images import IMAGE_EXTENSIONS, check_images, read_image
 from patchgd.data.intensity import Intensity
+from patchgd.runlog import Progress
 
 LABEL_COLUMNS = ("label", "isup_grade")  # auto-detected in this order
 FOLD_COLUMN = "kfold"
@@ -43,6 +46,10 @@ class ImageDataset(Dataset):
         std: Per-channel standard deviation divided by; None for 1.
         intensity: How pixel values map to [0, 1] (default: :class:`~patchgd.data.intensity.Intensity`).
         transform: Applied to each ``(C, H, W)`` [0, 1] image before normalisation (augmentation).
+        verify: How the images are checked when the dataset is built: ``"header"`` reads each header
+            (size, channels, pixel type), ``"full"`` decodes each image whole (and checks its values against
+            ``intensity``); None leaves the images to a caller that reads them its own way. ``image_sizes``
+            holds each image's ``(height, width)`` as stored (None without a check).
     """
 
     def __init__(
@@ -58,6 +65,7 @@ class ImageDataset(Dataset):
         std: Sequence[float] | None = None,
         intensity: Intensity | None = None,
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        verify: str | None = "header",
     ) -> None:
         if in_chans not in (1, 3):
             raise ValueError(f"in_chans={in_chans}; expected 1 or 3")
@@ -75,6 +83,11 @@ class ImageDataset(Dataset):
             raise ValueError(f"std={std}; expected positive values")
         self.intensity = intensity or Intensity()
         self.transform = transform
+        self.image_sizes = None
+        if verify is not None:
+            shown = Progress(self.paths, f"checking {origin}", every=max(10, len(self.paths) // 10), unit="image",
+                             write=functools.partial(print, file=sys.stderr))
+            self.image_sizes = check_images(shown, in_chans, full=verify == "full", intensity=self.intensity)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -96,10 +109,13 @@ class ImageDataset(Dataset):
     def subset(self, indices: Sequence[int]) -> ImageDataset:
         """A dataset of the items at ``indices``, read the same way (without ``transform``)."""
         indices = list(indices)
-        return ImageDataset([self.paths[i] for i in indices], [self.labels[i] for i in indices],
-                            classes=self.classes, origin=self.origin, in_chans=self.in_chans,
-                            image_size=self.image_size, mean=self.mean.flatten().tolist(),
-                            std=self.std.flatten().tolist(), intensity=self.intensity)
+        subset = ImageDataset([self.paths[i] for i in indices], [self.labels[i] for i in indices],
+                              classes=self.classes, origin=self.origin, in_chans=self.in_chans,
+                              image_size=self.image_size, mean=self.mean.flatten().tolist(),
+                              std=self.std.flatten().tolist(), intensity=self.intensity, verify=None)
+        if self.image_sizes is not None:  # checked already, as part of this dataset
+            subset.image_sizes = [self.image_sizes[i] for i in indices]
+        return subset
 
 
 class ImageCSVDataset(ImageDataset):
@@ -127,7 +143,8 @@ class ImageCSVDataset(ImageDataset):
 
     Raises:
         FileNotFoundError: The CSV, the image folder or an image file is missing.
-        DataError: A column is missing or a label or fold value is invalid.
+        DataError: A column is missing, a row is malformed or repeated, a label or fold value is invalid,
+            or an image fails its check.
 
     Example:
         >>> ds = ImageCSVDataset("data/panda/train.csv", num_classes=6, fold=0, split="val",
@@ -158,6 +175,7 @@ class ImageCSVDataset(ImageDataset):
         rows, columns = _read_csv(self.csv_path)
         self.label_column = _pick_label_column(self.csv_path, columns, label_column)
         _require_column(self.csv_path, columns, id_column, "image id")
+        _check_unique(self.csv_path, rows, id_column, self.label_column)
         if fold is not None:
             _require_column(self.csv_path, columns, FOLD_COLUMN, "fold")
             rows = _select_fold(self.csv_path, rows, fold, split)
@@ -357,16 +375,43 @@ def _read_csv(path: Path) -> tuple[list[tuple[int, dict[str, str]]], list[str]]:
     if not path.is_file():
         raise FileNotFoundError(f"CSV file {path} does not exist")
     # utf-8-sig: spreadsheets often prepend a byte-order mark that would otherwise rename the first column.
-    with path.open(newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        columns = [c.strip() for c in reader.fieldnames or []]
-        reader.fieldnames = columns
-        rows = [(reader.line_num, row) for row in reader]
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            columns = [c.strip() for c in reader.fieldnames or []]
+            reader.fieldnames = columns
+            rows = [(reader.line_num, row) for row in reader]
+    except UnicodeDecodeError as err:
+        utf16 = path.read_bytes()[:2] in (b"\xff\xfe", b"\xfe\xff")
+        raise DataError(f"{path}: not UTF-8 text ({'a UTF-16 file' if utf16 else f'byte {err.start}'}); "
+                        "expected a UTF-8 CSV (save it as 'CSV UTF-8')") from None
+    for line, row in rows:
+        # DictReader files surplus fields under None and fills missing ones with None.
+        if None in row or None in row.values():
+            found = len(columns) + len(row.get(None, ())) - list(row.values()).count(None)
+            raise DataError(f"{path}, line {line}: {found} fields; expected {len(columns)} (the header's "
+                            f"{','.join(columns)})")
     if not columns:
         raise DataError(f"{path}: empty file; expected a header line such as image_id,label")
     if not rows:
         raise DataError(f"{path}: no rows after the header")
     return rows, columns
+
+
+def _check_unique(path: Path, rows: list[tuple[int, dict[str, str]]], id_column: str, label_column: str) -> None:
+    """Each image listed once: a repeated row would weigh its image twice, two labels contradict."""
+    first: dict[str, tuple[int, str]] = {}
+    for line, row in rows:
+        image_id, label = row[id_column], row[label_column]
+        if image_id not in first:
+            first[image_id] = (line, label)
+            continue
+        seen_line, seen_label = first[image_id]
+        if seen_label != label:
+            raise DataError(f"{path}, lines {seen_line} and {line}: image {image_id!r} has two labels "
+                            f"({seen_label!r} and {label!r}); expected one row per image")
+        raise DataError(f"{path}, lines {seen_line} and {line}: image {image_id!r} is listed twice; expected "
+                        "one row per image")
 
 
 def _pick_label_column(path: Path, columns: list[str], label_column: str | None) -> str:

@@ -103,7 +103,7 @@ def check_pixels(array: np.ndarray, path: str | Path, intensity: Intensity) -> n
         raise DataError(f"{path}: pixel type {array.dtype}; expected integers or floats")
     floating = np.issubdtype(array.dtype, np.floating)
     if floating and not np.isfinite(array).all():
-        raise DataError(f"{path}: {np.count_nonzero(~np.isfinite(array))} pixel(s) are NaN or infinite; "
+        raise DataError(f"{path}: {np.count_nonzero(~np.isfinite(array))} non-finite pixel value(s) (nan or inf); "
                         "expected finite values")
     low, high = array.min(), array.max()
     if intensity.mode == "percentile":
