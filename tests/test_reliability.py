@@ -152,11 +152,11 @@ def test_a_diverging_run_exits_non_zero_naming_epoch_step_and_value(tmp_path, da
 def test_divergence_in_a_later_epoch_keeps_the_last_finite_checkpoints(tmp_path, data, monkeypatch):
     real_epoch = patchgd.train.train_one_epoch
 
-    def absurd_rate_in_epoch_2(method, loader, scheduler, epoch, measure_step):
+    def absurd_rate_in_epoch_2(method, loader, scheduler, epoch, measure_step, **kwargs):
         if epoch == 2:  # one absurd learning rate for the first step of epoch 2
             for group in method.optimizer.param_groups:
                 group["lr"] = 1e30
-        return real_epoch(method, loader, scheduler, epoch, measure_step)
+        return real_epoch(method, loader, scheduler, epoch, measure_step, **kwargs)
 
     monkeypatch.setattr(patchgd.train, "train_one_epoch", absurd_rate_in_epoch_2)
     cfg = patchgd.config.load_config(write_config(tmp_path, data, train__epochs=3, train__optimizer="sgd"))
@@ -173,8 +173,8 @@ def test_divergence_in_a_later_epoch_keeps_the_last_finite_checkpoints(tmp_path,
 def test_non_finite_validation_outputs_never_make_a_best_checkpoint(tmp_path, data, monkeypatch):
     real_epoch = patchgd.train.train_one_epoch
 
-    def poison_head_statistics_in_epoch_2(method, loader, scheduler, epoch, measure_step):
-        stats = real_epoch(method, loader, scheduler, epoch, measure_step)
+    def poison_head_statistics_in_epoch_2(method, loader, scheduler, epoch, measure_step, **kwargs):
+        stats = real_epoch(method, loader, scheduler, epoch, measure_step, **kwargs)
         if epoch == 2:  # eval mode uses running statistics: every validation logit becomes NaN
             bn = next(m for m in method.model.head.modules() if isinstance(m, torch.nn.BatchNorm2d))
             bn.running_var.fill_(float("nan"))
