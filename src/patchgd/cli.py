@@ -88,17 +88,16 @@ def _load_checkpoint(path: str | Path, device: torch.device):
 
 
 def cmd_evaluate(args) -> int:
-    from .data.datasets import ImageCSVDataset
-    from .train import evaluate, resolve_device
+    from .data.datasets import ImageCSVDataset, collate_images
+    from .train import evaluate, read_options, resolve_device
 
     device = resolve_device(args.device)
     model, cfg = _load_checkpoint(args.checkpoint, device)
     data = Path(args.data)
     csv_path = data if data.suffix == ".csv" else data / args.csv
     dataset = ImageCSVDataset(csv_path, args.image_dir, num_classes=cfg.data.num_classes,
-                              label_column=cfg.data.label_column, in_chans=cfg.model.in_chans,
-                              image_size=cfg.data.image_size, mean=cfg.data.mean, std=cfg.data.std)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size)
+                              label_column=cfg.data.label_column, **read_options(cfg))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate_images)
     results = evaluate(model, loader, device, cfg.data.num_classes)
     results["confusion"] = results["confusion"].tolist()
     if args.json:
@@ -113,18 +112,17 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from .data.datasets import load_image, per_channel
-    from .train import resolve_device
+    from .data.datasets import load_image
+    from .train import read_options, resolve_device
 
     device = resolve_device(args.device)
     model, cfg = _load_checkpoint(args.checkpoint, device)
-    channels = cfg.model.in_chans
-    mean, std = per_channel(cfg.data.mean, 0.0, channels, "mean"), per_channel(cfg.data.std, 1.0, channels, "std")
     predictions = []
     for path in args.images:
-        image = (load_image(path, channels, cfg.data.image_size) - mean) / std
+        image = load_image(path, **read_options(cfg))
+        batch = image[None].to(device) if isinstance(image, torch.Tensor) else [image]
         with torch.inference_mode():
-            probs = torch.softmax(model(image[None].to(device)).float(), dim=1)[0].cpu()
+            probs = torch.softmax(model(batch).float(), dim=1)[0].cpu()
         predictions.append({"image": str(path), "class": int(probs.argmax()),
                             "probabilities": [round(float(p), 6) for p in probs]})
     if args.json:
@@ -240,9 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="print the results as JSON")
     ev.set_defaults(func=cmd_evaluate)
 
-    pred = sub.add_parser("predict", help="predict the class of images with a checkpoint")
+    pred = sub.add_parser("predict", help="predict the class of images (or whole-slide images) with a checkpoint")
     pred.add_argument("checkpoint", help="best.pt or last.pt of a run")
-    pred.add_argument("images", nargs="+", help="image files")
+    pred.add_argument("images", nargs="+", help="image or slide files, read as the run's config says "
+                      "(data.level/mpp, data.tissue)")
     pred.add_argument("--device", default="auto")
     pred.add_argument("--json", action="store_true", help="print the predictions as JSON")
     pred.set_defaults(func=cmd_predict)

@@ -334,7 +334,8 @@ METHODS = ("patchgd", "gd", "gd-extended")
 def create_model(method: str, backbone: str | nn.Module, num_classes: int, *, patch_size: int = 128,
                  latent_dim: int = 256, in_chans: int = 3, pretrained: str | None = None,
                  head_width: int = 256, head_dropout: float = 0.2, pad_value: float = 0.0,
-                 image_size: int | None = None, channels_last: bool = False) -> nn.Module:
+                 image_size: int | None = None, channels_last: bool = False, mean: list[float] | None = None,
+                 std: list[float] | None = None, fill_workers: int = 0) -> nn.Module:
     """Build the model a method trains.
 
     Args:
@@ -350,12 +351,17 @@ def create_model(method: str, backbone: str | nn.Module, num_classes: int, *, pa
         pad_value: PatchGD's padding value.
         image_size: Input size of the whole image, for GD backbones built for one (ViTs).
         channels_last: Channels-last memory format.
+        mean: Per-channel mean of the [0, 1]-scaled pixels (the model normalises on the device).
+        std: Per-channel standard deviation.
+        fill_workers: PatchGD's reader processes for disk-backed images while filling ``Z``.
     """
     if method == "patchgd":
         return PatchGDClassifier(backbone, num_classes, patch_size, latent_dim, in_chans=in_chans,
                                  pretrained=pretrained, pad_value=pad_value, head_width=head_width,
-                                 head_dropout=head_dropout, channels_last=channels_last)
-    common = dict(in_chans=in_chans, pretrained=pretrained, img_size=image_size, channels_last=channels_last)
+                                 head_dropout=head_dropout, channels_last=channels_last, mean=mean, std=std,
+                                 fill_workers=fill_workers)
+    common = dict(in_chans=in_chans, pretrained=pretrained, img_size=image_size, channels_last=channels_last,
+                  mean=mean, std=std)
     if method == "gd":
         return GDClassifier(backbone, num_classes, **common)
     if method == "gd-extended":

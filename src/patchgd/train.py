@@ -19,8 +19,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .config import Config, config_to_dict, save_config
-from .data.datasets import ImageCSVDataset
-from .grid import grid_shape
+from .data.datasets import ImageCSVDataset, collate_images
+from .grid import LazyImage, grid_shape
 from .io import atomic_file
 from .memory import PeakMemory, format_size
 from .methods import autocast, classification_loss, create_method, create_model, patches_per_iteration
@@ -46,9 +46,7 @@ def build_datasets(cfg: Config) -> tuple[ImageCSVDataset, ImageCSVDataset]:
     if cfg.data.root is None:
         raise ValueError("data.root is not set: point it at the folder holding the CSVs and images")
     root = Path(cfg.data.root)
-    common = dict(num_classes=cfg.data.num_classes, label_column=cfg.data.label_column,
-                  in_chans=cfg.model.in_chans, image_size=cfg.data.image_size, mean=cfg.data.mean,
-                  std=cfg.data.std)
+    common = dict(num_classes=cfg.data.num_classes, label_column=cfg.data.label_column, **read_options(cfg))
     if cfg.data.val_csv is None:
         if cfg.data.fold is None:
             raise ValueError("data.val_csv is null but data.fold is not set: name a validation CSV or a fold")
@@ -59,13 +57,23 @@ def build_datasets(cfg: Config) -> tuple[ImageCSVDataset, ImageCSVDataset]:
             ImageCSVDataset(root / cfg.data.val_csv, root / cfg.data.val_dir, **common))
 
 
+def read_options(cfg: Config) -> dict:
+    """How ``cfg`` reads an image (:func:`~patchgd.data.datasets.load_image`'s options): PatchGD keeps files
+    that can be read in pieces lazy, on its patch grid; the GD baselines read every image whole."""
+    d = cfg.data
+    return dict(in_chans=cfg.model.in_chans, image_size=d.image_size, level=d.level, mpp=d.mpp,
+                patch_size=cfg.model.patch_size if cfg.method == "patchgd" else None, tissue=d.tissue,
+                tissue_fraction=d.tissue_fraction)
+
+
 def build_model(cfg: Config) -> nn.Module:
     """The model ``cfg.method`` trains, on the CPU."""
     m = cfg.model
     return create_model(cfg.method, m.backbone, cfg.data.num_classes, patch_size=m.patch_size,
                         latent_dim=m.latent_dim, in_chans=m.in_chans, pretrained=m.pretrained,
                         head_width=m.head_width, head_dropout=m.head_dropout, pad_value=cfg.data.pad_value,
-                        image_size=cfg.data.image_size, channels_last=m.channels_last)
+                        image_size=cfg.data.image_size, channels_last=m.channels_last, mean=cfg.data.mean,
+                        std=cfg.data.std, fill_workers=cfg.data.num_workers)
 
 
 def init_backbone(model: nn.Module, path: str | Path) -> int:
@@ -132,6 +140,13 @@ def build_method(cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer
                          fill_batch_size=p.fill_batch_size, generator=generator)
 
 
+def item_shape(image: torch.Tensor | LazyImage) -> tuple[int, int, int]:
+    """``(C, H, W)`` of a dataset item, read from a slide's header for a :class:`~patchgd.grid.LazyImage`."""
+    if isinstance(image, LazyImage):
+        return image.source.channels, image.source.height, image.source.width
+    return tuple(image.shape)
+
+
 def patches_per_step(cfg: Config, image_shape: tuple[int, ...]) -> int:
     """Patches a PatchGD inner iteration holds with gradients: ``B * k``; also its default fill chunk."""
     rows, cols = grid_shape(image_shape[-2], image_shape[-1], cfg.model.patch_size)
@@ -165,8 +180,10 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, num_cla
     model.eval()
     all_logits, all_labels = [], []
     for images, labels in tqdm(loader, desc="eval", leave=False, dynamic_ncols=True):
+        if isinstance(images, torch.Tensor):
+            images = images.to(device, non_blocking=True)
         with autocast(device, amp):
-            all_logits.append(model(images.to(device)).float().cpu())
+            all_logits.append(model(images).float().cpu())
         all_labels.append(labels)
     logits, labels = torch.cat(all_logits), torch.cat(all_labels)
     results = evaluate_predictions(logits, labels, num_classes)
@@ -237,7 +254,7 @@ def fit(cfg: Config, resume: str | Path | None = None, *, log=print) -> dict:
     device = resolve_device(cfg.train.device)
     generator = seed_everything(cfg.train.seed)
     train_set, val_set = build_datasets(cfg)
-    image_shape = tuple(train_set[0][0].shape)
+    image_shape = item_shape(train_set[0][0])
     if cfg.method == "patchgd" and cfg.model.patch_size > min(image_shape[1:]):
         raise ValueError(f"model.patch_size={cfg.model.patch_size} is larger than the {image_shape[1]}x"
                          f"{image_shape[2]} images of {train_set.csv_path}; expected at most "
@@ -262,9 +279,10 @@ def fit(cfg: Config, resume: str | Path | None = None, *, log=print) -> dict:
     method = build_method(cfg, model, optimizer, generator)
     loader_generator = torch.Generator()
     train_loader = DataLoader(train_set, batch_size=cfg.train.batch_size, shuffle=True,
-                              num_workers=cfg.data.num_workers, generator=loader_generator)
+                              num_workers=cfg.data.num_workers, generator=loader_generator,
+                              collate_fn=collate_images)
     val_loader = DataLoader(val_set, batch_size=cfg.train.eval_batch_size or cfg.train.batch_size,
-                            num_workers=cfg.data.num_workers)
+                            num_workers=cfg.data.num_workers, collate_fn=collate_images)
     scheduler = build_scheduler(cfg, optimizer, len(train_loader))
 
     start_epoch, best_accuracy = 1, -1.0
