@@ -40,3 +40,18 @@ def test_patches_per_image_and_flat_indices_agree():
 def test_rejects_non_4d_input():
     with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
         PatchGrid(torch.zeros(3, 8, 8), 4)
+
+
+def test_patch_range_equals_slicing_for_every_run_of_cells():
+    # 2 images of a padded 3 x 4 grid (5 x 7 px, patch 2): runs that start and stop mid-row, cover whole
+    # rows, and cross from one image into the next are all cut as a per-cell slice loop would cut them.
+    images = torch.randn(2, 3, 5, 7)
+    padded = torch.nn.functional.pad(images, (0, 1, 0, 1), value=0.5)
+    grid = PatchGrid(images, 2, pad_value=0.5)
+    naive = torch.stack([padded[b, :, r * 2:r * 2 + 2, c * 2:c * 2 + 2]
+                         for b in range(2) for r in range(3) for c in range(4)])
+    for start in range(25):
+        for stop in range(start, 25):
+            assert torch.equal(grid.patch_range(start, stop), naive[start:stop]), (start, stop)
+    with pytest.raises(ValueError, match="outside"):
+        grid.patch_range(3, 25)

@@ -76,6 +76,8 @@ class PatchGrid:
         self.device = images.device
         # (B, C, m, n, p, p) view sharing the image storage.
         self._cells = images.unfold(2, patch_size, patch_size).unfold(3, patch_size, patch_size)
+        # The same cells as (B, m, n, C, p, p), still a view: a run of whole grid rows is one strided copy.
+        self._rows = self._cells.permute(0, 2, 3, 1, 4, 5)
 
     @property
     def num_cells(self) -> int:
@@ -101,6 +103,43 @@ class PatchGrid:
         picked = self._cells[images, :, rows, cols]
         return picked.reshape(-1, *picked.shape[-3:])
 
+    def patch_range(self, start: int, stop: int) -> torch.Tensor:
+        """Copy out the patches of a run of flat cells, counted image-major: ``b * m * n + i``.
+
+        The fill's access pattern. Whole grid rows are cut as strided copies of the image rows they
+        cover, with no per-patch gather: for small patches several times faster than :meth:`patches`.
+
+        Args:
+            start: First flat cell, in ``[0, B * m * n)``.
+            stop: One past the last flat cell.
+
+        Returns:
+            ``(stop - start, C, p, p)`` tensor of patches, in flat-cell order.
+
+        Example:
+            >>> grid = PatchGrid(torch.zeros(2, 3, 300, 512), 128)
+            >>> grid.patch_range(10, 15).shape  # image 0 cells 10, 11; image 1 cells 0, 1, 2
+            torch.Size([5, 3, 128, 128])
+        """
+        if not 0 <= start <= stop <= self.batch_size * self.num_cells:
+            raise ValueError(f"cell range [{start}, {stop}) is outside the {self.batch_size} x {self.num_cells} "
+                             "cells of the grid")
+        out = self._rows.new_empty(stop - start, *self._rows.shape[-3:])
+        done = 0
+        while start + done < stop:
+            image, cell = divmod(start + done, self.num_cells)
+            row, col = divmod(cell, self.cols)
+            left = min(stop - start - done, self.num_cells - cell)  # cells still wanted in this image
+            if col or left < self.cols:  # a partial row
+                count = min(left, self.cols - col)
+                out[done:done + count] = self._rows[image, row, col:col + count]
+            else:
+                whole_rows = left // self.cols
+                count = whole_rows * self.cols
+                out[done:done + count].view(whole_rows, self.cols, *out.shape[1:]).copy_(
+                    self._rows[image, row:row + whole_rows])
+            done += count
+        return out
 
 @dataclass(eq=False)
 class LazyImage:

@@ -32,7 +32,9 @@ class PatchGDClassifier(nn.Module):
         pad_value: Pixel value (in the images' own units, e.g. 0-255 for uint8) that pads images whose sides
             are not multiples of ``patch_size``; a patch of it is the "blank patch" whose code fills the
             background cells of a tissue mask.
-        fill_batch_size: Default number of patches per backbone call in :meth:`fill_z`.
+        fill_batch_size: Default number of patches per backbone call in :meth:`fill_z`; None (the default)
+            encodes one grid row of every image per call (``B * n`` patches), which on the CPU is faster and
+            smaller than larger chunks (benchmarks/RESULTS.md, "inference").
         head_width: Channels of the conv head.
         head_dropout: Dropout2d probability of the conv head.
         channels_last: Feed patches to the backbone in channels-last memory format.
@@ -49,13 +51,13 @@ class PatchGDClassifier(nn.Module):
 
     def __init__(self, backbone: str | nn.Module, num_classes: int, patch_size: int, latent_dim: int = 256,
                  head: str | nn.Module = "conv", *, in_chans: int = 3, pretrained: str | Path | None = None,
-                 pad_value: float = 0.0, fill_batch_size: int = 64, head_width: int = 256,
+                 pad_value: float = 0.0, fill_batch_size: int | None = None, head_width: int = 256,
                  head_dropout: float = 0.2, channels_last: bool = False, mean: list[float] | None = None,
                  std: list[float] | None = None, fill_workers: int = 0):
         super().__init__()
         if patch_size <= 0:
             raise ValueError(f"patch_size must be positive, got {patch_size}")
-        if fill_batch_size <= 0:
+        if fill_batch_size is not None and fill_batch_size <= 0:
             raise ValueError(f"fill_batch_size must be positive, got {fill_batch_size}")
         if isinstance(backbone, str):
             backbone = PatchEncoder(backbone, latent_dim, patch_size, in_chans=in_chans, pretrained=pretrained)
@@ -115,23 +117,24 @@ class PatchGDClassifier(nn.Module):
 
         Args:
             images: ``(B, C, H, W)`` images, one item per image (see :meth:`grid`), or their grid.
-            batch_size: Patches per backbone call (default: ``self.fill_batch_size``).
+            batch_size: Patches per backbone call (default: ``self.fill_batch_size``, else one grid row of
+                every image).
 
         Returns:
             ``Z`` of shape ``(B, s, m, n)`` in the default dtype (float32 under mixed precision too),
             cells in row-major order.
         """
         grid = images if isinstance(images, (PatchGrid, SourceGrid)) else self.grid(images)
-        chunk = batch_size or self.fill_batch_size
         batch, cells = grid.batch_size, grid.num_cells
+        chunk = batch_size or self.fill_batch_size or batch * grid.cols
         device = grid.device
         with torch.no_grad():
             if isinstance(grid, PatchGrid):
                 z = torch.empty(batch, self.latent_dim, cells, device=device)
                 for start in range(0, batch * cells, chunk):
-                    flat = torch.arange(start, min(start + chunk, batch * cells), device=device)
-                    image_idx, cell_idx = flat // cells, flat % cells
-                    z[image_idx, :, cell_idx] = self.encode(grid.patches(cell_idx, image_idx)).to(z.dtype)
+                    stop = min(start + chunk, batch * cells)
+                    flat = torch.arange(start, stop, device=device)
+                    z[flat // cells, :, flat % cells] = self.encode(grid.patch_range(start, stop)).to(z.dtype)
             else:
                 z = torch.zeros(batch, self.latent_dim, cells, device=device)
                 image_idx, cell_idx = grid.encoded_cells()
