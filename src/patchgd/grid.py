@@ -259,18 +259,21 @@ class SourceGrid:
         """``(N, C, p, p)`` patches of the ``(image, cell)`` pairs, in their order, on the CPU."""
         image_idx, cell_idx = image_idx.cpu(), cell_idx.cpu()
         p = self.patch_size
-        out = torch.empty(len(cell_idx), self.channels, p, p, dtype=self.dtype)
+        pieces, positions = [], []
         for b in image_idx.unique().tolist():
             where = (image_idx == b).nonzero().squeeze(1)
             rows, cols = cell_idx[where].div(self.cols, rounding_mode="floor"), cell_idx[where] % self.cols
             item = self.items[b]
             if isinstance(item, LazyImage):
-                read = item.source.read_cells(list(zip(rows.tolist(), cols.tolist())), p, fill=self.pad_value)
-                out[where] = torch.from_numpy(np.ascontiguousarray(read))
+                read = item.source.read_cells(np.stack([rows.numpy(), cols.numpy()], axis=1), p, fill=self.pad_value)
+                pieces.append(torch.from_numpy(np.ascontiguousarray(read)))
             else:
                 own = self._tensor_grids[b]
-                out[where] = own.patches(rows * own.cols + cols, torch.zeros_like(rows)).cpu()
-        return out
+                pieces.append(own.patches(rows * own.cols + cols, torch.zeros_like(rows)).cpu())
+            positions.append(where)
+        # A gather, not an indexed write: index_put has no kernel for uint16 pixels.
+        order = torch.cat(positions).argsort()
+        return torch.cat(pieces)[order] if len(pieces) > 1 else pieces[0][order]
 
     def stream(self, image_idx: torch.Tensor, cell_idx: torch.Tensor, chunk: int,
                num_workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
