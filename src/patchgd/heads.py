@@ -43,9 +43,10 @@ class ConvHead(nn.Module):
     A batch of images of different sizes comes as one grid padded to the largest, with a cell ``mask``:
     the padded cells are zeroed before every convolution (so a smaller image's features never mix with
     its padding beyond the zero padding its convolutions would see anyway), the mask follows each
-    stride-2 convolution (an output cell is real when its 3 x 3 window holds a real cell), and the pool
-    averages real cells only. BatchNorm's batch statistics do include the zeroed cells. Without a mask
-    the head is the paper's, unchanged.
+    stride-2 convolution (an output cell is real when the centre of its 3 x 3 window is), and the pool
+    averages real cells only: in eval mode each image's logits equal those of the image alone.
+    BatchNorm's batch statistics in training do include the zeroed cells. Without a mask the head is the
+    paper's, unchanged.
 
     Args:
         in_channels: Channels of the input grid (the latent size ``s``, or a backbone's feature width for
@@ -76,7 +77,7 @@ class ConvHead(nn.Module):
         for block in self.features:
             x = block(x * mask)
             stride = block[0].stride[0]
-            if stride != 1:
-                mask = F.max_pool2d(mask, kernel_size=3, stride=stride, padding=1)
+            # An output cell exists for the image alone iff the centre of its window is a real cell.
+            mask = mask[:, :, ::stride, ::stride]
         pooled = (x * mask).sum(dim=(2, 3)) / mask.sum(dim=(2, 3)).clamp_min(1)
         return self.fc(pooled)
