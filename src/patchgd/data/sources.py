@@ -225,12 +225,11 @@ class PatchSource(abc.ABC):
                 region = self._region(level, y, 0, h, width)
             except Exception as err:
                 raise DataError(f"{self.path}: cannot decode level {level} rows {y}..{y + h} ({err})") from err
-            pieces.append(np.asarray(_to_pil(_to_uint8(self._to_channels(region))).reduce(factor)))
+            pieces.append(_from_pil(_to_pil(_to_uint8(self._to_channels(region))).reduce(factor)))
         picture = _to_pil(np.concatenate(pieces, axis=0))
         if picture.size != size:
             picture = picture.resize(size, Image.Resampling.BOX)
-        array = np.asarray(picture)
-        return array[:, :, None] if array.ndim == 2 else array
+        return _from_pil(picture)
 
     def describe(self) -> dict:
         """The file's pyramid and metadata, for ``patchgd inspect``.
@@ -704,3 +703,8 @@ def _to_uint8(array: np.ndarray) -> np.ndarray:
 
 def _to_pil(array: np.ndarray) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(array[:, :, 0] if array.shape[2] == 1 else array))
+
+
+def _from_pil(image: Image.Image) -> np.ndarray:
+    array = np.asarray(image)
+    return array[:, :, None] if array.ndim == 2 else array
