@@ -2,6 +2,7 @@
 tissue masks, batches of mixed image sizes. Every check is against an independent computation: the same
 pixels held in memory, a per-image run, or a backbone that records what it sees."""
 
+import json
 import math
 
 import numpy as np
@@ -183,3 +184,42 @@ def test_conv_head_without_padding_is_unchanged():
 def test_source_grid_rejects_mixed_pixel_types():
     with pytest.raises(ValueError, match="share channels and pixel type"):
         SourceGrid([torch.zeros(3, 16, 16, dtype=torch.uint8), torch.zeros(3, 16, 16)], P)
+
+
+def test_train_evaluate_predict_on_a_folder_of_slides(tmp_path, capsys):
+    """The whole path on pyramidal JPEG TIFFs of real tissue on white glass, tissue mask on (the default)."""
+    import yaml
+
+    from patchgd.cli import main
+    from patchgd.data.datasets import ImageCSVDataset
+
+    tissue = he_tile()
+    for split, count in (("train", 4), ("val", 2)):
+        (tmp_path / split).mkdir()
+        rows = ["image_id,label"]
+        for i in range(count):
+            canvas = np.full((256 + 32 * i, 320, 3), 245, np.uint8)  # sizes differ: mixed-size batches
+            canvas[16:16 + 240, 40:40 + 240] = tissue
+            write_pyramid_tiff(tmp_path / split / f"s{i}.tif", canvas, tile=64, levels=2)
+            rows.append(f"s{i},{i % 2}")
+        (tmp_path / f"{split}.csv").write_text("\n".join(rows) + "\n")
+    cfg = {"output_dir": str(tmp_path / "run"),
+           "model": {"backbone": "test_resnet", "patch_size": 64, "latent_dim": 8, "head_width": 8},
+           "data": {"root": str(tmp_path), "num_classes": 2, "pad_value": 255, "tissue_fraction": 0.5,
+                    "mean": [0.8], "std": [0.2]},
+           "train": {"epochs": 1, "batch_size": 2, "device": "cpu"}, "patchgd": {"sampling": 0.5}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+
+    train = ImageCSVDataset(tmp_path / "train.csv", in_chans=3, patch_size=64, tissue_fraction=0.5)
+    image = train[0][0]
+    assert isinstance(image, LazyImage) and image.tissue.shape == (4, 5)
+    assert 0 < image.tissue.sum() < 20  # the glass around the tissue is background
+
+    assert main(["train", "--config", str(tmp_path / "config.yaml")]) == 0
+    checkpoint = tmp_path / "run" / "best.pt"
+    capsys.readouterr()
+    assert main(["evaluate", str(checkpoint), "--data", str(tmp_path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["confusion"] is not None
+    assert main(["predict", str(checkpoint), str(tmp_path / "val" / "s1.tif"), "--json"]) == 0
+    (prediction,) = json.loads(capsys.readouterr().out)
+    assert prediction["class"] in (0, 1) and sum(prediction["probabilities"]) == pytest.approx(1, abs=1e-5)

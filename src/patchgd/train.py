@@ -159,7 +159,9 @@ def train_one_epoch(method, loader: DataLoader, scheduler, epoch: int, measure_s
     bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True)
     for i, (images, labels) in enumerate(bar):
         if i == measure_step:
-            with PeakMemory(method.device, baseline=(method.model, method.optimizer, images)) as meter:
+            # A list batch holds LazyImages (no pixels) besides its tensors.
+            held = [images] if isinstance(images, torch.Tensor) else [x for x in images if isinstance(x, torch.Tensor)]
+            with PeakMemory(method.device, baseline=(method.model, method.optimizer, *held)) as meter:
                 stats = method.step(images, labels)
             peak = meter.peak_bytes
         else:
