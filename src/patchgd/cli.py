@@ -1,4 +1,4 @@
-"""The ``patchgd`` command: generate, prepare, train, evaluate, predict, plan, stats, demo and bench."""
+"""The ``patchgd`` command: generate, prepare, train, evaluate, predict, inspect, plan, stats, demo and bench."""
 
 from __future__ import annotations
 
@@ -134,6 +134,35 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_inspect(args) -> int:
+    from .data.sources import open_source
+    from .data.tissue import tissue_cells
+    from .plots import plot_slide_grid
+
+    source = open_source(args.slide, level=args.level, mpp=args.mpp)
+    info = source.describe()
+    mpp = info["mpp"]
+    print(f"{info['path']}: {info['vendor'] or 'image'}, {'%.4g um/px at level 0' % mpp if mpp else 'no mpp'}")
+    print("level  height x width  downsample  um/px")
+    for k, lv in enumerate(info["levels"]):
+        chosen = "  <- chosen" if k == info["level"] else ""
+        lv_mpp = f"{lv['mpp']:.4g}" if lv["mpp"] else "-"
+        print(f"{k:5d}  {lv['height']:>6} x {lv['width']:<6}  {lv['downsample']:10.4g}  {lv_mpp:>5}{chosen}")
+    p = args.patch_size
+    rows, cols = -(-source.height // p), -(-source.width // p)
+    # The mask training uses (data.tissue.tissue_mask), from the thumbnail that is also drawn.
+    thumbnail = source.thumbnail(args.thumbnail_side)
+    mask = tissue_cells(thumbnail, source.height, source.width, p, args.tissue_fraction)
+    print(f"grid: {rows} x {cols} cells of {p} px at level {info['level']} ({rows * cols} cells)")
+    print(f"tissue: {int(mask.sum())} cells ({mask.mean():.1%}) with tissue fraction >= {args.tissue_fraction}")
+    if args.out:
+        title = (f"{Path(args.slide).name}  level {info['level']}  {rows}x{cols} cells of {p} px  "
+                 f"{int(mask.sum())} tissue cells (green border)")
+        plot_slide_grid(thumbnail, mask, source.height, source.width, p, args.out, title=title)
+        print(f"wrote {args.out} ({thumbnail.shape[1]} x {thumbnail.shape[0]} px)")
+    return 0
+
+
 def cmd_plan(args) -> int:
     from .plan import plan_from_config
     from .train import resolve_device
@@ -245,6 +274,19 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--device", default="auto")
     pred.add_argument("--json", action="store_true", help="print the predictions as JSON")
     pred.set_defaults(func=cmd_predict)
+
+    insp = sub.add_parser("inspect", help="levels, mpp and tissue grid of a slide or image; draws a thumbnail")
+    insp.add_argument("slide", help="a whole-slide file (svs, ndpi, mrxs, tiled tiff, ...) or an image")
+    insp.add_argument("--out", default=None, help="write a PNG thumbnail with the tissue cells and the grid")
+    insp.add_argument("--patch-size", type=int, default=256, help="grid patch side in pixels (default 256)")
+    res = insp.add_mutually_exclusive_group()
+    res.add_argument("--level", type=int, default=None, help="pyramid level (0 = full resolution, default)")
+    res.add_argument("--mpp", type=float, default=None, help="target microns per pixel instead of --level")
+    insp.add_argument("--tissue-fraction", type=float, default=0.1,
+                      help="smallest tissue fraction of a tissue cell (default 0.1, as data.tissue_fraction)")
+    insp.add_argument("--thumbnail-side", type=int, default=2048,
+                      help="long side of the thumbnail the tissue mask is computed on (default 2048)")
+    insp.set_defaults(func=cmd_inspect)
 
     plan = sub.add_parser("plan", help="fit a run into a memory budget and show the plan")
     with_config(plan)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from patchgd.data.sources import ArraySource, open_source
-from patchgd.data.tissue import cell_fractions, tissue_mask, tissue_pixels
+from patchgd.data.tissue import cell_fractions, hsv_saturation, tissue_mask, tissue_pixels
 from slide_files import he_tile, write_pyramid_tiff
 
 P = 64
@@ -85,3 +85,11 @@ def test_cell_fractions_match_block_means():
 def test_min_fraction_is_checked():
     with pytest.raises(ValueError, match="min_fraction=1.5"):
         tissue_mask(ArraySource(np.zeros((3, 8, 8), np.uint8)), 4, 1.5)
+
+
+def test_saturation_is_that_of_scikit_image():
+    from skimage.color import rgb2hsv
+
+    rgb = np.random.default_rng(2).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    rgb[0, :3] = [[0, 0, 0], [255, 255, 255], [7, 7, 7]]  # black and greys: saturation 0
+    np.testing.assert_allclose(hsv_saturation(rgb), rgb2hsv(rgb)[:, :, 1], atol=1e-6)
