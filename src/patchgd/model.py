@@ -16,6 +16,10 @@ from .normalize import Normalize
 
 __all__ = ["PatchGDClassifier", "GDClassifier", "GDExtendedClassifier"]
 
+# A slide's grid row can hold hundreds of patches: by default its fill reads and encodes at most this many
+# at a time, so that the fill's memory does not grow with the slide's width.
+SOURCE_FILL_CHUNK = 64
+
 
 class PatchGDClassifier(nn.Module):
     """Backbone ``f_θ1`` (patch -> ``s`` features) and head ``g_θ2`` (``Z`` -> logits).
@@ -118,7 +122,7 @@ class PatchGDClassifier(nn.Module):
         Args:
             images: ``(B, C, H, W)`` images, one item per image (see :meth:`grid`), or their grid.
             batch_size: Patches per backbone call (default: ``self.fill_batch_size``, else one grid row of
-                every image).
+                every image, at most ``SOURCE_FILL_CHUNK`` = 64 patches on a :class:`SourceGrid`).
 
         Returns:
             ``Z`` of shape ``(B, s, m, n)`` in the default dtype (float32 under mixed precision too),
@@ -127,6 +131,8 @@ class PatchGDClassifier(nn.Module):
         grid = images if isinstance(images, (PatchGrid, SourceGrid)) else self.grid(images)
         batch, cells = grid.batch_size, grid.num_cells
         chunk = batch_size or self.fill_batch_size or batch * grid.cols
+        if isinstance(grid, SourceGrid) and not (batch_size or self.fill_batch_size):
+            chunk = min(chunk, SOURCE_FILL_CHUNK)
         device = grid.device
         with torch.no_grad():
             if isinstance(grid, PatchGrid):

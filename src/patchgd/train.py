@@ -256,12 +256,17 @@ def fit(cfg: Config, resume: str | Path | None = None, *, log=print) -> dict:
     device = resolve_device(cfg.train.device)
     generator = seed_everything(cfg.train.seed)
     train_set, val_set = build_datasets(cfg)
+    lazy = isinstance(train_set[0][0], LazyImage)
     image_shape = item_shape(train_set[0][0])
     if cfg.method == "patchgd" and cfg.model.patch_size > min(image_shape[1:]):
         raise ValueError(f"model.patch_size={cfg.model.patch_size} is larger than the {image_shape[1]}x"
                          f"{image_shape[2]} images of {train_set.csv_path}; expected at most "
                          f"{min(image_shape[1:])} px (a smaller patch, or no data.image_size downscaling)")
     if cfg.memory.budget is not None and resume is None:
+        if lazy:
+            raise ValueError(f"memory.budget={cfg.memory.budget!r}: the planner measures trial steps on whole "
+                             f"images in memory, which a {image_shape[1]}x{image_shape[2]} slide of "
+                             f"{train_set.paths[0]} must not be; set train.batch_size and patchgd.sampling instead")
         from .plan import plan_budget  # the planner measures trial steps: only when a budget asks for it
 
         plan = plan_budget(cfg, image_shape, device)
@@ -276,7 +281,9 @@ def fit(cfg: Config, resume: str | Path | None = None, *, log=print) -> dict:
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if cfg.method == "patchgd":
-        model.fill_batch_size = cfg.patchgd.fill_batch_size or patches_per_step(cfg, image_shape)
+        # A slide's B * k over its whole grid could be thousands of patches: its evaluation fills one grid
+        # row of every image per call (the model's default) unless fill_batch_size is set.
+        model.fill_batch_size = cfg.patchgd.fill_batch_size or (None if lazy else patches_per_step(cfg, image_shape))
     optimizer = build_optimizer(cfg, model)
     method = build_method(cfg, model, optimizer, generator)
     loader_generator = torch.Generator()
