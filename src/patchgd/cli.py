@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -53,6 +54,7 @@ def cmd_stats(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from . import distributed
     from .train import fit
 
     if args.resume:
@@ -64,8 +66,10 @@ def cmd_train(args) -> int:
         if args.config is None:
             raise ConfigError("patchgd train needs --config FILE.yaml (or --resume RUN_DIR)")
         cfg = _config_from_args(args)
-    summary = fit(cfg, resume=args.resume)
-    print(f"best val accuracy {summary['best_accuracy']:.4f}; run directory {summary['run_dir']}")
+    with distributed.process_group(cfg.train.device):  # joins torchrun's group; nothing when run alone
+        summary = fit(cfg, resume=args.resume)
+        if distributed.is_main():
+            print(f"best val accuracy {summary['best_accuracy']:.4f}; run directory {summary['run_dir']}")
     return 0
 
 
@@ -172,7 +176,7 @@ def cmd_plan(args) -> int:
         cfg.memory.budget = args.budget
     if cfg.memory.budget is None:
         raise ConfigError("no memory budget: give --budget 4GB or set memory.budget in the config")
-    print(plan_from_config(cfg, resolve_device(cfg.train.device)).describe())
+    print(plan_from_config(cfg, resolve_device(cfg.train.device), args.processes).describe())
     return 0
 
 
@@ -291,6 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", help="fit a run into a memory budget and show the plan")
     with_config(plan)
     plan.add_argument("--budget", help="memory budget, e.g. 4GB (default: memory.budget of the config)")
+    plan.add_argument("--processes", type=int, default=1, metavar="N",
+                      help="data-parallel processes (torchrun --nproc_per_node x nodes) the run will use; the "
+                           "budget and batch are per process, the global batch N times it (default 1)")
     plan.set_defaults(func=cmd_plan)
 
     demo = sub.add_parser("demo", help="generate a small UltraMNIST set and train PatchGD on it (CPU, minutes)")
@@ -314,10 +321,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Under torchrun every process prints its own error; the rank says which one failed first.
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    who = f"patchgd {args.command}" + (f" (rank {os.environ.get('RANK')} of {world})" if world > 1 else "")
     try:
         return args.func(args)
     except (ConfigError, ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
-        print(f"patchgd {args.command}: error: {err}", file=sys.stderr)
+        print(f"{who}: error: {err}", file=sys.stderr)
         return 2
 
 

@@ -109,8 +109,8 @@ class PatchGDClassifier(nn.Module):
                              f"expected ({patches.shape[0]}, {self.latent_dim}) (N, latent_dim)")
         return out
 
-    def fill_z(self, images: torch.Tensor | Sequence | PatchGrid | SourceGrid,
-               batch_size: int | None = None) -> torch.Tensor:
+    def fill_z(self, images: torch.Tensor | Sequence | PatchGrid | SourceGrid, batch_size: int | None = None, *,
+               shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
         """Algorithm 2: encode every patch without gradients and place it in its cell of ``Z``.
 
         The backbone sees at most ``batch_size`` patches at a time, whatever the image size, so the
@@ -123,6 +123,9 @@ class PatchGDClassifier(nn.Module):
             images: ``(B, C, H, W)`` images, one item per image (see :meth:`grid`), or their grid.
             batch_size: Patches per backbone call (default: ``self.fill_batch_size``, else one grid row of
                 every image, at most ``SOURCE_FILL_CHUNK`` = 64 patches on a :class:`SourceGrid`).
+            shard: ``(i, n)``: encode only the chunks ``i, i + n, ...`` and leave the other cells unset
+                (:func:`patchgd.distributed.parallel_fill` splits a fill over processes with it); in-memory
+                batches only.
 
         Returns:
             ``Z`` of shape ``(B, s, m, n)`` in the default dtype (float32 under mixed precision too),
@@ -134,10 +137,14 @@ class PatchGDClassifier(nn.Module):
         if isinstance(grid, SourceGrid) and not (batch_size or self.fill_batch_size):
             chunk = min(chunk, SOURCE_FILL_CHUNK)
         device = grid.device
+        index, shards = shard
+        if isinstance(grid, SourceGrid) and shards != 1:
+            raise ValueError("a fill split over processes (patchgd.parallel_fill) needs in-memory images of one "
+                             "size; a batch read in pieces (slides) or of mixed sizes fills on each process")
         with torch.no_grad():
             if isinstance(grid, PatchGrid):
                 z = torch.empty(batch, self.latent_dim, cells, device=device)
-                for start in range(0, batch * cells, chunk):
+                for start in range(index * chunk, batch * cells, shards * chunk):
                     stop = min(start + chunk, batch * cells)
                     flat = torch.arange(start, stop, device=device)
                     z[flat // cells, :, flat % cells] = self.encode(grid.patch_range(start, stop)).to(z.dtype)

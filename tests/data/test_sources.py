@@ -1,3 +1,5 @@
+import multiprocessing
+import os
 import pickle
 
 import numpy as np
@@ -41,6 +43,17 @@ def cut(full: np.ndarray, cells, p: int, fill) -> np.ndarray:
     return np.stack([padded[:, r * p : (r + 1) * p, q * p : (q + 1) * p] for r, q in cells])
 
 
+def cut_region(full, y, x, h, w, fill):
+    """A region of a whole (C, H, W) image, pixel by pixel, ``fill`` outside it: a naive reference."""
+    c, height, width = full.shape
+    out = np.full((c, h, w), fill, full.dtype)
+    for i in range(h):
+        for j in range(w):
+            if 0 <= y + i < height and 0 <= x + j < width:
+                out[:, i, j] = full[:, y + i, x + j]
+    return out
+
+
 def all_cells(height: int, width: int, p: int) -> list[tuple[int, int]]:
     return [(r, c) for r in range(-(-height // p)) for c in range(-(-width // p))]
 
@@ -62,17 +75,8 @@ def test_lazy_cells_equal_the_decoded_level(tmp_path, tissue, backend, compressi
     rng = np.random.default_rng(0)
     shuffled = [cells[i] for i in rng.permutation(len(cells))] + cells[:3]  # any order, repeats allowed
     np.testing.assert_array_equal(src.read_cells(shuffled, p, fill=255), cut(full, shuffled, p, 255))
-    np.testing.assert_array_equal(src.read(-7, src.width - 20, 30, 50, fill=3), cut_region(full, -7, src.width - 20, 30, 50, 3))
-
-
-def cut_region(full, y, x, h, w, fill):
-    c, height, width = full.shape
-    out = np.full((c, h, w), fill, full.dtype)
-    for i in range(h):
-        for j in range(w):
-            if 0 <= y + i < height and 0 <= x + j < width:
-                out[:, i, j] = full[:, y + i, x + j]
-    return out
+    corner = src.read(-7, src.width - 20, 30, 50, fill=3)  # over the top and right edges
+    np.testing.assert_array_equal(corner, cut_region(full, -7, src.width - 20, 30, 50, 3))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -89,12 +93,12 @@ def test_libvips_pyramid(tmp_path, tissue, backend):
 
 def test_open_source_picks_the_backend(tmp_path, tissue):
     write_pyramid_tiff(tmp_path / "generic.tif", tissue[:200, :300], tile=64, levels=2, compression="zlib")
-    assert type(open_source(tmp_path / "generic.tif")) is OpenSlideSource
+    assert type(open_source(tmp_path / "generic.tif")) is TiffSource  # OpenSlide can too (tested above)
     with tifffile.TiffWriter(tmp_path / "ome.ome.tif", ome=True) as tif:
         tif.write(tissue[:256, :256], tile=(64, 64), photometric="rgb", subifds=1,
                   metadata={"axes": "YXS", "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5})
         tif.write(tissue[:256:2, :256:2], tile=(64, 64), photometric="rgb", subfiletype=1)
-    # OpenSlide would see one level and no mpp in an OME-TIFF: tifffile reads its SubIFD pyramid.
+    # OpenSlide would see one level and no mpp in this OME-TIFF: tifffile reads its SubIFD pyramid.
     ome = open_source(tmp_path / "ome.ome.tif", mpp=1.0)
     assert type(ome) is TiffSource and ome.level == 1 and (ome.height, ome.width) == (128, 128)
     np.testing.assert_array_equal(ome.read(0, 0, 128, 128), tissue[:256:2, :256:2].transpose(2, 0, 1))
@@ -249,3 +253,35 @@ def test_thumbnail_reads_a_small_level(tmp_path, tissue, backend):
     expected = np.asarray(Image.fromarray(tissue).resize((300, 233), Image.Resampling.BOX)).astype(int)
     assert np.abs(thumb.astype(int) - expected).mean() < 12  # the same picture, resampled differently
     assert backend(path).thumbnail(400).shape == (311, 400, 3)  # from level 1 (450 px wide)
+
+
+def _read_in_child(src, queue):
+    patch = src.read(0, 0, 8, 8)
+    queue.put((src._pid == os.getpid(), patch))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_forked_worker_opens_its_own_handle(tmp_path, tissue, backend):
+    """A DataLoader worker forked after the parent read inherits the source, not the parent's handle."""
+    path = tmp_path / "slide.tif"
+    write_pyramid_tiff(path, tissue[:256, :256], tile=64, levels=1, compression="zlib")
+    src = backend(path)
+    expected = src.read(0, 0, 8, 8)
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_read_in_child, args=(src, queue))
+    child.start()
+    reopened, patch = queue.get(timeout=60)
+    child.join()
+    assert reopened and child.exitcode == 0
+    np.testing.assert_array_equal(patch, expected)
+
+
+def test_openslide_transparent_pixels_become_the_background_colour(tmp_path, tissue):
+    """OpenSlide returns transparent RGBA where nothing was scanned (here: past the image's corner)."""
+    path = tmp_path / "slide.tif"
+    write_pyramid_tiff(path, tissue[:100, :120], tile=64, levels=1, compression="zlib")
+    src = OpenSlideSource(path)
+    region = src._region(0, 96, 116, 8, 8)  # 4 x 4 scanned pixels, the rest transparent
+    np.testing.assert_array_equal(region[:4, :4], tissue[96:100, 116:120])
+    assert (region[4:] == 255).all() and (region[:, 4:] == 255).all()  # generic TIFF: white background

@@ -71,7 +71,8 @@ def test_cell_fractions_match_block_means():
     # Thumbnail at full resolution: each 8 x 8 cell is the mean of its own block; the bottom and right
     # edge cells count only their part inside the image.
     fractions = cell_fractions(pixels, 12, 20, 8)
-    expected = np.array([[pixels[r * 8 : (r + 1) * 8, c * 8 : (c + 1) * 8].mean() for c in range(3)] for r in range(2)])
+    expected = np.array([[pixels[r * 8 : (r + 1) * 8, c * 8 : (c + 1) * 8].mean() for c in range(3)]
+                         for r in range(2)])
     np.testing.assert_allclose(fractions, expected)
     # Thumbnail at half resolution: a 4 px cell covers one 2 x 2 block of thumbnail pixels.
     np.testing.assert_allclose(

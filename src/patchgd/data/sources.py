@@ -4,9 +4,9 @@ The core never needs a whole image; it asks a source for the patches at some gri
 
 - :class:`ArraySource`: an in-memory ``(C, H, W)`` array or tensor.
 - :class:`OpenSlideSource`: whole-slide files through OpenSlide (SVS, NDPI, MRXS, SCN, BIF, Philips TIFF,
-  generic tiled TIFF); only the tiles a read overlaps are decoded.
-- :class:`TiffSource`: tiled TIFF / OME-TIFF through tifffile + zarr, for files OpenSlide cannot read (or
-  when OpenSlide is not installed); only the chunks a read overlaps are decoded.
+  and generic tiled TIFF when asked for); only the tiles a read overlaps are decoded.
+- :class:`TiffSource`: generic tiled TIFF / OME-TIFF through tifffile + zarr (also every tiled TIFF when
+  OpenSlide is not installed); only the chunks a read overlaps are decoded.
 - :class:`ImageFileSource`: PNG, JPEG and strip TIFF, which cannot be read in pieces: decoded whole, once
   per process, and kept in their own integer type (uint8 for 8-bit images), never as float.
 
@@ -214,7 +214,8 @@ class PatchSource(abc.ABC):
         scale = min(1.0, max_side / max(height, width))
         size = (max(1, round(width * scale)), max(1, round(height * scale)))
         # A level may be far larger than the thumbnail: read it in strips, each shrunk by a whole factor
-        # (box average) before the next is read, then resize the shrunken picture once.
+        # (box average) before the next is read, then resize the shrunken picture (at most twice the
+        # thumbnail's size) once, antialiased.
         factor = max(1, int(1 / scale))
         strip_rows = max(factor, _THUMBNAIL_STRIP_PIXELS // max(width, 1) // factor * factor)
         self._ensure_open()
@@ -228,7 +229,7 @@ class PatchSource(abc.ABC):
             pieces.append(_from_pil(_to_pil(_to_uint8(self._to_channels(region))).reduce(factor)))
         picture = _to_pil(np.concatenate(pieces, axis=0))
         if picture.size != size:
-            picture = picture.resize(size, Image.Resampling.BOX)
+            picture = picture.resize(size, Image.Resampling.LANCZOS)
         return _from_pil(picture)
 
     def describe(self) -> dict:
@@ -530,12 +531,12 @@ class TiffSource(PatchSource):
     @property
     def _levels(self) -> list[tuple[int, int, float]]:
         self._ensure_open()
-        height0, width0 = self._level_shapes[0]
+        width0 = self._level_shapes[0][1]
         return [(h, w, width0 / w) for h, w in self._level_shapes]
 
     def _properties(self) -> dict:
         tif = self._tif
-        vendor = "ome-tiff" if tif.is_ome else "aperio" if tif.is_svs else "tiff"
+        vendor = "ome-tiff" if tif.is_ome else "aperio" if tif.is_svs else "generic-tiff"  # OpenSlide's names
         return {"vendor": vendor, "mpp": _tiff_mpp(tif)}
 
     def _handle_attributes(self) -> tuple[str, ...]:
@@ -556,6 +557,8 @@ class TiffSource(PatchSource):
         except (OSError, ValueError, KeyError, tifffile.TiffFileError) as err:
             if self._tif is not None:
                 self._tif.close()
+            if isinstance(err, DataError):  # from _yxs_index, which names the file
+                raise
             raise DataError(f"{self.path}: cannot read the tiled TIFF ({err})") from err
         self._level_shapes = shapes
 
@@ -577,8 +580,8 @@ def open_source(path: str | Path, *, in_chans: int = 3, level: int | None = None
                 mpp: float | None = None) -> PatchSource:
     """Open an image or whole-slide file as a :class:`PatchSource` at one resolution.
 
-    OpenSlide reads what it can (SVS, NDPI, MRXS, SCN, BIF, Philips TIFF, generic tiled TIFF); tifffile +
-    zarr reads other tiled TIFFs and OME-TIFFs (and all of them when OpenSlide is not installed); PNG,
+    OpenSlide reads the vendor formats (SVS, NDPI, MRXS, SCN, BIF, Philips TIFF, ...); tifffile + zarr
+    reads generic tiled TIFFs and OME-TIFFs (and every tiled TIFF when OpenSlide is not installed); PNG,
     JPEG and strip TIFF are decoded whole, in their own integer type.
 
     Args:
@@ -600,10 +603,11 @@ def open_source(path: str | Path, *, in_chans: int = 3, level: int | None = None
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such image or slide file")
-    tiled, ome = _tiff_layout(path)
+    tiled = _is_tiled_tiff(path)
     vendor = openslide.OpenSlide.detect_format(str(path)) if openslide is not None else None
-    # OpenSlide reads an OME-TIFF as a generic TIFF without its SubIFD levels and its OME mpp.
-    if vendor is not None and not ome:
+    # A generic tiled TIFF goes to tifffile: OpenSlide sees neither SubIFD levels nor OME metadata, and
+    # decodes the same pixels more slowly (benchmarks/RESULTS.md, "Slide reading").
+    if vendor is not None and not (vendor == "generic-tiff" and tiled):
         return OpenSlideSource(path, in_chans=in_chans, level=level, mpp=mpp)
     if tiled:
         return TiffSource(path, in_chans=in_chans, level=level, mpp=mpp)
@@ -620,7 +624,7 @@ def pyramid_levels(tif: tifffile.TiffFile) -> list:
         tif: An open TIFF.
 
     Raises:
-        ValueError: The file holds no image.
+        ValueError: The file holds no image, or its first image has no Y and X axes.
     """
     if not tif.series:
         raise ValueError("no image in the file")
@@ -640,7 +644,7 @@ def pyramid_levels(tif: tifffile.TiffFile) -> list:
 def _height_width(level) -> tuple[int, int]:  # noqa: ANN001 - a tifffile series or level
     axes = level.axes
     if "Y" not in axes or "X" not in axes:
-        raise DataError(f"TIFF series with axes {axes!r}; expected Y and X axes")
+        raise ValueError(f"TIFF series with axes {axes!r}; expected Y and X axes")
     return level.shape[axes.index("Y")], level.shape[axes.index("X")]
 
 
@@ -661,13 +665,12 @@ def _yxs_index(axes: str, shape: tuple[int, ...], path: str) -> tuple[tuple, str
     return tuple(index), kept
 
 
-def _tiff_layout(path: Path) -> tuple[bool, bool]:
-    """(the first image is tiled, the file is an OME-TIFF); both False for a file that is no TIFF."""
+def _is_tiled_tiff(path: Path) -> bool:
     try:
         with tifffile.TiffFile(path) as tif:
-            return bool(tif.series) and tif.series[0].keyframe.is_tiled, tif.is_ome
+            return bool(tif.series) and tif.series[0].keyframe.is_tiled
     except (OSError, ValueError, tifffile.TiffFileError):
-        return False, False
+        return False
 
 
 def _tiff_mpp(tif: tifffile.TiffFile) -> float | None:
