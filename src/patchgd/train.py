@@ -307,6 +307,9 @@ def fit(cfg: Config, resume: str | Path | None = None, *, log=print) -> dict:
         model = model.to(memory_format=torch.channels_last)
     # The patch-parallel fill has every process work on the same images, hence the same random draws.
     shared = cfg.method == "patchgd" and cfg.patchgd.parallel_fill and distributed.world_size() > 1
+    if shared and lazy:
+        raise ValueError(f"patchgd.parallel_fill=true splits the fill of in-memory images; {train_set.paths[0]} is "
+                         "read in pieces (a slide): leave parallel_fill off (each process fills its own slides)")
     if distributed.world_size() > 1 and not shared:  # other images per process: other dropout and cells
         generator = seed_everything(cfg.train.seed + 1_000_003 * distributed.rank())
     if cfg.method == "patchgd":
