@@ -285,9 +285,7 @@ def fit_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("fit")
     data_dir = root / "data"
     generate_ultramnist(data_dir, train=8, val=7, image_size=64, seed=0)
-    # Rank 0 is interrupted; rank 1 then fails in its next all-reduce. Which of the two errors spawn
-    # reports first is a race between the processes' exits.
-    with pytest.raises(mp.ProcessRaisedException, match="Interrupted|Connection closed by peer"):
+    with pytest.raises(mp.ProcessRaisedException, match="Interrupted"):
         spawn(_fit_worker, data_dir, root, "whole and killed")
     spawn(_fit_worker, data_dir, root, "resume")
     return root, data_dir
