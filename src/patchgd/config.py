@@ -73,6 +73,9 @@ class DataConfig:
     configure the model's normalisation (saved in its checkpoints); ``pad_value`` is a pixel value in the
     images' own units. Whole-slide images: ``level`` or ``mpp`` chooses the resolution, ``tissue: otsu``
     skips cells whose tissue fraction is below ``tissue_fraction``.
+    ``verify``: when the data set is built, ``header`` reads every image's header (size, channels, pixel
+    type), ``full`` decodes every image whole (a pass over the data, which also finds corrupt pixel data and
+    non-finite pixels before the first epoch); a slide is opened at its level, never decoded whole.
     """
 
     root: str | None = None
@@ -92,6 +95,7 @@ class DataConfig:
     mpp: float | None = _field(None, gt=0)
     tissue: Literal["otsu", "none"] = "otsu"
     tissue_fraction: float = _field(0.1, ge=0, le=1)
+    verify: Literal["header", "full"] = "header"
 
 
 @dataclass
@@ -250,6 +254,24 @@ def config_from_dict(d: Mapping[str, Any] | None, source: str | None = None) -> 
 def config_to_dict(config: Config) -> dict[str, Any]:
     """The config as plain nested dicts and lists, ready for YAML or a checkpoint."""
     return dataclasses.asdict(config)
+
+
+def config_differences(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> dict[str, tuple]:
+    """Every dotted key whose value differs between two nested config dicts, as ``{key: (old, new)}``.
+
+    Example:
+        >>> config_differences({"train": {"lr": 0.1, "seed": 0}}, {"train": {"lr": 0.5, "seed": 0}})
+        {'train.lr': (0.1, 0.5)}
+    """
+    differences = {}
+    for name in sorted(set(old) | set(new), key=list({**old, **new}).index):
+        key = f"{prefix}{name}"
+        a, b = old.get(name), new.get(name)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            differences.update(config_differences(a, b, f"{key}."))
+        elif a != b:
+            differences[key] = (a, b)
+    return differences
 
 
 def _read_yaml(path: Path) -> Any:

@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from patchgd.data.errors import DataError
-from patchgd.data.images import IMAGE_EXTENSIONS
+from patchgd.data.images import IMAGE_EXTENSIONS, check_images
 from patchgd.data.sources import SLIDE_EXTENSIONS, ArraySource, open_source
 from patchgd.grid import LazyImage
 from patchgd.normalize import to_unit_range
@@ -61,10 +61,16 @@ class ImageCSVDataset(Dataset):
         patch_size: PatchGD's patch side: files readable in pieces stay lazy, with a tissue mask of this grid.
         tissue: ``"otsu"`` masks the background cells of lazy images; ``"none"`` keeps every cell.
         tissue_fraction: Least tissue fraction of a cell that is encoded and sampled.
+        verify: How the images are checked when the dataset is built: ``"header"`` reads each header
+            (size, channels, pixel type), ``"full"`` decodes each image whole (and checks for non-finite
+            pixels); a TIFF or slide is opened at the chosen level instead, never decoded whole. None
+            leaves the images to a caller that reads them its own way. ``image_sizes`` holds each
+            image's ``(height, width)`` (at the chosen level; None without a check).
 
     Raises:
         FileNotFoundError: The CSV, the image folder or an image file is missing.
-        DataError: A column is missing, a label or fold value is invalid, or a file cannot be opened.
+        DataError: A column is missing, a row is malformed or repeated, a label or fold value is invalid,
+            or an image fails its check.
 
     Example:
         >>> ds = ImageCSVDataset("data/panda/train.csv", num_classes=6, fold=0, split="val",
@@ -89,6 +95,7 @@ class ImageCSVDataset(Dataset):
         patch_size: int | None = None,
         tissue: str = "otsu",
         tissue_fraction: float = 0.1,
+        verify: str | None = "header",
     ) -> None:
         if in_chans not in (1, 3):
             raise ValueError(f"in_chans={in_chans}; expected 1 or 3")
@@ -112,6 +119,7 @@ class ImageCSVDataset(Dataset):
         rows, columns = _read_csv(self.csv_path)
         self.label_column = _pick_label_column(self.csv_path, columns, label_column)
         _require_column(self.csv_path, columns, id_column, "image id")
+        _check_unique(self.csv_path, rows, id_column, self.label_column)
         if fold is not None:
             _require_column(self.csv_path, columns, FOLD_COLUMN, "fold")
             rows = _select_fold(self.csv_path, rows, fold, split)
@@ -121,9 +129,19 @@ class ImageCSVDataset(Dataset):
             for line, row in rows
         ]
         self.paths = _find_images(self.image_dir, self.image_ids)
+        self.image_sizes = None if verify is None else self._check(verify == "full")
+
+    def _check(self, full: bool) -> list[tuple[int, int]]:
+        """``(height, width)`` of every image: PNG and JPEG checked as ``verify`` says, every other file
+        (TIFF, slide) opened at the chosen level, which reads its header and not its pixels."""
+        whole = [path for path in self.paths if path.suffix.lower() in _WHOLE_ONLY]
+        sizes = dict(zip(whole, check_images(whole, self.in_chans, full=full)))
+        level, mpp = self.read_options["level"], self.read_options["mpp"]
         for path in self.paths:
-            if path.suffix.lower() not in _WHOLE_ONLY:
-                open_source(path, in_chans=in_chans, level=level, mpp=mpp).close()
+            if path not in sizes:
+                with open_source(path, in_chans=self.in_chans, level=level, mpp=mpp) as source:
+                    sizes[path] = (source.height, source.width)
+        return [sizes[path] for path in self.paths]
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -301,16 +319,43 @@ def _read_csv(path: Path) -> tuple[list[tuple[int, dict[str, str]]], list[str]]:
     if not path.is_file():
         raise FileNotFoundError(f"CSV file {path} does not exist")
     # utf-8-sig: spreadsheets often prepend a byte-order mark that would otherwise rename the first column.
-    with path.open(newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        columns = [c.strip() for c in reader.fieldnames or []]
-        reader.fieldnames = columns
-        rows = [(reader.line_num, row) for row in reader]
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            columns = [c.strip() for c in reader.fieldnames or []]
+            reader.fieldnames = columns
+            rows = [(reader.line_num, row) for row in reader]
+    except UnicodeDecodeError as err:
+        utf16 = path.read_bytes()[:2] in (b"\xff\xfe", b"\xfe\xff")
+        raise DataError(f"{path}: not UTF-8 text ({'a UTF-16 file' if utf16 else f'byte {err.start}'}); "
+                        "expected a UTF-8 CSV (save it as 'CSV UTF-8')") from None
+    for line, row in rows:
+        # DictReader files surplus fields under None and fills missing ones with None.
+        if None in row or None in row.values():
+            found = len(columns) + len(row.get(None, ())) - list(row.values()).count(None)
+            raise DataError(f"{path}, line {line}: {found} fields; expected {len(columns)} (the header's "
+                            f"{','.join(columns)})")
     if not columns:
         raise DataError(f"{path}: empty file; expected a header line such as image_id,label")
     if not rows:
         raise DataError(f"{path}: no rows after the header")
     return rows, columns
+
+
+def _check_unique(path: Path, rows: list[tuple[int, dict[str, str]]], id_column: str, label_column: str) -> None:
+    """Each image listed once: a repeated row would weigh its image twice, two labels contradict."""
+    first: dict[str, tuple[int, str]] = {}
+    for line, row in rows:
+        image_id, label = row[id_column], row[label_column]
+        if image_id not in first:
+            first[image_id] = (line, label)
+            continue
+        seen_line, seen_label = first[image_id]
+        if seen_label != label:
+            raise DataError(f"{path}, lines {seen_line} and {line}: image {image_id!r} has two labels "
+                            f"({seen_label!r} and {label!r}); expected one row per image")
+        raise DataError(f"{path}, lines {seen_line} and {line}: image {image_id!r} is listed twice; expected "
+                        "one row per image")
 
 
 def _pick_label_column(path: Path, columns: list[str], label_column: str | None) -> str:
