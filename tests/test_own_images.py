@@ -38,9 +38,9 @@ def folders(tmp_path) -> Path:
 
 
 def six_line_config(tmp_path, root, extra: str = "") -> Path:
-    """The short config of the README's "Train on your own images" section (batch 1 for two image sizes)."""
+    """The short config of the README's "Train on your own images" section; batches mix the two image sizes."""
     text = (f"data:\n  root: {root}\nmodel: {{backbone: test_resnet, patch_size: 16, latent_dim: 8, head_width: 8}}\n"
-            f"train: {{epochs: 2, batch_size: 1, device: cpu}}\noutput_dir: {tmp_path / 'run'}\n"
+            f"train: {{epochs: 2, batch_size: 4, device: cpu}}\noutput_dir: {tmp_path / 'run'}\n"
             "patchgd: {sampling: 0.5}\n")
     assert len(text.splitlines()) == 6
     path = tmp_path / "config.yaml"
@@ -145,7 +145,7 @@ def test_tensorboard_event_files(tmp_path, folders):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     cfg = config_from_dict(yaml.safe_load(six_line_config(tmp_path, folders).read_text()))
-    cfg.train.tensorboard, cfg.train.epochs, cfg.train.log_every = True, 1, 3
+    cfg.train.tensorboard, cfg.train.epochs, cfg.train.log_every = True, 1, 2
     patchgd.train.fit(cfg, log=lambda line: None)
     events = list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
     assert len(events) == 1

@@ -127,15 +127,16 @@ def _evaluation_set(args, cfg: Config):
 def cmd_evaluate(args) -> int:
     import torch
 
+    from .data.datasets import collate_images
     from .data.images import require_one_size
     from .train import class_name, evaluate, resolve_device
 
     device = resolve_device(args.device)
     model, cfg = _load_checkpoint(args.checkpoint, device)
     dataset = _evaluation_set(args, cfg)
-    if cfg.data.image_size is None and args.batch_size > 1:
-        require_one_size(dataset.paths, dataset.image_sizes)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size)
+    if cfg.data.image_size is None and args.batch_size > 1 and cfg.method != "patchgd":
+        require_one_size(dataset.paths, dataset.image_sizes)  # PatchGD gives each image its own grid
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate_images)
     results = evaluate(model, loader, device, cfg.data.num_classes)
     results["confusion"] = results["confusion"].tolist()
     results["classes"] = [class_name(cfg, c) for c in range(cfg.data.num_classes)]
@@ -167,10 +168,12 @@ def _patch_progress(model, image, desc: str):
 
     from .grid import grid_shape
     from .runlog import Progress
+    from .train import item_shape
 
     if not hasattr(model, "fill_z"):
         return contextlib.nullcontext()
-    cells = grid_shape(image.shape[-2], image.shape[-1], model.patch_size)
+    _, height, width = item_shape(image)
+    cells = grid_shape(height, width, model.patch_size)
     total = cells[0] * cells[1]
     if total <= (model.fill_batch_size or cells[1]):
         return contextlib.nullcontext()
@@ -192,19 +195,17 @@ def _patch_progress(model, image, desc: str):
 def cmd_predict(args) -> int:
     import torch
 
-    from .data.datasets import load_image, per_channel
+    from .data.datasets import load_image
     from .train import class_name, read_options, resolve_device
 
     device = resolve_device(args.device)
     model, cfg = _load_checkpoint(args.checkpoint, device)
-    read = read_options(cfg)
-    channels = cfg.model.in_chans
-    mean, std = per_channel(cfg.data.mean, 0.0, channels, "mean"), per_channel(cfg.data.std, 1.0, channels, "std")
     predictions = []
     for path in args.images:
-        image = (load_image(path, channels, cfg.data.image_size, read["intensity"]) - mean) / std
+        image = load_image(path, **read_options(cfg))
+        batch = image[None].to(device) if isinstance(image, torch.Tensor) else [image]
         with torch.inference_mode(), _patch_progress(model, image, str(path)):
-            probs = torch.softmax(model(image[None].to(device)).float(), dim=1)[0].cpu()
+            probs = torch.softmax(model(batch).float(), dim=1)[0].cpu()
         index = int(probs.argmax())
         predictions.append({"image": str(path), "class": index, "class_name": class_name(cfg, index),
                             "probabilities": [round(float(p), 6) for p in probs]})
@@ -358,9 +359,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="print the results as JSON")
     ev.set_defaults(func=cmd_evaluate)
 
-    pred = sub.add_parser("predict", help="predict the class of images with a checkpoint")
+    pred = sub.add_parser("predict", help="predict the class of images (or whole-slide images) with a checkpoint")
     pred.add_argument("checkpoint", help="best.pt or last.pt of a run")
-    pred.add_argument("images", nargs="+", help="image files")
+    pred.add_argument("images", nargs="+", help="image or slide files, read as the run's config says "
+                      "(data.level/mpp, data.tissue)")
     pred.add_argument("--device", default="auto")
     pred.add_argument("--json", action="store_true",
                       help="print the predictions (class index and name, probabilities) as JSON")

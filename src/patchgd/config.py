@@ -80,10 +80,14 @@ class DataConfig:
     Pixels: integer images scale by their dtype's range (``bit_depth`` bits instead, e.g. 12 for 12-bit
     data in uint16); ``intensity: unit`` requires float images to lie in [0, 1], ``range`` maps
     ``intensity_range`` [low, high] to [0, 1] (values outside are clipped: a window), ``percentile``
-    stretches each image's ``percentiles`` [low, high] to [0, 1].
+    stretches each image's ``percentiles`` [low, high] to [0, 1]. ``mean``/``std``
+    configure the model's normalisation (saved in its checkpoints); ``pad_value`` is a pixel value in the
+    images' own units. Whole-slide images: ``level`` or ``mpp`` chooses the resolution, ``tissue: otsu``
+    skips cells whose tissue fraction is below ``tissue_fraction``.
     ``verify``: when the data set is built, ``header`` reads every image's header (size, channels, pixel
     type), ``full`` decodes every image whole (a pass over the data, which also finds corrupt pixel data,
-    non-finite pixels and values the intensity options refuse before the first epoch).
+    non-finite pixels and values the intensity options refuse before the first epoch); a slide is opened
+    at its level, never decoded whole.
     """
 
     root: str | None = None
@@ -102,6 +106,10 @@ class DataConfig:
     std: list[float] | None = None
     pad_value: float = 0.0
     num_workers: int = _field(0, ge=0)
+    level: int | None = _field(None, ge=0)
+    mpp: float | None = _field(None, gt=0)
+    tissue: Literal["otsu", "none"] = "otsu"
+    tissue_fraction: float = _field(0.1, ge=0, le=1)
     bit_depth: int | None = _field(None, ge=1, le=32)
     intensity: Literal["unit", "range", "percentile"] = "unit"
     intensity_range: list[float] | None = None

@@ -25,11 +25,12 @@ from torch.utils.data import DataLoader, WeightedRandomSampler
 from . import distributed
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Config, ConfigError, config_differences, config_from_dict, config_to_dict, save_config
-from .data.datasets import ImageCSVDataset, ImageDataset, ImageFolderDataset, class_folders, stratified_split
+from .data.datasets import (ImageCSVDataset, ImageDataset, ImageFolderDataset, class_folders, collate_images,
+                             stratified_split)
 from .data.errors import DataError
 from .data.images import require_one_size
 from .data.intensity import Intensity
-from .grid import grid_shape
+from .grid import LazyImage, grid_shape
 from .io import atomic_file
 from .memory import PeakMemory, format_size, process_peak
 from .methods import autocast, classification_loss, create_method, create_model, patches_per_iteration
@@ -58,20 +59,21 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def read_options(cfg: Config) -> dict:
-    """How ``cfg`` reads an image: the keyword arguments every dataset of the run takes."""
-    d = cfg.data
-    return dict(in_chans=cfg.model.in_chans, image_size=d.image_size, mean=d.mean, std=d.std,
-                intensity=Intensity.from_config(d), verify=d.verify)
-
-
 def build_datasets(cfg: Config) -> tuple[ImageDataset, ImageDataset]:
     """Train and validation sets from ``data.*`` (the layouts and validation rules of
     :class:`~patchgd.config.DataConfig`); validation items use the training set's classes."""
+    sets = _layout_datasets(cfg)
+    if cfg.data.image_size is None and cfg.method != "patchgd":  # PatchGD gives each image its own grid
+        for dataset in sets:
+            require_one_size(dataset.paths, dataset.image_sizes)
+    return sets
+
+
+def _layout_datasets(cfg: Config) -> tuple[ImageDataset, ImageDataset]:
     d = cfg.data
     if d.root is None:
         raise ValueError("data.root is not set: point it at the folder holding the CSVs and images")
-    root, read = Path(d.root), read_options(cfg)
+    root, read = Path(d.root), dict(read_options(cfg), verify=d.verify)
     if not root.is_dir():
         raise FileNotFoundError(f"data.root {root} does not exist")
     train_csv = root / d.train_csv
@@ -186,7 +188,17 @@ def build_train_loader(cfg: Config, train_set: ImageDataset, generator: torch.Ge
         sampler = WeightedRandomSampler(weights, num_samples=len(train_set), replacement=True,
                                         generator=generator)
     return DataLoader(train_set, batch_size=cfg.train.batch_size, shuffle=sampler is None, sampler=sampler,
-                      drop_last=drop_last, num_workers=cfg.data.num_workers, generator=generator)
+                      drop_last=drop_last, num_workers=cfg.data.num_workers, generator=generator,
+                      collate_fn=collate_images)
+
+
+def read_options(cfg: Config) -> dict:
+    """How ``cfg`` reads an image (:func:`~patchgd.data.datasets.load_image`'s options): PatchGD keeps files
+    that can be read in pieces lazy, on its patch grid; the GD baselines read every image whole."""
+    d = cfg.data
+    return dict(in_chans=cfg.model.in_chans, image_size=d.image_size, level=d.level, mpp=d.mpp,
+                patch_size=cfg.model.patch_size if cfg.method == "patchgd" else None, tissue=d.tissue,
+                tissue_fraction=d.tissue_fraction, intensity=Intensity.from_config(d))
 
 
 def build_model(cfg: Config) -> nn.Module:
@@ -195,7 +207,8 @@ def build_model(cfg: Config) -> nn.Module:
     return create_model(cfg.method, m.backbone, cfg.data.num_classes, patch_size=m.patch_size,
                         latent_dim=m.latent_dim, in_chans=m.in_chans, pretrained=m.pretrained,
                         head_width=m.head_width, head_dropout=m.head_dropout, pad_value=cfg.data.pad_value,
-                        image_size=cfg.data.image_size, channels_last=m.channels_last)
+                        image_size=cfg.data.image_size, channels_last=m.channels_last, mean=cfg.data.mean,
+                        std=cfg.data.std, fill_workers=cfg.data.num_workers)
 
 
 def init_backbone(model: nn.Module, path: str | Path) -> int:
@@ -263,6 +276,13 @@ def build_method(cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer
                          fill_batch_size=p.fill_batch_size, generator=generator)
 
 
+def item_shape(image: torch.Tensor | LazyImage) -> tuple[int, int, int]:
+    """``(C, H, W)`` of a dataset item, read from a slide's header for a :class:`~patchgd.grid.LazyImage`."""
+    if isinstance(image, LazyImage):
+        return image.source.channels, image.source.height, image.source.width
+    return tuple(image.shape)
+
+
 def patches_per_step(cfg: Config, image_shape: tuple[int, ...]) -> int:
     """Patches a PatchGD inner iteration holds with gradients: ``B * k``; also its default fill chunk.
     ``k`` is ``patchgd.patches_per_step`` (at most the grid's cells) when set, else from ``sampling``."""
@@ -310,7 +330,9 @@ def train_one_epoch(method, loader: DataLoader, scheduler, epoch: int, measure_s
     bar = logger.progress(loader, f"epoch {epoch}", unit="batch")
     for i, (images, labels) in enumerate(bar):
         if i == measure_step:
-            with PeakMemory(method.device, baseline=(method.model, method.optimizer, images)) as meter:
+            # A list batch holds LazyImages (no pixels) besides its tensors.
+            held = [images] if isinstance(images, torch.Tensor) else [x for x in images if isinstance(x, torch.Tensor)]
+            with PeakMemory(method.device, baseline=(method.model, method.optimizer, *held)) as meter:
                 stats = method.step(images, labels)
             peak, process = meter.peak_bytes, process_peak(method.device)
         else:
@@ -341,8 +363,10 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, num_cla
     logger = logger or _stderr_logger()
     all_logits, all_labels = [], []
     for images, labels in logger.progress(loader, "eval", unit="batch"):
+        if isinstance(images, torch.Tensor):
+            images = images.to(device, non_blocking=True)
         with autocast(device, amp):
-            all_logits.append(model(images.to(device)).float().cpu())
+            all_logits.append(model(images).float().cpu())
         all_labels.append(labels)
     # A shard can be empty when the set is smaller than the number of processes.
     logits = torch.cat(all_logits) if all_logits else torch.empty(0, num_classes)
@@ -537,11 +561,6 @@ def _fit(cfg: Config, run_dir: Path, resuming: bool, logger: RunLogger) -> dict:
     train_set, val_set = build_datasets(cfg)
     cfg = resolve_classes(cfg, train_set, val_set)  # before check_resume: the saved config holds the classes
     log(describe_data(cfg, train_set, val_set))
-    if cfg.data.image_size is None:  # one batch stacks its images: several images per batch need one size
-        for dataset, batch in ((train_set, cfg.train.batch_size),
-                               (val_set, cfg.train.eval_batch_size or cfg.train.batch_size)):
-            if batch > 1:
-                require_one_size(dataset.paths, dataset.image_sizes)
     state = None
     if resuming:
         if not (run_dir / "last.pt").is_file():
@@ -553,12 +572,17 @@ def _fit(cfg: Config, run_dir: Path, resuming: bool, logger: RunLogger) -> dict:
     if distributed.is_main():
         write_split(run_dir / SPLIT_FILE, cfg.data.root, train_set, val_set)
     generator = seed_everything(cfg.train.seed)
-    image_shape = tuple(train_set[0][0].shape)
+    lazy = isinstance(train_set[0][0], LazyImage)
+    image_shape = item_shape(train_set[0][0])
     if cfg.method == "patchgd" and cfg.model.patch_size > min(image_shape[1:]):
         raise ValueError(f"model.patch_size={cfg.model.patch_size} is larger than the {image_shape[1]}x"
                          f"{image_shape[2]} images of {train_set.origin}; expected at most "
                          f"{min(image_shape[1:])} px (a smaller patch, or no data.image_size downscaling)")
     if cfg.memory.budget is not None and not resuming:
+        if lazy:
+            raise ValueError(f"memory.budget={cfg.memory.budget!r}: the planner measures trial steps on whole "
+                             f"images in memory, which a {image_shape[1]}x{image_shape[2]} slide of "
+                             f"{train_set.paths[0]} must not be; set train.batch_size and patchgd.sampling instead")
         from .plan import plan_budget  # the planner measures trial steps: only when a budget asks for it
 
         # One process plans its own batch; all take its choice, so every process steps on equal batches.
@@ -582,10 +606,15 @@ def _fit(cfg: Config, run_dir: Path, resuming: bool, logger: RunLogger) -> dict:
         model = model.to(memory_format=torch.channels_last)
     # The patch-parallel fill has every process work on the same images, hence the same random draws.
     shared = cfg.method == "patchgd" and cfg.patchgd.parallel_fill and distributed.world_size() > 1
+    if shared and lazy:
+        raise ValueError(f"patchgd.parallel_fill=true splits the fill of in-memory images; {train_set.paths[0]} is "
+                         "read in pieces (a slide): leave parallel_fill off (each process fills its own slides)")
     if distributed.world_size() > 1 and not shared:  # other images per process: other dropout and cells
         generator = seed_everything(cfg.train.seed + 1_000_003 * distributed.rank())
     if cfg.method == "patchgd":
-        model.fill_batch_size = cfg.patchgd.fill_batch_size or patches_per_step(cfg, image_shape)
+        # A slide's B * k over its whole grid could be thousands of patches: its evaluation fills one grid
+        # row of every image per call (the model's default) unless fill_batch_size is set.
+        model.fill_batch_size = cfg.patchgd.fill_batch_size or (None if lazy else patches_per_step(cfg, image_shape))
     optimizer = build_optimizer(cfg, model)
     method = build_method(cfg, model, optimizer, generator)
     if shared:
@@ -604,7 +633,7 @@ def _fit(cfg: Config, run_dir: Path, resuming: bool, logger: RunLogger) -> dict:
         raise ValueError(f"{train_set.origin}: {len(train_set)} training image(s); expected at least 2")
     val_loader = DataLoader(distributed.eval_shard(val_set),
                             batch_size=cfg.train.eval_batch_size or cfg.train.batch_size,
-                            num_workers=cfg.data.num_workers)
+                            num_workers=cfg.data.num_workers, collate_fn=collate_images)
     scheduler = build_scheduler(cfg, optimizer, len(train_loader))  # batches per process = global steps
 
     start_epoch, best_accuracy, best_epoch, history = 1, -1.0, 0, []

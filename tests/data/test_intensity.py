@@ -7,6 +7,12 @@ import tifffile
 from patchgd.data.datasets import compute_normalization, load_image
 from patchgd.data.errors import DataError
 from patchgd.data.intensity import Intensity
+from patchgd.normalize import to_unit_range
+
+
+def read(path, intensity=None):
+    """An image as the model sees it: read, then scaled by the model's first step (raw unsigned integers)."""
+    return to_unit_range(load_image(path, 1, intensity=intensity))
 
 
 @pytest.fixture
@@ -20,19 +26,19 @@ def float_tiff(tmp_path):
 def test_float_outside_unit_is_refused_naming_the_file(float_tiff):
     with pytest.raises(DataError, match=r"cells.tif: float pixel values range from 0 to 4000; "
                        r"data.intensity: unit expects \[0, 1\]"):
-        load_image(float_tiff, 1)
+        read(float_tiff)
 
 
 def test_float_read_with_a_range(float_tiff):
-    image = load_image(float_tiff, 1, intensity=Intensity("range", value_range=(0.0, 4000.0)))
+    image = read(float_tiff, Intensity("range", value_range=(0.0, 4000.0)))
     expected = np.linspace(0, 4000, 64).reshape(8, 8) / 4000
     np.testing.assert_allclose(image[0].numpy(), expected, atol=1e-6)
-    window = load_image(float_tiff, 1, intensity=Intensity("range", value_range=(1000.0, 2000.0)))
+    window = read(float_tiff, Intensity("range", value_range=(1000.0, 2000.0)))
     np.testing.assert_allclose(window[0].numpy(), np.clip((expected * 4000 - 1000) / 1000, 0, 1), atol=1e-6)
 
 
 def test_percentile_stretch(float_tiff):
-    image = load_image(float_tiff, 1, intensity=Intensity("percentile", percentiles=(10.0, 90.0)))
+    image = read(float_tiff, Intensity("percentile", percentiles=(10.0, 90.0)))
     values = np.linspace(0, 4000, 64)
     low, high = np.percentile(values, [10, 90])
     np.testing.assert_allclose(image[0].numpy().ravel(), np.clip((values - low) / (high - low), 0, 1), atol=1e-5)
@@ -41,23 +47,23 @@ def test_percentile_stretch(float_tiff):
 def test_twelve_bit_in_uint16(tmp_path):
     path = tmp_path / "twelve.tif"
     tifffile.imwrite(path, np.array([[0, 1000], [2047, 4095]], np.uint16))
-    np.testing.assert_allclose(load_image(path, 1)[0].numpy(), np.array([[0, 1000], [2047, 4095]]) / 65535, atol=1e-7)
-    twelve = load_image(path, 1, intensity=Intensity(bit_depth=12))
+    np.testing.assert_allclose(read(path)[0].numpy(), np.array([[0, 1000], [2047, 4095]]) / 65535, atol=1e-7)
+    twelve = read(path, Intensity(bit_depth=12))
     np.testing.assert_allclose(twelve[0].numpy(), np.array([[0, 1000], [2047, 4095]]) / 4095, atol=1e-7)
     with pytest.raises(DataError, match=r"twelve.tif: pixel values range from 0 to 4095; data.bit_depth=10 "
                        r"expects 0 to 1023"):
-        load_image(path, 1, intensity=Intensity(bit_depth=10))
+        read(path, Intensity(bit_depth=10))
 
 
 def test_signed_integers(tmp_path):
     path = tmp_path / "signed.tif"
     tifffile.imwrite(path, np.array([[-32768, 0], [100, 32767]], np.int16))
-    np.testing.assert_allclose(load_image(path, 1)[0].numpy(),
+    np.testing.assert_allclose(read(path)[0].numpy(),
                                (np.array([[-32768, 0], [100, 32767]]) + 32768) / 65535, atol=1e-7)
-    ct = load_image(path, 1, intensity=Intensity("range", value_range=(-1000.0, 1000.0)))
+    ct = read(path, Intensity("range", value_range=(-1000.0, 1000.0)))
     np.testing.assert_allclose(ct[0].numpy(), [[0, 0.5], [0.55, 1]], atol=1e-7)
     with pytest.raises(DataError, match="pixel values range from -32768 to 32767; data.bit_depth=12"):
-        load_image(path, 1, intensity=Intensity(bit_depth=12))
+        read(path, Intensity(bit_depth=12))
 
 
 def test_options_are_checked():

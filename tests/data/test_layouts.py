@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from patchgd.data.datasets import ImageCSVDataset, ImageFolderDataset, stratified_split
@@ -31,7 +32,7 @@ def test_class_folders_sorted_names_and_labels(tmp_path):
                      "tumour/tumour_0.png", "tumour/tumour_1.png"]
     assert ds.labels == [0, 0, 0, 0, 1, 1]
     image, label = ds[5]
-    assert label == 1 and image.shape == (1, 8, 8) and abs(image.max().item() - 10 / 255) < 1e-6
+    assert label == 1 and image.shape == (1, 8, 8) and image.dtype == torch.uint8 and image.max().item() == 10
 
 
 def test_class_folders_given_order_and_errors(tmp_path):

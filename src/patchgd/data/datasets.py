@@ -1,6 +1,7 @@
 """Datasets of images: listed in a CSV file (UltraMNIST's ``image_id,label``, PANDA's
-``image_id,isup_grade[,kfold]``, labels as integers or class names) or sorted into class folders; the
-stratified validation split; and the per-channel statistics to normalise them."""
+``image_id,isup_grade[,kfold]``, labels as integers or class names) or sorted into class folders,
+whole-slide files among them; the stratified validation split; the collate that batches them; and the
+per-channel statistics that ``data.mean``/``data.std`` take."""
 
 from __future__ import annotations
 
@@ -19,21 +20,33 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from patchgd.data.errors import DataError
-from patchgd.data.images import IMAGE_EXTENSIONS, check_images, read_image
-from patchgd.data.intensity import Intensity
+from patchgd.data.images import IMAGE_EXTENSIONS, check_images
+from patchgd.data.intensity import Intensity, prepare_pixels
+from patchgd.data.sources import SLIDE_EXTENSIONS, ArraySource, open_source
+from patchgd.grid import LazyImage
 from patchgd.runlog import Progress
+from patchgd.normalize import to_unit_range
 
 LABEL_COLUMNS = ("label", "isup_grade")  # auto-detected in this order
 FOLD_COLUMN = "kfold"
 SPLITS = ("train", "val")
+TISSUE_METHODS = ("otsu", "none")
+# Every file a dataset accepts; PNG and JPEG are always decoded whole, so they are not opened up front.
+EXTENSIONS = tuple(dict.fromkeys(IMAGE_EXTENSIONS + SLIDE_EXTENSIONS))
+_WHOLE_ONLY = (".png", ".jpg", ".jpeg")
+_THUMBNAIL_SIDE = 2048  # the picture of a slide that its statistics are computed from
 
 
 class ImageDataset(Dataset):
     """Image files with their class indices: the reading every layout shares.
 
-    Items are ``(image, label)`` with ``image`` a ``float32`` tensor ``(in_chans, H, W)``: pixels scaled
-    to [0, 1] as ``intensity`` says, optionally resized to a square, augmented by ``transform`` (training
-    only), then normalised with ``mean`` and ``std``.
+    Every TIFF or slide file is opened when the dataset is built (at the chosen level), so bad data fails
+    before training starts. Items are ``(image, label)``, ``image`` as :func:`load_image` gives it:
+    unsigned-integer pixels in the file's own dtype (uint8 for 8-bit images and every slide) - scaling and
+    ``mean``/``std`` are the model's first step, on the device - or float32 in [0, 1] when ``intensity``
+    asks for more than the dtype's range (floats, signed integers, a bit depth, a window, a stretch). With
+    ``patch_size`` (PatchGD), a file that can be read in pieces (a whole-slide image, a tiled TIFF) is a
+    :class:`~patchgd.grid.LazyImage`. Batch items with :func:`collate_images`.
 
     Args:
         paths: The image files.
@@ -41,11 +54,14 @@ class ImageDataset(Dataset):
         classes: Class names, index ``i`` naming class ``i``; None when the labels are plain integers.
         origin: What the list came from (a CSV file, a folder), named in messages.
         in_chans: 1 (grayscale) or 3 (RGB); images are converted to it.
-        image_size: Resize every image to ``image_size × image_size`` (bilinear, antialiased).
-        mean: Per-channel mean subtracted after scaling to [0, 1] (one value is repeated); None for 0.
-        std: Per-channel standard deviation divided by; None for 1.
+        image_size: Resize every image to ``image_size × image_size`` (bilinear, antialiased), read whole.
+        level: Pyramid level of multi-resolution files (0 = full resolution; None for 0 or ``mpp``).
+        mpp: Target microns per pixel, instead of ``level``.
+        patch_size: PatchGD's patch side: files readable in pieces stay lazy, with a tissue mask of this grid.
+        tissue: ``"otsu"`` masks the background cells of lazy images; ``"none"`` keeps every cell.
+        tissue_fraction: Least tissue fraction of a cell that is encoded and sampled.
         intensity: How pixel values map to [0, 1] (default: :class:`~patchgd.data.intensity.Intensity`).
-        transform: Applied to each ``(C, H, W)`` [0, 1] image before normalisation (augmentation).
+        transform: Applied to each image tensor (augmentation of training images); not to lazy images.
         verify: How the images are checked when the dataset is built: ``"header"`` reads each header
             (size, channels, pixel type), ``"full"`` decodes each image whole (and checks its values against
             ``intensity``); None leaves the images to a caller that reads them its own way. ``image_sizes``
@@ -61,8 +77,11 @@ class ImageDataset(Dataset):
         origin: str | Path = "",
         in_chans: int = 1,
         image_size: int | None = None,
-        mean: Sequence[float] | None = None,
-        std: Sequence[float] | None = None,
+        level: int | None = None,
+        mpp: float | None = None,
+        patch_size: int | None = None,
+        tissue: str = "otsu",
+        tissue_fraction: float = 0.1,
         intensity: Intensity | None = None,
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
         verify: str | None = "header",
@@ -71,48 +90,63 @@ class ImageDataset(Dataset):
             raise ValueError(f"in_chans={in_chans}; expected 1 or 3")
         if image_size is not None and image_size < 1:
             raise ValueError(f"image_size={image_size}; expected a positive number of pixels")
+        if tissue not in TISSUE_METHODS:
+            raise ValueError(f"tissue={tissue!r}; expected one of {TISSUE_METHODS}")
+        if level is not None and mpp is not None:
+            raise ValueError(f"level={level} and mpp={mpp}: choose the resolution by one of them")
         self.paths = list(paths)
         self.labels = list(labels)
         self.classes = list(classes) if classes is not None else None
         self.origin = origin
         self.in_chans = in_chans
         self.image_size = image_size
-        self.mean = per_channel(mean, 0.0, in_chans, "mean")
-        self.std = per_channel(std, 1.0, in_chans, "std")
-        if (self.std <= 0).any():
-            raise ValueError(f"std={std}; expected positive values")
-        self.intensity = intensity or Intensity()
+        self.read_options = dict(level=level, mpp=mpp, patch_size=patch_size, tissue=tissue,
+                                 tissue_fraction=tissue_fraction, intensity=intensity or Intensity())
         self.transform = transform
-        self.image_sizes = None
-        if verify is not None:
-            shown = Progress(self.paths, f"checking {origin}", every=max(10, len(self.paths) // 10), unit="image",
-                             write=functools.partial(print, file=sys.stderr))
-            self.image_sizes = check_images(shown, in_chans, full=verify == "full", intensity=self.intensity)
+        self.image_sizes = None if verify is None else self._check(verify == "full")
+
+    def _check(self, full: bool) -> list[tuple[int, int]]:
+        """``(height, width)`` of every image: PNG and JPEG checked as ``verify`` says (a full decode also
+        against ``intensity``), every other file (TIFF, slide) opened at the chosen level, which reads its
+        header and not its pixels. Progress is shown on stderr."""
+        shown = Progress(self.paths, f"checking {self.origin}", every=max(10, len(self.paths) // 10), unit="image",
+                         write=functools.partial(print, file=sys.stderr))
+        level, mpp = self.read_options["level"], self.read_options["mpp"]
+        sizes = []
+        for path in shown:
+            if path.suffix.lower() in _WHOLE_ONLY:
+                sizes += check_images([path], self.in_chans, full=full, intensity=self.read_options["intensity"])
+            else:
+                with open_source(path, in_chans=self.in_chans, level=level, mpp=mpp) as source:
+                    sizes.append((source.height, source.width))
+        return sizes
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | LazyImage, int]:
         image = self.load_image(index)
         if self.transform is not None:
+            if isinstance(image, LazyImage):
+                raise ValueError(f"{self.paths[index]}: augmentation needs images read whole; this one is read in "
+                                 "pieces (a slide or tiled TIFF): turn augment.* off for it")
             image = self.transform(image)
-        return (image - self.mean) / self.std, self.labels[index]
+        return image, self.labels[index]
 
-    def load_image(self, index: int) -> torch.Tensor:
-        """The image at ``index`` with pixels in [0, 1], resized but neither augmented nor normalised.
+    def load_image(self, index: int) -> torch.Tensor | LazyImage:
+        """The image at ``index``, as :func:`load_image` reads it with this dataset's options (not augmented).
 
         Args:
             index: The row.
         """
-        return load_image(self.paths[index], self.in_chans, self.image_size, self.intensity)
+        return load_image(self.paths[index], self.in_chans, self.image_size, **self.read_options)
 
     def subset(self, indices: Sequence[int]) -> ImageDataset:
         """A dataset of the items at ``indices``, read the same way (without ``transform``)."""
         indices = list(indices)
         subset = ImageDataset([self.paths[i] for i in indices], [self.labels[i] for i in indices],
                               classes=self.classes, origin=self.origin, in_chans=self.in_chans,
-                              image_size=self.image_size, mean=self.mean.flatten().tolist(),
-                              std=self.std.flatten().tolist(), intensity=self.intensity, verify=None)
+                              image_size=self.image_size, verify=None, **self.read_options)
         if self.image_sizes is not None:  # checked already, as part of this dataset
             subset.image_sizes = [self.image_sizes[i] for i in indices]
         return subset
@@ -133,18 +167,17 @@ class ImageCSVDataset(ImageDataset):
         classes: Class names in index order; every label must be one of them (None: the sorted names
             found, or integer labels).
         label_column: The label column; None picks the first of ``label``, ``isup_grade`` present.
-        id_column: The image id column. An id is a file name, with or without one of the extensions
-            ``.png .jpg .jpeg .tif .tiff``.
+        id_column: The image id column. An id is a file name, with or without one of the extensions of
+            :data:`EXTENSIONS` (``.png .jpg .jpeg .tif .tiff`` and the slide formats).
         fold: With a ``kfold`` column, the fold held out for validation.
         split: With ``fold``: ``"train"`` keeps rows whose ``kfold != fold``, ``"val"`` those with
             ``kfold == fold``.
-        **read: How images are read: ``in_chans``, ``image_size``, ``mean``, ``std``, ``intensity``,
-            ``transform`` (see :class:`ImageDataset`).
+        **read: How images are read: ``in_chans``, ``image_size``, ``level``, ``mpp``, ``patch_size``,
+            ``tissue``, ``tissue_fraction``, ``intensity``, ``transform`` (see :class:`ImageDataset`).
 
     Raises:
         FileNotFoundError: The CSV, the image folder or an image file is missing.
-        DataError: A column is missing, a row is malformed or repeated, a label or fold value is invalid,
-            or an image fails its check.
+        DataError: A column is missing, a label or fold value is invalid, or a file cannot be opened.
 
     Example:
         >>> ds = ImageCSVDataset("data/panda/train.csv", num_classes=6, fold=0, split="val",
@@ -214,7 +247,7 @@ class ImageFolderDataset(ImageDataset):
         found = class_folders(self.folder)
         if not found:
             raise DataError(f"{self.folder}: no class folders with images; expected {self.folder}/<class name>/"
-                            f"<images> with extensions {' '.join(IMAGE_EXTENSIONS)}")
+                            f"<images> with extensions {' '.join(EXTENSIONS)}")
         if classes is None:
             classes = sorted(found)
         unknown = sorted(set(found) - set(classes))
@@ -235,7 +268,7 @@ def class_folders(folder: Path) -> dict[str, list[Path]]:
         raise FileNotFoundError(f"image folder {folder} does not exist")
     found = {}
     for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
-        files = sorted(p for p in sub.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        files = sorted(p for p in sub.rglob("*") if p.suffix.lower() in EXTENSIONS and p.is_file())
         if files:
             found[sub.name] = files
     return found
@@ -272,23 +305,90 @@ def stratified_split(dataset: ImageDataset, fraction: float, seed: int) -> tuple
     return dataset.subset(sorted(train_idx)), dataset.subset(sorted(val_idx))
 
 
-def load_image(path: str | Path, in_chans: int, image_size: int | None = None,
-               intensity: Intensity | None = None) -> torch.Tensor:
-    """An image as ``float32`` ``(in_chans, H, W)`` in [0, 1], resized to a square if ``image_size`` is set.
+_tissue_masks: dict[tuple, torch.Tensor] = {}  # per process: a mask is computed once per file and grid
 
-    The one way training, evaluation and prediction read an image.
+
+def load_image(path: str | Path, in_chans: int, image_size: int | None = None, *, level: int | None = None,
+               mpp: float | None = None, patch_size: int | None = None, tissue: str = "otsu",
+               tissue_fraction: float = 0.1, intensity: Intensity | None = None) -> torch.Tensor | LazyImage:
+    """Read an image the one way training, evaluation and prediction do.
+
+    A file that can be read in pieces (OpenSlide formats, tiled TIFF) becomes, given ``patch_size`` and no
+    ``image_size``, a :class:`~patchgd.grid.LazyImage`: its source plus, with ``tissue="otsu"``, the mask of
+    its grid cells whose tissue fraction is at least ``tissue_fraction``. Anything else is decoded whole,
+    at the chosen level, as an integer ``(in_chans, H, W)`` tensor (uint8 for 8-bit data), and resized to
+    ``image_size x image_size`` if that is set.
 
     Args:
         path: The image file.
         in_chans: 1 or 3.
         image_size: Side of the square to resize to (bilinear, antialiased); None keeps the size.
-        intensity: How pixel values map to [0, 1] (see :mod:`patchgd.data.intensity`).
+        level: Pyramid level (0 = full resolution).
+        mpp: Target microns per pixel, instead of ``level``.
+        patch_size: PatchGD's patch side; None decodes every file whole (the GD baselines).
+        tissue: ``"otsu"`` or ``"none"``.
+        tissue_fraction: Least tissue fraction of an encoded cell.
+        intensity: How pixel values map to [0, 1] (:func:`~patchgd.data.intensity.prepare_pixels`).
+
+    Raises:
+        DataError: The file cannot be read, its values do not fit ``intensity``, or a tissue mask finds no
+            tissue cell in it.
     """
-    image = torch.from_numpy(read_image(path, in_chans, intensity))
+    intensity = intensity or Intensity()
+    source = open_source(path, in_chans=in_chans, level=level, mpp=mpp)
+    if patch_size is not None and image_size is None and source.tiled and not isinstance(source, ArraySource):
+        if not intensity.model_scales(source.dtype):
+            source.close()
+            raise DataError(f"{path} is read in pieces (a slide or tiled TIFF) with pixel type {source.dtype}; "
+                            "data.intensity, data.bit_depth and non-uint pixels need images read whole")
+        mask = None
+        if tissue != "none":
+            key = (str(path), in_chans, level, mpp, patch_size, tissue_fraction)
+            if key not in _tissue_masks:
+                from patchgd.data.tissue import tissue_mask
+
+                _tissue_masks[key] = tissue_mask(source, patch_size, tissue_fraction)
+            mask = _tissue_masks[key]
+            if not mask.any():
+                raise DataError(f"{path}: no {patch_size} px cell has a tissue fraction of at least "
+                                f"{tissue_fraction}; expected some tissue (lower data.tissue_fraction, or "
+                                "data.tissue: none to use every cell)")
+        return LazyImage(source, mask)
+    try:
+        pixels = prepare_pixels(np.ascontiguousarray(source.read(0, 0, source.height, source.width)), path, intensity)
+    finally:
+        source.close()
+    image = torch.from_numpy(pixels)
     if image_size is not None and image.shape[1:] != (image_size, image_size):
-        size = (image_size, image_size)
-        image = F.interpolate(image[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0]
+        image = _resize(image, image_size)
     return image
+
+
+def _resize(image: torch.Tensor, size: int) -> torch.Tensor:
+    """``image`` resized to ``size x size`` (bilinear, antialiased), rounded back to its integer dtype."""
+    resized = F.interpolate(image[None].float(), size=(size, size), mode="bilinear", antialias=True,
+                            align_corners=False)[0]
+    if image.dtype.is_floating_point:
+        return resized.to(image.dtype)
+    info = torch.iinfo(image.dtype)
+    return resized.round_().clamp_(info.min, info.max).to(image.dtype)
+
+
+def collate_images(batch: Sequence[tuple[torch.Tensor | LazyImage, int]]) -> tuple[torch.Tensor | list, torch.Tensor]:
+    """Batch ``(image, label)`` items: one stacked tensor when all images are tensors of one shape and dtype,
+    otherwise a list with one item per image (a PatchGD model gives each its own grid and pads ``Z``)."""
+    images, labels = zip(*batch)
+    labels = torch.as_tensor(labels)
+    if all(isinstance(x, torch.Tensor) for x in images) and len({(x.shape, x.dtype) for x in images}) == 1:
+        return torch.stack(images), labels
+    return list(images), labels
+
+
+def image_pixels(image: torch.Tensor | LazyImage) -> torch.Tensor:
+    """``(C, H, W)`` pixels of an item in [0, 1] for statistics: a slide's from its thumbnail."""
+    if isinstance(image, LazyImage):
+        image = torch.from_numpy(np.ascontiguousarray(image.source.thumbnail(_THUMBNAIL_SIDE))).permute(2, 0, 1)
+    return to_unit_range(image)
 
 
 def compute_normalization(
@@ -303,11 +403,12 @@ def compute_normalization(
     """Per-channel mean and standard deviation of the [0, 1] pixels of a dataset or an image folder.
 
     Images are read one at a time, so any number fits in memory; the statistics of all pixels are
-    combined exactly (Chan et al.'s parallel variance), in float64.
+    combined exactly (Chan et al.'s parallel variance), in float64. A slide contributes the pixels of
+    its thumbnail (longest side 2048 px).
 
     Args:
-        source: A dataset (its resized, un-normalised images, read with its own options) or a folder of
-            images (its subfolders too, so a folder of class folders works).
+        source: A dataset (its resized images, read with its own options) or a folder of images (its
+            subfolders too, so a folder of class folders works).
         in_chans: 1 or 3; for a dataset, None or its own ``in_chans``; for a folder, None means 1.
         intensity: For a folder, how pixel values map to [0, 1], as training reads them.
         max_images: Use a random subset of this many images (drawn with ``seed``); None for all.
@@ -327,7 +428,7 @@ def compute_normalization(
     total = 0
     mean = m2 = None
     for i in tqdm(indices, desc="normalisation", unit="img", disable=not progress):
-        pixels = load(int(i)).double().flatten(1)
+        pixels = image_pixels(load(int(i))).double().flatten(1)
         n = pixels.shape[1]
         image_mean = pixels.mean(dim=1)
         image_m2 = ((pixels - image_mean[:, None]) ** 2).sum(dim=1)
@@ -353,7 +454,8 @@ def _image_loader(
         return len(source), source.load_image
     paths = _list_images(Path(source))
     channels = 1 if in_chans is None else in_chans
-    return len(paths), lambda i: torch.from_numpy(read_image(paths[i], channels, intensity))
+    # patch_size only marks slides as lazy: their statistics come from a thumbnail, not a whole level.
+    return len(paths), lambda i: load_image(paths[i], channels, patch_size=1, tissue="none", intensity=intensity)
 
 
 def _resolve_image_dir(csv_path: Path, image_dir: str | Path | None) -> Path:
@@ -495,7 +597,7 @@ def _find_images(image_dir: Path, image_ids: list[str]) -> list[Path]:
     by_stem: dict[tuple[str, str], str] = {}
     for name in sorted(names):
         stem, ext = os.path.splitext(name)
-        if ext.lower() in IMAGE_EXTENSIONS:
+        if ext.lower() in EXTENSIONS:
             by_stem.setdefault((stem, ext.lower()), name)
     paths, missing = [], []
     for image_id in image_ids:
@@ -508,15 +610,15 @@ def _find_images(image_dir: Path, image_ids: list[str]) -> list[Path]:
         shown = ", ".join(repr(m) for m in missing[:5]) + (", ..." if len(missing) > 5 else "")
         raise FileNotFoundError(
             f"{len(missing)} image(s) missing from {image_dir}: {shown}; "
-            f"expected files named by image_id with an extension among {' '.join(IMAGE_EXTENSIONS)}"
+            f"expected files named by image_id with an extension among {' '.join(EXTENSIONS)}"
         )
     return paths
 
 
 def _match(image_id: str, names: set[str], by_stem: dict[tuple[str, str], str]) -> str | None:
-    if image_id in names and os.path.splitext(image_id)[1].lower() in IMAGE_EXTENSIONS:
+    if image_id in names and os.path.splitext(image_id)[1].lower() in EXTENSIONS:
         return image_id
-    for ext in IMAGE_EXTENSIONS:
+    for ext in EXTENSIONS:
         if (image_id, ext) in by_stem:
             return by_stem[(image_id, ext)]
     return None
@@ -525,14 +627,4 @@ def _match(image_id: str, names: set[str], by_stem: dict[tuple[str, str], str]) 
 def _list_images(folder: Path) -> list[Path]:
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder {folder} does not exist")
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-
-
-def per_channel(values: Sequence[float] | None, default: float, in_chans: int, name: str) -> torch.Tensor:
-    """``values`` (one, or one per channel; None for ``default``) as a ``(in_chans, 1, 1)`` tensor."""
-    values = [default] if values is None else list(values)
-    if len(values) == 1:
-        values = values * in_chans
-    if len(values) != in_chans:
-        raise ValueError(f"{name}={values}; expected 1 or {in_chans} values (one per channel)")
-    return torch.tensor(values, dtype=torch.float32).view(in_chans, 1, 1)
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in EXTENSIONS and p.is_file())

@@ -29,7 +29,7 @@ import torch
 
 from patchgd.data.errors import DataError
 
-__all__ = ["Intensity", "check_pixels", "to_unit_range"]
+__all__ = ["Intensity", "check_pixels", "prepare_pixels", "to_unit_range"]
 
 MODES = ("unit", "range", "percentile")
 
@@ -77,6 +77,11 @@ class Intensity:
         value_range = tuple(data.intensity_range) if data.intensity_range is not None else None
         return cls(data.intensity, data.bit_depth, value_range, tuple(data.percentiles))
 
+    def model_scales(self, dtype) -> bool:  # noqa: ANN001 - a numpy dtype
+        """Whether pixels of ``dtype`` travel as they are and the model scales them by the dtype's range
+        (unsigned integers under the default options), rather than being scaled when read."""
+        return self.mode == "unit" and self.bit_depth is None and np.issubdtype(dtype, np.unsignedinteger)
+
     @property
     def scaling(self) -> dict:
         """The keyword arguments of :func:`to_unit_range` (the image-independent part)."""
@@ -121,6 +126,22 @@ def check_pixels(array: np.ndarray, path: str | Path, intensity: Intensity) -> n
                         "expects [0, 1] (use data.intensity: range with data.intensity_range: [low, high], "
                         "or data.intensity: percentile)")
     return array
+
+
+def prepare_pixels(array: np.ndarray, path: str | Path, intensity: Intensity) -> np.ndarray:
+    """Pixels as they travel to the model: unsigned integers under the default options as they are (the
+    model scales them by their dtype's range, on the device); anything else checked (:func:`check_pixels`)
+    and scaled here (:func:`to_unit_range`) to float32 in [0, 1].
+
+    Args:
+        array: The pixels as stored.
+        path: The file, named in errors.
+        intensity: The options.
+    """
+    if intensity.model_scales(array.dtype):
+        return array
+    checked = np.require(check_pixels(array, path, intensity), requirements="W")
+    return to_unit_range(torch.from_numpy(checked), **intensity.scaling).numpy()
 
 
 def to_unit_range(pixels: torch.Tensor, bit_depth: int | None = None,

@@ -432,8 +432,10 @@ class ImageFileSource(PatchSource):
             array = array[:, :, None]
         if array.ndim != 3 or array.shape[2] not in (1, 2, 3, 4):
             raise DataError(f"{path}: image of shape {array.shape}; expected (H, W) or (H, W, 1..4 channels)")
-        if not (np.issubdtype(array.dtype, np.unsignedinteger) or array.dtype == np.bool_):
-            raise DataError(f"{path}: pixel type {array.dtype}; expected unsigned integers")
+        # Floats and signed integers are kept: data.intensity says how they scale (patchgd.data.intensity).
+        if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)
+                or array.dtype == np.bool_):
+            raise DataError(f"{path}: pixel type {array.dtype}; expected integers or floats")
         self._array = array.astype(np.uint8) if array.dtype == np.bool_ else array
 
     def _close(self) -> None:
@@ -524,8 +526,8 @@ class TiffSource(PatchSource):
         self.tiled = True
         self._ensure_open()
         self.dtype = np.dtype(self._arrays[0][0].dtype)
-        if not np.issubdtype(self.dtype, np.unsignedinteger):
-            raise DataError(f"{self.path}: pixel type {self.dtype}; expected unsigned integers")
+        if not (np.issubdtype(self.dtype, np.integer) or np.issubdtype(self.dtype, np.floating)):
+            raise DataError(f"{self.path}: pixel type {self.dtype}; expected integers or floats")
         self._choose_level(level, mpp)
 
     @property
