@@ -48,18 +48,23 @@ def _field(default: Any, **checks: Any) -> Any:
 
 @dataclass
 class ModelConfig:
-    """The classifier: a timm backbone ``backbone`` encoding ``patch_size`` patches to ``latent_dim``, a
-    conv head ``head_width`` wide with ``head_dropout``; ``pretrained`` is a local weights file, since
-    nothing is ever downloaded. ``init_backbone`` (App. C of the paper) starts the backbone from a
-    checkpoint (``best.pt``/``last.pt`` of a GD, GD-extended or PatchGD run) or a plain state-dict file."""
+    """The classifier: a timm backbone ``backbone`` (or ``conv1d`` for sequences) encoding ``patch_size``
+    patches to ``latent_dim``, and a ``head``: ``conv`` (the paper's), ``conv1d`` (sequences) or
+    ``transformer``, ``head_width`` wide with ``head_dropout`` (the transformer's ``head_depth`` layers of
+    ``head_heads`` attention heads); ``pretrained`` is a local weights file, since nothing is ever
+    downloaded. ``init_backbone`` (App. C of the paper) starts the backbone from a checkpoint
+    (``best.pt``/``last.pt`` of a GD, GD-extended or PatchGD run) or a plain state-dict file."""
 
     backbone: str = "resnet18"
     patch_size: int = _field(128, ge=1)
     latent_dim: int = _field(256, ge=1)
     pretrained: str | None = None
     in_chans: int = _field(3, ge=1)
+    head: Literal["conv", "conv1d", "transformer"] = "conv"
     head_width: int = _field(256, ge=1)
     head_dropout: float = _field(0.2, ge=0, lt=1)
+    head_depth: int = _field(2, ge=1)
+    head_heads: int = _field(4, ge=1)
     channels_last: bool = False
     init_backbone: str | None = None
 
@@ -70,8 +75,11 @@ class DataConfig:
 
     ``val_csv: null`` validates on fold ``fold`` of the train CSV's kfold column; ``label_column: null``
     auto-detects it; ``image_size`` resizes to a square (the low-resolution GD baseline).
+    ``kind: sequences`` reads ``(C, L)`` sequences from ``root/train.npz`` and ``root/val.npz`` instead
+    (``patchgd prepare aeon`` writes them).
     """
 
+    kind: Literal["images", "sequences"] = "images"
     root: str | None = None
     train_csv: str = "train.csv"
     val_csv: str | None = "val.csv"
@@ -90,7 +98,8 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     """The optimisation loop. ``schedule: paper`` warms up linearly from 0 over ``warmup_epochs``, then
-    decays linearly to half the peak ``lr`` at the last step."""
+    decays linearly to half the peak ``lr`` at the last step. Every ``heatmap_every`` epochs (0: never)
+    a PatchGD run writes occlusion heatmaps of its first ``heatmap_images`` validation images."""
 
     epochs: int = _field(10, ge=1)
     batch_size: int = _field(8, ge=1)
@@ -105,6 +114,8 @@ class TrainConfig:
     device: str = _field("auto", pattern=r"auto|cpu|cuda(:\d+)?")
     eval_batch_size: int | None = _field(None, ge=1)
     log_every: int = _field(10, ge=1)
+    heatmap_every: int = _field(0, ge=0)
+    heatmap_images: int = _field(4, ge=1)
 
 
 @dataclass

@@ -7,9 +7,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .backbones import PatchEncoder, create_timm
+from .backbones import Conv1dEncoder, PatchEncoder, create_timm
 from .grid import PatchGrid
-from .heads import ConvHead
+from .heads import ConvHead, TransformerHead
+
+HEADS = ("conv", "conv1d", "transformer")
 
 __all__ = ["PatchGDClassifier", "GDClassifier", "GDExtendedClassifier"]
 
@@ -17,46 +19,64 @@ __all__ = ["PatchGDClassifier", "GDClassifier", "GDExtendedClassifier"]
 class PatchGDClassifier(nn.Module):
     """Backbone ``f_θ1`` (patch -> ``s`` features) and head ``g_θ2`` (``Z`` -> logits).
 
+    Sequences ``(B, C, L)`` go through the same code as images: cut into chunks of ``patch_size``
+    samples, they fill a ``(B, s, n)`` grid ``Z`` (a ``"conv1d"`` backbone and head, or any modules).
+
     Args:
-        backbone: A timm model name (its pooled features get a linear projection to ``latent_dim``) or
-            any module mapping ``(N, C, p, p)`` to ``(N, latent_dim)``.
+        backbone: A timm model name (its pooled features get a linear projection to ``latent_dim``),
+            ``"conv1d"`` (:class:`~patchgd.backbones.Conv1dEncoder`, for sequences) or any module mapping
+            ``(N, C, p, p)`` (``(N, C, p)`` for sequences) to ``(N, latent_dim)``.
         num_classes: Number of classes.
-        patch_size: Side ``p`` of the square patches.
+        patch_size: Side ``p`` of the square patches (chunk length of sequences).
         latent_dim: Latent size ``s`` of each cell of ``Z``.
-        head: ``"conv"`` for the paper's head, or any module mapping ``(B, s, m, n)`` to logits.
+        head: ``"conv"`` for the paper's head, ``"conv1d"`` for the same head over sequences,
+            ``"transformer"`` for :class:`~patchgd.heads.TransformerHead`, or any module mapping ``Z`` to
+            logits.
         in_chans: Image channels (for a timm backbone).
         pretrained: Path of a local weights file for a timm backbone.
         pad_value: Value that pads images whose sides are not multiples of ``patch_size``.
         fill_batch_size: Default number of patches per backbone call in :meth:`fill_z`; None (the default)
             encodes one grid row of every image per call (``B * n`` patches), which on the CPU is faster and
             smaller than larger chunks (benchmarks/RESULTS.md, "inference").
-        head_width: Channels of the conv head.
-        head_dropout: Dropout2d probability of the conv head.
+        head_width: Channels of the conv head; token width of the transformer head.
+        head_dropout: Dropout probability of the head.
+        head_depth: Encoder layers of the transformer head.
+        head_heads: Attention heads of the transformer head.
         channels_last: Feed patches to the backbone in channels-last memory format.
 
     Example:
         >>> model = PatchGDClassifier("test_resnet", num_classes=10, patch_size=32, latent_dim=16)
         >>> model.fill_z(torch.randn(2, 3, 64, 96)).shape
         torch.Size([2, 16, 2, 3])
+        >>> model = PatchGDClassifier("conv1d", num_classes=4, patch_size=10, latent_dim=16, head="conv1d",
+        ...                           in_chans=6)
+        >>> model.fill_z(torch.randn(2, 6, 100)).shape
+        torch.Size([2, 16, 10])
     """
 
     def __init__(self, backbone: str | nn.Module, num_classes: int, patch_size: int, latent_dim: int = 256,
                  head: str | nn.Module = "conv", *, in_chans: int = 3, pretrained: str | Path | None = None,
                  pad_value: float = 0.0, fill_batch_size: int | None = None, head_width: int = 256,
-                 head_dropout: float = 0.2, channels_last: bool = False):
+                 head_dropout: float = 0.2, head_depth: int = 2, head_heads: int = 4, channels_last: bool = False):
         super().__init__()
         if patch_size <= 0:
             raise ValueError(f"patch_size must be positive, got {patch_size}")
         if fill_batch_size is not None and fill_batch_size <= 0:
             raise ValueError(f"fill_batch_size must be positive, got {fill_batch_size}")
-        if isinstance(backbone, str):
+        if isinstance(backbone, str) and backbone != "conv1d":
             backbone = PatchEncoder(backbone, latent_dim, patch_size, in_chans=in_chans, pretrained=pretrained)
         elif pretrained is not None:
             raise ValueError("pretrained applies to a timm backbone name; load weights into your module yourself")
-        if head == "conv":
-            head = ConvHead(latent_dim, num_classes, width=head_width, dropout=head_dropout)
+        if isinstance(backbone, str):
+            backbone = Conv1dEncoder(in_chans, latent_dim)
+        if head in ("conv", "conv1d"):
+            head = ConvHead(latent_dim, num_classes, width=head_width, dropout=head_dropout,
+                            dims=1 if head == "conv1d" else 2)
+        elif head == "transformer":
+            head = TransformerHead(latent_dim, num_classes, width=head_width, depth=head_depth, heads=head_heads,
+                                   dropout=head_dropout)
         elif isinstance(head, str):
-            raise ValueError(f"unknown head {head!r}: expected 'conv' or an nn.Module")
+            raise ValueError(f"unknown head {head!r}: expected one of {', '.join(HEADS)} or an nn.Module")
         self.backbone = backbone
         self.head = head
         self.num_classes = num_classes
@@ -67,11 +87,11 @@ class PatchGDClassifier(nn.Module):
         self.channels_last = channels_last
 
     def grid(self, images: torch.Tensor) -> PatchGrid:
-        """The patch grid of ``images`` under this model's patch size and padding."""
+        """The patch grid of ``images`` (or ``(B, C, L)`` sequences) under this model's patch size and padding."""
         return PatchGrid(images, self.patch_size, self.pad_value)
 
     def encode(self, patches: torch.Tensor) -> torch.Tensor:
-        """Run the backbone on a batch of patches ``(N, C, p, p)`` -> ``(N, s)``."""
+        """Run the backbone on a batch of patches ``(N, C, p, p)`` (or chunks ``(N, C, p)``) -> ``(N, s)``."""
         if self.channels_last:
             patches = patches.contiguous(memory_format=torch.channels_last)
         out = self.backbone(patches)
@@ -87,13 +107,13 @@ class PatchGDClassifier(nn.Module):
         memory of a fill is bounded by the chunk, ``Z`` and the input.
 
         Args:
-            images: ``(B, C, H, W)`` images, or their :class:`PatchGrid`.
+            images: ``(B, C, H, W)`` images or ``(B, C, L)`` sequences, or their :class:`PatchGrid`.
             batch_size: Patches per backbone call (default: ``self.fill_batch_size``, else one grid row of
                 every image).
 
         Returns:
-            ``Z`` of shape ``(B, s, m, n)`` in the default dtype (float32 under mixed precision too),
-            cells in row-major order.
+            ``Z`` of shape ``(B, s, m, n)`` (``(B, s, n)`` for sequences) in the default dtype (float32
+            under mixed precision too), cells in row-major order.
         """
         grid = images if isinstance(images, PatchGrid) else self.grid(images)
         batch, cells = grid.batch_size, grid.num_cells
@@ -105,7 +125,7 @@ class PatchGDClassifier(nn.Module):
                 stop = min(start + chunk, batch * cells)
                 flat = torch.arange(start, stop, device=device)
                 z[flat // cells, :, flat % cells] = self.encode(grid.patch_range(start, stop)).to(z.dtype)
-        return z.view(batch, self.latent_dim, grid.rows, grid.cols)
+        return z.view(batch, self.latent_dim, *grid.shape)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Inference (Fig. 3b of the paper): ``head(fill_z(images))``."""

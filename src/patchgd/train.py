@@ -63,8 +63,9 @@ def build_model(cfg: Config) -> nn.Module:
     """The model ``cfg.method`` trains, on the CPU."""
     m = cfg.model
     return create_model(cfg.method, m.backbone, cfg.data.num_classes, patch_size=m.patch_size,
-                        latent_dim=m.latent_dim, in_chans=m.in_chans, pretrained=m.pretrained,
-                        head_width=m.head_width, head_dropout=m.head_dropout, pad_value=cfg.data.pad_value,
+                        latent_dim=m.latent_dim, in_chans=m.in_chans, pretrained=m.pretrained, head=m.head,
+                        head_width=m.head_width, head_dropout=m.head_dropout, head_depth=m.head_depth,
+                        head_heads=m.head_heads, pad_value=cfg.data.pad_value,
                         image_size=cfg.data.image_size, channels_last=m.channels_last)
 
 
