@@ -34,6 +34,17 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_prepare_aeon(args) -> int:
+    from .data.sequences import prepare_aeon
+
+    out = prepare_aeon(args.name, args.out, overwrite=args.overwrite)
+    meta = json.loads((out / "meta.json").read_text())
+    print(f"wrote {out} (train.npz, val.npz, meta.json): {meta['train']} train / {meta['val']} val sequences of "
+          f"{meta['channels']} channels x {meta['length']} steps, {len(meta['classes'])} classes "
+          f"({', '.join(meta['classes'])})")
+    return 0
+
+
 def cmd_prepare(args) -> int:
     from .data.panda import prepare_panda
 
@@ -89,15 +100,20 @@ def _load_checkpoint(path: str | Path, device: torch.device):
 
 def cmd_evaluate(args) -> int:
     from .data.datasets import ImageCSVDataset
+    from .data.sequences import SequenceDataset
     from .train import evaluate, resolve_device
 
     device = resolve_device(args.device)
     model, cfg = _load_checkpoint(args.checkpoint, device)
     data = Path(args.data)
-    csv_path = data if data.suffix == ".csv" else data / args.csv
-    dataset = ImageCSVDataset(csv_path, args.image_dir, num_classes=cfg.data.num_classes,
-                              label_column=cfg.data.label_column, in_chans=cfg.model.in_chans,
-                              image_size=cfg.data.image_size, mean=cfg.data.mean, std=cfg.data.std)
+    if cfg.data.kind == "sequences":
+        dataset = SequenceDataset(data if data.suffix == ".npz" else data / "val.npz", cfg.data.num_classes,
+                                  cfg.model.in_chans)
+    else:
+        csv_path = data if data.suffix == ".csv" else data / args.csv
+        dataset = ImageCSVDataset(csv_path, args.image_dir, num_classes=cfg.data.num_classes,
+                                  label_column=cfg.data.label_column, in_chans=cfg.model.in_chans,
+                                  image_size=cfg.data.image_size, mean=cfg.data.mean, std=cfg.data.std)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size)
     results = evaluate(model, loader, device, cfg.data.num_classes)
     results["confusion"] = results["confusion"].tolist()
@@ -118,13 +134,28 @@ def cmd_predict(args) -> int:
 
     device = resolve_device(args.device)
     model, cfg = _load_checkpoint(args.checkpoint, device)
+    explaining = args.heatmap is not None or args.z_image is not None
+    if explaining and cfg.method != "patchgd":
+        raise ValueError(f"--heatmap and --z-image explain PatchGD's latent grid Z; {args.checkpoint} is a "
+                         f"{cfg.method} model")
     channels = cfg.model.in_chans
     mean, std = per_channel(cfg.data.mean, 0.0, channels, "mean"), per_channel(cfg.data.std, 1.0, channels, "std")
-    predictions = []
+    predictions, stems = [], set()
     for path in args.images:
-        image = (load_image(path, channels, cfg.data.image_size) - mean) / std
-        with torch.inference_mode():
-            probs = torch.softmax(model(image[None].to(device)).float(), dim=1)[0].cpu()
+        pixels = load_image(path, channels, cfg.data.image_size)
+        image = (pixels - mean) / std
+        if explaining:
+            from .explain import write_evidence
+
+            name = Path(path).stem
+            name = name if name not in stems else f"{name}-{len(predictions)}"
+            stems.add(name)
+            logits = write_evidence(model, image[None], [pixels], [name], args.heatmap, args.z_image,
+                                    args.heatmap_method).logits
+        else:
+            with torch.inference_mode():
+                logits = model(image[None].to(device)).float()
+        probs = torch.softmax(logits, dim=1)[0].cpu()
         predictions.append({"image": str(path), "class": int(probs.argmax()),
                             "probabilities": [round(float(p), 6) for p in probs]})
     if args.json:
@@ -218,6 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
     panda.add_argument("--workers", type=int, default=1, help="parallel reader processes")
     panda.add_argument("--overwrite", action="store_true")
     panda.set_defaults(func=cmd_prepare)
+    aeon = prep_sub.add_parser("aeon", help="a time-series data set bundled with the aeon package, for 1-D PatchGD "
+                               "(data.kind: sequences)")
+    aeon.add_argument("name", help="data set name, e.g. BasicMotions (multichannel: BasicMotions)")
+    aeon.add_argument("out", help="output folder (written atomically): train.npz, val.npz, meta.json")
+    aeon.add_argument("--overwrite", action="store_true")
+    aeon.set_defaults(func=cmd_prepare_aeon)
 
     stats = sub.add_parser("stats", help="per-channel mean and std of a data set, for data.mean/data.std")
     stats.add_argument("folder", help="folder of training images")
@@ -232,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("evaluate", help="evaluate a checkpoint on a labelled data set")
     ev.add_argument("checkpoint", help="best.pt or last.pt of a run")
-    ev.add_argument("--data", required=True, help="data folder (with --csv) or a CSV file")
+    ev.add_argument("--data", required=True, help="data folder (with --csv) or a CSV file; for a sequence model, "
+                    "a prepared folder (its val.npz) or an .npz file")
     ev.add_argument("--csv", default="val.csv", help="CSV inside --data (default val.csv)")
     ev.add_argument("--image-dir", default=None, help="image folder (default: beside the CSV, named like it)")
     ev.add_argument("--batch-size", type=int, default=8)
@@ -245,6 +283,15 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("images", nargs="+", help="image files")
     pred.add_argument("--device", default="auto")
     pred.add_argument("--json", action="store_true", help="print the predictions as JSON")
+    pred.add_argument("--heatmap", metavar="OUT_DIR", default=None,
+                      help="write per image NAME_heatmap.png (per-cell evidence for the predicted class over the "
+                           "image), NAME_heatmap.npy and NAME_heatmap.csv (PatchGD models)")
+    pred.add_argument("--heatmap-method", choices=("occlusion", "grad"), default="occlusion",
+                      help="occlusion: drop of the class logit when a cell of Z holds the blank-patch code "
+                           "(exact; default); grad: gradient x activation on Z")
+    pred.add_argument("--z-image", metavar="OUT_DIR", default=None,
+                      help="write per image NAME_z.png: Z's cells coloured by their first three principal "
+                           "components (Fig. 5 of the paper)")
     pred.set_defaults(func=cmd_predict)
 
     plan = sub.add_parser("plan", help="fit a run into a memory budget and show the plan")

@@ -19,8 +19,9 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .config import Config, config_to_dict, save_config
-from .data.datasets import ImageCSVDataset
-from .grid import grid_shape
+from .data.datasets import ImageCSVDataset, per_channel
+from .data.sequences import SequenceDataset
+from .grid import PatchGrid
 from .io import atomic_file
 from .memory import PeakMemory, format_size
 from .methods import autocast, classification_loss, create_method, create_model, patches_per_iteration
@@ -41,11 +42,15 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def build_datasets(cfg: Config) -> tuple[ImageCSVDataset, ImageCSVDataset]:
-    """Train and validation sets from ``data.*``: two CSVs, or one CSV split by its kfold column."""
+def build_datasets(cfg: Config) -> tuple[ImageCSVDataset | SequenceDataset, ImageCSVDataset | SequenceDataset]:
+    """Train and validation sets from ``data.*``: two CSVs, or one CSV split by its kfold column; or, with
+    ``data.kind: sequences``, ``train.npz`` and ``val.npz``."""
     if cfg.data.root is None:
         raise ValueError("data.root is not set: point it at the folder holding the CSVs and images")
     root = Path(cfg.data.root)
+    if cfg.data.kind == "sequences":
+        return tuple(SequenceDataset(root / f"{split}.npz", cfg.data.num_classes, cfg.model.in_chans)
+                     for split in ("train", "val"))
     common = dict(num_classes=cfg.data.num_classes, label_column=cfg.data.label_column,
                   in_chans=cfg.model.in_chans, image_size=cfg.data.image_size, mean=cfg.data.mean,
                   std=cfg.data.std)
@@ -134,9 +139,12 @@ def build_method(cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer
 
 
 def patches_per_step(cfg: Config, image_shape: tuple[int, ...]) -> int:
-    """Patches a PatchGD inner iteration holds with gradients: ``B * k``; also its default fill chunk."""
-    rows, cols = grid_shape(image_shape[-2], image_shape[-1], cfg.model.patch_size)
-    return cfg.train.batch_size * patches_per_iteration(cfg.patchgd.sampling, rows * cols)
+    """Patches a PatchGD inner iteration holds with gradients: ``B * k``; also its default fill chunk.
+
+    ``image_shape`` is one item's ``(C, H, W)`` (or a sequence's ``(C, L)``).
+    """
+    cells = PatchGrid(torch.empty(1, *image_shape, device="meta"), cfg.model.patch_size).num_cells
+    return cfg.train.batch_size * patches_per_iteration(cfg.patchgd.sampling, cells)
 
 
 def train_one_epoch(method, loader: DataLoader, scheduler, epoch: int, measure_step: int) -> dict:
@@ -173,6 +181,26 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, num_cla
     results = evaluate_predictions(logits, labels, num_classes)
     results["loss"] = classification_loss(logits, labels).item()
     return results
+
+
+def write_validation_heatmaps(model: nn.Module, val_set, cfg: Config, out_dir: Path) -> None:
+    """Occlusion heatmaps and ``Z`` pictures of the first ``train.heatmap_images`` validation items.
+
+    They are drawn on the items' pixels before normalisation (sequences as they are).
+    """
+    from .explain import write_evidence
+
+    count = min(cfg.train.heatmap_images, len(val_set))
+    items = [val_set[i] for i in range(count)]
+    images = torch.stack([image for image, _ in items])
+    displays = list(images)
+    if cfg.data.kind == "images":
+        channels = cfg.model.in_chans
+        mean = per_channel(cfg.data.mean, 0.0, channels, "mean")
+        std = per_channel(cfg.data.std, 1.0, channels, "std")
+        displays = [image * std + mean for image in images]
+    names = [f"val{i:02d}_label{label}" for i, (_, label) in enumerate(items)]
+    write_evidence(model, images, displays, names, out_dir, out_dir)
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -221,7 +249,8 @@ def fit(cfg: Config, resume: str | Path | None = None, *, log=print) -> dict:
 
     The run directory (``cfg.output_dir``, or ``resume``) receives ``config.yaml`` (resolved),
     ``metrics.csv``, ``last.pt``, ``best.pt``, ``eval.json`` (the last evaluation with its confusion
-    matrix) and ``learning_curves.png``.
+    matrix), ``learning_curves.png`` and, every ``train.heatmap_every`` epochs, ``heatmaps/epochNNN/``
+    (validation heatmaps and ``Z`` pictures).
 
     Args:
         cfg: The run's configuration.
@@ -240,9 +269,9 @@ def fit(cfg: Config, resume: str | Path | None = None, *, log=print) -> dict:
     train_set, val_set = build_datasets(cfg)
     image_shape = tuple(train_set[0][0].shape)
     if cfg.method == "patchgd" and cfg.model.patch_size > min(image_shape[1:]):
-        raise ValueError(f"model.patch_size={cfg.model.patch_size} is larger than the {image_shape[1]}x"
-                         f"{image_shape[2]} images of {train_set.csv_path}; expected at most "
-                         f"{min(image_shape[1:])} px (a smaller patch, or no data.image_size downscaling)")
+        raise ValueError(f"model.patch_size={cfg.model.patch_size} is larger than the "
+                         f"{'x'.join(map(str, image_shape[1:]))} items of {getattr(train_set, 'csv_path', cfg.data.root)}; "
+                         f"expected at most {min(image_shape[1:])} px (a smaller patch, or no data.image_size downscaling)")
     if cfg.memory.budget is not None and resume is None:
         from .plan import plan_budget  # the planner measures trial steps: only when a budget asks for it
 
@@ -309,6 +338,8 @@ def fit(cfg: Config, resume: str | Path | None = None, *, log=print) -> dict:
             tmp.write_text(json.dumps({**results, "confusion": results["confusion"].tolist(), "epoch": epoch},
                                       indent=2))
         plot_learning_curves(run_dir / "metrics.csv", run_dir / "learning_curves.png")
+        if cfg.method == "patchgd" and cfg.train.heatmap_every and epoch % cfg.train.heatmap_every == 0:
+            write_validation_heatmaps(model, val_set, cfg, run_dir / "heatmaps" / f"epoch{epoch:03d}")
         log(f"epoch {epoch}/{cfg.train.epochs}  train loss {train_stats['train_loss']:.4f}  "
             f"val loss {results['loss']:.4f}  val acc {results['accuracy']:.4f}  qwk {results['qwk']:.4f}  "
             f"peak {format_size(train_stats['peak_memory_bytes'])}  {elapsed:.1f}s")
