@@ -184,14 +184,16 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, num_cla
 
 
 def write_validation_heatmaps(model: nn.Module, val_set, cfg: Config, out_dir: Path) -> None:
-    """Occlusion heatmaps and ``Z`` pictures of the first ``train.heatmap_images`` validation items.
+    """Occlusion heatmaps and ``Z`` pictures of ``train.heatmap_images`` validation items, the same every time.
 
-    They are drawn on the items' pixels before normalisation (sequences as they are).
+    The items are spread evenly over the validation set (a set sorted by class shows several classes) and
+    drawn on their pixels before normalisation (sequences as they are).
     """
     from .explain import write_evidence
 
     count = min(cfg.train.heatmap_images, len(val_set))
-    items = [val_set[i] for i in range(count)]
+    indices = np.linspace(0, len(val_set) - 1, count).round().astype(int)
+    items = [val_set[i] for i in indices]
     images = torch.stack([image for image, _ in items])
     displays = list(images)
     if cfg.data.kind == "images":
@@ -199,7 +201,7 @@ def write_validation_heatmaps(model: nn.Module, val_set, cfg: Config, out_dir: P
         mean = per_channel(cfg.data.mean, 0.0, channels, "mean")
         std = per_channel(cfg.data.std, 1.0, channels, "std")
         displays = [image * std + mean for image in images]
-    names = [f"val{i:02d}_label{label}" for i, (_, label) in enumerate(items)]
+    names = [f"val{i:04d}_label{label}" for i, (_, label) in zip(indices, items)]
     write_evidence(model, images, displays, names, out_dir, out_dir)
 
 

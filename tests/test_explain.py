@@ -1,0 +1,123 @@
+"""Heatmaps and Z pictures: exact values on a hand-built model, evidence on the deciding cell of a trained one."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from sklearn.decomposition import PCA
+
+import patchgd
+from patchgd.explain import explain, save_heatmap, save_z_image, z_to_rgb
+from patchgd.heads import ConvHead
+
+from helpers import TinyEncoder
+
+P = 8
+
+
+class MeanIntensity(nn.Module):
+    """Backbone whose one latent feature is a patch's (or chunk's) mean value."""
+
+    def forward(self, x):
+        return x.flatten(1).mean(dim=1, keepdim=True)
+
+
+class CellWeightedHead(nn.Module):
+    """Class 1's logit is ``sum_c w_c * Z_c``, class 0's its negative: every cell's part is known by hand."""
+
+    def __init__(self, weights):
+        super().__init__()
+        self.weights = nn.Parameter(torch.as_tensor(weights, dtype=torch.float32))
+
+    def forward(self, z):
+        evidence = (z[:, 0] * self.weights).flatten(1).sum(dim=1)
+        return torch.stack([-evidence, evidence], dim=1)
+
+
+@pytest.mark.parametrize("pad_value", [0.0, 0.5])
+@pytest.mark.parametrize("method", ["occlusion", "grad"])
+def test_scores_equal_the_hand_computed_part_of_each_cell(method, pad_value):
+    torch.manual_seed(0)
+    weights = torch.randn(3, 4)
+    model = patchgd.PatchGDClassifier(MeanIntensity(), 2, P, latent_dim=1, head=CellWeightedHead(weights),
+                                      pad_value=pad_value)
+    images = torch.rand(2, 1, 3 * P, 4 * P)
+    means = images.view(2, 3, P, 4, P).mean(dim=(2, 4))  # the patches' means, cut by hand
+    logit1 = (means * weights).sum(dim=(1, 2))
+    target = (logit1 > 0).long()
+    sign = torch.where(target == 1, 1.0, -1.0)[:, None, None]
+    # Occluding cell c puts the blank patch's code (its mean, the padding value) in place of Z_c, so the
+    # logit drops by w_c * (mean_c - pad_value); gradient x activation of a linear head is w_c * mean_c.
+    baseline = pad_value if method == "occlusion" else 0.0
+    expected = sign * weights * (means - baseline)
+    evidence = explain(model, images, method)
+    assert evidence.target.tolist() == target.tolist()
+    torch.testing.assert_close(evidence.scores, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_sequences_are_explained_per_chunk():
+    weights = torch.tensor([0.5, -1.0, 2.0, 0.0, 1.0])
+    model = patchgd.PatchGDClassifier(MeanIntensity(), 2, P, latent_dim=1, head=CellWeightedHead(weights))
+    sequences = torch.rand(1, 3, 5 * P)
+    means = sequences.view(1, 3, 5, P).mean(dim=(1, 3))
+    evidence = explain(model, sequences, target=torch.tensor([1]))
+    torch.testing.assert_close(evidence.scores, weights * means, rtol=1e-5, atol=1e-6)
+
+
+def bright_square_images(n, generator):
+    """16 x 16 cells of faint noise; class 1 images hold one bright 8 px square at a random cell."""
+    images = torch.rand(n, 1, 4 * P, 4 * P, generator=generator) * 0.3
+    labels = torch.arange(n) % 2
+    cells = torch.randint(0, 16, (n,), generator=generator)
+    for i in range(n):
+        if labels[i]:
+            r, c = divmod(int(cells[i]), 4)
+            images[i, 0, r * P:(r + 1) * P, c * P:(c + 1) * P] = 1.0
+    return images, labels, cells
+
+
+def test_occlusion_evidence_lands_on_the_cell_that_decides_a_trained_model():
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
+    model = patchgd.PatchGDClassifier(TinyEncoder(in_chans=1, latent_dim=8), 2, P, latent_dim=8,
+                                      head=ConvHead(8, 2, width=16, dropout=0.0))
+    trainer = patchgd.PatchGD(model, torch.optim.Adam(model.parameters(), lr=3e-3), sampling=0.25,
+                              generator=generator)
+    for _ in range(60):
+        trainer.step(*bright_square_images(16, generator)[:2])
+    images, labels, cells = bright_square_images(40, generator)
+    model.eval()
+    with torch.no_grad():
+        assert (model(images).argmax(1) == labels).float().mean() >= 0.9  # it learnt the task
+    positives = labels == 1
+    evidence = explain(model, images[positives], target=torch.ones(int(positives.sum()), dtype=torch.long))
+    top = evidence.scores.flatten(1).argmax(dim=1)
+    assert (top == cells[positives]).float().mean() >= 0.9
+
+
+def test_z_picture_is_the_first_three_principal_components():
+    torch.manual_seed(0)
+    z = torch.randn(16, 5, 6) * torch.linspace(3, 0.1, 16)[:, None, None]
+    rgb = z_to_rgb(z)
+    reference = PCA(n_components=3).fit_transform(z.flatten(1).T.double().numpy())
+    for k in range(3):
+        channel = rgb[..., k].ravel()
+        scaled = (reference[:, k] - reference[:, k].min()) / np.ptp(reference[:, k])
+        # A principal component's sign is arbitrary: either orientation of the stretched axis is right.
+        assert min(np.abs(channel - scaled).max(), np.abs(channel - (1 - scaled)).max()) < 1e-9
+    assert z_to_rgb(torch.ones(4, 2, 3)).tolist() == np.full((2, 3, 3), 0.5).tolist()  # no variance: grey
+
+
+def test_heatmap_and_z_files(tmp_path):
+    scores = torch.tensor([[1.0, -2.0, 0.5], [0.0, 3.0, -1.0]])
+    paths = save_heatmap(tmp_path, "img", torch.rand(3, 2 * P, 3 * P), scores, P, "class 1")
+    assert [p.name for p in paths] == ["img_heatmap.png", "img_heatmap.npy", "img_heatmap.csv"]
+    assert np.load(paths[1]).tolist() == scores.tolist()
+    rows = paths[2].read_text().splitlines()
+    assert rows[0] == "row,col,score" and rows[5] == "1,1,3" and len(rows) == 7
+    z_path = save_z_image(tmp_path, "img", torch.randn(8, 2, 3))
+    from PIL import Image
+
+    with Image.open(z_path) as picture:
+        assert picture.size == (3 * 86, 2 * 86) and picture.mode == "RGB"
+    assert not list(tmp_path.glob(".*"))  # no temporary file left behind
