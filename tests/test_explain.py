@@ -1,5 +1,7 @@
 """Heatmaps and Z pictures: exact values on a hand-built model, evidence on the deciding cell of a trained one."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -121,3 +123,40 @@ def test_heatmap_and_z_files(tmp_path):
     with Image.open(z_path) as picture:
         assert picture.size == (3 * 86, 2 * 86) and picture.mode == "RGB"
     assert not list(tmp_path.glob(".*"))  # no temporary file left behind
+
+
+def test_cli_heatmaps_in_training_and_predict(tmp_path, mnist_dir, capsys):
+    from patchgd.cli import PACKAGED_CONFIGS, main
+
+    data = tmp_path / "data"
+    assert main(["generate", "ultramnist", str(data), "--train", "8", "--val", "4", "--image-size", "96",
+                 "--digits", str(mnist_dir)]) == 0
+    common = ["--config", str(PACKAGED_CONFIGS / "demo.yaml"), "--set", f"data.root={data}", "--set",
+              "model.latent_dim=8", "--set", "model.head_width=8", "--set", "train.epochs=1", "--set",
+              "train.batch_size=4"]
+    run = tmp_path / "run"
+    assert main(["train", *common, "--set", f"output_dir={run}", "--set", "train.heatmap_every=1",
+                 "--set", "train.heatmap_images=2"]) == 0
+    labels = [line.split(",")[1] for line in (data / "val.csv").read_text().splitlines()[1:]]
+    written = sorted(p.name for p in (run / "heatmaps" / "epoch001").iterdir())
+    assert written == sorted(f"val{i:04d}_label{labels[i]}_{suffix}" for i in (0, 3)  # the first and the last
+                             for suffix in ("heatmap.csv", "heatmap.npy", "heatmap.png", "z.png"))
+
+    image = data / "val" / "val_000001.png"
+    capsys.readouterr()
+    for method in ("occlusion", "grad"):
+        out = tmp_path / method
+        assert main(["predict", str(run / "last.pt"), str(image), "--heatmap", str(out), "--heatmap-method", method,
+                     "--z-image", str(out), "--json"]) == 0
+        prediction = json.loads(capsys.readouterr().out)[0]
+        scores = np.load(out / "val_000001_heatmap.npy")
+        assert scores.shape == (3, 3) and np.isfinite(scores).all()
+        assert (out / "val_000001_heatmap.png").stat().st_size > 0 and (out / "val_000001_z.png").is_file()
+    assert prediction["class"] == max(range(10), key=prediction["probabilities"].__getitem__)
+
+    gd_run = tmp_path / "gd"
+    assert main(["train", *common, "--set", f"output_dir={gd_run}", "--set", "method=gd"]) == 0
+    capsys.readouterr()
+    assert main(["predict", str(gd_run / "last.pt"), str(image), "--heatmap", str(tmp_path / "gd-maps")]) == 2
+    assert "explain PatchGD's latent grid Z" in capsys.readouterr().err
+    assert not (tmp_path / "gd-maps").exists()

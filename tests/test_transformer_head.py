@@ -1,17 +1,15 @@
 """The transformer head: any grid, padded cells ignored, positions seen; the DeiT recipes through the trainer,
 the planner and the command line."""
 
-import math
+import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-import patchgd
 from patchgd import train
 from patchgd.cli import PACKAGED_CONFIGS, main
 from patchgd.config import config_from_dict, load_config
-from patchgd.heads import TransformerHead
+from patchgd.heads import ConvHead, TransformerHead
 from patchgd.memory import PeakMemory
 from patchgd.plan import plan_budget
 
@@ -116,3 +114,17 @@ def test_cli_trains_a_transformer_head(tmp_path, mnist_dir, capsys):
     assert main(["predict", str(run / "last.pt"), str(next((data / "val").glob("*.png"))), "--json"]) == 0
     assert main(["train", "--config", str(PACKAGED_CONFIGS / "demo.yaml"), "--set", "model.head=mlp"]) == 2
     assert "model.head: got 'mlp'" in capsys.readouterr().err
+
+
+def test_bench_heads_compares_both_heads_on_the_same_run(tmp_path, capsys):
+    assert main(["bench", "heads", "--backbone", "test_resnet", "--patch-size", "32", "--image-sizes", "64",
+                 "--latent-dim", "8", "--head-width", "8", "--transformer-width", "16", "--transformer-heads", "2",
+                 "--repeats", "1", "--warmup", "0", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    assert "transformer/conv" in capsys.readouterr().out
+    row = json.loads((tmp_path / "heads.json").read_text())["results"]["sizes"][0]
+    assert row["grid"] == [2, 2]
+    expected = {"conv": ConvHead(8, 10, width=8), "transformer": TransformerHead(8, 10, width=16, depth=2, heads=2)}
+    for head, module in expected.items():
+        assert row[head]["head_parameters"] == sum(p.numel() for p in module.parameters())
+        assert row[head]["peak_bytes"] > 0 and row[head]["step_s"] > 0
+    assert row["ratio_peak"] == row["transformer"]["peak_bytes"] / row["conv"]["peak_bytes"]

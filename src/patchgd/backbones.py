@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import timm
-import torch
 import torch.nn as nn
 
 __all__ = ["create_timm", "PatchEncoder", "Conv1dEncoder"]
