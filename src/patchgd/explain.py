@@ -306,8 +306,9 @@ def write_evidence(model: PatchGDClassifier, images: torch.Tensor, displays: lis
     for b, (display, name) in enumerate(zip(displays, names)):
         label = int(evidence.target[b])
         if heatmap_dir is not None:
-            title = (f"{name}: class {label} (p={probabilities[b, label]:.3f}); {method} evidence per "
-                     f"{model.patch_size} px cell (red supports the class)")
+            cell = f"{model.patch_size}-step chunk" if display.dim() == 2 else f"{model.patch_size} px cell"
+            title = (f"{name}: class {label} (p={probabilities[b, label]:.3f}); {method} evidence per {cell} "
+                     "(red supports the class)")
             save_heatmap(heatmap_dir, name, display, evidence.scores[b], model.patch_size, title)
         if z_dir is not None:
             save_z_image(z_dir, name, evidence.z[b])
