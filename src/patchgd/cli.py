@@ -150,8 +150,9 @@ def cmd_predict(args) -> int:
             name = Path(path).stem
             name = name if name not in stems else f"{name}-{len(predictions)}"
             stems.add(name)
-            logits = write_evidence(model, image[None], [pixels], [name], args.heatmap, args.z_image,
-                                    args.heatmap_method).logits
+            evidence, _ = write_evidence(model, image[None], [pixels], [name], args.heatmap, args.z_image,
+                                         args.heatmap_method)
+            logits = evidence.logits
         else:
             with torch.inference_mode():
                 logits = model(image[None].to(device)).float()

@@ -286,7 +286,7 @@ def save_z_image(out_dir: str | Path, name: str, z: torch.Tensor, min_side: int 
 
 def write_evidence(model: PatchGDClassifier, images: torch.Tensor, displays: list[torch.Tensor], names: list[str],
                    heatmap_dir: str | Path | None = None, z_dir: str | Path | None = None,
-                   method: str = "occlusion") -> Evidence:
+                   method: str = "occlusion") -> tuple[Evidence, list[Path]]:
     """Explain a batch and write, per image, its heatmap files and/or its ``Z`` picture.
 
     Args:
@@ -299,17 +299,18 @@ def write_evidence(model: PatchGDClassifier, images: torch.Tensor, displays: lis
         method: ``"occlusion"`` or ``"grad"``.
 
     Returns:
-        The :class:`Evidence` of the batch.
+        The :class:`Evidence` of the batch, and the pictures written (heatmap, then ``Z``, per image).
     """
     evidence = explain(model, images, method)
     probabilities = torch.softmax(evidence.logits, dim=1)
+    pictures = []
     for b, (display, name) in enumerate(zip(displays, names)):
         label = int(evidence.target[b])
         if heatmap_dir is not None:
             cell = f"{model.patch_size}-step chunk" if display.dim() == 2 else f"{model.patch_size} px cell"
             title = (f"{name}: class {label} (p={probabilities[b, label]:.3f}); {method} evidence per {cell} "
                      "(red supports the class)")
-            save_heatmap(heatmap_dir, name, display, evidence.scores[b], model.patch_size, title)
+            pictures.append(save_heatmap(heatmap_dir, name, display, evidence.scores[b], model.patch_size, title)[0])
         if z_dir is not None:
-            save_z_image(z_dir, name, evidence.z[b])
-    return evidence
+            pictures.append(save_z_image(z_dir, name, evidence.z[b]))
+    return evidence, pictures

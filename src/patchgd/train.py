@@ -183,11 +183,11 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, num_cla
     return results
 
 
-def write_validation_heatmaps(model: nn.Module, val_set, cfg: Config, out_dir: Path) -> None:
+def write_validation_heatmaps(model: nn.Module, val_set, cfg: Config, out_dir: Path) -> list[Path]:
     """Occlusion heatmaps and ``Z`` pictures of ``train.heatmap_images`` validation items, the same every time.
 
     The items are spread evenly over the validation set (a set sorted by class shows several classes) and
-    drawn on their pixels before normalisation (sequences as they are).
+    drawn on their pixels before normalisation (sequences as they are). Returns the pictures written.
     """
     from .explain import write_evidence
 
@@ -202,7 +202,7 @@ def write_validation_heatmaps(model: nn.Module, val_set, cfg: Config, out_dir: P
         std = per_channel(cfg.data.std, 1.0, channels, "std")
         displays = [image * std + mean for image in images]
     names = [f"val{i:04d}_label{label}" for i, (_, label) in zip(indices, items)]
-    write_evidence(model, images, displays, names, out_dir, out_dir)
+    return write_evidence(model, images, displays, names, out_dir, out_dir)[1]
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
