@@ -51,7 +51,7 @@ class Evidence:
     method: str
 
 
-def blank_code(model: PatchGDClassifier, channels: int, sequence: bool = False) -> torch.Tensor:
+def blank_code(model: PatchGDClassifier, patch: torch.Tensor) -> torch.Tensor:
     """The background code: ``model.encode`` of one patch filled with the model's padding value.
 
     Computed once, without gradients, with the backbone in eval mode (a lone constant patch has no
@@ -59,15 +59,12 @@ def blank_code(model: PatchGDClassifier, channels: int, sequence: bool = False) 
 
     Args:
         model: The classifier.
-        channels: Channels of its input.
-        sequence: Whether the model reads sequences (a blank chunk ``(1, C, p)``) rather than images.
+        patch: A ``(1, C, *patch_shape)`` patch of the input, giving the blank patch its shape and dtype.
 
     Returns:
         ``(s,)`` code.
     """
-    device = next(model.parameters()).device
-    shape = (model.patch_size,) if sequence else (model.patch_size, model.patch_size)
-    blank = torch.full((1, channels, *shape), float(model.pad_value), device=device)
+    blank = torch.full_like(patch, model.pad_value)
     was_training = model.backbone.training
     model.backbone.eval()
     try:
@@ -145,14 +142,13 @@ def explain(model: PatchGDClassifier, images: torch.Tensor, method: str = "occlu
     was_training = model.training
     model.eval()
     try:
-        images = images.to(next(model.parameters()).device)
-        z = model.fill_z(images)
+        grid = model.grid(images.to(next(model.parameters()).device))
+        z = model.fill_z(grid)
         with torch.no_grad():
             logits = model.head(z).float()
         target = logits.argmax(dim=1) if target is None else torch.as_tensor(target, device=z.device)
         if method == "occlusion":
-            code = blank_code(model, images.shape[1], sequence=images.dim() == 3)
-            scores = occlusion_scores(model.head, z, code, target)
+            scores = occlusion_scores(model.head, z, blank_code(model, grid.patch_range(0, 1)), target)
         else:
             scores = gradient_scores(model.head, z, target)
     finally:
@@ -228,8 +224,11 @@ def save_heatmap(out_dir: str | Path, name: str, display: torch.Tensor, scores: 
         scale = picture.shape[1] / display.shape[2]
         rows, cols = grid.shape
         fig, ax = plt.subplots(figsize=(7, 7 * picture.shape[0] / picture.shape[1] + 0.6))
-        ax.imshow(picture, cmap="gray" if picture.ndim == 2 else None, vmin=0, vmax=1)
-        shown = ax.imshow(grid, extent=(0, cols * patch_size * scale, rows * patch_size * scale, 0), alpha=0.55,
+        ax.imshow(picture, cmap="gray" if picture.ndim == 2 else None, vmin=0, vmax=1,
+                  extent=(0, picture.shape[1], picture.shape[0], 0))
+        # Cells with little evidence stay see-through, so the image shows where nothing is claimed.
+        alpha = 0.1 + 0.6 * np.abs(grid) / limit
+        shown = ax.imshow(grid, extent=(0, cols * patch_size * scale, rows * patch_size * scale, 0), alpha=alpha,
                           interpolation="nearest", **style)
         ax.set_xlim(0, picture.shape[1])
         ax.set_ylim(picture.shape[0], 0)
