@@ -272,7 +272,7 @@ def fit(cfg: Config, resume: str | Path | None = None, *, log=print) -> dict:
     image_shape = tuple(train_set[0][0].shape)
     if cfg.method == "patchgd" and cfg.model.patch_size > min(image_shape[1:]):
         raise ValueError(f"model.patch_size={cfg.model.patch_size} is larger than the "
-                         f"{'x'.join(map(str, image_shape[1:]))} items of {getattr(train_set, 'csv_path', cfg.data.root)}; "
+                         f"{'x'.join(map(str, image_shape[1:]))} images of {getattr(train_set, 'csv_path', cfg.data.root)}; "
                          f"expected at most {min(image_shape[1:])} px (a smaller patch, or no data.image_size downscaling)")
     if cfg.memory.budget is not None and resume is None:
         from .plan import plan_budget  # the planner measures trial steps: only when a budget asks for it
