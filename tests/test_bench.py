@@ -34,7 +34,7 @@ def run_bench(out, name, *flags):
     return record
 
 
-@pytest.mark.parametrize("name", ["fill", "step", "memory", "inference"])
+@pytest.mark.parametrize("name", ["fill", "step", "memory", "inference", "scaling"])
 def test_every_benchmark_is_registered(name):
     args = build_parser().parse_args([name])
     assert args.benchmark == name and callable(args.func)
@@ -83,6 +83,15 @@ def test_inference(tmp_path):
         assert row[f"{arm}_images_per_s"] > 0 and row["peak_bytes"][arm] > 0
     # The paper's loop and the library's fill give the same logits: only chunking and cutting differ.
     assert row["max_logit_difference_to_reference"] < 1e-5
+
+
+def test_scaling_alone_measures_one_process(tmp_path):
+    results = run_bench(tmp_path, "scaling", "--image-sizes", "64", "--batch-size", "2", *TIMING)["results"]
+    (row,) = results["sizes"]
+    assert results["processes"] == row["processes"] == 1
+    assert row["images_per_s_1"] == pytest.approx(2 / row["step_alone_s"])
+    assert row["efficiency"] == pytest.approx(row["step_alone_s"] / row["step_together_s"])
+    assert row["fill_speedup"] == pytest.approx(row["fill_alone_s"] / row["parallel_fill_s"])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without a CUDA device")

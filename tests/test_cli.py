@@ -2,6 +2,8 @@
 
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -160,6 +162,26 @@ def test_bad_config_is_a_clear_error(tmp_path, data, capsys, args, expected):
     assert not (tmp_path / "run" / "last.pt").exists()
 
 
+def test_under_torchrun_an_error_names_the_rank_that_failed(tmp_path, data, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert main(["train", "--config", str(write_config(tmp_path, data)), "--set", "train.epoch=3"]) == 2
+    assert capsys.readouterr().err.startswith("patchgd train (rank 1 of 2): error: ")
+
+
+def test_python_m_patchgd_is_the_command():
+    done = subprocess.run([sys.executable, "-m", "patchgd", "train", "--help"], capture_output=True, text=True,
+                          check=True)
+    assert "--resume" in done.stdout
+
+
+def test_sync_batchnorm_on_the_cpu_is_a_clear_error(tmp_path, data, capsys):
+    assert main(["train", "--config", str(write_config(tmp_path, data)), "--set", "train.sync_batchnorm=true",
+                 "--set", "train.device=cpu"]) == 2
+    assert "train.sync_batchnorm=true needs CUDA devices" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
 def test_generate_refuses_to_overwrite_and_checkpoint_errors_are_clear(tmp_path, data, capsys):
     assert main(["generate", "ultramnist", str(data), "--train", "10", "--val", "10", "--image-size", "96"]) == 2
     assert "already exists" in capsys.readouterr().err
@@ -171,7 +193,7 @@ def test_generate_refuses_to_overwrite_and_checkpoint_errors_are_clear(tmp_path,
 
 def test_every_subcommand_has_help(capsys):
     for command in (["generate", "ultramnist"], ["prepare", "panda"], ["stats"], ["train"], ["evaluate"],
-                    ["predict"], ["plan"], ["demo"], ["bench"]):
+                    ["predict"], ["inspect"], ["plan"], ["demo"], ["bench"]):
         with pytest.raises(SystemExit) as exit_info:
             main([*command, "--help"])
         assert exit_info.value.code == 0

@@ -73,6 +73,13 @@ def test_batch_capped_by_config():
     assert plan_budget(make_config("gd", batch_size=3), IMAGE, "cpu", max_batch_size=5).batch_size == 5
 
 
+def test_plan_is_per_process_and_states_the_global_batch():
+    alone = plan_budget(make_config("gd", batch_size=3), IMAGE, "cpu")
+    two = plan_budget(make_config("gd", batch_size=3), IMAGE, "cpu", processes=2)
+    assert two.batch_size == alone.batch_size == 3 and alone.processes == 1
+    assert "global batch of 6" in two.describe() and "global" not in alone.describe()
+
+
 def test_patchgd_lowers_patches_per_inner_iteration():
     # All 9 cells per inner iteration do not fit at batch 1; the budget lies between k = 3 and k = 4.
     peaks = {k: peak_of(make_config("patchgd", batch_size=1, sampling=k / 9)) for k in (3, 4)}

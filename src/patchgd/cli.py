@@ -1,9 +1,10 @@
-"""The ``patchgd`` command: generate, prepare, train, evaluate, predict, plan, stats, demo and bench."""
+"""The ``patchgd`` command: generate, prepare, train, evaluate, predict, inspect, plan, stats, demo and bench."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -64,6 +65,7 @@ def cmd_stats(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from . import distributed
     from .train import fit
 
     if args.resume:
@@ -75,8 +77,10 @@ def cmd_train(args) -> int:
         if args.config is None:
             raise ConfigError("patchgd train needs --config FILE.yaml (or --resume RUN_DIR)")
         cfg = _config_from_args(args)
-    summary = fit(cfg, resume=args.resume)
-    print(f"best val accuracy {summary['best_accuracy']:.4f}; run directory {summary['run_dir']}")
+    with distributed.process_group(cfg.train.device):  # joins torchrun's group; nothing when run alone
+        summary = fit(cfg, resume=args.resume)
+        if distributed.is_main():
+            print(f"best val accuracy {summary['best_accuracy']:.4f}; run directory {summary['run_dir']}")
     return 0
 
 
@@ -168,6 +172,35 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_inspect(args) -> int:
+    from .data.sources import open_source
+    from .data.tissue import tissue_cells
+    from .plots import plot_slide_grid
+
+    source = open_source(args.slide, level=args.level, mpp=args.mpp)
+    info = source.describe()
+    mpp = info["mpp"]
+    print(f"{info['path']}: {info['vendor'] or 'image'}, {'%.4g um/px at level 0' % mpp if mpp else 'no mpp'}")
+    print("level  height x width  downsample  um/px")
+    for k, lv in enumerate(info["levels"]):
+        chosen = "  <- chosen" if k == info["level"] else ""
+        lv_mpp = f"{lv['mpp']:.4g}" if lv["mpp"] else "-"
+        print(f"{k:5d}  {lv['height']:>6} x {lv['width']:<6}  {lv['downsample']:10.4g}  {lv_mpp:>5}{chosen}")
+    p = args.patch_size
+    rows, cols = -(-source.height // p), -(-source.width // p)
+    # The mask training uses (data.tissue.tissue_mask), from the thumbnail that is also drawn.
+    thumbnail = source.thumbnail(args.thumbnail_side)
+    mask = tissue_cells(thumbnail, source.height, source.width, p, args.tissue_fraction)
+    print(f"grid: {rows} x {cols} cells of {p} px at level {info['level']} ({rows * cols} cells)")
+    print(f"tissue: {int(mask.sum())} cells ({mask.mean():.1%}) with tissue fraction >= {args.tissue_fraction}")
+    if args.out:
+        title = (f"{Path(args.slide).name}  level {info['level']}  {rows}x{cols} cells of {p} px  "
+                 f"{int(mask.sum())} tissue cells (green border)")
+        plot_slide_grid(thumbnail, mask, source.height, source.width, p, args.out, title=title)
+        print(f"wrote {args.out} ({thumbnail.shape[1]} x {thumbnail.shape[0]} px)")
+    return 0
+
+
 def cmd_plan(args) -> int:
     from .plan import plan_from_config
     from .train import resolve_device
@@ -177,7 +210,7 @@ def cmd_plan(args) -> int:
         cfg.memory.budget = args.budget
     if cfg.memory.budget is None:
         raise ConfigError("no memory budget: give --budget 4GB or set memory.budget in the config")
-    print(plan_from_config(cfg, resolve_device(cfg.train.device)).describe())
+    print(plan_from_config(cfg, resolve_device(cfg.train.device), args.processes).describe())
     return 0
 
 
@@ -295,9 +328,25 @@ def build_parser() -> argparse.ArgumentParser:
                            "components (Fig. 5 of the paper)")
     pred.set_defaults(func=cmd_predict)
 
+    insp = sub.add_parser("inspect", help="levels, mpp and tissue grid of a slide or image; draws a thumbnail")
+    insp.add_argument("slide", help="a whole-slide file (svs, ndpi, mrxs, tiled tiff, ...) or an image")
+    insp.add_argument("--out", default=None, help="write a PNG thumbnail with the tissue cells and the grid")
+    insp.add_argument("--patch-size", type=int, default=256, help="grid patch side in pixels (default 256)")
+    res = insp.add_mutually_exclusive_group()
+    res.add_argument("--level", type=int, default=None, help="pyramid level (0 = full resolution, default)")
+    res.add_argument("--mpp", type=float, default=None, help="target microns per pixel instead of --level")
+    insp.add_argument("--tissue-fraction", type=float, default=0.1,
+                      help="smallest tissue fraction of a tissue cell (default 0.1, as data.tissue_fraction)")
+    insp.add_argument("--thumbnail-side", type=int, default=2048,
+                      help="long side of the thumbnail the tissue mask is computed on (default 2048)")
+    insp.set_defaults(func=cmd_inspect)
+
     plan = sub.add_parser("plan", help="fit a run into a memory budget and show the plan")
     with_config(plan)
     plan.add_argument("--budget", help="memory budget, e.g. 4GB (default: memory.budget of the config)")
+    plan.add_argument("--processes", type=int, default=1, metavar="N",
+                      help="data-parallel processes (torchrun --nproc_per_node x nodes) the run will use; the "
+                           "budget and batch are per process, the global batch N times it (default 1)")
     plan.set_defaults(func=cmd_plan)
 
     demo = sub.add_parser("demo", help="generate a small UltraMNIST set and train PatchGD on it (CPU, minutes)")
@@ -321,10 +370,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Under torchrun every process prints its own error; the rank says which one failed first.
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    who = f"patchgd {args.command}" + (f" (rank {os.environ.get('RANK')} of {world})" if world > 1 else "")
     try:
         return args.func(args)
     except (ConfigError, ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
-        print(f"patchgd {args.command}: error: {err}", file=sys.stderr)
+        print(f"{who}: error: {err}", file=sys.stderr)
         return 2
 
 

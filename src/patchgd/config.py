@@ -98,8 +98,11 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     """The optimisation loop. ``schedule: paper`` warms up linearly from 0 over ``warmup_epochs``, then
-    decays linearly to half the peak ``lr`` at the last step. Every ``heatmap_every`` epochs (0: never)
-    a PatchGD run writes occlusion heatmaps of its first ``heatmap_images`` validation images."""
+    decays linearly to half the peak ``lr`` at the last step. ``batch_size`` is per process: under
+    ``torchrun`` the global batch is ``batch_size`` times the processes. ``sync_batchnorm`` makes BatchNorm
+    use the statistics of every process's batch (CUDA only); without it they are per process. Every
+    ``heatmap_every`` epochs (0: never) a PatchGD run writes occlusion heatmaps and ``Z`` pictures of
+    ``heatmap_images`` validation images."""
 
     epochs: int = _field(10, ge=1)
     batch_size: int = _field(8, ge=1)
@@ -114,6 +117,7 @@ class TrainConfig:
     device: str = _field("auto", pattern=r"auto|cpu|cuda(:\d+)?")
     eval_batch_size: int | None = _field(None, ge=1)
     log_every: int = _field(10, ge=1)
+    sync_batchnorm: bool = False
     heatmap_every: int = _field(0, ge=0)
     heatmap_images: int = _field(4, ge=1)
 
@@ -121,7 +125,9 @@ class TrainConfig:
 @dataclass
 class PatchGDConfig:
     """Algorithm 1: the fraction ``sampling`` of patches per inner iteration, ``max_sampled`` of them per
-    batch; ``inner_iterations`` (ζ) and ``grad_accum_steps`` (ε) are derived from those when null."""
+    batch; ``inner_iterations`` (ζ) and ``grad_accum_steps`` (ε) are derived from those when null.
+    ``parallel_fill`` (under ``torchrun``) has all processes work on the same batch and split the fill of
+    its cells among them: for images whose fill dominates a step."""
 
     sampling: float = _field(0.25, gt=0, le=1)
     max_sampled: float = _field(1.0, gt=0)
@@ -129,6 +135,7 @@ class PatchGDConfig:
     grad_accum_steps: int | None = _field(None, ge=1)
     fill_mode: Literal["train", "eval"] = "train"
     fill_batch_size: int | None = _field(None, ge=1)
+    parallel_fill: bool = False
 
 
 @dataclass

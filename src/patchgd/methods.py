@@ -44,12 +44,19 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
 
 
 class _Step:
-    """What every method shares: device, mixed precision, label checks and the optimizer update."""
+    """What every method shares: device, mixed precision, label checks and the optimizer update.
+
+    ``forward_module`` is the module whose forward carries gradients; :func:`patchgd.distributed.wrap`
+    puts it under DistributedDataParallel, and :meth:`gradient_sync` says when its backward all-reduces.
+    """
+
+    forward_module: nn.Module
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, amp: str | None = None):
         if amp not in AMP_DTYPES:
             raise ValueError(f"amp must be one of None, 'bf16', 'fp16'; got {amp!r}")
         self.model = model
+        self.forward_module = model
         self.optimizer = optimizer
         self.device = next(model.parameters()).device
         if amp == "fp16" and self.device.type != "cuda":
@@ -61,6 +68,13 @@ class _Step:
 
     def autocast(self):
         return autocast(self.device, self.amp)
+
+    def gradient_sync(self, sync: bool):
+        """Context for a forward and backward whose gradients are all-reduced over processes only if
+        ``sync`` (under DDP; alone, gradients simply accumulate either way)."""
+        if sync or not hasattr(self.forward_module, "no_sync"):
+            return contextlib.nullcontext()
+        return self.forward_module.no_sync()
 
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler else loss).backward()
@@ -141,6 +155,23 @@ def sample_schedule(batch_size: int, num_cells: int, k: int, inner_iterations: i
     return list(torch.stack(orders).view(batch_size, inner_iterations, k).unbind(1))
 
 
+class InnerIteration(nn.Module):
+    """The forward of one inner iteration as a module of its own, so that DDP can wrap it: encode the
+    sampled patches, write their features into their cells of ``Z``, classify ``Z``; returns the logits
+    and ``Z`` (returned rather than relied on in place, should a wrapper ever copy its inputs)."""
+
+    def __init__(self, model: PatchGDClassifier):
+        super().__init__()
+        self.model = model
+
+    def forward(self, z: torch.Tensor, patches: torch.Tensor, rows: torch.Tensor,
+                cells: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, k = cells.shape
+        features = self.model.encode(patches)
+        z.view(batch, self.model.latent_dim, -1)[rows, :, cells] = features.view(batch, k, -1).to(z.dtype)
+        return self.model.head(z), z
+
+
 class PatchGD(_Step):
     """Patch Gradient Descent: one call of :meth:`step` is one iteration of Algorithm 1 on a batch.
 
@@ -189,6 +220,9 @@ class PatchGD(_Step):
         self.fill_mode = fill_mode
         self.fill_batch_size = fill_batch_size
         self.generator = generator
+        self.forward_module = InnerIteration(model)
+        # How Z is filled; distributed.parallel_fill replaces it to split one batch's cells over processes.
+        self.fill = model.fill_z
 
     def schedule_for(self, grid: PatchGrid, schedule: Sequence[torch.Tensor] | None) -> list[torch.Tensor]:
         """The cells of each inner iteration as ``(B, k)`` LongTensors: sampled, or the given ones checked."""
@@ -250,7 +284,7 @@ class PatchGD(_Step):
         if self.fill_mode == "eval":
             model.backbone.eval()
         with self.autocast():
-            z = model.fill_z(grid, self.fill_batch_size or batch * schedule[0].shape[1])
+            z = self.fill(grid, self.fill_batch_size or batch * schedule[0].shape[1])
         model.backbone.train()
         self.sync()
         filled = time.perf_counter()
@@ -259,16 +293,15 @@ class PatchGD(_Step):
         losses, updates = [], 0
         for j, cells in enumerate(schedule, start=1):
             group_len = min(eps, zeta - (j - 1) // eps * eps)
+            updating = j % eps == 0 or j == zeta
             z = z.detach()  # earlier inner iterations stay in Z as values, not as graph
-            with self.autocast():
-                features = model.encode(grid.patches(cells))
-                z.view(batch, model.latent_dim, -1)[rows, :, cells] = \
-                    features.view(batch, cells.shape[1], -1).to(z.dtype)
-                logits = model.head(z)
-            loss = classification_loss(logits, labels)
-            self.backward(loss / group_len)
+            with self.gradient_sync(updating):  # under DDP, only the updating iteration all-reduces
+                with self.autocast():
+                    logits, z = self.forward_module(z, grid.patches(cells), rows, cells)
+                loss = classification_loss(logits, labels)
+                self.backward(loss / group_len)
             losses.append(loss.detach())
-            if j % eps == 0 or j == zeta:
+            if updating:
                 self.update()
                 updates += 1
         self.sync()
@@ -294,7 +327,7 @@ class GD(_Step):
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         with self.autocast():
-            logits = self.model(images)
+            logits = self.forward_module(images)
         loss = classification_loss(logits, labels)
         self.backward(loss)
         self.update()

@@ -100,7 +100,8 @@ class PatchGDClassifier(nn.Module):
                              f"expected ({patches.shape[0]}, {self.latent_dim}) (N, latent_dim)")
         return out
 
-    def fill_z(self, images: torch.Tensor | PatchGrid, batch_size: int | None = None) -> torch.Tensor:
+    def fill_z(self, images: torch.Tensor | PatchGrid, batch_size: int | None = None, *,
+               shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
         """Algorithm 2: encode every patch without gradients and place it in its cell of ``Z``.
 
         The backbone sees at most ``batch_size`` patches at a time, whatever the image size, so the
@@ -110,6 +111,8 @@ class PatchGDClassifier(nn.Module):
             images: ``(B, C, H, W)`` images or ``(B, C, L)`` sequences, or their :class:`PatchGrid`.
             batch_size: Patches per backbone call (default: ``self.fill_batch_size``, else one grid row of
                 every image).
+            shard: ``(i, n)``: encode only the chunks ``i, i + n, ...`` and leave the other cells unset
+                (:func:`patchgd.distributed.parallel_fill` splits a fill over processes with it).
 
         Returns:
             ``Z`` of shape ``(B, s, m, n)`` (``(B, s, n)`` for sequences) in the default dtype (float32
@@ -120,8 +123,9 @@ class PatchGDClassifier(nn.Module):
         chunk = batch_size or self.fill_batch_size or batch * grid.cols
         device = grid.device
         z = torch.empty(batch, self.latent_dim, cells, device=device)
+        index, shards = shard
         with torch.no_grad():
-            for start in range(0, batch * cells, chunk):
+            for start in range(index * chunk, batch * cells, shards * chunk):
                 stop = min(start + chunk, batch * cells)
                 flat = torch.arange(start, stop, device=device)
                 z[flat // cells, :, flat % cells] = self.encode(grid.patch_range(start, stop)).to(z.dtype)

@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import train
+from . import distributed, train
 from .config import Config
 from .grid import grid_shape
 from .memory import PeakMemory, cap_cuda_memory, format_size, parse_size
@@ -56,6 +56,8 @@ class Plan:
         trials: Every measured setting, in the order tried.
         device: Where the trials ran.
         capped: Whether the CUDA allocator was capped at the budget.
+        processes: Data-parallel processes the plan is for: the budget and the batch are per process
+            (each has its own device), the global batch is ``processes`` times the batch.
     """
 
     method: str
@@ -69,6 +71,7 @@ class Plan:
     trials: list[Trial]
     device: torch.device
     capped: bool
+    processes: int = 1
 
     def describe(self) -> str:
         """A short table of the trials and the choice."""
@@ -84,6 +87,9 @@ class Plan:
             choice += (f", k {self.patches_per_image} of {self.num_cells} cells (sampling {self.sampling:.4g}, "
                        f"ζ {self.inner_iterations})")
         lines.append(f"{choice}: peak {format_size(self.peak_bytes)}")
+        if self.processes > 1:
+            lines.append(f"budget, batch and peak are per process: {self.processes} processes train a global "
+                         f"batch of {self.batch_size * self.processes} (train.batch_size stays per process)")
         configured_k = self.trials[0].patches_per_image
         if self.sampling is not None and self.patches_per_image < configured_k:
             lines.append(f"k lowered from {configured_k} with max_sampled kept: each batch takes more inner "
@@ -145,7 +151,7 @@ def _measure(cfg: Config, image_shape: tuple[int, ...], device: torch.device) ->
 
 
 def plan_budget(cfg: Config, image_shape: tuple[int, ...], device: torch.device | str, *,
-                max_batch_size: int | None = None) -> Plan:
+                max_batch_size: int | None = None, processes: int | None = None) -> Plan:
     """Find the largest setting of ``cfg`` whose measured training-step peak fits ``cfg.memory.budget``.
 
     GD and GD-extended: the largest batch size up to ``max_batch_size``. PatchGD: the largest batch size
@@ -158,6 +164,8 @@ def plan_budget(cfg: Config, image_shape: tuple[int, ...], device: torch.device 
         image_shape: ``(C, H, W)`` of one training image.
         device: Where training will run.
         max_batch_size: Largest batch size to consider (default ``cfg.train.batch_size``).
+        processes: Data-parallel processes that will train, each on its own device with this budget and
+            batch (default: those of the current process group, 1 alone).
 
     Returns:
         The :class:`Plan`; ``plan.apply(cfg)`` is the config to train with.
@@ -204,12 +212,12 @@ def plan_budget(cfg: Config, image_shape: tuple[int, ...], device: torch.device 
     return Plan(method=cfg.method, budget_bytes=budget, batch_size=batch_size, sampling=sampling,
                 patches_per_image=stats.get("patches_per_image"), num_cells=rows * cols if patchgd else None,
                 inner_iterations=stats.get("inner_iterations"), peak_bytes=peak, trials=trials, device=device,
-                capped=capped)
+                capped=capped, processes=processes or distributed.world_size())
 
 
-def plan_from_config(cfg: Config, device: torch.device | str | None = None) -> Plan:
+def plan_from_config(cfg: Config, device: torch.device | str | None = None, processes: int | None = None) -> Plan:
     """:func:`plan_budget` for the shape of ``cfg``'s own training images, on ``device`` (default
-    ``train.device``): what ``patchgd plan`` prints."""
+    ``train.device``), for ``processes`` data-parallel processes: what ``patchgd plan`` prints."""
     train_set, _ = train.build_datasets(cfg)
     device = train.resolve_device(cfg.train.device) if device is None else device
-    return plan_budget(cfg, tuple(train_set[0][0].shape), device)
+    return plan_budget(cfg, tuple(train_set[0][0].shape), device, processes=processes)

@@ -7,6 +7,7 @@ which ties them together. Every method (``patchgd``, ``gd``, ``gd-extended``) go
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import random
 import time
@@ -18,6 +19,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from . import distributed
 from .config import Config, config_to_dict, save_config
 from .data.datasets import ImageCSVDataset, per_channel
 from .data.sequences import SequenceDataset
@@ -148,9 +150,13 @@ def patches_per_step(cfg: Config, image_shape: tuple[int, ...]) -> int:
 
 
 def train_one_epoch(method, loader: DataLoader, scheduler, epoch: int, measure_step: int) -> dict:
-    """One pass over ``loader``; the step at index ``measure_step`` is measured for peak memory."""
+    """One pass over ``loader``; the step at index ``measure_step`` is measured for peak memory.
+
+    With several processes, each step's loss is the mean over all of them, and a non-finite loss on any
+    one stops every process (:func:`patchgd.distributed.mean_loss`).
+    """
     losses, peak = [], 0
-    bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True)
+    bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True, disable=not distributed.is_main())
     for i, (images, labels) in enumerate(bar):
         if i == measure_step:
             with PeakMemory(method.device, baseline=(method.model, method.optimizer, images)) as meter:
@@ -159,7 +165,7 @@ def train_one_epoch(method, loader: DataLoader, scheduler, epoch: int, measure_s
         else:
             stats = method.step(images, labels)
         scheduler.step()
-        losses.append(stats["loss"])
+        losses.append(distributed.mean_loss(stats["loss"], f"epoch {epoch}, step {i + 1}"))
         bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
     return {"train_loss": float(np.mean(losses)), "peak_memory_bytes": peak}
 
@@ -169,15 +175,21 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, num_cla
              amp: str | None = None) -> dict:
     """Loss, accuracy, quadratic weighted kappa and confusion matrix of ``model`` on ``loader``.
 
-    PatchGD models infer as in Fig. 3b of the paper: fill ``Z`` in eval mode, then the head.
+    PatchGD models infer as in Fig. 3b of the paper: fill ``Z`` in eval mode, then the head. With several
+    processes, each ``loader`` holds a :func:`~patchgd.distributed.eval_shard`; the predictions of all are
+    gathered in the set's order before the metrics, so every image counts exactly once.
     """
     model.eval()
     all_logits, all_labels = [], []
-    for images, labels in tqdm(loader, desc="eval", leave=False, dynamic_ncols=True):
+    for images, labels in tqdm(loader, desc="eval", leave=False, dynamic_ncols=True,
+                               disable=not distributed.is_main()):
         with autocast(device, amp):
             all_logits.append(model(images.to(device)).float().cpu())
         all_labels.append(labels)
-    logits, labels = torch.cat(all_logits), torch.cat(all_labels)
+    # A shard can be empty when the set is smaller than the number of processes.
+    logits = torch.cat(all_logits) if all_logits else torch.empty(0, num_classes)
+    labels = torch.cat(all_labels) if all_labels else torch.empty(0, dtype=torch.long)
+    logits, labels = distributed.gather_in_order(logits), distributed.gather_in_order(labels)
     results = evaluate_predictions(logits, labels, num_classes)
     results["loss"] = classification_loss(logits, labels).item()
     return results
@@ -254,19 +266,24 @@ def fit(cfg: Config, resume: str | Path | None = None, *, log=print) -> dict:
     matrix), ``learning_curves.png`` and, every ``train.heatmap_every`` epochs, ``heatmaps/epochNNN/``
     (validation heatmaps and ``Z`` pictures).
 
+    In a process group (``torchrun``, see :mod:`patchgd.distributed`) every process runs this function:
+    the model trains under DistributedDataParallel on its shard of each epoch, evaluation is sharded and
+    gathered, and rank 0 alone writes the run directory and logs.
+
     Args:
         cfg: The run's configuration.
         resume: A run directory whose ``last.pt`` to continue from, at the epoch after it.
-        log: Where progress lines go.
+        log: Where progress lines go (rank 0's only).
 
     Returns:
         A summary: run directory, best and final validation accuracy, epochs run and the peak memory.
     """
+    log = distributed.log_main(log)
     run_dir = Path(resume) if resume is not None else Path(cfg.output_dir)
     if resume is None and (run_dir / "last.pt").exists():
         raise FileExistsError(f"{run_dir} already holds a run (last.pt); resume it with --resume {run_dir} "
                               "or choose another output_dir")
-    device = resolve_device(cfg.train.device)
+    device = distributed.local_device(resolve_device(cfg.train.device))
     generator = seed_everything(cfg.train.seed)
     train_set, val_set = build_datasets(cfg)
     image_shape = tuple(train_set[0][0].shape)
@@ -277,7 +294,9 @@ def fit(cfg: Config, resume: str | Path | None = None, *, log=print) -> dict:
     if cfg.memory.budget is not None and resume is None:
         from .plan import plan_budget  # the planner measures trial steps: only when a budget asks for it
 
-        plan = plan_budget(cfg, image_shape, device)
+        # One process plans its own batch; all take its choice, so every process steps on equal batches.
+        plan = plan_budget(cfg, image_shape, device) if distributed.is_main() else None
+        plan = distributed.broadcast_object(plan)
         log(plan.describe())
         cfg = plan.apply(cfg)
 
@@ -285,19 +304,34 @@ def fit(cfg: Config, resume: str | Path | None = None, *, log=print) -> dict:
     if cfg.model.init_backbone is not None and resume is None:
         loaded = init_backbone(model, cfg.model.init_backbone)
         log(f"backbone initialised from {cfg.model.init_backbone}: {loaded} tensors")
+    if cfg.train.sync_batchnorm:
+        if cfg.patchgd.parallel_fill and cfg.method == "patchgd":
+            # SyncBatchNorm all-reduces per chunk, and the parallel fill gives processes unequal chunk counts.
+            raise ValueError("train.sync_batchnorm=true and patchgd.parallel_fill=true cannot be combined: the "
+                             "processes would encode different numbers of fill chunks; choose one")
+        model = distributed.convert_sync_batchnorm(model, device)
     model = model.to(device)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    # The patch-parallel fill has every process work on the same images, hence the same random draws.
+    shared = cfg.method == "patchgd" and cfg.patchgd.parallel_fill and distributed.world_size() > 1
+    if distributed.world_size() > 1 and not shared:  # other images per process: other dropout and cells
+        generator = seed_everything(cfg.train.seed + 1_000_003 * distributed.rank())
     if cfg.method == "patchgd":
         model.fill_batch_size = cfg.patchgd.fill_batch_size or patches_per_step(cfg, image_shape)
     optimizer = build_optimizer(cfg, model)
     method = build_method(cfg, model, optimizer, generator)
+    if shared:
+        method.fill = functools.partial(distributed.parallel_fill, model)
+    distributed.wrap(method)
+    sampler = distributed.train_sampler(train_set, cfg.train.seed, shared=shared)
     loader_generator = torch.Generator()
-    train_loader = DataLoader(train_set, batch_size=cfg.train.batch_size, shuffle=True,
-                              num_workers=cfg.data.num_workers, generator=loader_generator)
-    val_loader = DataLoader(val_set, batch_size=cfg.train.eval_batch_size or cfg.train.batch_size,
+    train_loader = DataLoader(train_set, batch_size=cfg.train.batch_size, shuffle=sampler is None,
+                              sampler=sampler, num_workers=cfg.data.num_workers, generator=loader_generator)
+    val_loader = DataLoader(distributed.eval_shard(val_set),
+                            batch_size=cfg.train.eval_batch_size or cfg.train.batch_size,
                             num_workers=cfg.data.num_workers)
-    scheduler = build_scheduler(cfg, optimizer, len(train_loader))
+    scheduler = build_scheduler(cfg, optimizer, len(train_loader))  # batches per process = global steps
 
     start_epoch, best_accuracy = 1, -1.0
     if resume is not None:
@@ -307,44 +341,60 @@ def fit(cfg: Config, resume: str | Path | None = None, *, log=print) -> dict:
         scheduler.load_state_dict(state["scheduler"])
         if method.scaler is not None and state.get("scaler"):
             method.scaler.load_state_dict(state["scaler"])
-        restore_rng_states(state["rng"], generator)
+        per_rank = state.get("rng_ranks") or [state["rng"]]
+        if len(per_rank) == distributed.world_size():
+            restore_rng_states(per_rank[distributed.rank()], generator)
+        else:
+            log(f"warning: {run_dir / 'last.pt'} was written by {len(per_rank)} process(es), this run has "
+                f"{distributed.world_size()}: random states start afresh, so the run continues but will not "
+                "repeat an uninterrupted one")
         start_epoch, best_accuracy = state["epoch"] + 1, state["best_accuracy"]
         log(f"resuming {run_dir} at epoch {start_epoch}")
-    save_config(cfg, run_dir / "config.yaml")
-    log(f"{cfg.method} on {device}: {len(train_set)} train / {len(val_set)} val images of shape "
-        f"{'x'.join(map(str, image_shape))}, batch {cfg.train.batch_size}, {cfg.train.epochs} epochs")
+    if distributed.is_main():
+        save_config(cfg, run_dir / "config.yaml")
+    world = distributed.world_size()
+    log(f"{cfg.method} on {device}{f' x {world} processes' if world > 1 else ''}: {len(train_set)} train / "
+        f"{len(val_set)} val images of shape {'x'.join(map(str, image_shape))}, "
+        f"{distributed.batch_note(cfg.train.batch_size)}, {cfg.train.epochs} epochs")
 
     results, peak = {}, 0
     for epoch in range(start_epoch, cfg.train.epochs + 1):
         started = time.perf_counter()
         loader_generator.manual_seed(cfg.train.seed * 1_000_003 + epoch)  # a resumed epoch shuffles alike
+        if sampler is not None:
+            sampler.set_epoch(epoch)
         lr = optimizer.param_groups[0]["lr"]
         train_stats = train_one_epoch(method, train_loader, scheduler, epoch,
                                       measure_step=min(1, len(train_loader) - 1))
+        distributed.broadcast_buffers(model)  # evaluate what rank 0 saves: its BatchNorm statistics
         results = evaluate(model, val_loader, device, cfg.data.num_classes, cfg.train.amp)
         elapsed = time.perf_counter() - started
         peak = max(peak, train_stats["peak_memory_bytes"])
-        append_metrics(run_dir / "metrics.csv", {
-            "epoch": epoch, "lr": lr, "train_loss": train_stats["train_loss"], "val_loss": results["loss"],
-            "val_accuracy": results["accuracy"], "val_qwk": results["qwk"],
-            "peak_memory_bytes": train_stats["peak_memory_bytes"], "epoch_time_s": round(elapsed, 3)})
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "scaler": method.scaler.state_dict() if method.scaler else None,
-                 "epoch": epoch, "best_accuracy": max(best_accuracy, results["accuracy"]),
-                 "config": config_to_dict(cfg), "rng": rng_states(generator)}
-        if results["accuracy"] > best_accuracy:
-            best_accuracy = results["accuracy"]
-            save_checkpoint(run_dir / "best.pt", state)
-        save_checkpoint(run_dir / "last.pt", state)
-        with atomic_file(run_dir / "eval.json") as tmp:
-            tmp.write_text(json.dumps({**results, "confusion": results["confusion"].tolist(), "epoch": epoch},
-                                      indent=2))
-        plot_learning_curves(run_dir / "metrics.csv", run_dir / "learning_curves.png")
-        if cfg.method == "patchgd" and cfg.train.heatmap_every and epoch % cfg.train.heatmap_every == 0:
-            write_validation_heatmaps(model, val_set, cfg, run_dir / "heatmaps" / f"epoch{epoch:03d}")
+        rngs = distributed.gather_objects(rng_states(generator))
+        if distributed.is_main():
+            append_metrics(run_dir / "metrics.csv", {
+                "epoch": epoch, "lr": lr, "train_loss": train_stats["train_loss"], "val_loss": results["loss"],
+                "val_accuracy": results["accuracy"], "val_qwk": results["qwk"],
+                "peak_memory_bytes": train_stats["peak_memory_bytes"], "epoch_time_s": round(elapsed, 3)})
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(),
+                     "scaler": method.scaler.state_dict() if method.scaler else None,
+                     "epoch": epoch, "best_accuracy": max(best_accuracy, results["accuracy"]),
+                     "config": config_to_dict(cfg), "rng": rngs[0], "rng_ranks": rngs if world > 1 else None}
+            if results["accuracy"] > best_accuracy:
+                save_checkpoint(run_dir / "best.pt", state)
+            save_checkpoint(run_dir / "last.pt", state)
+            with atomic_file(run_dir / "eval.json") as tmp:
+                tmp.write_text(json.dumps({**results, "confusion": results["confusion"].tolist(), "epoch": epoch},
+                                          indent=2))
+            plot_learning_curves(run_dir / "metrics.csv", run_dir / "learning_curves.png")
+            if cfg.method == "patchgd" and cfg.train.heatmap_every and epoch % cfg.train.heatmap_every == 0:
+                write_validation_heatmaps(model, val_set, cfg, run_dir / "heatmaps" / f"epoch{epoch:03d}")
+        best_accuracy = max(best_accuracy, results["accuracy"])
         log(f"epoch {epoch}/{cfg.train.epochs}  train loss {train_stats['train_loss']:.4f}  "
             f"val loss {results['loss']:.4f}  val acc {results['accuracy']:.4f}  qwk {results['qwk']:.4f}  "
             f"peak {format_size(train_stats['peak_memory_bytes'])}  {elapsed:.1f}s")
+    distributed.barrier()  # when fit returns on any process, the run directory is complete
 
     return {"run_dir": str(run_dir), "best_accuracy": best_accuracy,
             "final_accuracy": results.get("accuracy"), "epochs": cfg.train.epochs,

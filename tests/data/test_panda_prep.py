@@ -78,9 +78,11 @@ def test_level_choice_resize_and_white_padding(panda_src, tmp_path):
 
 def test_read_slide_levels(panda_src):
     slide = panda_src / "train_images" / "slide03.tiff"
-    for min_side, value, size in ((10, 120, (40, 24)), (41, 80, (80, 48)), (81, 40, (160, 96)), (999, 40, (160, 96))):
-        image = read_slide(slide, min_side)
-        assert image.size == size and np.asarray(image)[0, 0, 0] == value
+    # Read from the smallest level whose long side is at least `size`, shrunk to `size`, never enlarged.
+    for size, value, shape in ((10, 120, (10, 6)), (40, 120, (40, 24)), (41, 80, (41, 25)), (81, 40, (81, 49)),
+                               (999, 40, (160, 96))):
+        image = read_slide(slide, size)
+        assert image.size == shape and (np.asarray(image) == value).all()
 
 
 def test_folds_deterministic(panda_src, tmp_path):
@@ -107,7 +109,7 @@ def test_bad_grade(panda_src, tmp_path):
 
 def test_corrupt_slide_leaves_nothing(panda_src, tmp_path):
     (panda_src / "train_images" / "slide07.tiff").write_bytes(b"II*\x00garbage")
-    with pytest.raises(DataError, match=r"slide07.tiff: cannot read slide"):
+    with pytest.raises(DataError, match=r"slide07.tiff: no image data"):
         prepare_panda(panda_src, tmp_path / "out", size=32, folds=2, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["panda"]
 

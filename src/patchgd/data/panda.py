@@ -13,13 +13,12 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import tifffile
 from PIL import Image
 from tqdm import tqdm
 
 from patchgd.io import atomic_directory
 from patchgd.data.datasets import ImageCSVDataset
-from patchgd.data.errors import DataError
+from patchgd.data.sources import open_source
 
 ISUP_GRADES = 6
 WHITE = (255, 255, 255)  # slide background: padding with it adds no tissue-like content
@@ -38,9 +37,9 @@ def prepare_panda(
 ) -> Path:
     """Convert PANDA slides to ``size × size`` PNGs with stratified folds, writing ``out`` atomically.
 
-    Every slide is read at the smallest pyramid level whose long side is at least ``size`` (level 0 if
-    none is), resized so its long side is ``size`` (antialiased) and padded with white at the right or
-    bottom to a square, the same side the patch grid pads.
+    Every slide is read from the smallest pyramid level whose long side is at least ``size`` (level 0 if
+    none is), strip by strip, shrunk so its long side is ``size`` (antialiased) and padded with white at
+    the right or bottom to a square, the same side the patch grid pads.
 
     Args:
         src: The PANDA folder with ``train.csv`` and ``train_images/``.
@@ -103,30 +102,23 @@ def assign_folds(labels: list[int], folds: int, seed: int) -> list[int]:
     return kfold.tolist()
 
 
-def read_slide(path: str | Path, min_side: int) -> Image.Image:
-    """Read a slide as RGB at the smallest pyramid level whose long side is at least ``min_side``.
+def read_slide(path: str | Path, size: int) -> Image.Image:
+    """Read a slide as RGB with its long side at most ``size``, never decoding a whole large level.
 
-    Levels are the TIFF's sub-resolutions (SubIFDs) or, as in PANDA's files, further pages holding
-    downsampled copies of the same aspect ratio. Level 0 is used if no level is large enough.
+    The smallest pyramid level whose long side is at least ``size`` (level 0 if none is) is read in
+    strips, each shrunk as it is read (see :meth:`patchgd.data.sources.PatchSource.thumbnail`), so memory
+    stays near that of the result. Levels are what OpenSlide or tifffile find: SubIFDs, reduced pages or,
+    as in PANDA's files, further pages holding downsampled copies.
 
     Args:
-        path: The TIFF file.
-        min_side: The smallest acceptable long side in pixels.
+        path: The slide (a multi-resolution TIFF, or any file :func:`open_source` reads).
+        size: The longest side of the result; a smaller slide is returned at its own size.
 
     Raises:
-        DataError: The file is not a readable TIFF with an (H, W[, channels]) image.
+        DataError: The file cannot be read as a slide (the message names it).
     """
-    path = Path(path)
-    try:
-        with tifffile.TiffFile(path) as tif:
-            levels = _pyramid_levels(tif)
-            large_enough = [lv for lv in levels if max(_height_width(lv)) >= min_side]
-            level = min(large_enough, key=lambda lv: max(_height_width(lv))) if large_enough else levels[0]
-            array = level.asarray()
-            axes = level.axes
-    except (OSError, ValueError, tifffile.TiffFileError) as err:
-        raise DataError(f"{path}: cannot read slide ({err}); expected a (multi-resolution) TIFF") from err
-    return _to_rgb(array, axes, path)
+    with open_source(path, in_chans=3) as source:
+        return Image.fromarray(source.thumbnail(size), mode="RGB")
 
 
 def square_pad(image: Image.Image, size: int) -> Image.Image:
@@ -166,48 +158,3 @@ def _run(jobs: list[tuple[Path, Path, int]], workers: int, bar: tqdm) -> None:
 def _convert_slide(job: tuple[Path, Path, int]) -> None:
     src, dst, size = job
     square_pad(read_slide(src, size), size).save(dst)
-
-
-def _pyramid_levels(tif: tifffile.TiffFile) -> list:
-    if not tif.series:
-        raise ValueError("no image in the file")
-    base = tif.series[0]
-    levels = list(base.levels)
-    height, width = _height_width(base)
-    for series in tif.series[1:]:
-        if series.axes != base.axes:
-            continue
-        h, w = _height_width(series)
-        # Same aspect ratio up to the rounding of a downsampled side: another level, not a label image.
-        if abs(h - height * w / width) <= 1 + 0.01 * h:
-            levels.append(series)
-    return levels
-
-
-def _height_width(level) -> tuple[int, int]:  # noqa: ANN001 - a tifffile series or level
-    axes = level.axes
-    if "Y" not in axes or "X" not in axes:
-        raise DataError(f"TIFF series with axes {axes!r}; expected Y and X axes")
-    return level.shape[axes.index("Y")], level.shape[axes.index("X")]
-
-
-def _to_rgb(array: np.ndarray, axes: str, path: Path) -> Image.Image:
-    if "S" not in axes:
-        array, axes = array[..., None], axes + "S"
-    if any(n != 1 for n, a in zip(array.shape, axes) if a not in "YXS"):
-        raise DataError(
-            f"{path}: image of shape {array.shape} and axes {axes!r}; expected a single (Y, X[, S]) image"
-        )
-    kept = "".join(a for a in axes if a in "YXS")
-    array = array.reshape([n for n, a in zip(array.shape, axes) if a in "YXS"])
-    array = np.moveaxis(array, [kept.index(a) for a in "YXS"], [0, 1, 2])
-    if array.dtype == np.uint16:
-        array = (array // 257).astype(np.uint8)
-    elif array.dtype != np.uint8:
-        raise DataError(f"{path}: pixel type {array.dtype}; expected uint8 or uint16")
-    channels = array.shape[2]
-    if channels == 1:
-        return Image.fromarray(array[:, :, 0], mode="L").convert("RGB")
-    if channels in (3, 4):
-        return Image.fromarray(np.ascontiguousarray(array[:, :, :3]), mode="RGB")
-    raise DataError(f"{path}: {channels} samples per pixel; expected 1, 3 or 4")

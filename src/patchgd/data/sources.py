@@ -1,0 +1,713 @@
+"""Sources of pixels: an image at one chosen resolution, read in pieces.
+
+The core never needs a whole image; it asks a source for the patches at some grid cells. Sources:
+
+- :class:`ArraySource`: an in-memory ``(C, H, W)`` array or tensor.
+- :class:`OpenSlideSource`: whole-slide files through OpenSlide (SVS, NDPI, MRXS, SCN, BIF, Philips TIFF,
+  and generic tiled TIFF when asked for); only the tiles a read overlaps are decoded.
+- :class:`TiffSource`: generic tiled TIFF / OME-TIFF through tifffile + zarr (also every tiled TIFF when
+  OpenSlide is not installed); only the chunks a read overlaps are decoded.
+- :class:`ImageFileSource`: PNG, JPEG and strip TIFF, which cannot be read in pieces: decoded whole, once
+  per process, and kept in their own integer type (uint8 for 8-bit images), never as float.
+
+:func:`open_source` picks the first that can read a file. Every source is picklable: only what re-opens
+the file travels, and each process opens its own handle on first use, so sources can go to DataLoader
+workers.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import tifffile
+from PIL import Image
+
+from patchgd.data.errors import DataError
+from patchgd.data.images import _DECODE_ERRORS, _LUMA, _PIL_CONVERTIBLE, _TIFF_EXTENSIONS
+
+try:
+    import openslide
+except ImportError:  # a tiled TIFF is then read through tifffile + zarr
+    openslide = None
+
+__all__ = [
+    "SLIDE_EXTENSIONS",
+    "ArraySource",
+    "ImageFileSource",
+    "OpenSlideSource",
+    "PatchSource",
+    "TiffSource",
+    "open_source",
+]
+
+# Whole-slide formats a data set accepts besides IMAGE_EXTENSIONS (.tif/.tiff, which are both).
+SLIDE_EXTENSIONS = (".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".svslide")
+# A level's mpp may exceed the target by this much and still count as fine enough: vendors store
+# downsamples such as 4.0005 for a nominal 4x level.
+_MPP_TOLERANCE = 0.01
+# read_cells reads a run of neighbouring cells of one grid row as one strip, at most this many pixels,
+# so a strip across a 100,000 px wide slide does not need hundreds of MB.
+_MAX_STRIP_PIXELS = 1 << 22
+# Cells of a row at most this many cells apart share a strip (the skipped cells are read, then dropped):
+# the tiles between them are often decoded anyway.
+_STRIP_GAP_CELLS = 1
+# thumbnail() reads a level in strips of at most this many pixels, shrinking each before the next.
+_THUMBNAIL_STRIP_PIXELS = 1 << 24
+
+
+class PatchSource(abc.ABC):
+    """The pixels of one image at one chosen resolution (a pyramid level), read in pieces.
+
+    Subclasses describe their pyramid (``_levels``: the ``(height, width, downsample)`` of each level) and
+    decode in-bounds regions of a level (``_region``); this class handles padding, channel conversion,
+    strip-grouped cell reads, thumbnails and pickling.
+
+    Attributes:
+        path: The file (``"<memory>"`` for an array), for error messages.
+        height: The image height at the chosen level, in pixels.
+        width: The image width at the chosen level, in pixels.
+        channels: The channels every read returns (the ``in_chans`` asked for).
+        dtype: The pixel type of every read: uint8 for 8-bit data, other integer types kept as stored.
+        tiled: True when :meth:`read` decodes only the tiles it overlaps.
+        level: The chosen pyramid level (0 = full resolution).
+    """
+
+    path: str
+    height: int
+    width: int
+    channels: int
+    dtype: np.dtype
+    tiled: bool
+    level: int
+
+    def __init__(self, path: str, in_chans: int) -> None:
+        if in_chans not in (1, 3):
+            raise ValueError(f"in_chans={in_chans}; expected 1 or 3")
+        self.path = path
+        self.channels = in_chans
+        self._pid: int | None = None  # the process that opened the handle; a forked worker reopens
+
+    # --- what a subclass provides -------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def _open(self) -> None:
+        """Open the file handle(s) in this process."""
+
+    @abc.abstractmethod
+    def _close(self) -> None:
+        """Release the handle(s) opened by :meth:`_open`."""
+
+    @abc.abstractmethod
+    def _region(self, level: int, y: int, x: int, h: int, w: int) -> np.ndarray:
+        """The in-bounds region ``(h, w, samples)`` of ``level`` as stored (1-4 samples, alpha last)."""
+
+    @property
+    @abc.abstractmethod
+    def _levels(self) -> list[tuple[int, int, float]]:
+        """``(height, width, downsample)`` of every pyramid level, level 0 first."""
+
+    def _properties(self) -> dict:
+        """Vendor and mpp (microns per pixel at level 0, or None) for :meth:`describe`."""
+        return {"vendor": None, "mpp": None}
+
+    # --- the interface ------------------------------------------------------------------------------
+
+    def read(self, y: int, x: int, h: int, w: int, fill: int | float = 0) -> np.ndarray:
+        """Read the region of ``h × w`` pixels whose top-left corner is ``(y, x)`` at the chosen level.
+
+        Args:
+            y: Top row; may be negative or beyond the image (that part is ``fill``).
+            x: Left column; likewise.
+            h: Height in pixels.
+            w: Width in pixels.
+            fill: The value of pixels outside the image.
+
+        Returns:
+            A ``(channels, h, w)`` array of ``dtype``.
+
+        Raises:
+            DataError: A tile in the region cannot be decoded; the message names the file and region.
+        """
+        if h < 0 or w < 0:
+            raise ValueError(f"region of {h}x{w} pixels; expected non-negative sizes")
+        out = np.full((self.channels, h, w), fill, dtype=self.dtype)
+        y0, x0 = max(y, 0), max(x, 0)
+        y1, x1 = min(y + h, self.height), min(x + w, self.width)
+        if y1 > y0 and x1 > x0:
+            self._ensure_open()
+            try:
+                region = self._region(self.level, y0, x0, y1 - y0, x1 - x0)
+            except DataError:
+                raise
+            except Exception as err:  # each backend has its own decoder errors (OpenSlide, imagecodecs, zarr)
+                raise DataError(
+                    f"{self.path}: cannot decode level {self.level} region y={y0}..{y1}, x={x0}..{x1} "
+                    f"({type(err).__name__}: {err})"
+                ) from err
+            out[:, y0 - y : y1 - y, x0 - x : x1 - x] = self._to_channels(region).transpose(2, 0, 1)
+        return out
+
+    def read_cells(self, cells: Sequence[tuple[int, int]] | np.ndarray, patch_size: int, fill: int | float = 0
+                   ) -> np.ndarray:
+        """Read the patches at grid cells: cell ``(r, c)`` is the region ``(r*p, c*p, p, p)``.
+
+        Neighbouring cells of one grid row are read as one strip and then cut, which costs one decode call
+        per strip instead of one per cell.
+
+        Args:
+            cells: ``(N, 2)`` row and column of each cell, in any order (repeats allowed).
+            patch_size: The side ``p`` of a patch.
+            fill: The value of pixels outside the image (edge cells are padded with it).
+
+        Returns:
+            A ``(N, channels, p, p)`` array of ``dtype``, in the order of ``cells``.
+
+        Raises:
+            DataError: A tile cannot be decoded; the message names the file and region.
+        """
+        p = patch_size
+        cells = np.asarray(cells, dtype=np.int64).reshape(-1, 2)
+        out = np.empty((len(cells), self.channels, p, p), dtype=self.dtype)
+        if len(cells) == 0:
+            return out
+        order = np.lexsort((cells[:, 1], cells[:, 0]))
+        rows, cols = cells[order, 0], cells[order, 1]
+        max_cells = max(1, _MAX_STRIP_PIXELS // (p * p))
+        start = 0
+        for end in range(1, len(order) + 1):
+            if (
+                end < len(order)
+                and rows[end] == rows[start]
+                and cols[end] - cols[end - 1] <= _STRIP_GAP_CELLS + 1
+                and cols[end] - cols[start] < max_cells
+            ):
+                continue
+            row, c0, c1 = int(rows[start]), int(cols[start]), int(cols[end - 1])
+            try:
+                strip = self.read(row * p, c0 * p, p, (c1 - c0 + 1) * p, fill)
+            except DataError as err:
+                raise DataError(f"{err}; grid row {row}, columns {c0}..{c1} of {p} px patches") from err
+            for i in range(start, end):
+                offset = (int(cols[i]) - c0) * p
+                out[order[i]] = strip[:, :, offset : offset + p]
+            start = end
+        return out
+
+    def thumbnail(self, max_side: int) -> np.ndarray:
+        """A picture of the whole image, read from the smallest level whose long side is >= ``max_side``.
+
+        Args:
+            max_side: The longest side of the result; an image smaller than that is not enlarged.
+
+        Returns:
+            A ``(h, w, channels)`` uint8 array; other pixel types are scaled from their full range.
+        """
+        levels = self._levels
+        large = [i for i, (h, w, _) in enumerate(levels) if max(h, w) >= max_side]
+        level = min(large, key=lambda i: levels[i][0] * levels[i][1]) if large else 0
+        height, width, _ = levels[level]
+        scale = min(1.0, max_side / max(height, width))
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        # A level may be far larger than the thumbnail: read it in strips, each shrunk by a whole factor
+        # (box average) before the next is read, then resize the shrunken picture (at most twice the
+        # thumbnail's size) once, antialiased.
+        factor = max(1, int(1 / scale))
+        strip_rows = max(factor, _THUMBNAIL_STRIP_PIXELS // max(width, 1) // factor * factor)
+        self._ensure_open()
+        pieces = []
+        for y in range(0, height, strip_rows):
+            h = min(strip_rows, height - y)
+            try:
+                region = self._region(level, y, 0, h, width)
+            except Exception as err:
+                raise DataError(f"{self.path}: cannot decode level {level} rows {y}..{y + h} ({err})") from err
+            pieces.append(_from_pil(_to_pil(_to_uint8(self._to_channels(region))).reduce(factor)))
+        picture = _to_pil(np.concatenate(pieces, axis=0))
+        if picture.size != size:
+            picture = picture.resize(size, Image.Resampling.LANCZOS)
+        return _from_pil(picture)
+
+    def describe(self) -> dict:
+        """The file's pyramid and metadata, for ``patchgd inspect``.
+
+        Returns:
+            ``path``, ``vendor`` (or None), ``mpp`` (microns per pixel at level 0, or None), ``levels``
+            (a list of ``{"height", "width", "downsample", "mpp"}``), the chosen ``level`` and its
+            ``height``, ``width``, ``channels`` and ``dtype``.
+        """
+        self._ensure_open()
+        props = self._properties()
+        mpp = props["mpp"]
+        return {
+            "path": self.path,
+            "vendor": props["vendor"],
+            "mpp": mpp,
+            "levels": [
+                {"height": h, "width": w, "downsample": ds, "mpp": None if mpp is None else mpp * ds}
+                for h, w, ds in self._levels
+            ],
+            "level": self.level,
+            "height": self.height,
+            "width": self.width,
+            "channels": self.channels,
+            "dtype": str(self.dtype),
+            "tiled": self.tiled,
+        }
+
+    def close(self) -> None:
+        """Release the open file handle; the next read opens it again."""
+        if self._pid is not None:
+            self._close()
+            self._pid = None
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        for key in self._handle_attributes():
+            state[key] = None
+        state["_pid"] = None
+        return state
+
+    def __enter__(self) -> PatchSource:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}({self.path!r}, level={self.level}, {self.height}x{self.width}, "
+                f"channels={self.channels}, dtype={self.dtype})")
+
+    # --- helpers ------------------------------------------------------------------------------------
+
+    def _handle_attributes(self) -> tuple[str, ...]:
+        """Attributes holding per-process handles: dropped when pickled."""
+        return ()
+
+    def _ensure_open(self) -> None:
+        if self._pid != os.getpid():
+            self._open()
+            self._pid = os.getpid()
+
+    def _choose_level(self, level: int | None, mpp: float | None) -> None:
+        """Set ``level``, ``height`` and ``width`` from a level number or a target mpp."""
+        levels = self._levels
+        if level is not None and mpp is not None:
+            raise ValueError(f"level={level} and mpp={mpp}; give at most one of them")
+        if mpp is not None:
+            if mpp <= 0:
+                raise ValueError(f"mpp={mpp}; expected a positive number of microns per pixel")
+            base = self._properties()["mpp"]
+            if base is None:
+                raise DataError(f"{self.path}: no microns-per-pixel metadata; choose a resolution with a level "
+                                f"instead of mpp={mpp}")
+            level = select_level_by_mpp([base * ds for _, _, ds in levels], mpp)
+        level = 0 if level is None else level
+        if not 0 <= level < len(levels):
+            raise DataError(f"{self.path}: level {level} asked for; the file has levels 0..{len(levels) - 1}")
+        self.level = level
+        self.height, self.width, _ = levels[level]
+
+    def _to_channels(self, region: np.ndarray) -> np.ndarray:
+        """``(h, w, samples)`` as stored -> ``(h, w, channels)`` of ``dtype`` (alpha dropped)."""
+        if region.ndim == 2:
+            region = region[:, :, None]
+        if region.shape[2] in (2, 4):
+            region = region[:, :, :-1]
+        if region.shape[2] == 3 and self.channels == 1:
+            luma = region.astype(np.float32) @ _LUMA
+            if np.issubdtype(self.dtype, np.integer):
+                luma = np.rint(luma)
+            return luma[:, :, None].astype(self.dtype)
+        if region.shape[2] == 1 and self.channels == 3:
+            return np.repeat(region, 3, axis=2)
+        return region
+
+
+def select_level_by_mpp(level_mpps: Sequence[float], target: float) -> int:
+    """The coarsest level whose mpp is at most ``target`` (within 1 %), or level 0 if none is.
+
+    The chosen level never has less detail than asked for: with levels at 0.25, 1.0 and 4.0 µm per pixel,
+    a target of 0.5 reads level 0 (0.25), and 1.0 or 2.0 read level 1.
+
+    Args:
+        level_mpps: Microns per pixel of each level, finest (level 0) first.
+        target: The wanted microns per pixel.
+    """
+    fine_enough = [i for i, m in enumerate(level_mpps) if m <= target * (1 + _MPP_TOLERANCE)]
+    return max(fine_enough, key=lambda i: level_mpps[i]) if fine_enough else 0
+
+
+class ArraySource(PatchSource):
+    """An in-memory ``(C, H, W)`` array or tensor (one level).
+
+    Args:
+        array: A numpy array or CPU tensor of shape ``(C, H, W)``; its dtype is kept.
+        path: The name used in error messages.
+
+    Example:
+        >>> src = ArraySource(np.zeros((3, 100, 80), np.uint8))
+        >>> src.read_cells([(0, 0), (1, 1)], 64).shape
+        (2, 3, 64, 64)
+    """
+
+    def __init__(self, array, path: str = "<memory>") -> None:  # noqa: ANN001 - numpy array or tensor
+        array = array.numpy() if hasattr(array, "numpy") else np.asarray(array)
+        if array.ndim != 3:
+            raise ValueError(f"array of shape {array.shape}; expected (C, H, W)")
+        super().__init__(path, 1 if array.shape[0] == 1 else 3)
+        self.channels = array.shape[0]  # any number: an in-memory array is read as it is
+        self._array = array
+        self.dtype = array.dtype
+        self.tiled = True
+        self._choose_level(None, None)
+
+    @property
+    def _levels(self) -> list[tuple[int, int, float]]:
+        return [(self._array.shape[1], self._array.shape[2], 1.0)]
+
+    def _open(self) -> None:
+        pass
+
+    def _close(self) -> None:
+        pass
+
+    def _region(self, level: int, y: int, x: int, h: int, w: int) -> np.ndarray:
+        return self._array[:, y : y + h, x : x + w].transpose(1, 2, 0)
+
+    def _to_channels(self, region: np.ndarray) -> np.ndarray:
+        return region  # already the array's own channels
+
+
+class ImageFileSource(PatchSource):
+    """A PNG, JPEG or strip TIFF, decoded whole (once per process) in its own integer type.
+
+    8-bit images (and PIL's palette, bilevel and colour modes) become uint8; 16-bit images stay uint16.
+
+    Args:
+        path: The image file.
+        in_chans: 1 or 3; colour becomes grey with ITU-R 601 luma, grey is repeated to colour.
+        level: Only 0 (such files have one level).
+        mpp: Not supported (no microns-per-pixel metadata): a DataError.
+    """
+
+    def __init__(self, path: str | Path, *, in_chans: int = 3, level: int | None = None,
+                 mpp: float | None = None) -> None:
+        super().__init__(str(path), in_chans)
+        self._array: np.ndarray | None = None
+        self.tiled = False
+        self._ensure_open()
+        self.dtype = self._array.dtype if self._array.dtype != np.bool_ else np.dtype(np.uint8)
+        self._choose_level(level, mpp)
+
+    @property
+    def _levels(self) -> list[tuple[int, int, float]]:
+        self._ensure_open()
+        return [(self._array.shape[0], self._array.shape[1], 1.0)]
+
+    def _handle_attributes(self) -> tuple[str, ...]:
+        return ("_array",)
+
+    def _open(self) -> None:
+        path = Path(self.path)
+        try:
+            if path.suffix.lower() in _TIFF_EXTENSIONS:
+                array = tifffile.imread(path, key=0)
+            else:
+                with Image.open(path) as image:
+                    if image.mode in _PIL_CONVERTIBLE:
+                        image = image.convert("L" if self.channels == 1 else "RGB")
+                    array = np.asarray(image)
+        except _DECODE_ERRORS as err:
+            raise DataError(f"{path}: cannot decode image ({err})") from err
+        if array.size == 0:
+            raise DataError(f"{path}: no image data; expected a non-empty image")
+        if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[2] > 4:
+            array = array.transpose(1, 2, 0)  # a planar TIFF stores channels first
+        if array.ndim == 2:
+            array = array[:, :, None]
+        if array.ndim != 3 or array.shape[2] not in (1, 2, 3, 4):
+            raise DataError(f"{path}: image of shape {array.shape}; expected (H, W) or (H, W, 1..4 channels)")
+        if not (np.issubdtype(array.dtype, np.unsignedinteger) or array.dtype == np.bool_):
+            raise DataError(f"{path}: pixel type {array.dtype}; expected unsigned integers")
+        self._array = array.astype(np.uint8) if array.dtype == np.bool_ else array
+
+    def _close(self) -> None:
+        self._array = None
+
+    def _region(self, level: int, y: int, x: int, h: int, w: int) -> np.ndarray:
+        return self._array[y : y + h, x : x + w]
+
+
+class OpenSlideSource(PatchSource):
+    """A whole-slide file read through OpenSlide: only the tiles a read overlaps are decoded.
+
+    OpenSlide returns RGBA; transparent pixels (areas a scanner did not image, e.g. in MRXS) are blended
+    onto the slide's background colour, as OpenSlide's own thumbnails are.
+
+    Args:
+        path: A file OpenSlide can read (SVS, NDPI, MRXS, SCN, BIF, Philips TIFF, generic tiled TIFF).
+        in_chans: 1 or 3.
+        level: The pyramid level to read (0 = full resolution).
+        mpp: Instead of ``level``: target microns per pixel (see :func:`select_level_by_mpp`).
+    """
+
+    def __init__(self, path: str | Path, *, in_chans: int = 3, level: int | None = None,
+                 mpp: float | None = None) -> None:
+        super().__init__(str(path), in_chans)
+        self._slide = None
+        self.dtype = np.dtype(np.uint8)
+        self.tiled = True
+        self._ensure_open()
+        self._choose_level(level, mpp)
+
+    @property
+    def _levels(self) -> list[tuple[int, int, float]]:
+        self._ensure_open()
+        return [(h, w, float(ds)) for (w, h), ds in zip(self._slide.level_dimensions, self._slide.level_downsamples)]
+
+    def _properties(self) -> dict:
+        props = self._slide.properties
+        mpp_x, mpp_y = props.get(openslide.PROPERTY_NAME_MPP_X), props.get(openslide.PROPERTY_NAME_MPP_Y)
+        mpp = float(mpp_x) if mpp_x else (float(mpp_y) if mpp_y else None)
+        return {"vendor": props.get(openslide.PROPERTY_NAME_VENDOR), "mpp": mpp}
+
+    def _handle_attributes(self) -> tuple[str, ...]:
+        return ("_slide",)
+
+    def _open(self) -> None:
+        try:
+            self._slide = openslide.OpenSlide(self.path)
+        except (openslide.OpenSlideError, OSError) as err:
+            raise DataError(f"{self.path}: OpenSlide cannot open the slide ({err})") from err
+        background = self._slide.properties.get(openslide.PROPERTY_NAME_BACKGROUND_COLOR, "FFFFFF")
+        self._background = np.array([int(background[i : i + 2], 16) for i in (0, 2, 4)], np.float32)
+
+    def _close(self) -> None:
+        self._slide.close()
+        self._slide = None
+
+    def _region(self, level: int, y: int, x: int, h: int, w: int) -> np.ndarray:
+        downsample = self._slide.level_downsamples[level]
+        # read_region takes the top-left corner in level-0 coordinates and the size at the level.
+        rgba = np.asarray(self._slide.read_region((round(x * downsample), round(y * downsample)), level, (w, h)))
+        alpha = rgba[:, :, 3:]
+        if alpha.min() == 255:
+            return rgba[:, :, :3]
+        a = alpha.astype(np.float32) / 255
+        return np.rint(rgba[:, :, :3] * a + self._background * (1 - a)).astype(np.uint8)
+
+
+class TiffSource(PatchSource):
+    """A tiled (pyramidal) TIFF or OME-TIFF read through tifffile + zarr: only overlapping tiles decode.
+
+    Levels are the base series' sub-resolutions (SubIFDs or reduced pages) and further series with the
+    same aspect ratio (the layout of e.g. PANDA's files). The mpp comes from OME ``PhysicalSizeX``, an
+    Aperio description, or the resolution tags when their unit is centimetre or inch.
+
+    Args:
+        path: A TIFF whose full-resolution image is tiled.
+        in_chans: 1 or 3.
+        level: The pyramid level to read (0 = full resolution).
+        mpp: Instead of ``level``: target microns per pixel (see :func:`select_level_by_mpp`).
+    """
+
+    def __init__(self, path: str | Path, *, in_chans: int = 3, level: int | None = None,
+                 mpp: float | None = None) -> None:
+        super().__init__(str(path), in_chans)
+        self._tif = None
+        self._arrays = None
+        self.tiled = True
+        self._ensure_open()
+        self.dtype = np.dtype(self._arrays[0][0].dtype)
+        if not np.issubdtype(self.dtype, np.unsignedinteger):
+            raise DataError(f"{self.path}: pixel type {self.dtype}; expected unsigned integers")
+        self._choose_level(level, mpp)
+
+    @property
+    def _levels(self) -> list[tuple[int, int, float]]:
+        self._ensure_open()
+        width0 = self._level_shapes[0][1]
+        return [(h, w, width0 / w) for h, w in self._level_shapes]
+
+    def _properties(self) -> dict:
+        tif = self._tif
+        vendor = "ome-tiff" if tif.is_ome else "aperio" if tif.is_svs else "generic-tiff"  # OpenSlide's names
+        return {"vendor": vendor, "mpp": _tiff_mpp(tif)}
+
+    def _handle_attributes(self) -> tuple[str, ...]:
+        return ("_tif", "_arrays")
+
+    def _open(self) -> None:
+        import zarr  # imported here: only tiled TIFFs need it
+
+        try:
+            self._tif = tifffile.TiffFile(self.path)
+            levels = pyramid_levels(self._tif)
+            self._arrays = []
+            shapes = []
+            for series in levels:
+                index, axes = _yxs_index(series.axes, series.shape, self.path)
+                self._arrays.append((zarr.open(series.aszarr(level=0), mode="r"), index, axes))
+                shapes.append(_height_width(series))
+        except (OSError, ValueError, KeyError, tifffile.TiffFileError) as err:
+            if self._tif is not None:
+                self._tif.close()
+            if isinstance(err, DataError):  # from _yxs_index, which names the file
+                raise
+            raise DataError(f"{self.path}: cannot read the tiled TIFF ({err})") from err
+        self._level_shapes = shapes
+
+    def _close(self) -> None:
+        self._tif.close()
+        self._tif = None
+        self._arrays = None
+
+    def _region(self, level: int, y: int, x: int, h: int, w: int) -> np.ndarray:
+        array, index, axes = self._arrays[level]
+        selection = tuple(
+            slice(y, y + h) if i == "Y" else slice(x, x + w) if i == "X" else i for i in index
+        )
+        region = np.asarray(array[selection])
+        return np.moveaxis(region, [axes.index(a) for a in "YXS" if a in axes], range(len(axes)))
+
+
+def open_source(path: str | Path, *, in_chans: int = 3, level: int | None = None,
+                mpp: float | None = None) -> PatchSource:
+    """Open an image or whole-slide file as a :class:`PatchSource` at one resolution.
+
+    OpenSlide reads the vendor formats (SVS, NDPI, MRXS, SCN, BIF, Philips TIFF, ...); tifffile + zarr
+    reads generic tiled TIFFs and OME-TIFFs (and every tiled TIFF when OpenSlide is not installed); PNG,
+    JPEG and strip TIFF are decoded whole, in their own integer type.
+
+    Args:
+        path: The file.
+        in_chans: 1 or 3: the channels of every read.
+        level: The pyramid level (0 = full resolution); default 0.
+        mpp: Instead of ``level``: target microns per pixel; the coarsest level whose mpp is at most the
+            target (within 1 %) is read, or level 0 when the target is finer than level 0.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        DataError: The file cannot be read, the level does not exist, or ``mpp`` is asked of a file
+            without microns-per-pixel metadata; the message names the file.
+
+    Example:
+        >>> src = open_source("slides/a.svs", mpp=1.0)  # doctest: +SKIP
+        >>> patches = src.read_cells([(0, 0), (0, 1)], 256)  # (2, 3, 256, 256) uint8
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such image or slide file")
+    tiled = _is_tiled_tiff(path)
+    vendor = openslide.OpenSlide.detect_format(str(path)) if openslide is not None else None
+    # A generic tiled TIFF goes to tifffile: OpenSlide sees neither SubIFD levels nor OME metadata, and
+    # decodes the same pixels more slowly (benchmarks/RESULTS.md, "Slide reading").
+    if vendor is not None and not (vendor == "generic-tiff" and tiled):
+        return OpenSlideSource(path, in_chans=in_chans, level=level, mpp=mpp)
+    if tiled:
+        return TiffSource(path, in_chans=in_chans, level=level, mpp=mpp)
+    return ImageFileSource(path, in_chans=in_chans, level=level, mpp=mpp)
+
+
+def pyramid_levels(tif: tifffile.TiffFile) -> list:
+    """The levels of a TIFF's first image, full resolution first.
+
+    Levels are the series' own sub-resolutions (SubIFDs or reduced-resolution pages) and then further
+    series of the same axes and aspect ratio (PANDA's files store each level as its own page).
+
+    Args:
+        tif: An open TIFF.
+
+    Raises:
+        ValueError: The file holds no image, or its first image has no Y and X axes.
+    """
+    if not tif.series:
+        raise ValueError("no image in the file")
+    base = tif.series[0]
+    levels = list(base.levels)
+    height, width = _height_width(base)
+    for series in tif.series[1:]:
+        if series.axes != base.axes:
+            continue
+        h, w = _height_width(series)
+        # Same aspect ratio up to the rounding of a downsampled side: another level, not a label image.
+        if h < height and abs(h - height * w / width) <= 1 + 0.01 * h:
+            levels.append(series)
+    return levels
+
+
+def _height_width(level) -> tuple[int, int]:  # noqa: ANN001 - a tifffile series or level
+    axes = level.axes
+    if "Y" not in axes or "X" not in axes:
+        raise ValueError(f"TIFF series with axes {axes!r}; expected Y and X axes")
+    return level.shape[axes.index("Y")], level.shape[axes.index("X")]
+
+
+def _yxs_index(axes: str, shape: tuple[int, ...], path: str) -> tuple[tuple, str]:
+    """How to index a series down to its Y, X and sample axes: (index template, kept axes)."""
+    index, kept = [], ""
+    for axis, n in zip(axes, shape):
+        if axis in "YX":
+            index.append(axis)
+            kept += axis
+        elif axis in "SC" and "S" not in kept:  # samples (RGB) or OME channels
+            index.append(slice(None))
+            kept += "S"
+        elif n == 1:
+            index.append(0)
+        else:
+            raise DataError(f"{path}: image of shape {shape} and axes {axes!r}; expected a single (Y, X[, S]) image")
+    return tuple(index), kept
+
+
+def _is_tiled_tiff(path: Path) -> bool:
+    try:
+        with tifffile.TiffFile(path) as tif:
+            return bool(tif.series) and tif.series[0].keyframe.is_tiled
+    except (OSError, ValueError, tifffile.TiffFileError):
+        return False
+
+
+def _tiff_mpp(tif: tifffile.TiffFile) -> float | None:
+    """Microns per pixel of level 0 from OME metadata, an Aperio description or the resolution tags."""
+    if tif.is_ome:
+        match = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', tif.ome_metadata or "")
+        unit = re.search(r'PhysicalSizeXUnit="([^"]+)"', tif.ome_metadata or "")
+        factors = {"µm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4}
+        if match and (unit is None or unit.group(1) in factors):
+            return float(match.group(1)) * factors[unit.group(1) if unit else "µm"]
+    page = tif.pages.first
+    if tif.is_svs:
+        mpp = tifffile.svs_description_metadata(page.description).get("MPP")
+        if mpp:
+            return float(mpp)
+    tag, unit = page.tags.get("XResolution"), page.tags.get("ResolutionUnit")
+    microns_per_unit = {2: 25400.0, 3: 10000.0}.get(int(unit.value) if unit else 2)
+    if tag is None or microns_per_unit is None:
+        return None
+    numerator, denominator = tag.value
+    if numerator == 0 or denominator == 0 or (numerator == denominator == 1 and unit is None):
+        return None
+    return microns_per_unit * denominator / numerator
+
+
+def _to_uint8(array: np.ndarray) -> np.ndarray:
+    if array.dtype == np.uint8:
+        return array
+    if np.issubdtype(array.dtype, np.floating):  # an in-memory image with values in [0, 1]
+        return (np.clip(array, 0, 1) * 255).round().astype(np.uint8)
+    return (array.astype(np.float64) * (255 / np.iinfo(array.dtype).max)).round().astype(np.uint8)
+
+
+def _to_pil(array: np.ndarray) -> Image.Image:
+    return Image.fromarray(np.ascontiguousarray(array[:, :, 0] if array.shape[2] == 1 else array))
+
+
+def _from_pil(image: Image.Image) -> np.ndarray:
+    array = np.asarray(image)
+    return array[:, :, None] if array.ndim == 2 else array
