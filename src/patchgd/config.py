@@ -60,13 +60,13 @@ class ModelConfig:
     latent_dim: int = _field(256, ge=1)
     pretrained: str | None = None
     in_chans: int = _field(3, ge=1)
-    head: Literal["conv", "conv1d", "transformer"] = "conv"
     head_width: int = _field(256, ge=1)
     head_dropout: float = _field(0.2, ge=0, lt=1)
-    head_depth: int = _field(2, ge=1)
-    head_heads: int = _field(4, ge=1)
     channels_last: bool = False
     init_backbone: str | None = None
+    head: Literal["conv", "conv1d", "transformer"] = "conv"
+    head_depth: int = _field(2, ge=1)
+    head_heads: int = _field(4, ge=1)
 
 
 @dataclass
@@ -79,7 +79,6 @@ class DataConfig:
     (``patchgd prepare aeon`` writes them).
     """
 
-    kind: Literal["images", "sequences"] = "images"
     root: str | None = None
     train_csv: str = "train.csv"
     val_csv: str | None = "val.csv"
@@ -93,6 +92,7 @@ class DataConfig:
     std: list[float] | None = None
     pad_value: float = 0.0
     num_workers: int = _field(0, ge=0)
+    kind: Literal["images", "sequences"] = "images"
 
 
 @dataclass
