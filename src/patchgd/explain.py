@@ -307,7 +307,7 @@ def write_evidence(model: PatchGDClassifier, images: torch.Tensor, displays: lis
         label = int(evidence.target[b])
         if heatmap_dir is not None:
             cell = f"{model.patch_size}-step chunk" if display.dim() == 2 else f"{model.patch_size} px cell"
-            title = (f"{name}: class {label} (p={probabilities[b, label]:.3f}); {method} evidence per {cell} "
+            title = (f"{name}: class {label} (p={probabilities[b, label]:.3f})\n{method} evidence per {cell} "
                      "(red supports the class)")
             pictures.append(save_heatmap(heatmap_dir, name, display, evidence.scores[b], model.patch_size, title)[0])
         if z_dir is not None:
