@@ -160,3 +160,28 @@ def test_cli_heatmaps_in_training_and_predict(tmp_path, mnist_dir, capsys):
     assert main(["predict", str(gd_run / "last.pt"), str(image), "--heatmap", str(tmp_path / "gd-maps")]) == 2
     assert "explain PatchGD's latent grid Z" in capsys.readouterr().err
     assert not (tmp_path / "gd-maps").exists()
+
+
+def test_heatmap_drawn_on_a_thumbnail_of_a_larger_image(tmp_path):
+    import matplotlib.image
+
+    scores = torch.zeros(2, 4)
+    scores[1, 3] = 1.0  # the bottom-right cell of a 2 x 4 grid of 8 px cells over a 16 x 32 px image
+    thumbnail = torch.zeros(1, 4, 8)  # the same image at a quarter of its size
+
+    def red_box(**options):
+        picture = matplotlib.image.imread(save_heatmap(tmp_path, "slide", thumbnail, scores, P, "", **options)[0])
+        picture = picture[:, : round(picture.shape[1] * 0.83)]  # the image, left of the colour bar
+        red = picture[..., 0] > picture[..., 1] + 0.15
+        dark = picture[..., :3].max(axis=2) < 0.2  # the black thumbnail, under see-through zero evidence
+        rows, cols = np.nonzero(red | dark)
+        image = rows.min(), rows.max(), cols.min(), cols.max()
+        rows, cols = np.nonzero(red)
+        return image, (rows.min(), rows.max(), cols.min(), cols.max()) if rows.size else None
+
+    image, cell = red_box(image_width=4 * P)
+    height, width = image[1] - image[0] + 1, image[3] - image[2] + 1
+    # The cell is the lower half of the rightmost quarter of the drawn image.
+    assert cell[0] - image[0] == pytest.approx(height / 2, abs=3) and cell[1] == pytest.approx(image[1], abs=2)
+    assert cell[2] - image[2] == pytest.approx(width * 3 / 4, abs=3) and cell[3] == pytest.approx(image[3], abs=2)
+    assert red_box()[1] is None  # taken as the image itself, the grid would lie beyond the thumbnail

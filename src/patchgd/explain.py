@@ -194,7 +194,7 @@ def _save_figure(fig, path: Path) -> None:
 
 
 def save_heatmap(out_dir: str | Path, name: str, display: torch.Tensor, scores: torch.Tensor, patch_size: int,
-                 title: str, max_side: int = 768) -> list[Path]:
+                 title: str, max_side: int = 768, image_width: int | None = None) -> list[Path]:
     """Write ``NAME_heatmap.png`` (the evidence over the image), ``.npy`` and ``.csv`` (row, col, score).
 
     Args:
@@ -206,6 +206,8 @@ def save_heatmap(out_dir: str | Path, name: str, display: torch.Tensor, scores: 
         patch_size: Cell side in pixels (samples), to place the cells on the image.
         title: The figure's title (the prediction).
         max_side: Longest side of the drawn thumbnail.
+        image_width: Width in pixels of the image the scores are about, when ``display`` is a smaller
+            picture of it (a slide's thumbnail); default: the width of ``display``.
 
     Returns:
         The written paths.
@@ -221,7 +223,7 @@ def save_heatmap(out_dir: str | Path, name: str, display: torch.Tensor, scores: 
     style = dict(cmap="RdBu_r", vmin=-limit, vmax=limit)
     if display.dim() == 3:
         picture = _thumbnail(display, max_side)
-        scale = picture.shape[1] / display.shape[2]
+        scale = picture.shape[1] / (image_width or display.shape[2])
         rows, cols = grid.shape
         fig, ax = plt.subplots(figsize=(7, 7 * picture.shape[0] / picture.shape[1] + 0.6))
         ax.imshow(picture, cmap="gray" if picture.ndim == 2 else None, vmin=0, vmax=1,
