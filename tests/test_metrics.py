@@ -98,7 +98,7 @@ def test_evaluate_predictions_from_logits():
         [[5.0, 0.0, 0.0], [0.0, 5.0, 0.0], [0.0, 5.0, 0.0], [0.0, 0.0, 5.0], [0.0, 0.0, 5.0], [5.0, 0.0, 0.0]]
     )  # argmax = PREDS
     result = evaluate_predictions(logits, torch.tensor(TARGETS), num_classes=3)
-    assert set(result) == {"accuracy", "qwk", "confusion"}
+    assert set(result) == {"accuracy", "qwk", "confusion", "non_finite"} and result["non_finite"] == 0
     assert result["accuracy"] == pytest.approx(0.5)
     assert result["qwk"] == pytest.approx(0.25)
     np.testing.assert_array_equal(result["confusion"], [[1, 1, 0], [0, 1, 1], [1, 0, 1]])
@@ -133,3 +133,19 @@ def test_bad_input_rejected_with_clear_message(preds, targets, match):
 def test_accuracy_rejects_logits():
     with pytest.raises(ValueError, match="1-D"):
         accuracy(torch.zeros(4, 3), torch.zeros(4, dtype=torch.long))
+
+
+def test_non_finite_logits_count_as_wrong_and_are_left_out_of_kappa_and_confusion():
+    nan, inf = float("nan"), float("inf")
+    # Rows 0 and 3 are non-finite; their arg-max would be class 0, their target is 0: without the rule
+    # they would count as correct.
+    logits = torch.tensor([[nan, nan, nan], [0.0, 5.0, 0.0], [0.0, 0.0, 5.0], [inf, 0.0, 0.0]])
+    targets = torch.tensor([0, 1, 1, 0])
+    result = evaluate_predictions(logits, targets, num_classes=3)
+    assert result["non_finite"] == 2
+    assert result["accuracy"] == 1 / 4  # only row 1 is a correct prediction
+    expected_confusion = np.zeros((3, 3), dtype=np.int64)
+    expected_confusion[1, 1] = expected_confusion[1, 2] = 1  # rows 1 and 2 only
+    np.testing.assert_array_equal(result["confusion"], expected_confusion)
+    all_nan = evaluate_predictions(torch.full((3, 3), nan), torch.tensor([0, 0, 0]), num_classes=3)
+    assert all_nan["accuracy"] == 0.0 and all_nan["non_finite"] == 3 and np.isnan(all_nan["qwk"])

@@ -69,10 +69,12 @@ def cmd_train(args) -> int:
     from .train import fit
 
     if args.resume:
+        # The resumed run's config: --config, or the run's own config.yaml, with --set on top; fit()
+        # refuses it if it differs from the checkpoint's in anything but a larger train.epochs.
         saved = Path(args.resume) / "config.yaml"
-        if not saved.is_file():
+        if args.config is None and not saved.is_file():
             raise FileNotFoundError(f"{saved} not found: --resume expects a run directory made by patchgd train")
-        cfg = load_config(saved, args.set)
+        cfg = load_config(args.config or saved, args.set)
     else:
         if args.config is None:
             raise ConfigError("patchgd train needs --config FILE.yaml (or --resume RUN_DIR)")
@@ -86,13 +88,12 @@ def cmd_train(args) -> int:
 
 def _load_checkpoint(path: str | Path, device: torch.device):
     """Rebuild the model saved in a checkpoint; returns ``(model, cfg)`` in eval mode."""
+    from .checkpoint import load_checkpoint
     from .train import build_model
 
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    state = torch.load(path, map_location=device, weights_only=False)
-    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+    state = load_checkpoint(path, map_location=device)
+    if "model" not in state or "config" not in state:
         raise ValueError(f"{path} is not a patchgd checkpoint (expected a dict with 'model' and 'config')")
     cfg = config_from_dict(state["config"], source=str(path))
     model = build_model(cfg)
@@ -104,6 +105,7 @@ def _load_checkpoint(path: str | Path, device: torch.device):
 
 def cmd_evaluate(args) -> int:
     from .data.datasets import ImageCSVDataset
+    from .data.images import require_one_size
     from .data.sequences import SequenceDataset
     from .train import evaluate, resolve_device
 
@@ -118,9 +120,15 @@ def cmd_evaluate(args) -> int:
         dataset = ImageCSVDataset(csv_path, args.image_dir, num_classes=cfg.data.num_classes,
                                   label_column=cfg.data.label_column, in_chans=cfg.model.in_chans,
                                   image_size=cfg.data.image_size, mean=cfg.data.mean, std=cfg.data.std)
+        if cfg.data.image_size is None and args.batch_size > 1:
+            require_one_size(dataset.paths, dataset.image_sizes)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size)
     results = evaluate(model, loader, device, cfg.data.num_classes)
     results["confusion"] = results["confusion"].tolist()
+    if results["non_finite"]:
+        print(f"warning: {results['non_finite']} of {len(dataset)} images got non-finite logits (a diverged "
+              "checkpoint?); they count as wrong and are left out of the kappa and the confusion matrix",
+              file=sys.stderr)
     if args.json:
         print(json.dumps(results, indent=2))
     else:
@@ -298,7 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a model from a YAML config")
     with_config(train, required=False)
-    train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR at its next epoch")
+    train.add_argument("--resume", metavar="RUN_DIR", help=(
+        "continue the run in RUN_DIR at its next epoch, with its config.yaml (or --config) and --set; a "
+        "config that differs from the checkpoint's is refused, except a larger train.epochs"))
     train.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("evaluate", help="evaluate a checkpoint on a labelled data set")
@@ -375,8 +385,10 @@ def main(argv: list[str] | None = None) -> int:
     who = f"patchgd {args.command}" + (f" (rank {os.environ.get('RANK')} of {world})" if world > 1 else "")
     try:
         return args.func(args)
-    except (ConfigError, ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
-        print(f"{who}: error: {err}", file=sys.stderr)
+    except (ConfigError, ValueError, OSError, RuntimeError) as err:
+        # One line: an error from deep inside a library can span several (torch's safe-loader advice).
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"{who}: error: {message}", file=sys.stderr)
         return 2
 
 

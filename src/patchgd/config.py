@@ -74,7 +74,10 @@ class DataConfig:
     """Where the images and labels live (paths relative to ``root``) and how they are prepared.
 
     ``val_csv: null`` validates on fold ``fold`` of the train CSV's kfold column; ``label_column: null``
-    auto-detects it; ``image_size`` resizes to a square (the low-resolution GD baseline).
+    auto-detects it; ``image_size`` resizes to a square (the low-resolution GD baseline). ``verify``:
+    when the data set is built, ``header`` reads every image's header (size, channels, pixel type),
+    ``full`` decodes every image whole (a pass over the data, which also finds corrupt pixel data and
+    non-finite pixels before the first epoch).
     ``kind: sequences`` reads ``(C, L)`` sequences from ``root/train.npz`` and ``root/val.npz`` instead
     (``patchgd prepare aeon`` writes them).
     """
@@ -92,6 +95,7 @@ class DataConfig:
     std: list[float] | None = None
     pad_value: float = 0.0
     num_workers: int = _field(0, ge=0)
+    verify: Literal["header", "full"] = "header"
     kind: Literal["images", "sequences"] = "images"
 
 
@@ -255,6 +259,24 @@ def config_from_dict(d: Mapping[str, Any] | None, source: str | None = None) -> 
 def config_to_dict(config: Config) -> dict[str, Any]:
     """The config as plain nested dicts and lists, ready for YAML or a checkpoint."""
     return dataclasses.asdict(config)
+
+
+def config_differences(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> dict[str, tuple]:
+    """Every dotted key whose value differs between two nested config dicts, as ``{key: (old, new)}``.
+
+    Example:
+        >>> config_differences({"train": {"lr": 0.1, "seed": 0}}, {"train": {"lr": 0.5, "seed": 0}})
+        {'train.lr': (0.1, 0.5)}
+    """
+    differences = {}
+    for name in sorted(set(old) | set(new), key=list({**old, **new}).index):
+        key = f"{prefix}{name}"
+        a, b = old.get(name), new.get(name)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            differences.update(config_differences(a, b, f"{key}."))
+        elif a != b:
+            differences[key] = (a, b)
+    return differences
 
 
 def _read_yaml(path: Path) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -34,9 +35,23 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
         yield Path(tmp)
         os.chmod(tmp, 0o644)  # mkstemp makes it private; run outputs are meant to be shared
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if _out_of_space(err):
+            free = shutil.disk_usage(path.parent).free
+            raise OSError(f"cannot write {path}: the disk is full, or a quota or file-size limit was reached "
+                          f"({free / 2**20:.1f} MiB free on its device); the previous {path.name}, if any, "
+                          "is intact") from err
         raise
+
+
+def _out_of_space(err: BaseException) -> bool:
+    """Whether a write failed for lack of room: ENOSPC, EDQUOT or EFBIG from Python, or torch.save's
+    C++ zip writer, which reports a short write as ``[enforce fail at inline_container.cc] ...`` (``file
+    write failed`` or ``unexpected pos``) without the errno."""
+    if isinstance(err, OSError):
+        return err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    return isinstance(err, RuntimeError) and "inline_container.cc" in str(err)
 
 
 @contextlib.contextmanager
@@ -74,7 +89,8 @@ def _check_target(out: Path, overwrite: bool) -> None:
     if out.is_file() or out.is_symlink():
         raise FileExistsError(f"{out} exists and is not a directory; expected a directory path to create")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} already exists and is not empty; pass overwrite=True to replace it")
+        raise FileExistsError(f"{out} already exists and is not empty; pass overwrite=True (--overwrite on the "
+                              "command line) to replace it")
 
 
 def _replace(new: Path, out: Path) -> None:

@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -123,6 +124,11 @@ def confusion_matrix(preds: Any, targets: Any, num_classes: int) -> np.ndarray:
 def evaluate_predictions(logits_or_preds: Any, targets: Any, num_classes: int) -> dict[str, Any]:
     """All classification metrics for one evaluation set.
 
+    A row of logits with a non-finite value (a diverged model) is no prediction: it counts as wrong in
+    the accuracy and is left out of the kappa and the confusion matrix (whose counts then sum to the
+    finite rows); ``non_finite`` says how many there were. Without this, the arg-max of an all-NaN row is
+    class 0, and a diverged model would score as a classifier that always says 0.
+
     Args:
         logits_or_preds: Logits or scores of shape ``(N, num_classes)`` (the arg-max is the prediction),
             or predicted class indices of shape ``(N,)``.
@@ -130,25 +136,33 @@ def evaluate_predictions(logits_or_preds: Any, targets: Any, num_classes: int) -
         num_classes: Number of classes.
 
     Returns:
-        ``{"accuracy": float, "qwk": float, "confusion": np.ndarray}`` as computed by :func:`accuracy`,
-        :func:`quadratic_weighted_kappa` and :func:`confusion_matrix`.
+        ``{"accuracy": float, "qwk": float, "confusion": np.ndarray, "non_finite": int}`` as computed by
+        :func:`accuracy`, :func:`quadratic_weighted_kappa` and :func:`confusion_matrix`; ``qwk`` is nan
+        when no row is finite.
 
     Example:
         >>> logits = torch.tensor([[2.0, 0.1, 0.0], [0.0, 3.0, 1.0], [0.0, 1.0, 5.0]])
         >>> evaluate_predictions(logits, torch.tensor([0, 1, 1]), num_classes=3)["accuracy"]
         0.6666666666666666
+        >>> evaluate_predictions(torch.full((2, 3), float("nan")), torch.tensor([0, 0]), 3)["accuracy"]
+        0.0
     """
-    values = _as_numpy(logits_or_preds)
+    values, targets = _as_numpy(logits_or_preds), _as_numpy(targets)
     if values.ndim == 2:
         if values.shape[1] != num_classes:
             raise ValueError(
                 f"logits must have shape (N, num_classes={num_classes}), got {values.shape}"
             )
+        finite = np.isfinite(values).all(axis=1)
         preds = values.argmax(axis=1)
     else:
-        preds = values
+        preds, finite = values, np.ones(values.shape, dtype=bool)
+    preds, targets = _labels(preds, targets)
+    kept_preds, kept_targets = preds[finite], targets[finite]
     return {
-        "accuracy": accuracy(preds, targets),
-        "qwk": quadratic_weighted_kappa(preds, targets, num_classes),
-        "confusion": confusion_matrix(preds, targets, num_classes),
+        "accuracy": float(np.mean((preds == targets) & finite)),
+        "qwk": quadratic_weighted_kappa(kept_preds, kept_targets, num_classes) if finite.any() else math.nan,
+        "confusion": confusion_matrix(kept_preds, kept_targets, num_classes) if finite.any()
+        else np.zeros((num_classes, num_classes), dtype=np.int64),
+        "non_finite": int((~finite).sum()),
     }

@@ -6,10 +6,12 @@ which ties them together. Every method (``patchgd``, ``gd``, ``gd-extended``) go
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import json
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -20,8 +22,10 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from . import distributed
-from .config import Config, config_to_dict, save_config
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import Config, ConfigError, config_differences, config_from_dict, config_to_dict, save_config
 from .data.datasets import ImageCSVDataset, per_channel
+from .data.images import require_one_size
 from .data.sequences import SequenceDataset
 from .grid import PatchGrid
 from .io import atomic_file
@@ -29,9 +33,14 @@ from .memory import PeakMemory, format_size
 from .methods import autocast, classification_loss, create_method, create_model, patches_per_iteration
 from .metrics import evaluate_predictions
 from .plots import plot_learning_curves
+from .rundir import hold_run_dir
 
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "val_loss", "val_accuracy", "val_qwk", "peak_memory_bytes",
                   "epoch_time_s"]
+
+
+class DivergenceError(RuntimeError):
+    """Training produced a non-finite loss, parameter or validation output."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -55,15 +64,20 @@ def build_datasets(cfg: Config) -> tuple[ImageCSVDataset | SequenceDataset, Imag
                      for split in ("train", "val"))
     common = dict(num_classes=cfg.data.num_classes, label_column=cfg.data.label_column,
                   in_chans=cfg.model.in_chans, image_size=cfg.data.image_size, mean=cfg.data.mean,
-                  std=cfg.data.std)
+                  std=cfg.data.std, verify=cfg.data.verify)
     if cfg.data.val_csv is None:
         if cfg.data.fold is None:
             raise ValueError("data.val_csv is null but data.fold is not set: name a validation CSV or a fold")
         csv_path, image_dir = root / cfg.data.train_csv, root / cfg.data.train_dir
-        return (ImageCSVDataset(csv_path, image_dir, fold=cfg.data.fold, split="train", **common),
+        sets = (ImageCSVDataset(csv_path, image_dir, fold=cfg.data.fold, split="train", **common),
                 ImageCSVDataset(csv_path, image_dir, fold=cfg.data.fold, split="val", **common))
-    return (ImageCSVDataset(root / cfg.data.train_csv, root / cfg.data.train_dir, **common),
-            ImageCSVDataset(root / cfg.data.val_csv, root / cfg.data.val_dir, **common))
+    else:
+        sets = (ImageCSVDataset(root / cfg.data.train_csv, root / cfg.data.train_dir, **common),
+                ImageCSVDataset(root / cfg.data.val_csv, root / cfg.data.val_dir, **common))
+    if cfg.data.image_size is None:
+        for dataset in sets:
+            require_one_size(dataset.paths, dataset.image_sizes)
+    return sets
 
 
 def build_model(cfg: Config) -> nn.Module:
@@ -83,8 +97,8 @@ def init_backbone(model: nn.Module, path: str | Path) -> int:
     dropped, so a GD run's timm backbone initialises PatchGD's ``backbone.features``; the source's
     classifier and head, which the target lacks, are ignored. Returns the number of tensors loaded.
     """
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    state = state.get("model", state) if isinstance(state, dict) else state
+    state = load_checkpoint(path)
+    state = state.get("model", state)
     target = getattr(model.backbone, "features", model.backbone)
     wanted = target.state_dict()
     found = {}
@@ -149,11 +163,29 @@ def patches_per_step(cfg: Config, image_shape: tuple[int, ...]) -> int:
     return cfg.train.batch_size * patches_per_iteration(cfg.patchgd.sampling, cells)
 
 
+def check_parameters_finite(model: nn.Module, where: str, loss: float) -> None:
+    """Raise :class:`DivergenceError` if an update left a parameter non-finite (non-finite gradients).
+
+    The loss itself is checked by :func:`patchgd.distributed.mean_loss`, on every process at once; the
+    parameters are the same on every process. This costs one reduction per tensor. (An fp16 gradient
+    scaler skips updates with non-finite gradients itself, so its parameters stay finite.)
+    """
+    params = [p.detach() for p in model.parameters()]
+    if not torch.stack([p.isfinite().all() for p in params]).all():
+        name = next(n for n, p in model.named_parameters() if not p.detach().isfinite().all())
+        raise DivergenceError(f"{where}: parameter {name} is not finite after the update (non-finite "
+                              f"gradients; the loss was {loss:.4g}); lower train.lr")
+
+
 def train_one_epoch(method, loader: DataLoader, scheduler, epoch: int, measure_step: int) -> dict:
     """One pass over ``loader``; the step at index ``measure_step`` is measured for peak memory.
 
     With several processes, each step's loss is the mean over all of them, and a non-finite loss on any
     one stops every process (:func:`patchgd.distributed.mean_loss`).
+
+    Raises:
+        RankFailure: A step gave a non-finite loss (on any process).
+        DivergenceError: A step left a non-finite parameter.
     """
     losses, peak = [], 0
     bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True, disable=not distributed.is_main())
@@ -165,7 +197,9 @@ def train_one_epoch(method, loader: DataLoader, scheduler, epoch: int, measure_s
         else:
             stats = method.step(images, labels)
         scheduler.step()
-        losses.append(distributed.mean_loss(stats["loss"], f"epoch {epoch}, step {i + 1}"))
+        where = f"epoch {epoch}, step {i + 1}"
+        losses.append(distributed.mean_loss(stats["loss"], where))
+        check_parameters_finite(method.model, where, losses[-1])
         bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
     return {"train_loss": float(np.mean(losses)), "peak_memory_bytes": peak}
 
@@ -217,33 +251,48 @@ def write_validation_heatmaps(model: nn.Module, val_set, cfg: Config, out_dir: P
     return write_evidence(model, images, displays, names, out_dir, out_dir)[1]
 
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    """``torch.save`` written atomically, so an interrupted save never corrupts the last good one."""
-    with atomic_file(path) as tmp:
-        torch.save(state, tmp)
-
-
 def rng_states(generator: torch.Generator) -> dict:
-    states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-              "sampler": generator.get_state()}
+    """Every random state a resumed run needs, as tensors and plain values (the safe loader reads them)."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    states = {"torch": torch.get_rng_state(), "sampler": generator.get_state(),
+              "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss,
+                        "cached_gaussian": gauss},
+              "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next}}
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
 
 
 def restore_rng_states(states: dict, generator: torch.Generator) -> None:
-    torch.set_rng_state(states["torch"])
-    np.random.set_state(states["numpy"])
-    random.setstate(states["python"])
-    generator.set_state(states["sampler"])
+    # .cpu(): the checkpoint is loaded with map_location=device, but RNG states must be CPU byte tensors.
+    torch.set_rng_state(states["torch"].cpu())
+    generator.set_state(states["sampler"].cpu())
+    n = states["numpy"]
+    np.random.set_state(("MT19937", n["keys"].cpu().numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = states["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
     if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+        torch.cuda.set_rng_state_all([state.cpu() for state in states["cuda"]])
 
 
-def append_metrics(path: Path, row: dict) -> None:
-    """Add one epoch to ``metrics.csv`` (the file is rewritten whole, atomically)."""
-    rows = list(csv.DictReader(path.open())) if path.exists() else []
-    rows.append(row)
+def restore_training_state(state: dict, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
+                           scaler) -> None:
+    """Load a checkpoint's model, optimizer, scheduler and gradient scaler states."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    # Recompute the current rate from the schedule as it is now built: the same value when nothing
+    # changed, the stretched schedule's value at this step when train.epochs was raised.
+    scheduler.last_epoch -= 1
+    scheduler.step()
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+
+
+def write_metrics(path: Path, rows: list[dict]) -> None:
+    """Write ``metrics.csv`` whole, atomically, from the run's rows (one per epoch, kept in the checkpoint)."""
     with atomic_file(path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
         writer.writeheader()
@@ -258,32 +307,101 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def copy_checkpoint(source: Path, target: Path) -> None:
+    """Copy a checkpoint file atomically (best.pt is last.pt of its epoch: no second serialisation)."""
+    with atomic_file(target) as tmp:
+        shutil.copyfile(source, tmp)
+
+
+def restore_run_files(run_dir: Path, state: dict) -> None:
+    """Bring the files written after ``last.pt`` in line with it, for a run killed in between.
+
+    ``metrics.csv`` is rewritten from the rows the checkpoint holds (a row written after it is dropped, a
+    row not yet written is added), and ``best.pt`` is copied from ``last.pt`` when the checkpoint's own
+    epoch was the best.
+    """
+    write_metrics(run_dir / "metrics.csv", state["metrics"])
+    if state["best_epoch"] == state["epoch"]:
+        copy_checkpoint(run_dir / "last.pt", run_dir / "best.pt")
+
+
+def check_resume(state: dict, cfg: Config, run_dir: Path) -> None:
+    """Refuse to resume ``state`` under a config that differs from the one it was trained with.
+
+    Only ``train.epochs`` may grow (to extend a run); ``output_dir`` is where the run is now. Both configs
+    are compared resolved, so a key added to the schema since the checkpoint compares by its default.
+
+    Raises:
+        ConfigError: Listing every differing key with the checkpoint's value and the new one.
+    """
+    saved = config_to_dict(config_from_dict(state["config"], source=f"{run_dir / 'last.pt'} (its config)"))
+    differences = config_differences(saved, config_to_dict(cfg))
+    differences.pop("output_dir", None)
+    old_epochs, new_epochs = differences.get("train.epochs", (0, 0))
+    if new_epochs > old_epochs:
+        del differences["train.epochs"]
+    if differences:
+        listed = "; ".join(f"{key}: {old!r} in the checkpoint, {new!r} now" for key, old, new in
+                           ((k, *v) for k, v in differences.items()))
+        raise ConfigError(f"--resume {run_dir}: the config differs from the one the run was trained with "
+                          f"({listed}); only train.epochs may be raised. Start a new run to change anything else")
+
+
+def train_loader_drops_last(num_images: int, batch_size: int) -> bool:
+    """Whether the training loader drops its last batch: when it would hold a single image.
+
+    A batch of one image whose sampled patches give a single value per channel fails in the backbone's
+    BatchNorm (training mode needs more than one value); the images are reshuffled every epoch, so the one
+    left out differs from epoch to epoch.
+    """
+    return batch_size > 1 and num_images % batch_size == 1
+
+
 def fit(cfg: Config, resume: str | Path | None = None, *, log=print) -> dict:
     """Train ``cfg`` (or resume the run in ``resume``), evaluating and checkpointing every epoch.
 
     The run directory (``cfg.output_dir``, or ``resume``) receives ``config.yaml`` (resolved),
     ``metrics.csv``, ``last.pt``, ``best.pt``, ``eval.json`` (the last evaluation with its confusion
     matrix), ``learning_curves.png`` and, every ``train.heatmap_every`` epochs, ``heatmaps/epochNNN/``
-    (validation heatmaps and ``Z`` pictures).
+    (validation heatmaps and ``Z`` pictures). It is locked for the life of the run
+    (:func:`patchgd.rundir.hold_run_dir`). Each epoch writes ``last.pt``, then ``best.pt``, then its metrics row.
 
     In a process group (``torchrun``, see :mod:`patchgd.distributed`) every process runs this function:
     the model trains under DistributedDataParallel on its shard of each epoch, evaluation is sharded and
     gathered, and rank 0 alone writes the run directory and logs.
 
     Args:
-        cfg: The run's configuration.
+        cfg: The run's configuration. When resuming it must equal the checkpoint's, except for a larger
+            ``train.epochs``.
         resume: A run directory whose ``last.pt`` to continue from, at the epoch after it.
         log: Where progress lines go (rank 0's only).
 
     Returns:
         A summary: run directory, best and final validation accuracy, epochs run and the peak memory.
+
+    Raises:
+        DivergenceError: A non-finite loss, parameter or validation output; the checkpoints on disk keep
+            the last epoch whose weights were all finite.
+        ConfigError: Resuming under a changed config.
     """
     log = distributed.log_main(log)
     run_dir = Path(resume) if resume is not None else Path(cfg.output_dir)
-    if resume is None and (run_dir / "last.pt").exists():
-        raise FileExistsError(f"{run_dir} already holds a run (last.pt); resume it with --resume {run_dir} "
-                              "or choose another output_dir")
+    # Only rank 0 writes the run directory, so only it holds the lock.
+    held = hold_run_dir(run_dir, fresh=resume is None, log=log) if distributed.is_main() else contextlib.nullcontext()
+    with held:
+        return _fit(cfg, run_dir, resume is not None, log)
+
+
+def _fit(cfg: Config, run_dir: Path, resuming: bool, log) -> dict:
     device = distributed.local_device(resolve_device(cfg.train.device))
+    state = None
+    if resuming:
+        if not (run_dir / "last.pt").is_file():
+            raise FileNotFoundError(f"{run_dir} has no last.pt to resume from (its first epoch never finished); "
+                                    "start the run again without --resume")
+        state = load_checkpoint(run_dir / "last.pt", map_location=device)
+        check_resume(state, cfg, run_dir)
+        cfg.output_dir = str(run_dir)
     generator = seed_everything(cfg.train.seed)
     train_set, val_set = build_datasets(cfg)
     image_shape = tuple(train_set[0][0].shape)
@@ -291,7 +409,7 @@ def fit(cfg: Config, resume: str | Path | None = None, *, log=print) -> dict:
         raise ValueError(f"model.patch_size={cfg.model.patch_size} is larger than the "
                          f"{'x'.join(map(str, image_shape[1:]))} images of {getattr(train_set, 'csv_path', cfg.data.root)}; "
                          f"expected at most {min(image_shape[1:])} px (a smaller patch, or no data.image_size downscaling)")
-    if cfg.memory.budget is not None and resume is None:
+    if cfg.memory.budget is not None and not resuming:
         from .plan import plan_budget  # the planner measures trial steps: only when a budget asks for it
 
         # One process plans its own batch; all take its choice, so every process steps on equal batches.
@@ -301,7 +419,7 @@ def fit(cfg: Config, resume: str | Path | None = None, *, log=print) -> dict:
         cfg = plan.apply(cfg)
 
     model = build_model(cfg)
-    if cfg.model.init_backbone is not None and resume is None:
+    if cfg.model.init_backbone is not None and not resuming:
         loaded = init_backbone(model, cfg.model.init_backbone)
         log(f"backbone initialised from {cfg.model.init_backbone}: {loaded} tensors")
     if cfg.train.sync_batchnorm:
@@ -326,21 +444,28 @@ def fit(cfg: Config, resume: str | Path | None = None, *, log=print) -> dict:
     distributed.wrap(method)
     sampler = distributed.train_sampler(train_set, cfg.train.seed, shared=shared)
     loader_generator = torch.Generator()
+    drop_last = train_loader_drops_last(len(sampler) if sampler is not None else len(train_set),
+                                        cfg.train.batch_size)
+    if drop_last:
+        log(f"{len(train_set)} training images in batches of {cfg.train.batch_size} would leave a last batch "
+            "of one image: it is dropped (a different image each epoch)")
     train_loader = DataLoader(train_set, batch_size=cfg.train.batch_size, shuffle=sampler is None,
-                              sampler=sampler, num_workers=cfg.data.num_workers, generator=loader_generator)
+                              sampler=sampler, drop_last=drop_last, num_workers=cfg.data.num_workers,
+                              generator=loader_generator)
+    if len(train_loader) == 0:
+        raise ValueError(f"{train_set.csv_path}: {len(train_set)} training image(s); expected at least 2")
     val_loader = DataLoader(distributed.eval_shard(val_set),
                             batch_size=cfg.train.eval_batch_size or cfg.train.batch_size,
                             num_workers=cfg.data.num_workers)
     scheduler = build_scheduler(cfg, optimizer, len(train_loader))  # batches per process = global steps
 
-    start_epoch, best_accuracy = 1, -1.0
-    if resume is not None:
-        state = torch.load(run_dir / "last.pt", map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if method.scaler is not None and state.get("scaler"):
-            method.scaler.load_state_dict(state["scaler"])
+    start_epoch, best_accuracy, best_epoch, history = 1, -1.0, 0, []
+    if state is not None:
+        if state["steps_per_epoch"] != len(train_loader):
+            raise ValueError(f"--resume {run_dir}: the training set gives {len(train_loader)} batches per epoch "
+                             f"({len(train_set)} images) but gave {state['steps_per_epoch']} when the run "
+                             "started; the learning-rate schedule depends on it. Start a new run")
+        restore_training_state(state, model, optimizer, scheduler, method.scaler)
         per_rank = state.get("rng_ranks") or [state["rng"]]
         if len(per_rank) == distributed.world_size():
             restore_rng_states(per_rank[distributed.rank()], generator)
@@ -348,7 +473,10 @@ def fit(cfg: Config, resume: str | Path | None = None, *, log=print) -> dict:
             log(f"warning: {run_dir / 'last.pt'} was written by {len(per_rank)} process(es), this run has "
                 f"{distributed.world_size()}: random states start afresh, so the run continues but will not "
                 "repeat an uninterrupted one")
-        start_epoch, best_accuracy = state["epoch"] + 1, state["best_accuracy"]
+        start_epoch, best_accuracy, history = state["epoch"] + 1, state["best_accuracy"], state["metrics"]
+        best_epoch = state["best_epoch"]
+        if distributed.is_main():
+            restore_run_files(run_dir, state)
         log(f"resuming {run_dir} at epoch {start_epoch}")
     if distributed.is_main():
         save_config(cfg, run_dir / "config.yaml")
@@ -364,33 +492,48 @@ def fit(cfg: Config, resume: str | Path | None = None, *, log=print) -> dict:
         if sampler is not None:
             sampler.set_epoch(epoch)
         lr = optimizer.param_groups[0]["lr"]
-        train_stats = train_one_epoch(method, train_loader, scheduler, epoch,
-                                      measure_step=min(1, len(train_loader) - 1))
-        distributed.broadcast_buffers(model)  # evaluate what rank 0 saves: its BatchNorm statistics
-        results = evaluate(model, val_loader, device, cfg.data.num_classes, cfg.train.amp)
+        try:
+            train_stats = train_one_epoch(method, train_loader, scheduler, epoch,
+                                          measure_step=min(1, len(train_loader) - 1))
+            distributed.broadcast_buffers(model)  # evaluate what rank 0 saves: its BatchNorm statistics
+            results = evaluate(model, val_loader, device, cfg.data.num_classes, cfg.train.amp)
+            if results["non_finite"]:
+                raise DivergenceError(f"epoch {epoch}: {results['non_finite']} of {len(val_set)} validation "
+                                      "images got non-finite logits (lower train.lr, or check the data: "
+                                      "data.verify=full finds non-finite pixels)")
+        except (DivergenceError, distributed.RankFailure) as err:
+            kept = (f"the checkpoints in {run_dir} keep epoch {epoch - 1}, the last with finite weights"
+                    if epoch > 1 else "no checkpoint was written")
+            raise DivergenceError(f"training diverged: {err}; {kept}") from None
         elapsed = time.perf_counter() - started
         peak = max(peak, train_stats["peak_memory_bytes"])
+        history = [*history, {
+            "epoch": epoch, "lr": lr, "train_loss": train_stats["train_loss"], "val_loss": results["loss"],
+            "val_accuracy": results["accuracy"], "val_qwk": results["qwk"],
+            "peak_memory_bytes": train_stats["peak_memory_bytes"], "epoch_time_s": round(elapsed, 3)}]
+        if results["accuracy"] > best_accuracy:
+            best_accuracy, best_epoch = results["accuracy"], epoch
         rngs = distributed.gather_objects(rng_states(generator))
         if distributed.is_main():
-            append_metrics(run_dir / "metrics.csv", {
-                "epoch": epoch, "lr": lr, "train_loss": train_stats["train_loss"], "val_loss": results["loss"],
-                "val_accuracy": results["accuracy"], "val_qwk": results["qwk"],
-                "peak_memory_bytes": train_stats["peak_memory_bytes"], "epoch_time_s": round(elapsed, 3)})
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(),
                      "scaler": method.scaler.state_dict() if method.scaler else None,
-                     "epoch": epoch, "best_accuracy": max(best_accuracy, results["accuracy"]),
-                     "config": config_to_dict(cfg), "rng": rngs[0], "rng_ranks": rngs if world > 1 else None}
-            if results["accuracy"] > best_accuracy:
-                save_checkpoint(run_dir / "best.pt", state)
+                     "epoch": epoch, "best_accuracy": best_accuracy, "best_epoch": best_epoch,
+                     "config": config_to_dict(cfg), "rng": rngs[0], "rng_ranks": rngs if world > 1 else None,
+                     "metrics": history, "steps_per_epoch": len(train_loader)}
+            # last.pt first, then best.pt as its copy, then the metrics row: a kill at any point leaves a
+            # last.pt that the resume completes the rest from (see restore_run_files), never a row or a
+            # best.pt without its weights.
             save_checkpoint(run_dir / "last.pt", state)
+            if best_epoch == epoch:
+                copy_checkpoint(run_dir / "last.pt", run_dir / "best.pt")
+            write_metrics(run_dir / "metrics.csv", history)
             with atomic_file(run_dir / "eval.json") as tmp:
                 tmp.write_text(json.dumps({**results, "confusion": results["confusion"].tolist(), "epoch": epoch},
                                           indent=2))
             plot_learning_curves(run_dir / "metrics.csv", run_dir / "learning_curves.png")
             if cfg.method == "patchgd" and cfg.train.heatmap_every and epoch % cfg.train.heatmap_every == 0:
                 write_validation_heatmaps(model, val_set, cfg, run_dir / "heatmaps" / f"epoch{epoch:03d}")
-        best_accuracy = max(best_accuracy, results["accuracy"])
         log(f"epoch {epoch}/{cfg.train.epochs}  train loss {train_stats['train_loss']:.4f}  "
             f"val loss {results['loss']:.4f}  val acc {results['accuracy']:.4f}  qwk {results['qwk']:.4f}  "
             f"peak {format_size(train_stats['peak_memory_bytes'])}  {elapsed:.1f}s")

@@ -8,6 +8,7 @@ from PIL import Image
 
 from patchgd.data.datasets import ImageCSVDataset, compute_normalization
 from patchgd.data.errors import DataError
+from patchgd.data.images import require_one_size
 
 
 def write_csv(path: Path, text: str) -> Path:
@@ -160,17 +161,74 @@ def test_bad_labels(ultra):
     assert ImageCSVDataset(ultra).labels == [2]
 
 
-def test_corrupt_image_names_file(ultra):
+def test_corrupt_image_fails_when_the_dataset_is_built_naming_the_file(ultra):
     bad = ultra.parent / "train" / "im3.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
-    ds = ImageCSVDataset(ultra)
-    ds[0]
-    with pytest.raises(DataError, match=r"im3.png: cannot decode image"):
-        ds[3]
+    with pytest.raises(DataError, match=r"im3.png: cannot decode image header"):
+        ImageCSVDataset(ultra)
     bad.unlink()
     (ultra.parent / "train" / "im3.tiff").write_bytes(b"II*\x00garbage")
     with pytest.raises(DataError, match=r"im3.tiff: no image data"):
-        ImageCSVDataset(ultra)[3]
+        ImageCSVDataset(ultra)
+
+
+def test_corrupt_pixel_data_behind_a_good_header_needs_a_full_check(ultra):
+    bad = ultra.parent / "train" / "im3.png"
+    data = bad.read_bytes()
+    bad.write_bytes(data[: len(data) // 2])  # header intact, pixel data cut
+    ds = ImageCSVDataset(ultra)  # the header check passes
+    with pytest.raises(DataError, match=r"im3.png: cannot decode image"):
+        ds[3]
+    with pytest.raises(DataError, match=r"im3.png: cannot decode image"):
+        ImageCSVDataset(ultra, verify="full")
+
+
+def test_non_finite_pixels_are_an_error_naming_the_file(ultra):
+    pixels = np.full((16, 16), 0.5, np.float32)
+    pixels[3, 4] = np.nan
+    pixels[5, 6] = np.inf
+    (ultra.parent / "train" / "im2.png").unlink()
+    tifffile.imwrite(ultra.parent / "train" / "im2.tiff", pixels)
+    with pytest.raises(DataError, match=r"im2.tiff: 2 non-finite pixel value\(s\)"):
+        ImageCSVDataset(ultra)[2]
+    with pytest.raises(DataError, match=r"im2.tiff: 2 non-finite pixel value\(s\)"):
+        ImageCSVDataset(ultra, verify="full")
+
+
+def test_odd_layouts_and_pixel_types_fail_at_build(ultra):
+    (ultra.parent / "train" / "im1.png").unlink()
+    tifffile.imwrite(ultra.parent / "train" / "im1.tiff", np.zeros((16, 16, 7), np.uint8), planarconfig="contig")
+    with pytest.raises(DataError, match=r"im1.tiff: image of shape \(16, 16, 7\)"):
+        ImageCSVDataset(ultra)
+    tifffile.imwrite(ultra.parent / "train" / "im1.tiff", np.zeros((16, 16), np.int16))
+    with pytest.raises(DataError, match=r"im1.tiff: pixel type int16"):
+        ImageCSVDataset(ultra)
+
+
+def test_mixed_sizes_are_read_from_the_headers_and_named_with_the_ways_out(ultra):
+    save_png(ultra.parent / "train" / "im2.png", np.zeros((16, 20)))
+    ds = ImageCSVDataset(ultra)
+    assert ds.image_sizes == [(16, 16), (16, 16), (16, 20), (16, 16)]
+    with pytest.raises(DataError, match=r"im2.png: image is 16x20 px but .*im0.png is 16x16; .*data.image_size"):
+        require_one_size(ds.paths, ds.image_sizes)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("image_id,label\nim0,0\nim1,3\nim0,0\n", r"lines 2 and 4: image 'im0' is listed twice"),
+    ("image_id,label\nim0,0\nim1,3\nim1,4\n", r"lines 3 and 4: image 'im1' has two labels \('3' and '4'\)"),
+    ("image_id,label\nim0,0\nim1,3,7\n", r"line 3: 3 fields; expected 2"),
+    ("image_id,label\nim0,0\nim1\n", r"line 3: 1 fields; expected 2"),
+])
+def test_malformed_csv_rows_are_errors_naming_the_rows(ultra, text, expected):
+    write_csv(ultra, text)
+    with pytest.raises(DataError, match=expected):
+        ImageCSVDataset(ultra)
+
+
+def test_a_utf16_csv_is_an_error_naming_the_file(ultra):
+    ultra.write_text("image_id,label\nim0,0\n", encoding="utf-16")
+    with pytest.raises(DataError, match=r"train.csv: not UTF-8 text \(a UTF-16 file\)"):
+        ImageCSVDataset(ultra)
 
 
 def test_compute_normalization_matches_numpy(tmp_path):

@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from patchgd.data.errors import DataError
-from patchgd.data.images import IMAGE_EXTENSIONS, read_image
+from patchgd.data.images import IMAGE_EXTENSIONS, check_images, read_image
 
 LABEL_COLUMNS = ("label", "isup_grade")  # auto-detected in this order
 FOLD_COLUMN = "kfold"
@@ -46,10 +46,15 @@ class ImageCSVDataset(Dataset):
         image_size: Resize every image to ``image_size × image_size`` (bilinear, antialiased).
         mean: Per-channel mean subtracted after scaling to [0, 1] (one value is repeated); None for 0.
         std: Per-channel standard deviation divided by; None for 1.
+        verify: How the images are checked when the dataset is built: ``"header"`` reads each header
+            (size, channels, pixel type), ``"full"`` decodes each image whole (and checks for non-finite
+            pixels); None leaves the images to a caller that reads them its own way. ``image_sizes``
+            holds each image's ``(height, width)`` as stored (None without a check).
 
     Raises:
         FileNotFoundError: The CSV, the image folder or an image file is missing.
-        DataError: A column is missing or a label or fold value is invalid.
+        DataError: A column is missing, a row is malformed or repeated, a label or fold value is invalid,
+            or an image fails its check.
 
     Example:
         >>> ds = ImageCSVDataset("data/panda/train.csv", num_classes=6, fold=0, split="val",
@@ -71,6 +76,7 @@ class ImageCSVDataset(Dataset):
         image_size: int | None = None,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
+        verify: str | None = "header",
     ) -> None:
         if in_chans not in (1, 3):
             raise ValueError(f"in_chans={in_chans}; expected 1 or 3")
@@ -92,6 +98,7 @@ class ImageCSVDataset(Dataset):
         rows, columns = _read_csv(self.csv_path)
         self.label_column = _pick_label_column(self.csv_path, columns, label_column)
         _require_column(self.csv_path, columns, id_column, "image id")
+        _check_unique(self.csv_path, rows, id_column, self.label_column)
         if fold is not None:
             _require_column(self.csv_path, columns, FOLD_COLUMN, "fold")
             rows = _select_fold(self.csv_path, rows, fold, split)
@@ -101,6 +108,7 @@ class ImageCSVDataset(Dataset):
             for line, row in rows
         ]
         self.paths = _find_images(self.image_dir, self.image_ids)
+        self.image_sizes = None if verify is None else check_images(self.paths, in_chans, full=verify == "full")
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -216,16 +224,43 @@ def _read_csv(path: Path) -> tuple[list[tuple[int, dict[str, str]]], list[str]]:
     if not path.is_file():
         raise FileNotFoundError(f"CSV file {path} does not exist")
     # utf-8-sig: spreadsheets often prepend a byte-order mark that would otherwise rename the first column.
-    with path.open(newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        columns = [c.strip() for c in reader.fieldnames or []]
-        reader.fieldnames = columns
-        rows = [(reader.line_num, row) for row in reader]
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            columns = [c.strip() for c in reader.fieldnames or []]
+            reader.fieldnames = columns
+            rows = [(reader.line_num, row) for row in reader]
+    except UnicodeDecodeError as err:
+        utf16 = path.read_bytes()[:2] in (b"\xff\xfe", b"\xfe\xff")
+        raise DataError(f"{path}: not UTF-8 text ({'a UTF-16 file' if utf16 else f'byte {err.start}'}); "
+                        "expected a UTF-8 CSV (save it as 'CSV UTF-8')") from None
+    for line, row in rows:
+        # DictReader files surplus fields under None and fills missing ones with None.
+        if None in row or None in row.values():
+            found = len(columns) + len(row.get(None, ())) - list(row.values()).count(None)
+            raise DataError(f"{path}, line {line}: {found} fields; expected {len(columns)} (the header's "
+                            f"{','.join(columns)})")
     if not columns:
         raise DataError(f"{path}: empty file; expected a header line such as image_id,label")
     if not rows:
         raise DataError(f"{path}: no rows after the header")
     return rows, columns
+
+
+def _check_unique(path: Path, rows: list[tuple[int, dict[str, str]]], id_column: str, label_column: str) -> None:
+    """Each image listed once: a repeated row would weigh its image twice, two labels contradict."""
+    first: dict[str, tuple[int, str]] = {}
+    for line, row in rows:
+        image_id, label = row[id_column], row[label_column]
+        if image_id not in first:
+            first[image_id] = (line, label)
+            continue
+        seen_line, seen_label = first[image_id]
+        if seen_label != label:
+            raise DataError(f"{path}, lines {seen_line} and {line}: image {image_id!r} has two labels "
+                            f"({seen_label!r} and {label!r}); expected one row per image")
+        raise DataError(f"{path}, lines {seen_line} and {line}: image {image_id!r} is listed twice; expected "
+                        "one row per image")
 
 
 def _pick_label_column(path: Path, columns: list[str], label_column: str | None) -> str:

@@ -1,7 +1,9 @@
-"""Read an image file (PNG, JPEG or TIFF) into a float ``(C, H, W)`` array with values in [0, 1]."""
+"""Read an image file (PNG, JPEG or TIFF) into a float ``(C, H, W)`` array with values in [0, 1], and check
+a list of images up front (headers, or a full decode) so that bad ones fail before training starts."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,9 @@ _PIL_CONVERTIBLE = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "Y
 # A decompression bomb is an image larger than Pillow's MAX_IMAGE_PIXELS; its message names the limit.
 _DECODE_ERRORS = (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError, tifffile.TiffFileError)
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601, as PIL's RGB -> L
+# What np.asarray gives for the PIL modes that are not converted to L/RGB.
+_PIL_DTYPES = {"I;16": np.uint16, "I;16L": np.uint16, "I;16B": np.uint16, "I;16N": np.uint16, "I": np.int32,
+               "F": np.float32}
 
 
 def read_image(path: str | Path, in_chans: int) -> np.ndarray:
@@ -49,16 +54,85 @@ def read_image(path: str | Path, in_chans: int) -> np.ndarray:
     return _to_chw(array, in_chans, path)
 
 
-def _to_chw(array: np.ndarray, in_chans: int, path: Path) -> np.ndarray:
-    if array.size == 0:
+def read_image_header(path: str | Path) -> tuple[int, int]:
+    """The ``(height, width)`` of an image, from its header only; its channels and pixel type are checked.
+
+    Raises:
+        DataError: The header cannot be decoded, or the layout or pixel type is one :func:`read_image`
+            refuses.
+    """
+    path = Path(path)
+    try:
+        if path.suffix.lower() in _TIFF_EXTENSIONS:
+            with tifffile.TiffFile(path) as tif:
+                page = tif.pages[0] if len(tif.pages) else None
+                shape, dtype = (page.shape, page.dtype) if page is not None else ((0,), np.uint8)
+        else:
+            with Image.open(path) as image:
+                width, height = image.size
+                mode = image.mode
+            shape = (height, width)
+            dtype = np.uint8 if mode in _PIL_CONVERTIBLE else _PIL_DTYPES.get(mode)
+    except _DECODE_ERRORS as err:
+        raise DataError(f"{path}: cannot decode image header ({err})") from err
+    if dtype is None:
+        raise DataError(f"{path}: image mode {mode!r} is not supported; expected 8/16-bit grayscale, RGB(A) "
+                        "or float")
+    _check_pixel_type(np.dtype(dtype), path)
+    return _hwc_shape(shape, path)[:2]
+
+
+def check_images(paths: Sequence[Path], in_chans: int, *, full: bool = False) -> list[tuple[int, int]]:
+    """Check every image before training: header, layout and pixel type, and optionally the pixels.
+
+    Args:
+        paths: The image files.
+        in_chans: The channels the images are read with (``full`` decodes with it).
+        full: Decode every image whole, which finds corrupt pixel data and non-finite pixels too, at the
+            cost of a pass over the data.
+
+    Returns:
+        The ``(height, width)`` of each image.
+
+    Raises:
+        DataError: Naming the first image that fails, and why.
+    """
+    return [tuple(read_image(path, in_chans).shape[1:]) if full else read_image_header(path) for path in paths]
+
+
+def require_one_size(paths: Sequence[Path], sizes: Sequence[tuple[int, int]]) -> None:
+    """Raise a DataError naming the first image whose size differs from the first image's.
+
+    Batches stack their images, so a data set read whole at its own resolution needs one size.
+    """
+    for path, size in zip(paths, sizes):
+        if size != sizes[0]:
+            raise DataError(
+                f"{path}: image is {size[0]}x{size[1]} px but {paths[0]} is {sizes[0][0]}x{sizes[0][1]}; "
+                "images in a batch must share a size: set data.image_size to resize every image to a "
+                "square, or resize them to one size beforehand")
+
+
+def _hwc_shape(shape: tuple[int, ...], path: Path) -> tuple[int, int, int]:
+    """``(H, W, C)`` of an array shape, or the DataError for a layout that is no image."""
+    if 0 in shape or not shape:
         raise DataError(f"{path}: no image data; expected a non-empty image")
+    if len(shape) == 2:
+        shape = (*shape, 1)
+    elif len(shape) == 3 and shape[0] in (1, 3, 4) and shape[2] > 4:
+        shape = (shape[1], shape[2], shape[0])  # a planar TIFF stores channels first
+    if len(shape) != 3 or shape[2] not in (1, 2, 3, 4):
+        raise DataError(f"{path}: image of shape {shape}; expected (H, W) or (H, W, 1..4 channels)")
+    return shape
+
+
+def _to_chw(array: np.ndarray, in_chans: int, path: Path) -> np.ndarray:
+    _hwc_shape(array.shape, path)
     pixels = _to_unit_range(array, path)
     if pixels.ndim == 2:
         pixels = pixels[:, :, None]
-    elif pixels.ndim == 3 and pixels.shape[0] in (1, 3, 4) and pixels.shape[2] > 4:
+    elif pixels.shape[0] in (1, 3, 4) and pixels.shape[2] > 4:
         pixels = pixels.transpose(1, 2, 0)  # a planar TIFF stores channels first
-    if pixels.ndim != 3 or pixels.shape[2] not in (1, 2, 3, 4):
-        raise DataError(f"{path}: image of shape {array.shape}; expected (H, W) or (H, W, 1..4 channels)")
     # Two or four channels carry alpha last; it is dropped, as PIL does when converting to L or RGB.
     if pixels.shape[2] in (2, 4):
         pixels = pixels[:, :, :-1]
@@ -69,11 +143,18 @@ def _to_chw(array: np.ndarray, in_chans: int, path: Path) -> np.ndarray:
     return np.ascontiguousarray(pixels.transpose(2, 0, 1), dtype=np.float32)
 
 
+def _check_pixel_type(dtype: np.dtype, path: Path) -> None:
+    if not (dtype == np.bool_ or np.issubdtype(dtype, np.unsignedinteger) or np.issubdtype(dtype, np.floating)):
+        raise DataError(f"{path}: pixel type {dtype}; expected unsigned integers or floats in [0, 1]")
+
+
 def _to_unit_range(array: np.ndarray, path: Path) -> np.ndarray:
+    _check_pixel_type(array.dtype, path)
     if array.dtype == np.bool_:
         return array.astype(np.float32)
     if np.issubdtype(array.dtype, np.unsignedinteger):
         return array.astype(np.float32) / np.iinfo(array.dtype).max
-    if np.issubdtype(array.dtype, np.floating):
-        return np.clip(array.astype(np.float32), 0.0, 1.0)
-    raise DataError(f"{path}: pixel type {array.dtype}; expected unsigned integers or floats in [0, 1]")
+    bad = int(np.count_nonzero(~np.isfinite(array)))
+    if bad:
+        raise DataError(f"{path}: {bad} non-finite pixel value(s) (nan or inf); expected finite values in [0, 1]")
+    return np.clip(array.astype(np.float32), 0.0, 1.0)

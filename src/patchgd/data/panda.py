@@ -66,7 +66,9 @@ def prepare_panda(
     if workers < 1:
         raise ValueError(f"workers={workers}; expected at least 1")
     # The dataset checks columns, grades and that every slide exists before any slide is converted.
-    slides = ImageCSVDataset(Path(src) / "train.csv", num_classes=ISUP_GRADES, label_column="isup_grade")
+    # verify=None: the slides are read by read_slide, whose errors say what a slide must be.
+    slides = ImageCSVDataset(Path(src) / "train.csv", num_classes=ISUP_GRADES, label_column="isup_grade",
+                             verify=None)
     kfold = assign_folds(slides.labels, folds, seed)
     with atomic_directory(out, overwrite=overwrite) as tmp:
         (tmp / "train_images").mkdir()

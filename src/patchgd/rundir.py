@@ -1,0 +1,90 @@
+"""A run directory held by one run at a time, without leftovers of interrupted writes.
+
+:func:`hold_run_dir` creates the folder (with clear errors when it cannot), takes an exclusive
+``fcntl.flock`` on its lock file for the life of the run (the kernel releases it when the process ends,
+however it ends), writes the holder's pid, host and start time into that file so that a second run can
+name it, refuses to start a fresh run over an old run's files, and removes the temporary files that
+:func:`patchgd.io.atomic_file` leaves when a process is killed mid-write.
+
+``flock`` is advisory and local to one machine's kernel: it keeps two runs on one host apart; on a network
+file system shared by several hosts it may not (NFS emulates it per host).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+__all__ = ["LOCK_NAME", "RUN_FILES", "RunInUseError", "hold_run_dir"]
+
+LOCK_NAME = ".patchgd.lock"
+# What a run writes after its first epoch; config.yaml alone (a run that never finished an epoch) is no
+# run to protect and is simply rewritten.
+RUN_FILES = ("last.pt", "best.pt", "metrics.csv", "eval.json", "learning_curves.png")
+
+
+class RunInUseError(RuntimeError):
+    """Another process holds the run directory."""
+
+
+@contextlib.contextmanager
+def hold_run_dir(run_dir: str | Path, *, fresh: bool, log=print) -> Iterator[Path]:
+    """Hold ``run_dir`` for the duration of the block.
+
+    Args:
+        run_dir: The run directory; created if missing.
+        fresh: A new run: refuse a folder that holds another run's files (see :data:`RUN_FILES`).
+        log: Where to report removed temporary files.
+
+    Raises:
+        RunInUseError: Another process holds the folder; the message names its pid, host and start time.
+        FileExistsError: ``fresh`` and the folder holds a run.
+        NotADirectoryError: The path, or a folder above it, is a file.
+        PermissionError: The folder cannot be created or written.
+    """
+    run_dir = Path(run_dir)
+    _make_dir(run_dir)
+    try:
+        fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise PermissionError(f"output_dir {run_dir} is not writable ({err.strerror})") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 1024, 0).decode(errors="replace").strip() or "holder unknown"
+            raise RunInUseError(f"{run_dir} is in use by another patchgd run ({holder}); wait for it to end "
+                                "or choose another output_dir") from None
+        started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}, started {started}\n".encode(), 0)
+        if fresh:
+            existing = [name for name in RUN_FILES if (run_dir / name).exists()]
+            if existing:
+                raise FileExistsError(f"{run_dir} already holds a run ({', '.join(existing)}); resume it with "
+                                      f"--resume {run_dir} or choose another output_dir")
+        # Holding the lock, no other patchgd process is writing here: any temporary file is an orphan.
+        for tmp in sorted(run_dir.glob(".*.tmp")):
+            tmp.unlink()
+            log(f"removed {tmp}, left by an interrupted write")
+        yield run_dir
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _make_dir(run_dir: Path) -> None:
+    """``mkdir -p`` with errors that say which path is in the way."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next(p for p in [*reversed(run_dir.parents), run_dir] if p.exists() and not p.is_dir())
+        raise NotADirectoryError(f"output_dir {run_dir} cannot be created: {blocker} is a file, not a folder") from None
+    except PermissionError as err:
+        raise PermissionError(f"output_dir {run_dir} cannot be created ({err.strerror}: {err.filename})") from None
+    except OSError as err:
+        raise OSError(f"output_dir {run_dir} cannot be created ({err.strerror})") from None
