@@ -34,7 +34,7 @@ def run_bench(out, name, *flags):
     return record
 
 
-@pytest.mark.parametrize("name", ["fill", "step", "memory", "inference", "scaling"])
+@pytest.mark.parametrize("name", ["fill", "step", "memory", "inference", "scaling", "slide"])
 def test_every_benchmark_is_registered(name):
     args = build_parser().parse_args([name])
     assert args.benchmark == name and callable(args.func)
@@ -71,9 +71,35 @@ def test_memory_patchgd_grows_less_than_gd(tmp_path):
     peaks = {method: [r["peak_bytes"] for r in summary["sizes"]] for method, summary in results["methods"].items()}
     assert peaks["patchgd"][1] - peaks["patchgd"][0] < peaks["gd"][1] - peaks["gd"][0]
     small, large = results["methods"]["patchgd"]["sizes"]
-    assert large["input_bytes"] - small["input_bytes"] == 2 * 3 * (128**2 - 64**2) * 4
+    assert large["input_bytes"] - small["input_bytes"] == 2 * 3 * (128**2 - 64**2)  # uint8 pixels
     assert large["z_bytes"] == 2 * 8 * 4 * 4 * 4  # 2 images x latent 8 x 4 x 4 cells, float32
     assert (tmp_path / "memory.png").stat().st_size > 0
+
+
+def test_memory_from_slides_holds_no_image(tmp_path):
+    results = run_bench(tmp_path, "memory", "--image-sizes", "64", "128", "--patches", "1", "--methods", "patchgd",
+                        "--input", "slide", "--batch-size", "2")["results"]
+    small, large = results["methods"]["patchgd"]["sizes"]
+    assert small["input_bytes"] == large["input_bytes"] == 0
+    # Z and index tensors grow with the image; less than the uint8 pixels the step no longer holds.
+    assert large["peak_bytes"] - small["peak_bytes"] < 2 * 3 * (128**2 - 64**2)
+
+
+def test_slide(tmp_path):
+    import numpy as np
+
+    from slide_files import he_tile, write_pyramid_tiff
+
+    canvas = np.full((320, 384, 3), 245, np.uint8)
+    canvas[40:280, 60:300] = he_tile()
+    write_pyramid_tiff(tmp_path / "s.tif", canvas, tile=64, levels=2)
+    results = run_bench(tmp_path, "slide", "--slide", str(tmp_path / "s.tif"), "--patch-size", "64", "--workers",
+                        "1", "--patches", "2", "--throughput-patches", "8", "--fill-batch-size", "4",
+                        *TIMING)["results"]
+    (row,) = results["sizes"]
+    assert row["predict"]["cells"] == 5 * 6 and 0 < row["predict"]["tissue_cells"] < 30
+    assert row["predict"]["peak_rss_bytes"] > 0 and row["step"]["step_s"] > 0
+    assert results["throughput"]["patches"] == 8 and results["throughput"]["ratio"] > 0
 
 
 def test_inference(tmp_path):

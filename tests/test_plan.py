@@ -31,7 +31,7 @@ def peak_of(cfg, device="cpu", image=IMAGE):
     model = train.build_model(cfg).to(device)
     optimizer = train.build_optimizer(cfg, model)
     method = train.build_method(cfg, model, optimizer)
-    images = torch.randn(cfg.train.batch_size, *image)
+    images = torch.randint(256, (cfg.train.batch_size, *image), dtype=torch.uint8)  # as the loader yields
     labels = torch.randint(cfg.data.num_classes, (cfg.train.batch_size,))
     try:
         method.step(images, labels)

@@ -204,9 +204,11 @@ def test_a_nan_pixel_is_an_error_naming_the_file(tmp_path, data, capsys, verify)
     bad = nan_tiff(root)
     config = write_config(tmp_path, root, data__verify=verify)
     assert main(["train", "--config", str(config)]) == 2
-    assert f"{bad}: 1 non-finite pixel value(s)" in one_clear_line(capsys.readouterr().err, "train")
-    # The full check finds it before training starts (config.yaml is written after the data checks).
-    assert (tmp_path / "run" / "config.yaml").exists() == (verify == "header")
+    # Pixels travel as integers (issue 8): a float image, NaN or not, is refused when the data set is built,
+    # before training starts (config.yaml is written after the data checks).
+    assert f"{bad}: pixel type float32; expected unsigned integers" in one_clear_line(capsys.readouterr().err,
+                                                                                     "train")
+    assert not (tmp_path / "run" / "config.yaml").exists()
     assert not (tmp_path / "run" / "last.pt").exists()
 
 

@@ -104,10 +104,10 @@ def _load_checkpoint(path: str | Path, device: torch.device):
 
 
 def cmd_evaluate(args) -> int:
-    from .data.datasets import ImageCSVDataset
+    from .data.datasets import ImageCSVDataset, collate_images
     from .data.images import require_one_size
     from .data.sequences import SequenceDataset
-    from .train import evaluate, resolve_device
+    from .train import evaluate, read_options, resolve_device
 
     device = resolve_device(args.device)
     model, cfg = _load_checkpoint(args.checkpoint, device)
@@ -118,11 +118,10 @@ def cmd_evaluate(args) -> int:
     else:
         csv_path = data if data.suffix == ".csv" else data / args.csv
         dataset = ImageCSVDataset(csv_path, args.image_dir, num_classes=cfg.data.num_classes,
-                                  label_column=cfg.data.label_column, in_chans=cfg.model.in_chans,
-                                  image_size=cfg.data.image_size, mean=cfg.data.mean, std=cfg.data.std)
-        if cfg.data.image_size is None and args.batch_size > 1:
-            require_one_size(dataset.paths, dataset.image_sizes)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size)
+                                  label_column=cfg.data.label_column, **read_options(cfg))
+        if cfg.data.image_size is None and args.batch_size > 1 and cfg.method != "patchgd":
+            require_one_size(dataset.paths, dataset.image_sizes)  # PatchGD gives each image its own grid
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate_images)
     results = evaluate(model, loader, device, cfg.data.num_classes)
     results["confusion"] = results["confusion"].tolist()
     if results["non_finite"]:
@@ -141,8 +140,8 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from .data.datasets import load_image, per_channel
-    from .train import resolve_device
+    from .data.datasets import load_image
+    from .train import read_options, resolve_device
 
     device = resolve_device(args.device)
     model, cfg = _load_checkpoint(args.checkpoint, device)
@@ -150,24 +149,21 @@ def cmd_predict(args) -> int:
     if explaining and cfg.method != "patchgd":
         raise ValueError(f"--heatmap and --z-image explain PatchGD's latent grid Z; {args.checkpoint} is a "
                          f"{cfg.method} model")
-    channels = cfg.model.in_chans
-    mean, std = per_channel(cfg.data.mean, 0.0, channels, "mean"), per_channel(cfg.data.std, 1.0, channels, "std")
     predictions, stems = [], set()
     for path in args.images:
-        pixels = load_image(path, channels, cfg.data.image_size)
-        image = (pixels - mean) / std
+        image = load_image(path, **read_options(cfg))
+        batch = image[None].to(device) if isinstance(image, torch.Tensor) else [image]
         if explaining:
             from .explain import write_evidence
 
             name = Path(path).stem
             name = name if name not in stems else f"{name}-{len(predictions)}"
             stems.add(name)
-            evidence, _ = write_evidence(model, image[None], [pixels], [name], args.heatmap, args.z_image,
-                                         args.heatmap_method)
-            logits = evidence.logits
+            logits = write_evidence(model, batch, [image], [name], args.heatmap, args.z_image,
+                                    args.heatmap_method)[0].logits
         else:
             with torch.inference_mode():
-                logits = model(image[None].to(device)).float()
+                logits = model(batch).float()
         probs = torch.softmax(logits, dim=1)[0].cpu()
         predictions.append({"image": str(path), "class": int(probs.argmax()),
                             "probabilities": [round(float(p), 6) for p in probs]})
@@ -322,9 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="print the results as JSON")
     ev.set_defaults(func=cmd_evaluate)
 
-    pred = sub.add_parser("predict", help="predict the class of images with a checkpoint")
+    pred = sub.add_parser("predict", help="predict the class of images (or whole-slide images) with a checkpoint")
     pred.add_argument("checkpoint", help="best.pt or last.pt of a run")
-    pred.add_argument("images", nargs="+", help="image files")
+    pred.add_argument("images", nargs="+", help="image or slide files, read as the run's config says "
+                      "(data.level/mpp, data.tissue)")
     pred.add_argument("--device", default="auto")
     pred.add_argument("--json", action="store_true", help="print the predictions as JSON")
     pred.add_argument("--heatmap", metavar="OUT_DIR", default=None,

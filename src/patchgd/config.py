@@ -74,10 +74,13 @@ class DataConfig:
     """Where the images and labels live (paths relative to ``root``) and how they are prepared.
 
     ``val_csv: null`` validates on fold ``fold`` of the train CSV's kfold column; ``label_column: null``
-    auto-detects it; ``image_size`` resizes to a square (the low-resolution GD baseline). ``verify``:
-    when the data set is built, ``header`` reads every image's header (size, channels, pixel type),
-    ``full`` decodes every image whole (a pass over the data, which also finds corrupt pixel data and
-    non-finite pixels before the first epoch).
+    auto-detects it; ``image_size`` resizes to a square (the low-resolution GD baseline). ``mean``/``std``
+    configure the model's normalisation (saved in its checkpoints); ``pad_value`` is a pixel value in the
+    images' own units. Whole-slide images: ``level`` or ``mpp`` chooses the resolution, ``tissue: otsu``
+    skips cells whose tissue fraction is below ``tissue_fraction``.
+    ``verify``: when the data set is built, ``header`` reads every image's header (size, channels, pixel
+    type), ``full`` decodes every image whole (a pass over the data, which also finds corrupt pixel data and
+    non-finite pixels before the first epoch); a slide is opened at its level, never decoded whole.
     ``kind: sequences`` reads ``(C, L)`` sequences from ``root/train.npz`` and ``root/val.npz`` instead
     (``patchgd prepare aeon`` writes them).
     """
@@ -95,6 +98,10 @@ class DataConfig:
     std: list[float] | None = None
     pad_value: float = 0.0
     num_workers: int = _field(0, ge=0)
+    level: int | None = _field(None, ge=0)
+    mpp: float | None = _field(None, gt=0)
+    tissue: Literal["otsu", "none"] = "otsu"
+    tissue_fraction: float = _field(0.1, ge=0, le=1)
     verify: Literal["header", "full"] = "header"
     kind: Literal["images", "sequences"] = "images"
 

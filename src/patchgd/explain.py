@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import csv
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,10 +24,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .grid import LazyImage, cell_mask
 from .io import atomic_file
 from .model import PatchGDClassifier
 
-__all__ = ["METHODS", "Evidence", "blank_code", "occlusion_scores", "gradient_scores", "explain", "z_to_rgb",
+__all__ = ["METHODS", "Evidence", "occlusion_scores", "gradient_scores", "explain", "z_to_rgb",
            "save_heatmap", "save_z_image", "write_evidence"]
 
 METHODS = ("occlusion", "grad")
@@ -51,41 +53,19 @@ class Evidence:
     method: str
 
 
-def blank_code(model: PatchGDClassifier, patch: torch.Tensor) -> torch.Tensor:
-    """The background code: ``model.encode`` of one patch filled with the model's padding value.
-
-    Computed once, without gradients, with the backbone in eval mode (a lone constant patch has no
-    meaningful batch statistics and must not move BatchNorm's running ones).
-
-    Args:
-        model: The classifier.
-        patch: A ``(1, C, *patch_shape)`` patch of the input, giving the blank patch its shape and dtype.
-
-    Returns:
-        ``(s,)`` code.
-    """
-    blank = torch.full_like(patch, model.pad_value)
-    was_training = model.backbone.training
-    model.backbone.eval()
-    try:
-        with torch.no_grad():
-            return model.encode(blank)[0]
-    finally:
-        model.backbone.train(was_training)
-
-
 @torch.no_grad()
-def occlusion_scores(head: torch.nn.Module, z: torch.Tensor, code: torch.Tensor, target: torch.Tensor,
-                     batch_size: int = 256) -> torch.Tensor:
+def occlusion_scores(model: PatchGDClassifier, z: torch.Tensor, code: torch.Tensor, target: torch.Tensor,
+                     mask: torch.Tensor | None = None, batch_size: int = 256) -> torch.Tensor:
     """Per cell, the drop of the ``target`` logit when that cell of ``Z`` is replaced by ``code``.
 
     Exact (no approximation) and cheap: only the head runs, on ``batch_size`` occluded grids at a time.
 
     Args:
-        head: The classifier's head, in eval mode (so that each occluded grid is classified alone).
+        model: The classifier, its head in eval mode (so that each occluded grid is classified alone).
         z: ``(B, s, *grid)``.
-        code: ``(s,)`` the value an occluded cell takes (:func:`blank_code`).
+        code: ``(s,)`` the value an occluded cell takes (:meth:`PatchGDClassifier.background_code`).
         target: ``(B,)`` class per image.
+        mask: The cell mask of a batch of images of different sizes (see :meth:`PatchGDClassifier.classify`).
         batch_size: Occluded grids per head call.
 
     Returns:
@@ -96,42 +76,47 @@ def occlusion_scores(head: torch.nn.Module, z: torch.Tensor, code: torch.Tensor,
     cells = flat.shape[2]
     scores = torch.empty(batch, cells, device=z.device)
     for b in range(batch):
-        base = head(z[b:b + 1])[0, target[b]].float()
+        own = None if mask is None else mask[b:b + 1]
+        base = model.classify(z[b:b + 1], own)[0, target[b]].float()
         for start in range(0, cells, batch_size):
             idx = torch.arange(start, min(start + batch_size, cells), device=z.device)
             occluded = flat[b].expand(len(idx), -1, -1).clone()
             occluded[torch.arange(len(idx), device=z.device), :, idx] = code.to(z.dtype)
-            logits = head(occluded.view(len(idx), *z.shape[1:]))
+            logits = model.classify(occluded.view(len(idx), *z.shape[1:]),
+                                    None if own is None else own.expand(len(idx), *own.shape[1:]))
             scores[b, idx] = base - logits[:, target[b]].float()
     return scores.view(batch, *z.shape[2:])
 
 
-def gradient_scores(head: torch.nn.Module, z: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def gradient_scores(model: PatchGDClassifier, z: torch.Tensor, target: torch.Tensor,
+                    mask: torch.Tensor | None = None) -> torch.Tensor:
     """Gradient x activation: per cell, ``sum_s Z[s] * d logit_target / d Z[s]``.
 
     Args:
-        head: The classifier's head, in eval mode.
+        model: The classifier, its head in eval mode.
         z: ``(B, s, *grid)``.
         target: ``(B,)`` class per image.
+        mask: The cell mask of a batch of images of different sizes.
 
     Returns:
         ``(B, *grid)`` first-order estimate of each cell's contribution to the ``target`` logit.
     """
     with torch.enable_grad():
         z = z.detach().requires_grad_(True)
-        logits = head(z)
+        logits = model.classify(z, mask)
         (grad,) = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), z)
     return (grad * z).sum(dim=1).detach()
 
 
-def explain(model: PatchGDClassifier, images: torch.Tensor, method: str = "occlusion",
+def explain(model: PatchGDClassifier, images: torch.Tensor | Sequence, method: str = "occlusion",
             target: torch.Tensor | None = None) -> Evidence:
     """Fill ``Z`` (eval mode, Fig. 3b) and score every cell for the predicted (or ``target``) class.
 
     Args:
         model: A :class:`~patchgd.PatchGDClassifier`; put in eval mode for the call and restored after.
-        images: ``(B, C, H, W)`` images or ``(B, C, L)`` sequences, prepared as for the model.
-        method: ``"occlusion"`` (default; cells replaced by :func:`blank_code`) or ``"grad"``.
+        images: ``(B, C, H, W)`` images or ``(B, C, L)`` sequences, or one item per image (tensors of any
+            sizes, :class:`~patchgd.grid.LazyImage` slides), as the model takes them.
+        method: ``"occlusion"`` (default; cells replaced by the background code) or ``"grad"``.
         target: Optional ``(B,)`` class per image to explain instead of the prediction.
 
     Returns:
@@ -142,15 +127,16 @@ def explain(model: PatchGDClassifier, images: torch.Tensor, method: str = "occlu
     was_training = model.training
     model.eval()
     try:
-        grid = model.grid(images.to(next(model.parameters()).device))
+        grid = model.grid(images.to(model.device) if isinstance(images, torch.Tensor) else list(images))
         z = model.fill_z(grid)
+        mask = cell_mask(grid)
         with torch.no_grad():
-            logits = model.head(z).float()
+            logits = model.classify(z, mask).float()
         target = logits.argmax(dim=1) if target is None else torch.as_tensor(target, device=z.device)
         if method == "occlusion":
-            scores = occlusion_scores(model.head, z, blank_code(model, grid.patch_range(0, 1)), target)
+            scores = occlusion_scores(model, z, model.background_code(grid), target, mask)
         else:
-            scores = gradient_scores(model.head, z, target)
+            scores = gradient_scores(model, z, target, mask)
     finally:
         model.train(was_training)
     return Evidence(z=z, logits=logits, target=target, scores=scores, method=method)
@@ -285,15 +271,16 @@ def save_z_image(out_dir: str | Path, name: str, z: torch.Tensor, min_side: int 
     return path
 
 
-def write_evidence(model: PatchGDClassifier, images: torch.Tensor, displays: list[torch.Tensor], names: list[str],
+def write_evidence(model: PatchGDClassifier, images: torch.Tensor | Sequence, items: Sequence, names: list[str],
                    heatmap_dir: str | Path | None = None, z_dir: str | Path | None = None,
                    method: str = "occlusion") -> tuple[Evidence, list[Path]]:
     """Explain a batch and write, per image, its heatmap files and/or its ``Z`` picture.
 
     Args:
         model: The classifier.
-        images: ``(B, C, H, W)`` or ``(B, C, L)`` model inputs.
-        displays: Per image, what to draw the heatmap on (see :func:`save_heatmap`).
+        images: The batch as the model takes it (a tensor, or one item per image).
+        items: Per image, the data set's item: a ``(C, H, W)`` pixel tensor, a
+            :class:`~patchgd.grid.LazyImage` (drawn as its thumbnail) or a ``(C, L)`` sequence.
         names: Per image, the file stem.
         heatmap_dir: Where :func:`save_heatmap` writes (None: no heatmaps).
         z_dir: Where :func:`save_z_image` writes (None: no ``Z`` pictures).
@@ -302,16 +289,26 @@ def write_evidence(model: PatchGDClassifier, images: torch.Tensor, displays: lis
     Returns:
         The :class:`Evidence` of the batch, and the pictures written (heatmap, then ``Z``, per image).
     """
+    from .data.datasets import image_pixels
+
     evidence = explain(model, images, method)
     probabilities = torch.softmax(evidence.logits, dim=1)
     pictures = []
-    for b, (display, name) in enumerate(zip(displays, names)):
+    for b, (item, name) in enumerate(zip(items, names)):
         label = int(evidence.target[b])
         if heatmap_dir is not None:
+            display = image_pixels(item)  # [0, 1] pixels (a slide's thumbnail), or the sequence as it is
+            width = item.source.width if isinstance(item, LazyImage) else None
             cell = f"{model.patch_size}-step chunk" if display.dim() == 2 else f"{model.patch_size} px cell"
             title = (f"{name}: class {label} (p={probabilities[b, label]:.3f})\n{method} evidence per {cell} "
                      "(red supports the class)")
-            pictures.append(save_heatmap(heatmap_dir, name, display, evidence.scores[b], model.patch_size, title)[0])
+            grid = evidence.scores[b]
+            if isinstance(images, list) and display.dim() == 3:  # this image's own cells of a padded batch
+                rows, cols = (-(-side // model.patch_size) for side in
+                              ((item.source.height, item.source.width) if width else display.shape[1:]))
+                grid = grid[:rows, :cols]
+            pictures.append(save_heatmap(heatmap_dir, name, display, grid, model.patch_size, title,
+                                         image_width=width)[0])
         if z_dir is not None:
             pictures.append(save_z_image(z_dir, name, evidence.z[b]))
     return evidence, pictures

@@ -56,6 +56,14 @@ class ConvHead(nn.Module):
     Every convolution has ``width`` channels and is followed by ReLU, BatchNorm and Dropout2d. A global
     average pool before the linear layer makes the head accept any grid from 1 x 1 up.
 
+    A batch of images of different sizes comes as one grid padded to the largest, with a cell ``mask``:
+    the padded cells are zeroed before every convolution (so a smaller image's features never mix with
+    its padding beyond the zero padding its convolutions would see anyway), the mask follows each
+    stride-2 convolution (an output cell is real when the centre of its 3 x 3 window is), and the pool
+    averages real cells only: in eval mode each image's logits equal those of the image alone.
+    BatchNorm's batch statistics in training do include the zeroed cells. Without a mask the head is the
+    paper's, unchanged.
+
     Args:
         in_channels: Channels of the input grid (the latent size ``s``, or a backbone's feature width for
             GD-extended).
@@ -83,8 +91,18 @@ class ConvHead(nn.Module):
         self.pool = _LAYERS[dims][3](1)
         self.fc = nn.Linear(width, num_classes)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.pool(self.features(z)).flatten(1))
+    def forward(self, z: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, s, m, n)`` -> ``(B, classes)``; ``mask`` ``(B, 1, m, n)`` is 1 on real cells, 0 on padding."""
+        if mask is None:
+            return self.fc(self.pool(self.features(z)).flatten(1))
+        x = z
+        for block in self.features:
+            x = block(x * mask)
+            stride = block[0].stride[0]
+            # An output cell exists for the image alone iff the centre of its window is a real cell.
+            mask = mask[:, :, ::stride, ::stride]
+        pooled = (x * mask).sum(dim=(2, 3)) / mask.sum(dim=(2, 3)).clamp_min(1)
+        return self.fc(pooled)
 
 
 class TransformerHead(nn.Module):

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .grid import PatchGrid
+from .grid import PatchGrid, SourceGrid, cell_mask
 from .model import GDClassifier, GDExtendedClassifier, PatchGDClassifier
 
 __all__ = ["PatchGD", "GD", "sample_schedule", "patches_per_iteration", "default_inner_iterations", "create_model", "create_method", "METHODS"]
@@ -88,21 +88,30 @@ class _Step:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def inputs(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Move a batch to the model's device, checking the labels against the classes."""
-        if images.dim() not in (3, 4):
-            raise ValueError(f"images must be a (B, C, H, W) tensor (or (B, C, L) sequences), got shape "
-                             f"{tuple(images.shape)}")
+    def inputs(self, images: torch.Tensor | Sequence, labels: torch.Tensor) -> tuple[torch.Tensor | list, torch.Tensor]:
+        """Move a batch to the model's device, checking the labels against the classes.
+
+        ``images`` is a ``(B, C, H, W)`` tensor (``(B, C, L)`` for sequences), or a list with one ``(C, H, W)`` tensor or
+        :class:`~patchgd.grid.LazyImage` per image (images of different sizes, slides), which stays where
+        it is: its patches travel to the device as they are read.
+        """
+        if isinstance(images, torch.Tensor):
+            if images.dim() not in (3, 4):
+                raise ValueError(f"images must be a (B, C, H, W) tensor (or (B, C, L) sequences), got shape "
+                                 f"{tuple(images.shape)}")
+            images = images.to(self.device, non_blocking=True)
+        else:
+            images = list(images)
         labels = torch.as_tensor(labels)
-        if labels.shape != (images.shape[0],) or labels.dtype.is_floating_point:
-            raise ValueError(f"labels must be {images.shape[0]} integer class indices (one per image), "
+        if labels.shape != (len(images),) or labels.dtype.is_floating_point:
+            raise ValueError(f"labels must be {len(images)} integer class indices (one per image), "
                              f"got shape {tuple(labels.shape)} and dtype {labels.dtype}")
         classes = self.model.num_classes
         bad = (labels < 0) | (labels >= classes)
         if bad.any():
             raise ValueError(f"label {labels[bad][0].item()} is outside the {classes} classes "
                              f"(expected 0..{classes - 1})")
-        return images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True).long()
+        return images, labels.to(self.device, non_blocking=True).long()
 
     def sync(self) -> None:
         sync(self.device)
@@ -164,12 +173,11 @@ class InnerIteration(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, z: torch.Tensor, patches: torch.Tensor, rows: torch.Tensor,
-                cells: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        batch, k = cells.shape
+    def forward(self, z: torch.Tensor, patches: torch.Tensor, image_idx: torch.Tensor, cell_idx: torch.Tensor,
+                cell_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.model.encode(patches)
-        z.view(batch, self.model.latent_dim, -1)[rows, :, cells] = features.view(batch, k, -1).to(z.dtype)
-        return self.model.head(z), z
+        z.view(z.shape[0], self.model.latent_dim, -1)[image_idx, :, cell_idx] = features.to(z.dtype)
+        return self.model.classify(z, cell_mask), z
 
 
 class PatchGD(_Step):
@@ -224,14 +232,26 @@ class PatchGD(_Step):
         # How Z is filled; distributed.parallel_fill replaces it to split one batch's cells over processes.
         self.fill = model.fill_z
 
-    def schedule_for(self, grid: PatchGrid, schedule: Sequence[torch.Tensor] | None) -> list[torch.Tensor]:
-        """The cells of each inner iteration as ``(B, k)`` LongTensors: sampled, or the given ones checked."""
+    def schedule_for(self, grid: PatchGrid | SourceGrid,
+                     schedule: Sequence[torch.Tensor] | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The cells of each inner iteration as ``(image, cell)`` index pairs, image-major.
+
+        Sampled per image among its sampleable cells (all of them, or the tissue cells of a
+        :class:`~patchgd.grid.SourceGrid` under a tissue mask), ``k_i = ceil(sampling * T_i)`` of image
+        ``i``'s ``T_i`` sampleable cells per inner iteration; or the given schedule, checked.
+        """
         cells = grid.num_cells
         if schedule is None:
-            k = patches_per_iteration(self.sampling, cells)
             zeta = self.inner_iterations or default_inner_iterations(self.sampling, self.max_sampled)
-            schedule = sample_schedule(grid.batch_size, cells, k, zeta, self.generator)
-        elif self.inner_iterations is not None and len(schedule) != self.inner_iterations:
+            picks = []  # per image, zeta chunks of its cells
+            for b in range(grid.batch_size):
+                allowed = grid.sampleable(b) if isinstance(grid, SourceGrid) else torch.arange(cells)
+                k = patches_per_iteration(self.sampling, len(allowed))
+                picks.append([allowed[chunk[0]] for chunk in sample_schedule(1, len(allowed), k, zeta,
+                                                                              self.generator)])
+            return [(torch.cat([torch.full_like(p[j], b) for b, p in enumerate(picks)]).to(grid.device),
+                     torch.cat([p[j] for p in picks]).to(grid.device)) for j in range(zeta)]
+        if self.inner_iterations is not None and len(schedule) != self.inner_iterations:
             raise ValueError(f"schedule has {len(schedule)} entries but inner_iterations={self.inner_iterations}")
         if len(schedule) == 0:
             raise ValueError("schedule is empty: expected one entry per inner iteration")
@@ -253,29 +273,37 @@ class PatchGD(_Step):
                                  f"grid (expected 0..{cells - 1})")
             if (idx.sort(dim=1).values.diff(dim=1) == 0).any():
                 raise ValueError(f"schedule[{j}] repeats a cell within an image; each cell may appear once")
-            checked.append(idx.to(grid.device))
+            image_idx = torch.arange(grid.batch_size).repeat_interleave(k)
+            cell_idx = idx.reshape(-1).cpu()
+            if isinstance(grid, SourceGrid) and not grid.is_encoded(image_idx, cell_idx).all():
+                bad = (~grid.is_encoded(image_idx, cell_idx)).nonzero()[0].item()
+                raise ValueError(f"schedule[{j}] holds cell {cell_idx[bad].item()} of image {image_idx[bad].item()}, "
+                                 "which is background (outside the tissue mask) or beyond the image's own grid")
+            checked.append((image_idx.to(grid.device), cell_idx.to(grid.device)))
         return checked
 
-    def step(self, images: torch.Tensor, labels: torch.Tensor,
+    def step(self, images: torch.Tensor | Sequence, labels: torch.Tensor,
              schedule: Sequence[torch.Tensor] | None = None) -> dict:
         """One iteration of Algorithm 1 on a batch.
 
         Args:
-            images: ``(B, C, H, W)`` images.
+            images: ``(B, C, H, W)`` images, or one ``(C, H, W)`` tensor or
+                :class:`~patchgd.grid.LazyImage` per image (see :meth:`PatchGDClassifier.grid`).
             labels: ``(B,)`` class indices.
             schedule: Optional cells per inner iteration: flat row-major indices, ``(k,)`` (the same cells
                 in every image) or ``(B, k)`` per image.
 
         Returns:
             ``loss`` (mean over inner iterations), ``fill_time``, ``inner_time``, ``step_time`` in seconds,
-            ``inner_iterations``, ``patches_per_image`` (``k`` of the first inner iteration) and
-            ``optimizer_steps``.
+            ``inner_iterations``, ``patches_per_image`` (the most cells an image has in the first inner
+            iteration, ``k``) and ``optimizer_steps``.
         """
         start = time.perf_counter()
         model = self.model
         images, labels = self.inputs(images, labels)
         grid = model.grid(images)
         schedule = self.schedule_for(grid, schedule)
+        mask = cell_mask(grid)
         batch, zeta = grid.batch_size, len(schedule)
         eps = self.grad_accum_steps or zeta
         model.train()
@@ -284,20 +312,19 @@ class PatchGD(_Step):
         if self.fill_mode == "eval":
             model.backbone.eval()
         with self.autocast():
-            z = self.fill(grid, self.fill_batch_size or batch * schedule[0].shape[1])
+            z = self.fill(grid, self.fill_batch_size or len(schedule[0][1]))
         model.backbone.train()
         self.sync()
         filled = time.perf_counter()
 
-        rows = torch.arange(batch, device=grid.device).unsqueeze(1)
         losses, updates = [], 0
-        for j, cells in enumerate(schedule, start=1):
+        for j, (image_idx, cell_idx) in enumerate(schedule, start=1):
             group_len = min(eps, zeta - (j - 1) // eps * eps)
             updating = j % eps == 0 or j == zeta
             z = z.detach()  # earlier inner iterations stay in Z as values, not as graph
             with self.gradient_sync(updating):  # under DDP, only the updating iteration all-reduces
                 with self.autocast():
-                    logits, z = self.forward_module(z, grid.patches(cells), rows, cells)
+                    logits, z = self.forward_module(z, grid.patches(cell_idx, image_idx), image_idx, cell_idx, mask)
                 loss = classification_loss(logits, labels)
                 self.backward(loss / group_len)
             losses.append(loss.detach())
@@ -308,7 +335,7 @@ class PatchGD(_Step):
         end = time.perf_counter()
         return {"loss": torch.stack(losses).mean().item(), "fill_time": filled - start,
                 "inner_time": end - filled, "step_time": end - start, "inner_iterations": zeta,
-                "patches_per_image": schedule[0].shape[1], "optimizer_steps": updates}
+                "patches_per_image": int(torch.bincount(schedule[0][0]).max()), "optimizer_steps": updates}
 
 
 class GD(_Step):
@@ -342,7 +369,8 @@ def create_model(method: str, backbone: str | nn.Module, num_classes: int, *, pa
                  latent_dim: int = 256, in_chans: int = 3, pretrained: str | None = None,
                  head: str = "conv", head_width: int = 256, head_dropout: float = 0.2, head_depth: int = 2,
                  head_heads: int = 4, pad_value: float = 0.0, image_size: int | None = None,
-                 channels_last: bool = False) -> nn.Module:
+                 channels_last: bool = False, mean: list[float] | None = None, std: list[float] | None = None,
+                 fill_workers: int = 0) -> nn.Module:
     """Build the model a method trains.
 
     Args:
@@ -361,15 +389,19 @@ def create_model(method: str, backbone: str | nn.Module, num_classes: int, *, pa
         pad_value: PatchGD's padding value.
         image_size: Input size of the whole image, for GD backbones built for one (ViTs).
         channels_last: Channels-last memory format.
+        mean: Per-channel mean of the [0, 1]-scaled pixels (the model normalises on the device).
+        std: Per-channel standard deviation.
+        fill_workers: PatchGD's reader processes for disk-backed images while filling ``Z``.
     """
     if method == "patchgd":
         return PatchGDClassifier(backbone, num_classes, patch_size, latent_dim, head, in_chans=in_chans,
                                  pretrained=pretrained, pad_value=pad_value, head_width=head_width,
                                  head_dropout=head_dropout, head_depth=head_depth, head_heads=head_heads,
-                                 channels_last=channels_last)
+                                 channels_last=channels_last, mean=mean, std=std, fill_workers=fill_workers)
     if head != "conv":
         raise ValueError(f"head={head!r} is PatchGD's; the {method} baseline has its own classifier or conv head")
-    common = dict(in_chans=in_chans, pretrained=pretrained, img_size=image_size, channels_last=channels_last)
+    common = dict(in_chans=in_chans, pretrained=pretrained, img_size=image_size, channels_last=channels_last,
+                  mean=mean, std=std)
     if method == "gd":
         return GDClassifier(backbone, num_classes, **common)
     if method == "gd-extended":

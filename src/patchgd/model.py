@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from .backbones import Conv1dEncoder, PatchEncoder, create_timm
-from .grid import PatchGrid
+from .grid import LazyImage, PatchGrid, SourceGrid, cell_mask
 from .heads import ConvHead, TransformerHead
+from .normalize import Normalize
 
 HEADS = ("conv", "conv1d", "transformer")
 
 __all__ = ["PatchGDClassifier", "GDClassifier", "GDExtendedClassifier"]
+
+# A slide's grid row can hold hundreds of patches: by default its fill reads and encodes at most this many
+# at a time, so that the fill's memory does not grow with the slide's width.
+SOURCE_FILL_CHUNK = 64
 
 
 class PatchGDClassifier(nn.Module):
@@ -32,9 +39,11 @@ class PatchGDClassifier(nn.Module):
         head: ``"conv"`` for the paper's head, ``"conv1d"`` for the same head over sequences,
             ``"transformer"`` for :class:`~patchgd.heads.TransformerHead`, or any module mapping ``Z`` to
             logits.
-        in_chans: Image channels (for a timm backbone).
+        in_chans: Image channels (for a timm backbone and the normalisation).
         pretrained: Path of a local weights file for a timm backbone.
-        pad_value: Value that pads images whose sides are not multiples of ``patch_size``.
+        pad_value: Pixel value (in the images' own units, e.g. 0-255 for uint8) that pads images whose sides
+            are not multiples of ``patch_size``; a patch of it is the "blank patch" whose code fills the
+            background cells of a tissue mask.
         fill_batch_size: Default number of patches per backbone call in :meth:`fill_z`; None (the default)
             encodes one grid row of every image per call (``B * n`` patches), which on the CPU is faster and
             smaller than larger chunks (benchmarks/RESULTS.md, "inference").
@@ -43,6 +52,10 @@ class PatchGDClassifier(nn.Module):
         head_depth: Encoder layers of the transformer head.
         head_heads: Attention heads of the transformer head.
         channels_last: Feed patches to the backbone in channels-last memory format.
+        mean: Per-channel mean of the [0, 1]-scaled pixels, subtracted on the device (None for 0).
+        std: Per-channel standard deviation divided by on the device (None for 1).
+        fill_workers: DataLoader worker processes that read patches from disk-backed sources while the
+            backbone fills ``Z`` (0 reads in this process).
 
     Example:
         >>> model = PatchGDClassifier("test_resnet", num_classes=10, patch_size=32, latent_dim=16)
@@ -57,7 +70,8 @@ class PatchGDClassifier(nn.Module):
     def __init__(self, backbone: str | nn.Module, num_classes: int, patch_size: int, latent_dim: int = 256,
                  head: str | nn.Module = "conv", *, in_chans: int = 3, pretrained: str | Path | None = None,
                  pad_value: float = 0.0, fill_batch_size: int | None = None, head_width: int = 256,
-                 head_dropout: float = 0.2, head_depth: int = 2, head_heads: int = 4, channels_last: bool = False):
+                 head_dropout: float = 0.2, head_depth: int = 2, head_heads: int = 4, channels_last: bool = False,
+                 mean: list[float] | None = None, std: list[float] | None = None, fill_workers: int = 0):
         super().__init__()
         if patch_size <= 0:
             raise ValueError(f"patch_size must be positive, got {patch_size}")
@@ -77,6 +91,7 @@ class PatchGDClassifier(nn.Module):
                                    dropout=head_dropout)
         elif isinstance(head, str):
             raise ValueError(f"unknown head {head!r}: expected one of {', '.join(HEADS)} or an nn.Module")
+        self.normalize = Normalize(in_chans, mean, std)
         self.backbone = backbone
         self.head = head
         self.num_classes = num_classes
@@ -84,14 +99,29 @@ class PatchGDClassifier(nn.Module):
         self.latent_dim = latent_dim
         self.pad_value = pad_value
         self.fill_batch_size = fill_batch_size
+        self.fill_workers = fill_workers
         self.channels_last = channels_last
 
-    def grid(self, images: torch.Tensor) -> PatchGrid:
-        """The patch grid of ``images`` (or ``(B, C, L)`` sequences) under this model's patch size and padding."""
-        return PatchGrid(images, self.patch_size, self.pad_value)
+    @property
+    def device(self) -> torch.device:
+        return self.normalize.mean.device
+
+    def grid(self, images: torch.Tensor | Sequence[torch.Tensor | LazyImage]) -> PatchGrid | SourceGrid:
+        """The patch grid of ``images`` under this model's patch size and padding.
+
+        Args:
+            images: A ``(B, C, H, W)`` tensor (a view of it is cut; ``(B, C, L)`` sequences too), or one
+                item per image: ``(C, H, W)`` tensors and :class:`~patchgd.grid.LazyImage` s (read in
+                pieces), of any sizes.
+        """
+        if isinstance(images, torch.Tensor):
+            return PatchGrid(images, self.patch_size, self.pad_value)
+        return SourceGrid(images, self.patch_size, self.pad_value, device=self.device)
 
     def encode(self, patches: torch.Tensor) -> torch.Tensor:
-        """Run the backbone on a batch of patches ``(N, C, p, p)`` (or chunks ``(N, C, p)``) -> ``(N, s)``."""
+        """Normalise a batch of patches ``(N, C, p, p)`` or chunks ``(N, C, p)`` (integer pixels or floats) on
+        the model's device and run the backbone -> ``(N, s)``."""
+        patches = self.normalize(patches.to(self.device, non_blocking=True))
         if self.channels_last:
             patches = patches.contiguous(memory_format=torch.channels_last)
         out = self.backbone(patches)
@@ -100,40 +130,93 @@ class PatchGDClassifier(nn.Module):
                              f"expected ({patches.shape[0]}, {self.latent_dim}) (N, latent_dim)")
         return out
 
-    def fill_z(self, images: torch.Tensor | PatchGrid, batch_size: int | None = None, *,
+    def fill_z(self, images: torch.Tensor | Sequence | PatchGrid | SourceGrid, batch_size: int | None = None, *,
                shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
         """Algorithm 2: encode every patch without gradients and place it in its cell of ``Z``.
 
         The backbone sees at most ``batch_size`` patches at a time, whatever the image size, so the
-        memory of a fill is bounded by the chunk, ``Z`` and the input.
+        memory of a fill is bounded by the chunk, ``Z`` and the input. On a :class:`SourceGrid`, the
+        chunks are read in ``fill_workers`` DataLoader workers while the backbone runs; only the
+        encoded cells (inside the image, tissue under a mask) are read; every background cell gets
+        :meth:`background_code`, and cells that only pad a smaller image to the batch's grid hold 0.
 
         Args:
-            images: ``(B, C, H, W)`` images or ``(B, C, L)`` sequences, or their :class:`PatchGrid`.
+            images: ``(B, C, H, W)`` images or ``(B, C, L)`` sequences, one item per image (see :meth:`grid`),
+                or their grid.
             batch_size: Patches per backbone call (default: ``self.fill_batch_size``, else one grid row of
-                every image).
+                every image, at most ``SOURCE_FILL_CHUNK`` = 64 patches on a :class:`SourceGrid`).
             shard: ``(i, n)``: encode only the chunks ``i, i + n, ...`` and leave the other cells unset
-                (:func:`patchgd.distributed.parallel_fill` splits a fill over processes with it).
+                (:func:`patchgd.distributed.parallel_fill` splits a fill over processes with it); in-memory
+                batches only.
 
         Returns:
             ``Z`` of shape ``(B, s, m, n)`` (``(B, s, n)`` for sequences) in the default dtype (float32
             under mixed precision too), cells in row-major order.
         """
-        grid = images if isinstance(images, PatchGrid) else self.grid(images)
+        grid = images if isinstance(images, (PatchGrid, SourceGrid)) else self.grid(images)
         batch, cells = grid.batch_size, grid.num_cells
         chunk = batch_size or self.fill_batch_size or batch * grid.cols
+        if isinstance(grid, SourceGrid) and not (batch_size or self.fill_batch_size):
+            chunk = min(chunk, SOURCE_FILL_CHUNK)
         device = grid.device
-        z = torch.empty(batch, self.latent_dim, cells, device=device)
         index, shards = shard
+        if isinstance(grid, SourceGrid) and shards != 1:
+            raise ValueError("a fill split over processes (patchgd.parallel_fill) needs in-memory images of one "
+                             "size; a batch read in pieces (slides) or of mixed sizes fills on each process")
         with torch.no_grad():
-            for start in range(index * chunk, batch * cells, shards * chunk):
-                stop = min(start + chunk, batch * cells)
-                flat = torch.arange(start, stop, device=device)
-                z[flat // cells, :, flat % cells] = self.encode(grid.patch_range(start, stop)).to(z.dtype)
+            if isinstance(grid, PatchGrid):
+                z = torch.empty(batch, self.latent_dim, cells, device=device)
+                for start in range(index * chunk, batch * cells, shards * chunk):
+                    stop = min(start + chunk, batch * cells)
+                    flat = torch.arange(start, stop, device=device)
+                    z[flat // cells, :, flat % cells] = self.encode(grid.patch_range(start, stop)).to(z.dtype)
+            else:
+                z = torch.zeros(batch, self.latent_dim, cells, device=device)
+                image_idx, cell_idx = grid.encoded_cells()
+                for image_c, cell_c, patches in grid.stream(image_idx, cell_idx, chunk, self.fill_workers):
+                    z[image_c.to(device), :, cell_c.to(device)] = self.encode(patches).to(z.dtype)
+                image_idx, cell_idx = grid.background_cells()
+                if image_idx.numel():
+                    z[image_idx.to(device), :, cell_idx.to(device)] = self.background_code(grid).to(z.dtype)
         return z.view(batch, self.latent_dim, *grid.shape)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Inference (Fig. 3b of the paper): ``head(fill_z(images))``."""
-        return self.head(self.fill_z(images))
+    def background_code(self, grid: PatchGrid | SourceGrid) -> torch.Tensor:
+        """The code of every background cell: the encoding of one blank patch (all ``pad_value``), shaped
+        like the grid's patches (a chunk for sequences). Occlusion heatmaps (:mod:`patchgd.explain`) use it too.
+
+        It is computed once per fill, without gradients and with the backbone in eval mode (a lone
+        constant patch has no meaningful batch statistics, and must not move BatchNorm's running ones),
+        so it is a constant of the inner iterations: background cells are never sampled, and no gradient
+        reaches the backbone through them; the head's gradient still sees them as inputs.
+        """
+        blank = torch.full((1, grid.channels, *grid.patch_shape), self.pad_value, dtype=grid.dtype)
+        was_training = self.backbone.training
+        self.backbone.eval()
+        try:
+            with torch.no_grad():
+                return self.encode(blank)[0]
+        finally:
+            self.backbone.train(was_training)
+
+    def classify(self, z: torch.Tensor, cell_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The head on ``Z``; ``cell_mask`` ``(B, 1, m, n)`` marks the cells of a padded batch's images.
+
+        Args:
+            z: ``(B, s, m, n)``.
+            cell_mask: None when every image fills the grid (the head is called exactly as
+                ``head(z)``); otherwise a float mask the head must accept as ``head(z, mask=...)``.
+        """
+        if cell_mask is None:
+            return self.head(z)
+        if "mask" not in inspect.signature(self.head.forward).parameters:
+            raise ValueError(f"the head {type(self.head).__name__} takes no cell mask, which a batch of images "
+                             "of different sizes needs; use head='conv' or a head with forward(z, mask)")
+        return self.head(z, mask=cell_mask)
+
+    def forward(self, images: torch.Tensor | Sequence) -> torch.Tensor:
+        """Inference (Fig. 3b of the paper): the head on ``fill_z(images)``."""
+        grid = self.grid(images)
+        return self.classify(self.fill_z(grid), cell_mask(grid))
 
 
 class GDClassifier(nn.Module):
@@ -146,22 +229,34 @@ class GDClassifier(nn.Module):
         pretrained: Path of a local weights file for a timm backbone.
         img_size: Input size, for backbones built for one (ViTs).
         channels_last: Feed images in channels-last memory format.
+        mean, std: Per-channel normalisation of the [0, 1]-scaled pixels, done on the device.
     """
 
     def __init__(self, backbone: str | nn.Module, num_classes: int, *, in_chans: int = 3,
-                 pretrained: str | Path | None = None, img_size: int | None = None, channels_last: bool = False):
+                 pretrained: str | Path | None = None, img_size: int | None = None, channels_last: bool = False,
+                 mean: list[float] | None = None, std: list[float] | None = None):
         super().__init__()
         if isinstance(backbone, str):
             backbone = create_timm(backbone, in_chans=in_chans, num_classes=num_classes, img_size=img_size,
                                    pretrained=pretrained)
+        self.normalize = Normalize(in_chans, mean, std)
         self.backbone = backbone
         self.num_classes = num_classes
         self.channels_last = channels_last
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        """Whole images (integer pixels or floats) -> normalised floats in the backbone's memory format."""
+        if not isinstance(images, torch.Tensor):
+            raise ValueError(f"{type(self).__name__} needs whole images as one (B, C, H, W) tensor; a batch of "
+                             "images read in pieces (slides) or of different sizes needs method patchgd, or "
+                             "data.image_size to read every image whole at one size")
+        images = self.normalize(images)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        return self.backbone(images)
+        return images
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone(self.prepare(images))
 
 
 class GDExtendedClassifier(GDClassifier):
@@ -178,25 +273,24 @@ class GDExtendedClassifier(GDClassifier):
         head: ``"conv"`` for the paper's head, or any module mapping the feature map to logits.
         head_width: Channels of the conv head.
         head_dropout: Dropout2d probability of the conv head.
-        in_chans, pretrained, img_size, channels_last: As for :class:`GDClassifier`.
+        in_chans, pretrained, img_size, channels_last, mean, std: As for :class:`GDClassifier`.
     """
 
     def __init__(self, backbone: str | nn.Module, num_classes: int, *, feature_dim: int | None = None,
                  head: str | nn.Module = "conv", head_width: int = 256, head_dropout: float = 0.2,
                  in_chans: int = 3, pretrained: str | Path | None = None, img_size: int | None = None,
-                 channels_last: bool = False):
+                 channels_last: bool = False, mean: list[float] | None = None, std: list[float] | None = None):
         if isinstance(backbone, str):
             backbone = create_timm(backbone, in_chans=in_chans, num_classes=0, global_pool="", img_size=img_size,
                                    pretrained=pretrained)
             feature_dim = backbone.num_features
         elif feature_dim is None:
             raise ValueError("a custom GD-extended backbone needs feature_dim (channels of its feature map)")
-        super().__init__(backbone, num_classes, channels_last=channels_last)
+        super().__init__(backbone, num_classes, in_chans=in_chans, channels_last=channels_last, mean=mean, std=std)
         self.head = ConvHead(feature_dim, num_classes, head_width, head_dropout) if head == "conv" else head
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+        images = self.prepare(images)
         features = self.backbone.forward_features(images) if hasattr(self.backbone, "forward_features") \
             else self.backbone(images)
         if features.dim() != 4:

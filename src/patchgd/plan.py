@@ -138,8 +138,8 @@ def _measure(cfg: Config, image_shape: tuple[int, ...], device: torch.device) ->
         model.fill_batch_size = cfg.patchgd.fill_batch_size or train.patches_per_step(cfg, image_shape)
     optimizer = train.build_optimizer(cfg, model)
     method = train.build_method(cfg, model, optimizer, torch.Generator().manual_seed(cfg.train.seed))
-    # Batches stay on the CPU as the data loader yields them; the step moves them, as in training.
-    images = torch.randn(cfg.train.batch_size, *image_shape)
+    # Batches stay on the CPU as the data loader yields them (uint8 pixels); the step moves them, as in training.
+    images = torch.randint(256, (cfg.train.batch_size, *image_shape), dtype=torch.uint8)
     labels = torch.randint(cfg.data.num_classes, (cfg.train.batch_size,))
     try:
         method.step(images, labels)  # so that the measured step starts with the optimizer's state in place

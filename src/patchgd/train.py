@@ -24,10 +24,10 @@ from tqdm import tqdm
 from . import distributed
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Config, ConfigError, config_differences, config_from_dict, config_to_dict, save_config
-from .data.datasets import ImageCSVDataset, per_channel
+from .data.datasets import ImageCSVDataset, collate_images
 from .data.images import require_one_size
 from .data.sequences import SequenceDataset
-from .grid import PatchGrid
+from .grid import LazyImage, PatchGrid
 from .io import atomic_file
 from .memory import PeakMemory, format_size
 from .methods import autocast, classification_loss, create_method, create_model, patches_per_iteration
@@ -62,9 +62,8 @@ def build_datasets(cfg: Config) -> tuple[ImageCSVDataset | SequenceDataset, Imag
     if cfg.data.kind == "sequences":
         return tuple(SequenceDataset(root / f"{split}.npz", cfg.data.num_classes, cfg.model.in_chans)
                      for split in ("train", "val"))
-    common = dict(num_classes=cfg.data.num_classes, label_column=cfg.data.label_column,
-                  in_chans=cfg.model.in_chans, image_size=cfg.data.image_size, mean=cfg.data.mean,
-                  std=cfg.data.std, verify=cfg.data.verify)
+    common = dict(num_classes=cfg.data.num_classes, label_column=cfg.data.label_column, verify=cfg.data.verify,
+                  **read_options(cfg))
     if cfg.data.val_csv is None:
         if cfg.data.fold is None:
             raise ValueError("data.val_csv is null but data.fold is not set: name a validation CSV or a fold")
@@ -74,10 +73,19 @@ def build_datasets(cfg: Config) -> tuple[ImageCSVDataset | SequenceDataset, Imag
     else:
         sets = (ImageCSVDataset(root / cfg.data.train_csv, root / cfg.data.train_dir, **common),
                 ImageCSVDataset(root / cfg.data.val_csv, root / cfg.data.val_dir, **common))
-    if cfg.data.image_size is None:
+    if cfg.data.image_size is None and cfg.method != "patchgd":  # PatchGD gives each image its own grid
         for dataset in sets:
             require_one_size(dataset.paths, dataset.image_sizes)
     return sets
+
+
+def read_options(cfg: Config) -> dict:
+    """How ``cfg`` reads an image (:func:`~patchgd.data.datasets.load_image`'s options): PatchGD keeps files
+    that can be read in pieces lazy, on its patch grid; the GD baselines read every image whole."""
+    d = cfg.data
+    return dict(in_chans=cfg.model.in_chans, image_size=d.image_size, level=d.level, mpp=d.mpp,
+                patch_size=cfg.model.patch_size if cfg.method == "patchgd" else None, tissue=d.tissue,
+                tissue_fraction=d.tissue_fraction)
 
 
 def build_model(cfg: Config) -> nn.Module:
@@ -87,7 +95,8 @@ def build_model(cfg: Config) -> nn.Module:
                         latent_dim=m.latent_dim, in_chans=m.in_chans, pretrained=m.pretrained, head=m.head,
                         head_width=m.head_width, head_dropout=m.head_dropout, head_depth=m.head_depth,
                         head_heads=m.head_heads, pad_value=cfg.data.pad_value,
-                        image_size=cfg.data.image_size, channels_last=m.channels_last)
+                        image_size=cfg.data.image_size, channels_last=m.channels_last, mean=cfg.data.mean,
+                        std=cfg.data.std, fill_workers=cfg.data.num_workers)
 
 
 def init_backbone(model: nn.Module, path: str | Path) -> int:
@@ -154,6 +163,13 @@ def build_method(cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer
                          fill_batch_size=p.fill_batch_size, generator=generator)
 
 
+def item_shape(image: torch.Tensor | LazyImage) -> tuple[int, int, int]:
+    """``(C, H, W)`` of a dataset item, read from a slide's header for a :class:`~patchgd.grid.LazyImage`."""
+    if isinstance(image, LazyImage):
+        return image.source.channels, image.source.height, image.source.width
+    return tuple(image.shape)
+
+
 def patches_per_step(cfg: Config, image_shape: tuple[int, ...]) -> int:
     """Patches a PatchGD inner iteration holds with gradients: ``B * k``; also its default fill chunk.
 
@@ -191,7 +207,9 @@ def train_one_epoch(method, loader: DataLoader, scheduler, epoch: int, measure_s
     bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True, disable=not distributed.is_main())
     for i, (images, labels) in enumerate(bar):
         if i == measure_step:
-            with PeakMemory(method.device, baseline=(method.model, method.optimizer, images)) as meter:
+            # A list batch holds LazyImages (no pixels) besides its tensors.
+            held = [images] if isinstance(images, torch.Tensor) else [x for x in images if isinstance(x, torch.Tensor)]
+            with PeakMemory(method.device, baseline=(method.model, method.optimizer, *held)) as meter:
                 stats = method.step(images, labels)
             peak = meter.peak_bytes
         else:
@@ -217,8 +235,10 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, num_cla
     all_logits, all_labels = [], []
     for images, labels in tqdm(loader, desc="eval", leave=False, dynamic_ncols=True,
                                disable=not distributed.is_main()):
+        if isinstance(images, torch.Tensor):
+            images = images.to(device, non_blocking=True)
         with autocast(device, amp):
-            all_logits.append(model(images.to(device)).float().cpu())
+            all_logits.append(model(images).float().cpu())
         all_labels.append(labels)
     # A shard can be empty when the set is smaller than the number of processes.
     logits = torch.cat(all_logits) if all_logits else torch.empty(0, num_classes)
@@ -232,24 +252,17 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, num_cla
 def write_validation_heatmaps(model: nn.Module, val_set, cfg: Config, out_dir: Path) -> list[Path]:
     """Occlusion heatmaps and ``Z`` pictures of ``train.heatmap_images`` validation items, the same every time.
 
-    The items are spread evenly over the validation set (a set sorted by class shows several classes) and
-    drawn on their pixels before normalisation (sequences as they are). Returns the pictures written.
+    The items are spread evenly over the validation set (a set sorted by class shows several classes).
+    Returns the pictures written.
     """
     from .explain import write_evidence
 
     count = min(cfg.train.heatmap_images, len(val_set))
     indices = np.linspace(0, len(val_set) - 1, count).round().astype(int)
     items = [val_set[i] for i in indices]
-    images = torch.stack([image for image, _ in items])
-    displays = list(images)
-    if cfg.data.kind == "images":
-        channels = cfg.model.in_chans
-        mean = per_channel(cfg.data.mean, 0.0, channels, "mean")
-        std = per_channel(cfg.data.std, 1.0, channels, "std")
-        displays = [image * std + mean for image in images]
+    batch, _ = collate_images(items)
     names = [f"val{i:04d}_label{label}" for i, (_, label) in zip(indices, items)]
-    return write_evidence(model, images, displays, names, out_dir, out_dir)[1]
-
+    return write_evidence(model, batch, [image for image, _ in items], names, out_dir, out_dir)[1]
 
 def rng_states(generator: torch.Generator) -> dict:
     """Every random state a resumed run needs, as tensors and plain values (the safe loader reads them)."""
@@ -404,12 +417,17 @@ def _fit(cfg: Config, run_dir: Path, resuming: bool, log) -> dict:
         cfg.output_dir = str(run_dir)
     generator = seed_everything(cfg.train.seed)
     train_set, val_set = build_datasets(cfg)
-    image_shape = tuple(train_set[0][0].shape)
+    lazy = isinstance(train_set[0][0], LazyImage)
+    image_shape = item_shape(train_set[0][0])
     if cfg.method == "patchgd" and cfg.model.patch_size > min(image_shape[1:]):
         raise ValueError(f"model.patch_size={cfg.model.patch_size} is larger than the "
                          f"{'x'.join(map(str, image_shape[1:]))} images of {getattr(train_set, 'csv_path', cfg.data.root)}; "
                          f"expected at most {min(image_shape[1:])} px (a smaller patch, or no data.image_size downscaling)")
     if cfg.memory.budget is not None and not resuming:
+        if lazy:
+            raise ValueError(f"memory.budget={cfg.memory.budget!r}: the planner measures trial steps on whole "
+                             f"images in memory, which a {image_shape[1]}x{image_shape[2]} slide of "
+                             f"{train_set.paths[0]} must not be; set train.batch_size and patchgd.sampling instead")
         from .plan import plan_budget  # the planner measures trial steps: only when a budget asks for it
 
         # One process plans its own batch; all take its choice, so every process steps on equal batches.
@@ -433,10 +451,15 @@ def _fit(cfg: Config, run_dir: Path, resuming: bool, log) -> dict:
         model = model.to(memory_format=torch.channels_last)
     # The patch-parallel fill has every process work on the same images, hence the same random draws.
     shared = cfg.method == "patchgd" and cfg.patchgd.parallel_fill and distributed.world_size() > 1
+    if shared and lazy:
+        raise ValueError(f"patchgd.parallel_fill=true splits the fill of in-memory images; {train_set.paths[0]} is "
+                         "read in pieces (a slide): leave parallel_fill off (each process fills its own slides)")
     if distributed.world_size() > 1 and not shared:  # other images per process: other dropout and cells
         generator = seed_everything(cfg.train.seed + 1_000_003 * distributed.rank())
     if cfg.method == "patchgd":
-        model.fill_batch_size = cfg.patchgd.fill_batch_size or patches_per_step(cfg, image_shape)
+        # A slide's B * k over its whole grid could be thousands of patches: its evaluation fills one grid
+        # row of every image per call (the model's default) unless fill_batch_size is set.
+        model.fill_batch_size = cfg.patchgd.fill_batch_size or (None if lazy else patches_per_step(cfg, image_shape))
     optimizer = build_optimizer(cfg, model)
     method = build_method(cfg, model, optimizer, generator)
     if shared:
@@ -451,12 +474,12 @@ def _fit(cfg: Config, run_dir: Path, resuming: bool, log) -> dict:
             "of one image: it is dropped (a different image each epoch)")
     train_loader = DataLoader(train_set, batch_size=cfg.train.batch_size, shuffle=sampler is None,
                               sampler=sampler, drop_last=drop_last, num_workers=cfg.data.num_workers,
-                              generator=loader_generator)
+                              generator=loader_generator, collate_fn=collate_images)
     if len(train_loader) == 0:
         raise ValueError(f"{train_set.csv_path}: {len(train_set)} training image(s); expected at least 2")
     val_loader = DataLoader(distributed.eval_shard(val_set),
                             batch_size=cfg.train.eval_batch_size or cfg.train.batch_size,
-                            num_workers=cfg.data.num_workers)
+                            num_workers=cfg.data.num_workers, collate_fn=collate_images)
     scheduler = build_scheduler(cfg, optimizer, len(train_loader))  # batches per process = global steps
 
     start_epoch, best_accuracy, best_epoch, history = 1, -1.0, 0, []

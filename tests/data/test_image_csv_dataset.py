@@ -6,7 +6,7 @@ import tifffile
 import torch
 from PIL import Image
 
-from patchgd.data.datasets import ImageCSVDataset, compute_normalization
+from patchgd.data.datasets import ImageCSVDataset, collate_images, compute_normalization
 from patchgd.data.errors import DataError
 from patchgd.data.images import require_one_size
 
@@ -35,23 +35,19 @@ def test_items(ultra):
     ds = ImageCSVDataset(ultra, num_classes=10)
     assert len(ds) == 4 and ds.labels == [0, 3, 9, 1] and ds.image_dir == ultra.parent / "train"
     image, label = ds[1]
-    expected = np.asarray(Image.open(ultra.parent / "train" / "im1.png"), np.float32) / 255
-    assert image.dtype == torch.float32 and image.shape == (1, 16, 16) and label == 3
-    np.testing.assert_allclose(image[0].numpy(), expected, atol=1e-6)
+    expected = np.asarray(Image.open(ultra.parent / "train" / "im1.png"))
+    # Pixels stay in the file's integer type: scaling and normalisation are the model's first step.
+    assert image.dtype == torch.uint8 and image.shape == (1, 16, 16) and label == 3
+    np.testing.assert_array_equal(image[0].numpy(), expected)
 
 
-def test_normalisation(ultra):
-    ds = ImageCSVDataset(ultra, in_chans=3, mean=[0.1, 0.2, 0.3], std=[0.5, 0.25, 2.0])
-    image, _ = ds[0]
-    raw = np.asarray(Image.open(ultra.parent / "train" / "im0.png"), np.float32) / 255
-    for c, (m, s) in enumerate(zip([0.1, 0.2, 0.3], [0.5, 0.25, 2.0])):
-        np.testing.assert_allclose(image[c].numpy(), (raw - m) / s, atol=1e-5)
-    one = ImageCSVDataset(ultra, mean=[0.5], std=[0.5])[0][0]
-    np.testing.assert_allclose(one[0].numpy(), raw * 2 - 1, atol=1e-5)
-    with pytest.raises(ValueError, match="std"):
-        ImageCSVDataset(ultra, std=[0.0])
-    with pytest.raises(ValueError, match=r"mean=\[0.1, 0.2\]; expected 1 or 3 values"):
-        ImageCSVDataset(ultra, in_chans=3, mean=[0.1, 0.2])
+def test_collate_stacks_equal_images_and_lists_mixed_sizes():
+    a, b = torch.zeros(3, 8, 8, dtype=torch.uint8), torch.ones(3, 8, 8, dtype=torch.uint8)
+    images, labels = collate_images([(a, 1), (b, 2)])
+    assert torch.equal(images, torch.stack([a, b])) and labels.tolist() == [1, 2]
+    c = torch.ones(3, 8, 16, dtype=torch.uint8)
+    images, labels = collate_images([(a, 0), (c, 1)])
+    assert isinstance(images, list) and images[0] is a and images[1] is c and labels.tolist() == [0, 1]
 
 
 def test_resize_matches_pil(ultra):
@@ -59,8 +55,9 @@ def test_resize_matches_pil(ultra):
     image, _ = ds[2]
     assert image.shape == (1, 8, 8)
     source = Image.open(ultra.parent / "train" / "im2.png")
-    expected = np.asarray(source.resize((8, 8), Image.Resampling.BILINEAR), np.float32) / 255
-    np.testing.assert_allclose(image[0].numpy(), expected, atol=2 / 255)
+    expected = np.asarray(source.resize((8, 8), Image.Resampling.BILINEAR), np.float32)
+    assert image.dtype == torch.uint8
+    np.testing.assert_allclose(image[0].numpy().astype(np.float32), expected, atol=2)
     assert ImageCSVDataset(ultra, image_size=24)[0][0].shape == (1, 24, 24)
 
 
@@ -71,10 +68,10 @@ def test_channel_conversion(tmp_path):
     csv_path = write_csv(tmp_path / "train.csv", "image_id,label\nred,0\ngray,1\n")
     gray = ImageCSVDataset(csv_path, in_chans=1)
     assert gray[0][0].shape == (1, 4, 4)
-    assert gray[0][0].mean().item() == pytest.approx(0.299, abs=1 / 255)  # ITU-R 601 luma of pure red
+    assert gray[0][0].float().mean().item() == pytest.approx(0.299 * 255, abs=1)  # ITU-R 601 luma of pure red
     rgb = ImageCSVDataset(csv_path, in_chans=3)
-    assert rgb[1][0].shape == (3, 4, 4) and torch.allclose(rgb[1][0], torch.full((3, 4, 4), 0.2))
-    assert rgb[0][0][:, 0, 0].tolist() == [1.0, 0.0, 0.0]
+    assert rgb[1][0].shape == (3, 4, 4) and torch.equal(rgb[1][0], torch.full((3, 4, 4), 51, dtype=torch.uint8))
+    assert rgb[0][0][:, 0, 0].tolist() == [255, 0, 0]
 
 
 def test_panda_layout_with_folds_and_tiffs(tmp_path):
@@ -87,7 +84,7 @@ def test_panda_layout_with_folds_and_tiffs(tmp_path):
     csv_path = write_csv(tmp_path / "train.csv", "\n".join(rows) + "\n")
     ds = ImageCSVDataset(csv_path, num_classes=6, in_chans=3)
     assert ds.label_column == "isup_grade" and ds.image_dir == images and len(ds) == 9
-    assert torch.allclose(ds[4][0], torch.full((3, 6, 10), 80 / 255))
+    assert torch.equal(ds[4][0], torch.full((3, 6, 10), 80, dtype=torch.uint8))
     val = ImageCSVDataset(csv_path, num_classes=6, fold=1, split="val")
     train = ImageCSVDataset(csv_path, num_classes=6, fold=1, split="train")
     assert val.image_ids == ["s1", "s4", "s7"]
@@ -114,7 +111,7 @@ def test_ids_with_extension_and_other_formats(tmp_path):
     csv_path = write_csv(tmp_path / "list.csv", "\ufeffimage_id,label\na.png,0\nb,1\nc,2\n")
     ds = ImageCSVDataset(csv_path, folder)
     assert [p.name for p in ds.paths] == ["a.png", "b.JPG", "c.tif"]
-    assert ds[2][0].min().item() == 1.0
+    assert ds[2][0].dtype == torch.uint16 and ds[2][0].int().min().item() == 65535
 
 
 def test_missing_csv_and_folder(tmp_path):
@@ -183,16 +180,15 @@ def test_corrupt_pixel_data_behind_a_good_header_needs_a_full_check(ultra):
         ImageCSVDataset(ultra, verify="full")
 
 
-def test_non_finite_pixels_are_an_error_naming_the_file(ultra):
+def test_float_pixels_non_finite_included_are_an_error_naming_the_file(ultra):
+    # Pixels travel as integers to the device (issue 8): a float image is refused when the set is built.
     pixels = np.full((16, 16), 0.5, np.float32)
     pixels[3, 4] = np.nan
-    pixels[5, 6] = np.inf
     (ultra.parent / "train" / "im2.png").unlink()
     tifffile.imwrite(ultra.parent / "train" / "im2.tiff", pixels)
-    with pytest.raises(DataError, match=r"im2.tiff: 2 non-finite pixel value\(s\)"):
-        ImageCSVDataset(ultra)[2]
-    with pytest.raises(DataError, match=r"im2.tiff: 2 non-finite pixel value\(s\)"):
-        ImageCSVDataset(ultra, verify="full")
+    for verify in ("header", "full"):
+        with pytest.raises(DataError, match=r"im2.tiff: pixel type float32; expected unsigned integers"):
+            ImageCSVDataset(ultra, verify=verify)
 
 
 def test_odd_layouts_and_pixel_types_fail_at_build(ultra):
@@ -243,7 +239,7 @@ def test_compute_normalization_matches_numpy(tmp_path):
     np.testing.assert_allclose(mean, pixels.mean(0), atol=1e-6)
     np.testing.assert_allclose(std, pixels.std(0), atol=1e-6)
     write_csv(tmp_path / "list.csv", "image_id,label\n0,0\n1,0\n2,0\n")
-    ds = ImageCSVDataset(tmp_path / "list.csv", folder, in_chans=3, mean=[9.0], std=[9.0])
+    ds = ImageCSVDataset(tmp_path / "list.csv", folder, in_chans=3)
     np.testing.assert_allclose(compute_normalization(ds)[0], pixels.mean(0), atol=1e-6)
     gray_mean, gray_std = compute_normalization(folder)
     assert len(gray_mean) == len(gray_std) == 1

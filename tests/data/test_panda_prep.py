@@ -109,6 +109,7 @@ def test_bad_grade(panda_src, tmp_path):
 
 def test_corrupt_slide_leaves_nothing(panda_src, tmp_path):
     (panda_src / "train_images" / "slide07.tiff").write_bytes(b"II*\x00garbage")
+    # The dataset opens every TIFF when it is built, so the bad file stops the run before any conversion.
     with pytest.raises(DataError, match=r"slide07.tiff: no image data"):
         prepare_panda(panda_src, tmp_path / "out", size=32, folds=2, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["panda"]

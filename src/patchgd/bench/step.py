@@ -40,14 +40,14 @@ def parts(trainer: PatchGD, images: torch.Tensor, labels: torch.Tensor):
     model, device = trainer.model, trainer.device
     grid = model.grid(images)
     schedule = trainer.schedule_for(grid, None)
-    batch, k, zeta = grid.batch_size, schedule[0].shape[1], len(schedule)
+    batch, zeta = grid.batch_size, len(schedule)
+    k = len(schedule[0][1]) // batch
     eps = trainer.grad_accum_steps or zeta
     memory_format = torch.channels_last if model.channels_last else torch.contiguous_format
     all_cells = torch.arange(grid.num_cells, device=device).expand(batch, -1)
     # PatchGD fills in chunks of the B * k patches an inner iteration holds (its default fill_batch_size).
     fill_chunks = grid.patches(all_cells).contiguous(memory_format=memory_format).split(batch * k)
-    sampled = [grid.patches(cells).contiguous(memory_format=memory_format) for cells in schedule]
-    rows = torch.arange(batch, device=device).unsqueeze(1)
+    sampled = [grid.patches(cells, images).contiguous(memory_format=memory_format) for images, cells in schedule]
     z = torch.zeros(batch, model.latent_dim, grid.rows, grid.cols, device=device)
 
     def fill():
@@ -56,15 +56,15 @@ def parts(trainer: PatchGD, images: torch.Tensor, labels: torch.Tensor):
                 model.backbone(chunk)
 
     def inner():
-        for j, (cells, patches) in enumerate(zip(schedule, sampled), start=1):
+        for j, ((images_j, cells), patches) in enumerate(zip(schedule, sampled), start=1):
             with trainer.autocast():
                 features = model.backbone(patches)
                 z_j = z.detach().requires_grad_()
                 logits = model.head(z_j)
             # The loss scale 1/ε is left out: it does not change the work.
             trainer.backward(classification_loss(logits, labels))
-            cell_grads = z_j.grad.view(batch, model.latent_dim, -1)[rows, :, cells]  # (B, k, s)
-            features.backward(cell_grads.reshape(batch * k, -1).to(features.dtype))
+            cell_grads = z_j.grad.view(batch, model.latent_dim, -1)[images_j, :, cells]  # (B * k, s)
+            features.backward(cell_grads.to(features.dtype))
             if j % eps == 0 or j == zeta:
                 trainer.update()
 

@@ -1,5 +1,6 @@
 """Datasets of images listed in a CSV file: UltraMNIST (``image_id,label``) and PANDA
-(``image_id,isup_grade[,kfold]``) layouts, and the per-channel statistics to normalise them."""
+(``image_id,isup_grade[,kfold]``) layouts, whole-slide files among them; the collate that batches them;
+and the per-channel statistics that ``data.mean``/``data.std`` take."""
 
 from __future__ import annotations
 
@@ -16,20 +17,31 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from patchgd.data.errors import DataError
-from patchgd.data.images import IMAGE_EXTENSIONS, check_images, read_image
+from patchgd.data.images import IMAGE_EXTENSIONS, check_images
+from patchgd.data.sources import SLIDE_EXTENSIONS, ArraySource, open_source
+from patchgd.grid import LazyImage
+from patchgd.normalize import to_unit_range
 
 LABEL_COLUMNS = ("label", "isup_grade")  # auto-detected in this order
 FOLD_COLUMN = "kfold"
 SPLITS = ("train", "val")
+TISSUE_METHODS = ("otsu", "none")
+# Every file a dataset accepts; PNG and JPEG are always decoded whole, so they are not opened up front.
+EXTENSIONS = tuple(dict.fromkeys(IMAGE_EXTENSIONS + SLIDE_EXTENSIONS))
+_WHOLE_ONLY = (".png", ".jpg", ".jpeg")
+_THUMBNAIL_SIDE = 2048  # the picture of a slide that its statistics are computed from
 
 
 class ImageCSVDataset(Dataset):
     """Images in a folder, listed with their integer labels in a CSV file.
 
-    The CSV is validated when the dataset is built (columns, labels, folds and that every image file
-    exists), so bad data fails before training starts. Items are ``(image, label)`` with ``image`` a
-    ``float32`` tensor ``(in_chans, H, W)``: pixels scaled to [0, 1], optionally resized to a square,
-    then normalised with ``mean`` and ``std``.
+    The CSV is validated when the dataset is built (columns, labels, folds, that every image file exists
+    and that every TIFF or slide file opens at the chosen level), so bad data fails before training starts.
+    Items are ``(image, label)``, ``image`` as :func:`load_image` gives it: the pixels in the file's own
+    integer dtype (uint8 for 8-bit images and every slide), never normalised floats - scaling and
+    ``mean``/``std`` are the model's first step, on the device. With ``patch_size`` (PatchGD), a file that
+    can be read in pieces (a whole-slide image, a tiled TIFF) is a :class:`~patchgd.grid.LazyImage`.
+    Batch items with :func:`collate_images`.
 
     Args:
         csv_path: The CSV file, with an id column and a label column.
@@ -37,19 +49,23 @@ class ImageCSVDataset(Dataset):
             (``train.csv`` -> ``train/``), then for ``<stem>_images/`` (``train_images/``, as PANDA).
         num_classes: When given, every label must lie in ``[0, num_classes)``.
         label_column: The label column; None picks the first of ``label``, ``isup_grade`` present.
-        id_column: The image id column. An id is a file name, with or without one of the extensions
-            ``.png .jpg .jpeg .tif .tiff``.
+        id_column: The image id column. An id is a file name, with or without one of the extensions of
+            :data:`EXTENSIONS` (``.png .jpg .jpeg .tif .tiff`` and the slide formats).
         fold: With a ``kfold`` column, the fold held out for validation.
         split: With ``fold``: ``"train"`` keeps rows whose ``kfold != fold``, ``"val"`` those with
             ``kfold == fold``.
         in_chans: 1 (grayscale) or 3 (RGB); images are converted to it.
-        image_size: Resize every image to ``image_size × image_size`` (bilinear, antialiased).
-        mean: Per-channel mean subtracted after scaling to [0, 1] (one value is repeated); None for 0.
-        std: Per-channel standard deviation divided by; None for 1.
+        image_size: Resize every image to ``image_size × image_size`` (bilinear, antialiased), read whole.
+        level: Pyramid level of multi-resolution files (0 = full resolution; None for 0 or ``mpp``).
+        mpp: Target microns per pixel, instead of ``level``.
+        patch_size: PatchGD's patch side: files readable in pieces stay lazy, with a tissue mask of this grid.
+        tissue: ``"otsu"`` masks the background cells of lazy images; ``"none"`` keeps every cell.
+        tissue_fraction: Least tissue fraction of a cell that is encoded and sampled.
         verify: How the images are checked when the dataset is built: ``"header"`` reads each header
             (size, channels, pixel type), ``"full"`` decodes each image whole (and checks for non-finite
-            pixels); None leaves the images to a caller that reads them its own way. ``image_sizes``
-            holds each image's ``(height, width)`` as stored (None without a check).
+            pixels); a TIFF or slide is opened at the chosen level instead, never decoded whole. None
+            leaves the images to a caller that reads them its own way. ``image_sizes`` holds each
+            image's ``(height, width)`` (at the chosen level; None without a check).
 
     Raises:
         FileNotFoundError: The CSV, the image folder or an image file is missing.
@@ -74,8 +90,11 @@ class ImageCSVDataset(Dataset):
         split: str | None = None,
         in_chans: int = 1,
         image_size: int | None = None,
-        mean: Sequence[float] | None = None,
-        std: Sequence[float] | None = None,
+        level: int | None = None,
+        mpp: float | None = None,
+        patch_size: int | None = None,
+        tissue: str = "otsu",
+        tissue_fraction: float = 0.1,
         verify: str | None = "header",
     ) -> None:
         if in_chans not in (1, 3):
@@ -86,14 +105,16 @@ class ImageCSVDataset(Dataset):
             raise ValueError(f"fold={fold}, split={split!r}; give both (split one of {SPLITS}) or neither")
         if split is not None and split not in SPLITS:
             raise ValueError(f"split={split!r}; expected one of {SPLITS}")
+        if tissue not in TISSUE_METHODS:
+            raise ValueError(f"tissue={tissue!r}; expected one of {TISSUE_METHODS}")
+        if level is not None and mpp is not None:
+            raise ValueError(f"level={level} and mpp={mpp}: choose the resolution by one of them")
         self.csv_path = Path(csv_path)
         self.image_dir = _resolve_image_dir(self.csv_path, image_dir)
         self.in_chans = in_chans
         self.image_size = image_size
-        self.mean = per_channel(mean, 0.0, in_chans, "mean")
-        self.std = per_channel(std, 1.0, in_chans, "std")
-        if (self.std <= 0).any():
-            raise ValueError(f"std={std}; expected positive values")
+        self.read_options = dict(level=level, mpp=mpp, patch_size=patch_size, tissue=tissue,
+                                 tissue_fraction=tissue_fraction)
 
         rows, columns = _read_csv(self.csv_path)
         self.label_column = _pick_label_column(self.csv_path, columns, label_column)
@@ -108,39 +129,111 @@ class ImageCSVDataset(Dataset):
             for line, row in rows
         ]
         self.paths = _find_images(self.image_dir, self.image_ids)
-        self.image_sizes = None if verify is None else check_images(self.paths, in_chans, full=verify == "full")
+        self.image_sizes = None if verify is None else self._check(verify == "full")
+
+    def _check(self, full: bool) -> list[tuple[int, int]]:
+        """``(height, width)`` of every image: PNG and JPEG checked as ``verify`` says, every other file
+        (TIFF, slide) opened at the chosen level, which reads its header and not its pixels."""
+        whole = [path for path in self.paths if path.suffix.lower() in _WHOLE_ONLY]
+        sizes = dict(zip(whole, check_images(whole, self.in_chans, full=full)))
+        level, mpp = self.read_options["level"], self.read_options["mpp"]
+        for path in self.paths:
+            if path not in sizes:
+                with open_source(path, in_chans=self.in_chans, level=level, mpp=mpp) as source:
+                    sizes[path] = (source.height, source.width)
+        return [sizes[path] for path in self.paths]
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image = self.load_image(index)
-        return (image - self.mean) / self.std, self.labels[index]
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | LazyImage, int]:
+        return self.load_image(index), self.labels[index]
 
-    def load_image(self, index: int) -> torch.Tensor:
-        """The image at ``index`` with pixels in [0, 1], resized but not normalised.
+    def load_image(self, index: int) -> torch.Tensor | LazyImage:
+        """The image at ``index``, as :func:`load_image` reads it with this dataset's options.
 
         Args:
             index: The row.
         """
-        return load_image(self.paths[index], self.in_chans, self.image_size)
+        return load_image(self.paths[index], self.in_chans, self.image_size, **self.read_options)
 
 
-def load_image(path: str | Path, in_chans: int, image_size: int | None = None) -> torch.Tensor:
-    """An image as ``float32`` ``(in_chans, H, W)`` in [0, 1], resized to a square if ``image_size`` is set.
+_tissue_masks: dict[tuple, torch.Tensor] = {}  # per process: a mask is computed once per file and grid
 
-    The one way training, evaluation and prediction read an image.
+
+def load_image(path: str | Path, in_chans: int, image_size: int | None = None, *, level: int | None = None,
+               mpp: float | None = None, patch_size: int | None = None, tissue: str = "otsu",
+               tissue_fraction: float = 0.1) -> torch.Tensor | LazyImage:
+    """Read an image the one way training, evaluation and prediction do.
+
+    A file that can be read in pieces (OpenSlide formats, tiled TIFF) becomes, given ``patch_size`` and no
+    ``image_size``, a :class:`~patchgd.grid.LazyImage`: its source plus, with ``tissue="otsu"``, the mask of
+    its grid cells whose tissue fraction is at least ``tissue_fraction``. Anything else is decoded whole,
+    at the chosen level, as an integer ``(in_chans, H, W)`` tensor (uint8 for 8-bit data), and resized to
+    ``image_size x image_size`` if that is set.
 
     Args:
         path: The image file.
         in_chans: 1 or 3.
         image_size: Side of the square to resize to (bilinear, antialiased); None keeps the size.
+        level: Pyramid level (0 = full resolution).
+        mpp: Target microns per pixel, instead of ``level``.
+        patch_size: PatchGD's patch side; None decodes every file whole (the GD baselines).
+        tissue: ``"otsu"`` or ``"none"``.
+        tissue_fraction: Least tissue fraction of an encoded cell.
+
+    Raises:
+        DataError: The file cannot be read, or a tissue mask finds no tissue cell in it.
     """
-    image = torch.from_numpy(read_image(path, in_chans))
+    source = open_source(path, in_chans=in_chans, level=level, mpp=mpp)
+    if patch_size is not None and image_size is None and source.tiled and not isinstance(source, ArraySource):
+        mask = None
+        if tissue != "none":
+            key = (str(path), in_chans, level, mpp, patch_size, tissue_fraction)
+            if key not in _tissue_masks:
+                from patchgd.data.tissue import tissue_mask
+
+                _tissue_masks[key] = tissue_mask(source, patch_size, tissue_fraction)
+            mask = _tissue_masks[key]
+            if not mask.any():
+                raise DataError(f"{path}: no {patch_size} px cell has a tissue fraction of at least "
+                                f"{tissue_fraction}; expected some tissue (lower data.tissue_fraction, or "
+                                "data.tissue: none to use every cell)")
+        return LazyImage(source, mask)
+    try:
+        image = torch.from_numpy(np.ascontiguousarray(source.read(0, 0, source.height, source.width)))
+    finally:
+        source.close()
     if image_size is not None and image.shape[1:] != (image_size, image_size):
-        size = (image_size, image_size)
-        image = F.interpolate(image[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0]
+        image = _resize(image, image_size)
     return image
+
+
+def _resize(image: torch.Tensor, size: int) -> torch.Tensor:
+    """``image`` resized to ``size x size`` (bilinear, antialiased), rounded back to its integer dtype."""
+    resized = F.interpolate(image[None].float(), size=(size, size), mode="bilinear", antialias=True,
+                            align_corners=False)[0]
+    if image.dtype.is_floating_point:
+        return resized.to(image.dtype)
+    info = torch.iinfo(image.dtype)
+    return resized.round_().clamp_(info.min, info.max).to(image.dtype)
+
+
+def collate_images(batch: Sequence[tuple[torch.Tensor | LazyImage, int]]) -> tuple[torch.Tensor | list, torch.Tensor]:
+    """Batch ``(image, label)`` items: one stacked tensor when all images are tensors of one shape and dtype,
+    otherwise a list with one item per image (a PatchGD model gives each its own grid and pads ``Z``)."""
+    images, labels = zip(*batch)
+    labels = torch.as_tensor(labels)
+    if all(isinstance(x, torch.Tensor) for x in images) and len({(x.shape, x.dtype) for x in images}) == 1:
+        return torch.stack(images), labels
+    return list(images), labels
+
+
+def image_pixels(image: torch.Tensor | LazyImage) -> torch.Tensor:
+    """``(C, H, W)`` pixels of an item in [0, 1] for statistics: a slide's from its thumbnail."""
+    if isinstance(image, LazyImage):
+        image = torch.from_numpy(np.ascontiguousarray(image.source.thumbnail(_THUMBNAIL_SIDE))).permute(2, 0, 1)
+    return to_unit_range(image)
 
 
 def compute_normalization(
@@ -154,10 +247,11 @@ def compute_normalization(
     """Per-channel mean and standard deviation of the [0, 1] pixels of a dataset or an image folder.
 
     Images are read one at a time, so any number fits in memory; the statistics of all pixels are
-    combined exactly (Chan et al.'s parallel variance), in float64.
+    combined exactly (Chan et al.'s parallel variance), in float64. A slide contributes the pixels of
+    its thumbnail (longest side 2048 px).
 
     Args:
-        source: A dataset (its resized, un-normalised images) or a folder of images.
+        source: A dataset (its resized images) or a folder of images.
         in_chans: 1 or 3; for a dataset, None or its own ``in_chans``; for a folder, None means 1.
         max_images: Use a random subset of this many images (drawn with ``seed``); None for all.
         seed: The seed of the subset.
@@ -176,7 +270,7 @@ def compute_normalization(
     total = 0
     mean = m2 = None
     for i in tqdm(indices, desc="normalisation", unit="img", disable=not progress):
-        pixels = load(int(i)).double().flatten(1)
+        pixels = image_pixels(load(int(i))).double().flatten(1)
         n = pixels.shape[1]
         image_mean = pixels.mean(dim=1)
         image_m2 = ((pixels - image_mean[:, None]) ** 2).sum(dim=1)
@@ -202,7 +296,8 @@ def _image_loader(
         return len(source), source.load_image
     paths = _list_images(Path(source))
     channels = 1 if in_chans is None else in_chans
-    return len(paths), lambda i: torch.from_numpy(read_image(paths[i], channels))
+    # patch_size only marks slides as lazy: their statistics come from a thumbnail, not a whole level.
+    return len(paths), lambda i: load_image(paths[i], channels, patch_size=1, tissue="none")
 
 
 def _resolve_image_dir(csv_path: Path, image_dir: str | Path | None) -> Path:
@@ -318,7 +413,7 @@ def _find_images(image_dir: Path, image_ids: list[str]) -> list[Path]:
     by_stem: dict[tuple[str, str], str] = {}
     for name in sorted(names):
         stem, ext = os.path.splitext(name)
-        if ext.lower() in IMAGE_EXTENSIONS:
+        if ext.lower() in EXTENSIONS:
             by_stem.setdefault((stem, ext.lower()), name)
     paths, missing = [], []
     for image_id in image_ids:
@@ -331,15 +426,15 @@ def _find_images(image_dir: Path, image_ids: list[str]) -> list[Path]:
         shown = ", ".join(repr(m) for m in missing[:5]) + (", ..." if len(missing) > 5 else "")
         raise FileNotFoundError(
             f"{len(missing)} image(s) missing from {image_dir}: {shown}; "
-            f"expected files named by image_id with an extension among {' '.join(IMAGE_EXTENSIONS)}"
+            f"expected files named by image_id with an extension among {' '.join(EXTENSIONS)}"
         )
     return paths
 
 
 def _match(image_id: str, names: set[str], by_stem: dict[tuple[str, str], str]) -> str | None:
-    if image_id in names and os.path.splitext(image_id)[1].lower() in IMAGE_EXTENSIONS:
+    if image_id in names and os.path.splitext(image_id)[1].lower() in EXTENSIONS:
         return image_id
-    for ext in IMAGE_EXTENSIONS:
+    for ext in EXTENSIONS:
         if (image_id, ext) in by_stem:
             return by_stem[(image_id, ext)]
     return None
@@ -348,14 +443,4 @@ def _match(image_id: str, names: set[str], by_stem: dict[tuple[str, str], str]) 
 def _list_images(folder: Path) -> list[Path]:
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder {folder} does not exist")
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-
-
-def per_channel(values: Sequence[float] | None, default: float, in_chans: int, name: str) -> torch.Tensor:
-    """``values`` (one, or one per channel; None for ``default``) as a ``(in_chans, 1, 1)`` tensor."""
-    values = [default] if values is None else list(values)
-    if len(values) == 1:
-        values = values * in_chans
-    if len(values) != in_chans:
-        raise ValueError(f"{name}={values}; expected 1 or {in_chans} values (one per channel)")
-    return torch.tensor(values, dtype=torch.float32).view(in_chans, 1, 1)
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in EXTENSIONS)

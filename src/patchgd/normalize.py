@@ -1,0 +1,75 @@
+"""Pixel scaling and per-channel normalisation, done by the model on the device.
+
+Images travel from the file to the device in their integer dtype (uint8 for slides and 8-bit images:
+a quarter of float32's bytes); the model's first step turns each patch into normalised floats. Because
+the statistics are buffers of the model, they are saved in every checkpoint and ``predict`` and
+``evaluate`` cannot forget them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+
+__all__ = ["Normalize", "to_unit_range"]
+
+
+def to_unit_range(pixels: torch.Tensor) -> torch.Tensor:
+    """Integer pixels scaled by their dtype's range to floats in [0, 1]; float pixels are returned as they are.
+
+    Args:
+        pixels: A tensor of any shape; unsigned (uint8, uint16) or signed integers, or floats already in
+            the model's input range.
+
+    Example:
+        >>> to_unit_range(torch.tensor([0, 51, 255], dtype=torch.uint8))
+        tensor([0.0000, 0.2000, 1.0000])
+    """
+    if pixels.dtype == torch.bool:
+        return pixels.to(torch.get_default_dtype())
+    if pixels.dtype.is_floating_point:
+        return pixels
+    return pixels.to(torch.get_default_dtype()) / torch.iinfo(pixels.dtype).max
+
+
+def _per_channel(values: Sequence[float] | None, default: float, channels: int, name: str) -> torch.Tensor:
+    values = [default] if values is None else [float(v) for v in values]
+    if len(values) == 1:
+        values = values * channels
+    if len(values) != channels:
+        raise ValueError(f"{name}={values}; expected 1 or {channels} values (one per channel)")
+    return torch.tensor(values).view(channels, 1, 1)
+
+
+class Normalize(nn.Module):
+    """Scale integer pixels to [0, 1] by their dtype's range, then subtract ``mean`` and divide by ``std``.
+
+    Args:
+        channels: Image channels ``C`` (without ``mean`` and ``std`` the step is the identity on floats and
+            accepts any number of channels).
+        mean: Per-channel mean of the [0, 1] pixels (one value is repeated); None for 0.
+        std: Per-channel standard deviation (one value is repeated); None for 1.
+
+    Example:
+        >>> norm = Normalize(3, mean=[0.5], std=[0.25])
+        >>> norm(torch.full((1, 3, 2, 2), 255, dtype=torch.uint8))[0, :, 0, 0]
+        tensor([2., 2., 2.])
+    """
+
+    def __init__(self, channels: int, mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
+        super().__init__()
+        if mean is None and std is None:
+            channels = 1  # broadcasts over any channel count, as a backbone module of its own may expect
+        std_t = _per_channel(std, 1.0, channels, "std")
+        if (std_t <= 0).any():
+            raise ValueError(f"std={list(std)}; expected positive values")
+        self.register_buffer("mean", _per_channel(mean, 0.0, channels, "mean"))
+        self.register_buffer("std", std_t)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``(N, C, H, W)`` pixels or ``(N, C, L)`` sequences (integer or float) -> normalised floats of the same
+        shape."""
+        shape = (-1,) + (1,) * (pixels.dim() - 2)  # channels first of (N, C, H, W) patches or (N, C, L) chunks
+        return (to_unit_range(pixels) - self.mean.view(shape)) / self.std.view(shape)
