@@ -185,3 +185,44 @@ def test_heatmap_drawn_on_a_thumbnail_of_a_larger_image(tmp_path):
     assert cell[0] - image[0] == pytest.approx(height / 2, abs=3) and cell[1] == pytest.approx(image[1], abs=2)
     assert cell[2] - image[2] == pytest.approx(width * 3 / 4, abs=3) and cell[3] == pytest.approx(image[3], abs=2)
     assert red_box()[1] is None  # taken as the image itself, the grid would lie beyond the thumbnail
+
+
+def test_slides_heatmaps_on_thumbnails_and_background_cells_hold_no_evidence(tmp_path, capsys):
+    """Pyramidal TIFFs of real tissue on glass, tissue mask on, images of two sizes (a padded batch)."""
+    import yaml
+
+    from patchgd.cli import main
+    from patchgd.data.datasets import ImageCSVDataset
+    from slide_files import he_tile, write_pyramid_tiff
+
+    tissue = he_tile()
+    for split in ("train", "val"):
+        (tmp_path / split).mkdir()
+        rows = ["image_id,label"]
+        for i in range(2):
+            canvas = np.full((256 + 64 * i, 320, 3), 245, np.uint8)
+            canvas[16:16 + 240, 40:40 + 240] = tissue
+            write_pyramid_tiff(tmp_path / split / f"s{i}.tif", canvas, tile=64, levels=2)
+            rows.append(f"s{i},{i}")
+        (tmp_path / f"{split}.csv").write_text("\n".join(rows) + "\n")
+    cfg = {"output_dir": str(tmp_path / "run"),
+           "model": {"backbone": "test_resnet", "patch_size": 64, "latent_dim": 8, "head_width": 8},
+           "data": {"root": str(tmp_path), "num_classes": 2, "pad_value": 255, "tissue_fraction": 0.5},
+           "train": {"epochs": 1, "batch_size": 2, "device": "cpu", "heatmap_every": 1, "heatmap_images": 2},
+           "patchgd": {"sampling": 0.5}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["train", "--config", str(tmp_path / "config.yaml")]) == 0
+    maps = tmp_path / "run" / "heatmaps" / "epoch001"
+    # Each slide's scores cover its own grid (4 x 5 and 5 x 5 cells of 64 px), not the padded batch grid.
+    assert np.load(maps / "val0000_label0_heatmap.npy").shape == (4, 5)
+    assert np.load(maps / "val0001_label1_heatmap.npy").shape == (5, 5)
+
+    out = tmp_path / "maps"
+    assert main(["predict", str(tmp_path / "run" / "best.pt"), str(tmp_path / "val" / "s1.tif"),
+                 "--heatmap", str(out), "--z-image", str(out)]) == 0
+    scores = np.load(out / "s1_heatmap.npy")
+    mask = ImageCSVDataset(tmp_path / "val.csv", in_chans=3, patch_size=64, tissue_fraction=0.5)[1][0].tissue
+    assert scores.shape == tuple(mask.shape) and 0 < mask.sum() < mask.numel()
+    # A background cell already holds the background code: occluding it with that code changes nothing.
+    assert (scores[~mask.numpy()] == 0).all()
+    assert (out / "s1_heatmap.png").is_file() and (out / "s1_z.png").is_file()
