@@ -83,7 +83,7 @@ def step_peak(cfg, image):
     model = train.build_model(cfg)
     optimizer = train.build_optimizer(cfg, model)
     method = train.build_method(cfg, model, optimizer)
-    images = torch.randn(cfg.train.batch_size, *image)
+    images = torch.randint(256, (cfg.train.batch_size, *image), dtype=torch.uint8)  # as the loader yields
     labels = torch.randint(cfg.data.num_classes, (cfg.train.batch_size,))
     method.step(images, labels)
     with PeakMemory("cpu", baseline=(model, optimizer, images)) as meter:
