@@ -37,9 +37,11 @@ def test_patches_per_image_and_flat_indices_agree():
     assert torch.equal(per_image[0], images[0, :, 4:8, 8:12])
 
 
-def test_rejects_non_4d_input():
-    with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
-        PatchGrid(torch.zeros(3, 8, 8), 4)
+def test_rejects_input_that_is_neither_images_nor_sequences():
+    # (B, C, H, W) images and (B, C, L) sequences are cut; anything else is a clear error.
+    for shape in ((8, 8), (1, 3, 8, 8, 8)):
+        with pytest.raises(ValueError, match=r"\(B, C, H, W\) or, for sequences, \(B, C, L\)"):
+            PatchGrid(torch.zeros(shape), 4)
 
 
 def test_patch_range_equals_slicing_for_every_run_of_cells():

@@ -1,4 +1,5 @@
-"""Backbones from timm, built offline, optionally from a local weights file."""
+"""Backbones: timm models built offline (optionally from a local weights file), and a Conv1d encoder for
+the chunks of sequences."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 import timm
 import torch.nn as nn
 
-__all__ = ["create_timm", "PatchEncoder"]
+__all__ = ["create_timm", "PatchEncoder", "Conv1dEncoder"]
 
 
 def create_timm(name: str, *, in_chans: int = 3, num_classes: int = 0, img_size: int | None = None,
@@ -69,3 +70,34 @@ class PatchEncoder(nn.Module):
 
     def forward(self, x):
         return self.proj(self.features(x))
+
+
+class Conv1dEncoder(nn.Module):
+    """A small 1-D CNN mapping chunks of a sequence ``(N, C, p)`` to ``(N, latent_dim)``: the backbone of
+    1-D PatchGD (the model name ``"conv1d"``).
+
+    Three Conv1d (kernel 3) - BatchNorm - ReLU blocks of ``width`` channels, the middle one with stride 2,
+    then a global average over the chunk and a linear projection, in the spirit of the paper code's
+    human-activity example.
+
+    Args:
+        in_chans: Channels ``C`` of the sequences.
+        latent_dim: Output size ``s``.
+        width: Channels of the convolutions.
+
+    Example:
+        >>> Conv1dEncoder(6, 32)(torch.randn(4, 6, 10)).shape
+        torch.Size([4, 32])
+    """
+
+    def __init__(self, in_chans: int, latent_dim: int, width: int = 64):
+        super().__init__()
+
+        def block(cin: int, stride: int) -> list[nn.Module]:
+            return [nn.Conv1d(cin, width, 3, stride=stride, padding=1), nn.BatchNorm1d(width), nn.ReLU(inplace=True)]
+
+        self.net = nn.Sequential(*block(in_chans, 1), *block(width, 2), *block(width, 1),
+                                 nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(width, latent_dim))
+
+    def forward(self, x):
+        return self.net(x)

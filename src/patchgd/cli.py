@@ -39,6 +39,17 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_prepare_aeon(args) -> int:
+    from .data.sequences import prepare_aeon
+
+    out = prepare_aeon(args.name, args.out, overwrite=args.overwrite)
+    meta = json.loads((out / "meta.json").read_text())
+    print(f"wrote {out} (train.npz, val.npz, meta.json): {meta['train']} train / {meta['val']} val sequences of "
+          f"{meta['channels']} channels x {meta['length']} steps, {len(meta['classes'])} classes "
+          f"({', '.join(meta['classes'])})")
+    return 0
+
+
 def cmd_prepare(args) -> int:
     from .data.panda import prepare_panda
 
@@ -115,6 +126,11 @@ def _evaluation_set(args, cfg: Config):
     from .train import read_options
 
     data = Path(args.data)
+    if cfg.data.kind == "sequences":
+        from .data.sequences import SequenceDataset
+
+        return SequenceDataset(data if data.suffix == ".npz" else data / "val.npz", cfg.data.num_classes,
+                               cfg.model.in_chans)
     read = read_options(cfg)
     csv_path = data if data.suffix == ".csv" else data / args.csv
     if csv_path.is_file() or data.suffix == ".csv":
@@ -134,7 +150,8 @@ def cmd_evaluate(args) -> int:
     device = resolve_device(args.device)
     model, cfg = _load_checkpoint(args.checkpoint, device)
     dataset = _evaluation_set(args, cfg)
-    if cfg.data.image_size is None and args.batch_size > 1 and cfg.method != "patchgd":
+    if cfg.data.kind != "sequences" and cfg.data.image_size is None and args.batch_size > 1 \
+            and cfg.method != "patchgd":
         require_one_size(dataset.paths, dataset.image_sizes)  # PatchGD gives each image its own grid
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate_images)
     results = evaluate(model, loader, device, cfg.data.num_classes)
@@ -170,9 +187,10 @@ def _patch_progress(model, image, desc: str):
     from .runlog import Progress
     from .train import item_shape
 
-    if not hasattr(model, "fill_z"):
+    shape = item_shape(image)
+    if not hasattr(model, "fill_z") or len(shape) != 3:  # a GD model, or a sequence (1-D PatchGD)
         return contextlib.nullcontext()
-    _, height, width = item_shape(image)
+    _, height, width = shape
     cells = grid_shape(height, width, model.patch_size)
     total = cells[0] * cells[1]
     if total <= (model.fill_batch_size or cells[1]):
@@ -200,12 +218,26 @@ def cmd_predict(args) -> int:
 
     device = resolve_device(args.device)
     model, cfg = _load_checkpoint(args.checkpoint, device)
-    predictions = []
+    explaining = args.heatmap is not None or args.z_image is not None
+    if explaining and cfg.method != "patchgd":
+        raise ValueError(f"--heatmap and --z-image explain PatchGD's latent grid Z; {args.checkpoint} is a "
+                         f"{cfg.method} model")
+    predictions, stems = [], set()
     for path in args.images:
         image = load_image(path, **read_options(cfg))
         batch = image[None].to(device) if isinstance(image, torch.Tensor) else [image]
-        with torch.inference_mode(), _patch_progress(model, image, str(path)):
-            probs = torch.softmax(model(batch).float(), dim=1)[0].cpu()
+        if explaining:
+            from .explain import write_evidence
+
+            name = Path(path).stem
+            name = name if name not in stems else f"{name}-{len(predictions)}"
+            stems.add(name)
+            logits = write_evidence(model, batch, [image], [name], args.heatmap, args.z_image,
+                                    args.heatmap_method)[0].logits
+        else:
+            with torch.inference_mode(), _patch_progress(model, image, str(path)):
+                logits = model(batch).float()
+        probs = torch.softmax(logits, dim=1)[0].cpu()
         index = int(probs.argmax())
         predictions.append({"image": str(path), "class": index, "class_name": class_name(cfg, index),
                             "probabilities": [round(float(p), 6) for p in probs]})
@@ -331,6 +363,12 @@ def build_parser() -> argparse.ArgumentParser:
     panda.add_argument("--workers", type=int, default=1, help="parallel reader processes")
     panda.add_argument("--overwrite", action="store_true")
     panda.set_defaults(func=cmd_prepare)
+    aeon = prep_sub.add_parser("aeon", help="a time-series data set bundled with the aeon package, for 1-D PatchGD "
+                               "(data.kind: sequences)")
+    aeon.add_argument("name", help="data set name, e.g. BasicMotions (multichannel: BasicMotions)")
+    aeon.add_argument("out", help="output folder (written atomically): train.npz, val.npz, meta.json")
+    aeon.add_argument("--overwrite", action="store_true")
+    aeon.set_defaults(func=cmd_prepare_aeon)
 
     stats = sub.add_parser("stats", help="per-channel mean and std of a data set, for data.mean/data.std")
     stats.add_argument("folder", nargs="?", help="folder of images (its subfolders too); default: the training "
@@ -351,7 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="evaluate a checkpoint on a labelled data set")
     ev.add_argument("checkpoint", help="best.pt or last.pt of a run")
     ev.add_argument("--data", required=True,
-                    help="a CSV file, a folder holding --csv, or a folder of class folders")
+                    help="a CSV file, a folder holding --csv, or a folder of class folders; for a sequence model, "
+                         "a prepared folder (its val.npz) or an .npz file")
     ev.add_argument("--csv", default="val.csv", help="CSV inside --data (default val.csv)")
     ev.add_argument("--image-dir", default=None, help="image folder (default: beside the CSV, named like it)")
     ev.add_argument("--batch-size", type=int, default=8)
@@ -366,6 +405,15 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--device", default="auto")
     pred.add_argument("--json", action="store_true",
                       help="print the predictions (class index and name, probabilities) as JSON")
+    pred.add_argument("--heatmap", metavar="OUT_DIR", default=None,
+                      help="write per image NAME_heatmap.png (per-cell evidence for the predicted class over the "
+                           "image), NAME_heatmap.npy and NAME_heatmap.csv (PatchGD models)")
+    pred.add_argument("--heatmap-method", choices=("occlusion", "grad"), default="occlusion",
+                      help="occlusion: drop of the class logit when a cell of Z holds the blank-patch code "
+                           "(exact; default); grad: gradient x activation on Z")
+    pred.add_argument("--z-image", metavar="OUT_DIR", default=None,
+                      help="write per image NAME_z.png: Z's cells coloured by their first three principal "
+                           "components (Fig. 5 of the paper)")
     pred.set_defaults(func=cmd_predict)
 
     insp = sub.add_parser("inspect", help="levels, mpp and tissue grid of a slide or image; draws a thumbnail")

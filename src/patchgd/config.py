@@ -48,10 +48,12 @@ def _field(default: Any, **checks: Any) -> Any:
 
 @dataclass
 class ModelConfig:
-    """The classifier: a timm backbone ``backbone`` encoding ``patch_size`` patches to ``latent_dim``, a
-    conv head ``head_width`` wide with ``head_dropout``; ``pretrained`` is a local weights file, since
-    nothing is ever downloaded. ``init_backbone`` (App. C of the paper) starts the backbone from a
-    checkpoint (``best.pt``/``last.pt`` of a GD, GD-extended or PatchGD run) or a plain state-dict file."""
+    """The classifier: a timm backbone ``backbone`` (or ``conv1d`` for sequences) encoding ``patch_size``
+    patches to ``latent_dim``, and a ``head``: ``conv`` (the paper's), ``conv1d`` (sequences) or
+    ``transformer``, ``head_width`` wide with ``head_dropout`` (the transformer's ``head_depth`` layers of
+    ``head_heads`` attention heads); ``pretrained`` is a local weights file, since nothing is ever
+    downloaded. ``init_backbone`` (App. C of the paper) starts the backbone from a checkpoint
+    (``best.pt``/``last.pt`` of a GD, GD-extended or PatchGD run) or a plain state-dict file."""
 
     backbone: str = "resnet18"
     patch_size: int = _field(128, ge=1)
@@ -62,6 +64,9 @@ class ModelConfig:
     head_dropout: float = _field(0.2, ge=0, lt=1)
     channels_last: bool = False
     init_backbone: str | None = None
+    head: Literal["conv", "conv1d", "transformer"] = "conv"
+    head_depth: int = _field(2, ge=1)
+    head_heads: int = _field(4, ge=1)
 
 
 @dataclass
@@ -88,6 +93,8 @@ class DataConfig:
     type), ``full`` decodes every image whole (a pass over the data, which also finds corrupt pixel data,
     non-finite pixels and values the intensity options refuse before the first epoch); a slide is opened
     at its level, never decoded whole.
+    ``kind: sequences`` reads ``(C, L)`` sequences from ``root/train.npz`` and ``root/val.npz`` instead
+    (``patchgd prepare aeon`` writes them).
     """
 
     root: str | None = None
@@ -115,6 +122,7 @@ class DataConfig:
     intensity_range: list[float] | None = None
     percentiles: list[float] = field(default_factory=lambda: [1.0, 99.0])
     verify: Literal["header", "full"] = "header"
+    kind: Literal["images", "sequences"] = "images"
 
 
 @dataclass
@@ -138,11 +146,13 @@ class TrainConfig:
     """The optimisation loop. ``schedule: paper`` warms up linearly from 0 over ``warmup_epochs``, then
     decays linearly to half the peak ``lr`` at the last step. ``batch_size`` is per process: under
     ``torchrun`` the global batch is ``batch_size`` times the processes. ``sync_batchnorm`` makes BatchNorm
-    use the statistics of every process's batch (CUDA only); without it they are per process.
-    ``log_every`` batches between progress lines when output is not a terminal; ``threads`` sets torch's
-    CPU threads (null: torch's default); ``tensorboard`` writes event files into the run directory;
-    ``patience`` stops after that many epochs without a better validation accuracy; ``balanced_sampler``
-    draws training images with probability inversely proportional to their class's frequency."""
+    use the statistics of every process's batch (CUDA only); without it they are per process. Every
+    ``heatmap_every`` epochs (0: never) a PatchGD run writes occlusion heatmaps and ``Z`` pictures of
+    ``heatmap_images`` validation images. ``log_every`` batches between progress lines when output is not
+    a terminal; ``threads`` sets torch's CPU threads (null: torch's default); ``tensorboard`` writes event
+    files into the run directory; ``patience`` stops after that many epochs without a better validation
+    accuracy; ``balanced_sampler`` draws training images with probability inversely proportional to their
+    class's frequency."""
 
     epochs: int = _field(10, ge=1)
     batch_size: int = _field(8, ge=1)
@@ -158,6 +168,8 @@ class TrainConfig:
     eval_batch_size: int | None = _field(None, ge=1)
     log_every: int = _field(10, ge=1)
     sync_batchnorm: bool = False
+    heatmap_every: int = _field(0, ge=0)
+    heatmap_images: int = _field(4, ge=1)
     threads: int | None = _field(None, ge=1)
     tensorboard: bool = False
     patience: int | None = _field(None, ge=1)

@@ -253,15 +253,16 @@ def parallel_fill(model, grid, chunk: int) -> torch.Tensor:
         chunk: Patches per backbone call.
 
     Returns:
-        ``Z`` of shape ``(B, s, m, n)``, the same on every process.
+        ``Z`` of shape ``(B, s, m, n)`` (``(B, s, n)`` for sequences), the same on every process.
     """
     world, me = world_size(), rank()
     z = model.fill_z(grid, chunk, shard=(me, world))
     if world == 1:
         return z
-    batch, s, rows, cols = z.shape
-    total = batch * rows * cols
-    flat = z.view(batch, s, rows * cols).permute(0, 2, 1).reshape(total, s)  # row (b, cell) in fill order
+    batch, s = z.shape[:2]
+    cells = z[0, 0].numel()  # m * n, or n for sequences
+    total = batch * cells
+    flat = z.view(batch, s, cells).permute(0, 2, 1).reshape(total, s)  # row (b, cell) in fill order
 
     def owned(r: int) -> torch.Tensor:  # the rows of the chunks r, r + world, ...
         starts = torch.arange(min(r * chunk, total), total, chunk * world, device=z.device)
@@ -278,7 +279,7 @@ def parallel_fill(model, grid, chunk: int) -> torch.Tensor:
     received = received.view(world, most, s)
     for r, share in enumerate(shares):
         flat[share] = received[r, :share.numel()]
-    return flat.view(batch, rows * cols, s).permute(0, 2, 1).reshape(batch, s, rows, cols)
+    return flat.view(batch, cells, s).permute(0, 2, 1).reshape(z.shape)
 
 
 def log_main(log):

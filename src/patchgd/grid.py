@@ -1,4 +1,7 @@
-"""Patch-grid geometry: padding, row-major cell numbering and patch extraction.
+"""Patch-grid geometry: padding, row-major cell numbering and patch extraction, for images and sequences.
+
+A sequence ``(B, C, L)`` is the one-row case of an image: its grid is ``1 x n`` cells of ``p`` samples,
+cut by the same code, so Algorithms 1 and 2 serve both without a second copy.
 
 This module is the one home of the facts "which pixels make cell ``i``" and "how a side that is not a
 multiple of the patch size is handled". Models and methods ask a :class:`PatchGrid` for the patches at
@@ -42,17 +45,24 @@ def grid_shape(height: int, width: int, patch_size: int) -> tuple[int, int]:
 
 
 class PatchGrid:
-    """A batch of images seen as an ``m x n`` grid of ``p x p`` patches per image.
+    """A batch of images seen as an ``m x n`` grid of ``p x p`` patches per image (or of sequences as a
+    ``1 x n`` grid of ``p``-sample chunks).
 
     Cells are numbered row-major: flat index ``i = r * n + c`` is the patch
-    ``image[:, r*p:(r+1)*p, c*p:(c+1)*p]``. Images whose sides are not multiples of ``p`` are padded at
-    the bottom and right with ``pad_value`` (one copy, only when needed). Patches are gathered from a
-    strided view of the images, so only the requested patches are ever copied.
+    ``image[:, r*p:(r+1)*p, c*p:(c+1)*p]`` (for a sequence, chunk ``i`` is ``sequence[:, i*p:(i+1)*p]``).
+    Images whose sides are not multiples of ``p`` are padded at the bottom and right with ``pad_value``
+    (sequences at the end; one copy, only when needed). Patches are gathered from a strided view of the
+    images, so only the requested patches are ever copied.
 
     Args:
-        images: ``(B, C, H, W)`` tensor.
-        patch_size: Side ``p`` of the square patches.
+        images: ``(B, C, H, W)`` images or ``(B, C, L)`` sequences.
+        patch_size: Side ``p`` of the square patches (length of the chunks of a sequence).
         pad_value: Fill value for the padding.
+
+    Attributes:
+        shape: The grid's shape, ``(m, n)`` for images and ``(n,)`` for sequences: ``Z`` is
+            ``(B, s, *shape)``.
+        patch_shape: ``(p, p)`` or ``(p,)``: a patch is ``(C, *patch_shape)``.
 
     Example:
         >>> grid = PatchGrid(torch.zeros(2, 3, 300, 512), 128)
@@ -63,19 +73,27 @@ class PatchGrid:
     """
 
     def __init__(self, images: torch.Tensor, patch_size: int, pad_value: float = 0.0):
-        if images.dim() != 4:
-            raise ValueError(f"images must be a (B, C, H, W) tensor, got shape {tuple(images.shape)}")
+        if images.dim() not in (3, 4):
+            raise ValueError(f"images must be a (B, C, H, W) or, for sequences, (B, C, L) tensor; got shape "
+                             f"{tuple(images.shape)}")
+        sequence = images.dim() == 3
+        if sequence:  # a one-row image whose patches are 1 x p
+            images = images.unsqueeze(2)
         batch, _, height, width = images.shape
+        patch_height = 1 if sequence else patch_size
         self.patch_size = patch_size
-        self.rows, self.cols = grid_shape(height, width, patch_size)
-        pad_bottom = self.rows * patch_size - height
+        self.rows, self.cols = (1, math.ceil(width / patch_size)) if sequence else grid_shape(height, width, patch_size)
+        self.shape = (self.cols,) if sequence else (self.rows, self.cols)
+        self.patch_shape = (patch_size,) if sequence else (patch_size, patch_size)
+        pad_bottom = self.rows * patch_height - height
         pad_right = self.cols * patch_size - width
         if pad_bottom or pad_right:
             images = F.pad(images, (0, pad_right, 0, pad_bottom), value=pad_value)
         self.batch_size = batch
+        self.channels, self.dtype = images.shape[1], images.dtype
         self.device = images.device
-        # (B, C, m, n, p, p) view sharing the image storage.
-        self._cells = images.unfold(2, patch_size, patch_size).unfold(3, patch_size, patch_size)
+        # (B, C, m, n, ph, p) view sharing the image storage.
+        self._cells = images.unfold(2, patch_height, patch_height).unfold(3, patch_size, patch_size)
         # The same cells as (B, m, n, C, p, p), still a view: a run of whole grid rows is one strided copy.
         self._rows = self._cells.permute(0, 2, 3, 1, 4, 5)
 
@@ -93,7 +111,7 @@ class PatchGrid:
                 patch ``cells[j]`` of image ``images[j]`` at position ``j``.
 
         Returns:
-            ``(B * k, C, p, p)`` (image-major) or ``(N, C, p, p)`` tensor of patches.
+            ``(B * k, C, *patch_shape)`` (image-major) or ``(N, C, *patch_shape)`` tensor of patches.
         """
         if images is None:
             images = torch.arange(self.batch_size, device=cells.device).unsqueeze(1).expand_as(cells)
@@ -101,7 +119,7 @@ class PatchGrid:
         cols = cells % self.cols
         # Advanced indices around a slice put the indexed dims first: (..., C, p, p).
         picked = self._cells[images, :, rows, cols]
-        return picked.reshape(-1, *picked.shape[-3:])
+        return picked.reshape(-1, picked.shape[-3], *self.patch_shape)
 
     def patch_range(self, start: int, stop: int) -> torch.Tensor:
         """Copy out the patches of a run of flat cells, counted image-major: ``b * m * n + i``.
@@ -114,7 +132,7 @@ class PatchGrid:
             stop: One past the last flat cell.
 
         Returns:
-            ``(stop - start, C, p, p)`` tensor of patches, in flat-cell order.
+            ``(stop - start, C, *patch_shape)`` tensor of patches, in flat-cell order.
 
         Example:
             >>> grid = PatchGrid(torch.zeros(2, 3, 300, 512), 128)
@@ -139,7 +157,7 @@ class PatchGrid:
                 out[done:done + count].view(whole_rows, self.cols, *out.shape[1:]).copy_(
                     self._rows[image, row:row + whole_rows])
             done += count
-        return out
+        return out.view(out.shape[0], out.shape[1], *self.patch_shape)
 
 @dataclass(eq=False)
 class LazyImage:
@@ -205,6 +223,7 @@ class SourceGrid:
         self.channels, self.dtype = infos[0][0], infos[0][3]
         self.shapes = [grid_shape(h, w, patch_size) for _, h, w, _ in infos]
         self.rows, self.cols = (max(side) for side in zip(*self.shapes))
+        self.shape, self.patch_shape = (self.rows, self.cols), (patch_size, patch_size)
         inside = torch.zeros(self.batch_size, self.rows, self.cols, dtype=torch.bool)
         encoded = inside.clone()
         for b, (item, (m, n)) in enumerate(zip(self.items, self.shapes)):

@@ -1,36 +1,52 @@
-"""Heads that classify the latent grid ``Z`` of shape ``(B, s, m, n)``."""
+"""Heads that classify the latent grid ``Z`` of shape ``(B, s, m, n)`` (``(B, s, n)`` for sequences)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import trunc_normal_
+from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 
-__all__ = ["ConvHead", "SafeBatchNorm2d"]
+__all__ = ["ConvHead", "TransformerHead", "SafeBatchNorm1d", "SafeBatchNorm2d"]
 
 
-class SafeBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm2d that also works when a training batch holds a single value per channel.
+class _SafeBatchNorm:
+    """BatchNorm that also works when a training batch holds a single value per channel.
 
     The paper's head fails with plain BatchNorm at batch size 1 once the grid has been reduced to 1 x 1
     (for example a 4 x 4 grid after two stride-2 convolutions): batch statistics of one value are
     undefined. In that case, and only then, this layer normalises with its running statistics, as in
-    evaluation, and leaves them unchanged. Every other batch behaves exactly like ``nn.BatchNorm2d``.
+    evaluation, and leaves them unchanged. Every other batch behaves exactly like plain BatchNorm.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and x.shape[0] * x.shape[2] * x.shape[3] == 1:
+        if self.training and x.numel() == x.shape[1]:
             return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
                                 training=False, momentum=0.0, eps=self.eps)
         return super().forward(x)
 
 
-def _block(in_channels: int, out_channels: int, stride: int, dropout: float) -> nn.Sequential:
+class SafeBatchNorm2d(_SafeBatchNorm, nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` that survives a single value per channel (see :class:`_SafeBatchNorm`)."""
+
+
+class SafeBatchNorm1d(_SafeBatchNorm, nn.BatchNorm1d):
+    """``nn.BatchNorm1d`` that survives a single value per channel (see :class:`_SafeBatchNorm`)."""
+
+
+# The layers of the conv head in 1-D (sequences) and 2-D (images).
+_LAYERS = {1: (nn.Conv1d, SafeBatchNorm1d, nn.Dropout1d, nn.AdaptiveAvgPool1d),
+           2: (nn.Conv2d, SafeBatchNorm2d, nn.Dropout2d, nn.AdaptiveAvgPool2d)}
+
+
+def _block(in_channels: int, out_channels: int, stride: int, dropout: float, dims: int = 2) -> nn.Sequential:
+    conv, norm, drop, _ = _LAYERS[dims]
     return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1),
+        conv(in_channels, out_channels, kernel_size=3, stride=stride, padding=1),
         nn.ReLU(inplace=True),
-        SafeBatchNorm2d(out_channels),
-        nn.Dropout2d(dropout),
+        norm(out_channels),
+        drop(dropout),
     )
 
 
@@ -54,19 +70,25 @@ class ConvHead(nn.Module):
         num_classes: Number of output logits.
         width: Channels of every convolution (256 in the paper).
         dropout: Dropout2d probability (0.2 in the paper).
+        dims: 2 for the ``(B, s, m, n)`` grid of images; 1 for the ``(B, s, n)`` grid of sequences (the
+            same head with Conv1d, BatchNorm1d and Dropout1d).
 
     Example:
         >>> ConvHead(256, 10)(torch.randn(2, 256, 4, 4)).shape
         torch.Size([2, 10])
+        >>> ConvHead(256, 10, dims=1)(torch.randn(2, 256, 8)).shape
+        torch.Size([2, 10])
     """
 
-    def __init__(self, in_channels: int, num_classes: int, width: int = 256, dropout: float = 0.2):
+    def __init__(self, in_channels: int, num_classes: int, width: int = 256, dropout: float = 0.2, dims: int = 2):
         super().__init__()
+        if dims not in _LAYERS:
+            raise ValueError(f"dims={dims}; expected 1 (sequences) or 2 (images)")
         self.features = nn.Sequential(
-            _block(in_channels, width, 1, dropout),
-            *(_block(width, width, 2, dropout) for _ in range(3)),
+            _block(in_channels, width, 1, dropout, dims),
+            *(_block(width, width, 2, dropout, dims) for _ in range(3)),
         )
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pool = _LAYERS[dims][3](1)
         self.fc = nn.Linear(width, num_classes)
 
     def forward(self, z: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -81,3 +103,65 @@ class ConvHead(nn.Module):
             mask = mask[:, :, ::stride, ::stride]
         pooled = (x * mask).sum(dim=(2, 3)) / mask.sum(dim=(2, 3)).clamp_min(1)
         return self.fc(pooled)
+
+
+class TransformerHead(nn.Module):
+    """A small transformer encoder over the cells of ``Z``, with 2-D positional encodings and a class token.
+
+    Each cell's ``s`` features are projected to ``width``; the fixed sine-cosine encoding of its (row,
+    column) is added (computed for any ``m x n`` grid; a cell's encoding depends only on its position, so
+    a grid padded to a larger one encodes its cells alike); a learned class token is prepended, and the
+    token's output after ``depth`` pre-norm encoder layers gives the logits. A ``(B, s, n)`` grid of a
+    sequence is the one-row case. Cells marked as padding by ``mask`` are left out of the attention
+    (``src_key_padding_mask``), so a padded image is classified as the image alone.
+
+    Args:
+        in_channels: Latent size ``s``.
+        num_classes: Number of output logits.
+        width: Token width (a multiple of 4 and of ``heads``).
+        depth: Encoder layers.
+        heads: Attention heads per layer.
+        dropout: Dropout in the attention and MLP blocks.
+        mlp_ratio: Width of the MLP blocks relative to ``width``.
+
+    Example:
+        >>> TransformerHead(256, 10, width=64, depth=2, heads=4)(torch.randn(2, 256, 3, 5)).shape
+        torch.Size([2, 10])
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, width: int = 192, depth: int = 2, heads: int = 3,
+                 dropout: float = 0.1, mlp_ratio: float = 4.0):
+        super().__init__()
+        if width % 4 or width % heads:
+            raise ValueError(f"transformer head width={width} must be a multiple of 4 (2-D sine-cosine "
+                             f"encoding) and of heads={heads}")
+        self.width = width
+        self.proj = nn.Linear(in_channels, width)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
+        trunc_normal_(self.cls_token, std=0.02)
+        layer = nn.TransformerEncoderLayer(width, heads, dim_feedforward=round(mlp_ratio * width), dropout=dropout,
+                                           activation="gelu", batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(width)
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, z: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, s, m, n)`` or ``(B, s, n)`` -> ``(B, classes)``.
+
+        Args:
+            z: The latent grid.
+            mask: Optional ``(B, 1, m, n)`` (or ``(B, m, n)``) mask, nonzero on real cells and zero on cells
+                that only pad a smaller image to the batch's grid.
+        """
+        batch, grid = z.shape[0], z.shape[2:]
+        if len(grid) not in (1, 2):
+            raise ValueError(f"the transformer head takes a (B, s, m, n) or (B, s, n) grid, got shape {tuple(z.shape)}")
+        rows, cols = (1, *grid) if len(grid) == 1 else grid
+        position = build_sincos2d_pos_embed([rows, cols], self.width, device=z.device, dtype=z.dtype)
+        tokens = self.proj(z.flatten(2).transpose(1, 2)) + position
+        tokens = torch.cat([self.cls_token.expand(batch, -1, -1).to(tokens.dtype), tokens], dim=1)
+        padding = None
+        if mask is not None:
+            padding = F.pad(mask.reshape(batch, -1) == 0, (1, 0), value=False)  # the class token is never padding
+        out = self.encoder(tokens, src_key_padding_mask=padding)
+        return self.fc(self.norm(out[:, 0]))

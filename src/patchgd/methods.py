@@ -91,13 +91,14 @@ class _Step:
     def inputs(self, images: torch.Tensor | Sequence, labels: torch.Tensor) -> tuple[torch.Tensor | list, torch.Tensor]:
         """Move a batch to the model's device, checking the labels against the classes.
 
-        ``images`` is a ``(B, C, H, W)`` tensor, or a list with one ``(C, H, W)`` tensor or
+        ``images`` is a ``(B, C, H, W)`` tensor (``(B, C, L)`` for sequences), or a list with one ``(C, H, W)`` tensor or
         :class:`~patchgd.grid.LazyImage` per image (images of different sizes, slides), which stays where
         it is: its patches travel to the device as they are read.
         """
         if isinstance(images, torch.Tensor):
-            if images.dim() != 4:
-                raise ValueError(f"images must be a (B, C, H, W) tensor, got shape {tuple(images.shape)}")
+            if images.dim() not in (3, 4):
+                raise ValueError(f"images must be a (B, C, H, W) tensor (or (B, C, L) sequences), got shape "
+                                 f"{tuple(images.shape)}")
             images = images.to(self.device, non_blocking=True)
         else:
             images = list(images)
@@ -377,9 +378,10 @@ METHODS = ("patchgd", "gd", "gd-extended")
 
 def create_model(method: str, backbone: str | nn.Module, num_classes: int, *, patch_size: int = 128,
                  latent_dim: int = 256, in_chans: int = 3, pretrained: str | None = None,
-                 head_width: int = 256, head_dropout: float = 0.2, pad_value: float = 0.0,
-                 image_size: int | None = None, channels_last: bool = False, mean: list[float] | None = None,
-                 std: list[float] | None = None, fill_workers: int = 0) -> nn.Module:
+                 head: str = "conv", head_width: int = 256, head_dropout: float = 0.2, head_depth: int = 2,
+                 head_heads: int = 4, pad_value: float = 0.0, image_size: int | None = None,
+                 channels_last: bool = False, mean: list[float] | None = None, std: list[float] | None = None,
+                 fill_workers: int = 0) -> nn.Module:
     """Build the model a method trains.
 
     Args:
@@ -390,8 +392,11 @@ def create_model(method: str, backbone: str | nn.Module, num_classes: int, *, pa
         latent_dim: PatchGD's latent size ``s``.
         in_chans: Image channels.
         pretrained: Path of a local weights file.
-        head_width: Channels of the conv head (PatchGD, GD-extended).
-        head_dropout: Dropout2d of the conv head.
+        head: PatchGD's head: ``"conv"`` (the paper's), ``"conv1d"`` (sequences) or ``"transformer"``.
+        head_width: Channels of the conv head (PatchGD, GD-extended); token width of the transformer head.
+        head_dropout: Dropout of the head.
+        head_depth: Encoder layers of the transformer head.
+        head_heads: Attention heads of the transformer head.
         pad_value: PatchGD's padding value.
         image_size: Input size of the whole image, for GD backbones built for one (ViTs).
         channels_last: Channels-last memory format.
@@ -400,10 +405,12 @@ def create_model(method: str, backbone: str | nn.Module, num_classes: int, *, pa
         fill_workers: PatchGD's reader processes for disk-backed images while filling ``Z``.
     """
     if method == "patchgd":
-        return PatchGDClassifier(backbone, num_classes, patch_size, latent_dim, in_chans=in_chans,
+        return PatchGDClassifier(backbone, num_classes, patch_size, latent_dim, head, in_chans=in_chans,
                                  pretrained=pretrained, pad_value=pad_value, head_width=head_width,
-                                 head_dropout=head_dropout, channels_last=channels_last, mean=mean, std=std,
-                                 fill_workers=fill_workers)
+                                 head_dropout=head_dropout, head_depth=head_depth, head_heads=head_heads,
+                                 channels_last=channels_last, mean=mean, std=std, fill_workers=fill_workers)
+    if head != "conv":
+        raise ValueError(f"head={head!r} is PatchGD's; the {method} baseline has its own classifier or conv head")
     common = dict(in_chans=in_chans, pretrained=pretrained, img_size=image_size, channels_last=channels_last,
                   mean=mean, std=std)
     if method == "gd":

@@ -9,10 +9,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .backbones import PatchEncoder, create_timm
+from .backbones import Conv1dEncoder, PatchEncoder, create_timm
 from .grid import LazyImage, PatchGrid, SourceGrid, cell_mask
-from .heads import ConvHead
+from .heads import ConvHead, TransformerHead
 from .normalize import Normalize
+
+HEADS = ("conv", "conv1d", "transformer")
 
 __all__ = ["PatchGDClassifier", "GDClassifier", "GDExtendedClassifier"]
 
@@ -24,13 +26,19 @@ SOURCE_FILL_CHUNK = 64
 class PatchGDClassifier(nn.Module):
     """Backbone ``f_θ1`` (patch -> ``s`` features) and head ``g_θ2`` (``Z`` -> logits).
 
+    Sequences ``(B, C, L)`` go through the same code as images: cut into chunks of ``patch_size``
+    samples, they fill a ``(B, s, n)`` grid ``Z`` (a ``"conv1d"`` backbone and head, or any modules).
+
     Args:
-        backbone: A timm model name (its pooled features get a linear projection to ``latent_dim``) or
-            any module mapping ``(N, C, p, p)`` to ``(N, latent_dim)``.
+        backbone: A timm model name (its pooled features get a linear projection to ``latent_dim``),
+            ``"conv1d"`` (:class:`~patchgd.backbones.Conv1dEncoder`, for sequences) or any module mapping
+            ``(N, C, p, p)`` (``(N, C, p)`` for sequences) to ``(N, latent_dim)``.
         num_classes: Number of classes.
-        patch_size: Side ``p`` of the square patches.
+        patch_size: Side ``p`` of the square patches (chunk length of sequences).
         latent_dim: Latent size ``s`` of each cell of ``Z``.
-        head: ``"conv"`` for the paper's head, or any module mapping ``(B, s, m, n)`` to logits.
+        head: ``"conv"`` for the paper's head, ``"conv1d"`` for the same head over sequences,
+            ``"transformer"`` for :class:`~patchgd.heads.TransformerHead`, or any module mapping ``Z`` to
+            logits.
         in_chans: Image channels (for a timm backbone and the normalisation).
         pretrained: Path of a local weights file for a timm backbone.
         pad_value: Pixel value (in the images' own units, e.g. 0-255 for uint8) that pads images whose sides
@@ -39,8 +47,10 @@ class PatchGDClassifier(nn.Module):
         fill_batch_size: Default number of patches per backbone call in :meth:`fill_z`; None (the default)
             encodes one grid row of every image per call (``B * n`` patches), which on the CPU is faster and
             smaller than larger chunks (benchmarks/RESULTS.md, "inference").
-        head_width: Channels of the conv head.
-        head_dropout: Dropout2d probability of the conv head.
+        head_width: Channels of the conv head; token width of the transformer head.
+        head_dropout: Dropout probability of the head.
+        head_depth: Encoder layers of the transformer head.
+        head_heads: Attention heads of the transformer head.
         channels_last: Feed patches to the backbone in channels-last memory format.
         mean: Per-channel mean of the [0, 1]-scaled pixels, subtracted on the device (None for 0).
         std: Per-channel standard deviation divided by on the device (None for 1).
@@ -51,26 +61,36 @@ class PatchGDClassifier(nn.Module):
         >>> model = PatchGDClassifier("test_resnet", num_classes=10, patch_size=32, latent_dim=16)
         >>> model.fill_z(torch.randn(2, 3, 64, 96)).shape
         torch.Size([2, 16, 2, 3])
+        >>> model = PatchGDClassifier("conv1d", num_classes=4, patch_size=10, latent_dim=16, head="conv1d",
+        ...                           in_chans=6)
+        >>> model.fill_z(torch.randn(2, 6, 100)).shape
+        torch.Size([2, 16, 10])
     """
 
     def __init__(self, backbone: str | nn.Module, num_classes: int, patch_size: int, latent_dim: int = 256,
                  head: str | nn.Module = "conv", *, in_chans: int = 3, pretrained: str | Path | None = None,
                  pad_value: float = 0.0, fill_batch_size: int | None = None, head_width: int = 256,
-                 head_dropout: float = 0.2, channels_last: bool = False, mean: list[float] | None = None,
-                 std: list[float] | None = None, fill_workers: int = 0):
+                 head_dropout: float = 0.2, head_depth: int = 2, head_heads: int = 4, channels_last: bool = False,
+                 mean: list[float] | None = None, std: list[float] | None = None, fill_workers: int = 0):
         super().__init__()
         if patch_size <= 0:
             raise ValueError(f"patch_size must be positive, got {patch_size}")
         if fill_batch_size is not None and fill_batch_size <= 0:
             raise ValueError(f"fill_batch_size must be positive, got {fill_batch_size}")
-        if isinstance(backbone, str):
+        if isinstance(backbone, str) and backbone != "conv1d":
             backbone = PatchEncoder(backbone, latent_dim, patch_size, in_chans=in_chans, pretrained=pretrained)
         elif pretrained is not None:
             raise ValueError("pretrained applies to a timm backbone name; load weights into your module yourself")
-        if head == "conv":
-            head = ConvHead(latent_dim, num_classes, width=head_width, dropout=head_dropout)
+        if isinstance(backbone, str):
+            backbone = Conv1dEncoder(in_chans, latent_dim)
+        if head in ("conv", "conv1d"):
+            head = ConvHead(latent_dim, num_classes, width=head_width, dropout=head_dropout,
+                            dims=1 if head == "conv1d" else 2)
+        elif head == "transformer":
+            head = TransformerHead(latent_dim, num_classes, width=head_width, depth=head_depth, heads=head_heads,
+                                   dropout=head_dropout)
         elif isinstance(head, str):
-            raise ValueError(f"unknown head {head!r}: expected 'conv' or an nn.Module")
+            raise ValueError(f"unknown head {head!r}: expected one of {', '.join(HEADS)} or an nn.Module")
         self.normalize = Normalize(in_chans, mean, std)
         self.backbone = backbone
         self.head = head
@@ -90,16 +110,17 @@ class PatchGDClassifier(nn.Module):
         """The patch grid of ``images`` under this model's patch size and padding.
 
         Args:
-            images: A ``(B, C, H, W)`` tensor (a view of it is cut), or one item per image: ``(C, H, W)``
-                tensors and :class:`~patchgd.grid.LazyImage` s (read in pieces), of any sizes.
+            images: A ``(B, C, H, W)`` tensor (a view of it is cut; ``(B, C, L)`` sequences too), or one
+                item per image: ``(C, H, W)`` tensors and :class:`~patchgd.grid.LazyImage` s (read in
+                pieces), of any sizes.
         """
         if isinstance(images, torch.Tensor):
             return PatchGrid(images, self.patch_size, self.pad_value)
         return SourceGrid(images, self.patch_size, self.pad_value, device=self.device)
 
     def encode(self, patches: torch.Tensor) -> torch.Tensor:
-        """Normalise a batch of patches ``(N, C, p, p)`` (integer pixels or floats) on the model's device and
-        run the backbone -> ``(N, s)``."""
+        """Normalise a batch of patches ``(N, C, p, p)`` or chunks ``(N, C, p)`` (integer pixels or floats) on
+        the model's device and run the backbone -> ``(N, s)``."""
         patches = self.normalize(patches.to(self.device, non_blocking=True))
         if self.channels_last:
             patches = patches.contiguous(memory_format=torch.channels_last)
@@ -120,7 +141,8 @@ class PatchGDClassifier(nn.Module):
         :meth:`background_code`, and cells that only pad a smaller image to the batch's grid hold 0.
 
         Args:
-            images: ``(B, C, H, W)`` images, one item per image (see :meth:`grid`), or their grid.
+            images: ``(B, C, H, W)`` images or ``(B, C, L)`` sequences, one item per image (see :meth:`grid`),
+                or their grid.
             batch_size: Patches per backbone call (default: ``self.fill_batch_size``, else one grid row of
                 every image, at most ``SOURCE_FILL_CHUNK`` = 64 patches on a :class:`SourceGrid`).
             shard: ``(i, n)``: encode only the chunks ``i, i + n, ...`` and leave the other cells unset
@@ -128,8 +150,8 @@ class PatchGDClassifier(nn.Module):
                 batches only.
 
         Returns:
-            ``Z`` of shape ``(B, s, m, n)`` in the default dtype (float32 under mixed precision too),
-            cells in row-major order.
+            ``Z`` of shape ``(B, s, m, n)`` (``(B, s, n)`` for sequences) in the default dtype (float32
+            under mixed precision too), cells in row-major order.
         """
         grid = images if isinstance(images, (PatchGrid, SourceGrid)) else self.grid(images)
         batch, cells = grid.batch_size, grid.num_cells
@@ -156,17 +178,18 @@ class PatchGDClassifier(nn.Module):
                 image_idx, cell_idx = grid.background_cells()
                 if image_idx.numel():
                     z[image_idx.to(device), :, cell_idx.to(device)] = self.background_code(grid).to(z.dtype)
-        return z.view(batch, self.latent_dim, grid.rows, grid.cols)
+        return z.view(batch, self.latent_dim, *grid.shape)
 
-    def background_code(self, grid: SourceGrid) -> torch.Tensor:
-        """The code of every background cell: the encoding of one blank patch (all ``pad_value``).
+    def background_code(self, grid: PatchGrid | SourceGrid) -> torch.Tensor:
+        """The code of every background cell: the encoding of one blank patch (all ``pad_value``), shaped
+        like the grid's patches (a chunk for sequences). Occlusion heatmaps (:mod:`patchgd.explain`) use it too.
 
         It is computed once per fill, without gradients and with the backbone in eval mode (a lone
         constant patch has no meaningful batch statistics, and must not move BatchNorm's running ones),
         so it is a constant of the inner iterations: background cells are never sampled, and no gradient
         reaches the backbone through them; the head's gradient still sees them as inputs.
         """
-        blank = torch.full((1, grid.channels, self.patch_size, self.patch_size), self.pad_value, dtype=grid.dtype)
+        blank = torch.full((1, grid.channels, *grid.patch_shape), self.pad_value, dtype=grid.dtype)
         was_training = self.backbone.training
         self.backbone.eval()
         try:

@@ -69,5 +69,7 @@ class Normalize(nn.Module):
         self.register_buffer("std", std_t)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        """``(N, C, H, W)`` pixels (integer or float) -> normalised floats of the same shape."""
-        return (to_unit_range(pixels) - self.mean) / self.std
+        """``(N, C, H, W)`` pixels or ``(N, C, L)`` sequences (integer or float) -> normalised floats of the same
+        shape."""
+        shape = (-1,) + (1,) * (pixels.dim() - 2)  # channels first of (N, C, H, W) patches or (N, C, L) chunks
+        return (to_unit_range(pixels) - self.mean.view(shape)) / self.std.view(shape)

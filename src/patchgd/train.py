@@ -30,7 +30,8 @@ from .data.datasets import (ImageCSVDataset, ImageDataset, ImageFolderDataset, c
 from .data.errors import DataError
 from .data.images import require_one_size
 from .data.intensity import Intensity
-from .grid import LazyImage, grid_shape
+from .data.sequences import SequenceDataset
+from .grid import LazyImage, PatchGrid
 from .io import atomic_file
 from .memory import PeakMemory, format_size, process_peak
 from .methods import autocast, classification_loss, create_method, create_model, patches_per_iteration
@@ -59,9 +60,15 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def build_datasets(cfg: Config) -> tuple[ImageDataset, ImageDataset]:
+def build_datasets(cfg: Config) -> tuple[ImageDataset | SequenceDataset, ImageDataset | SequenceDataset]:
     """Train and validation sets from ``data.*`` (the layouts and validation rules of
-    :class:`~patchgd.config.DataConfig`); validation items use the training set's classes."""
+    :class:`~patchgd.config.DataConfig`; validation items use the training set's classes); or, with
+    ``data.kind: sequences``, ``train.npz`` and ``val.npz``."""
+    if cfg.data.kind == "sequences":
+        if cfg.data.root is None:
+            raise ValueError("data.root is not set: point it at the folder holding train.npz and val.npz")
+        return tuple(SequenceDataset(Path(cfg.data.root) / f"{split}.npz", cfg.data.num_classes, cfg.model.in_chans)
+                     for split in ("train", "val"))
     sets = _layout_datasets(cfg)
     if cfg.data.image_size is None and cfg.method != "patchgd":  # PatchGD gives each image its own grid
         for dataset in sets:
@@ -99,6 +106,16 @@ def _layout_datasets(cfg: Config) -> tuple[ImageDataset, ImageDataset]:
     return stratified_split(train, d.val_fraction, cfg.train.seed)
 
 
+def labels_of(dataset: ImageDataset | SequenceDataset) -> list[int]:
+    """The class indices of a dataset's items."""
+    return dataset.y.tolist() if isinstance(dataset, SequenceDataset) else dataset.labels
+
+
+def origin_of(dataset: ImageDataset | SequenceDataset) -> str | Path:
+    """What a dataset was read from (a CSV, a folder, an npz file), for messages."""
+    return dataset.path if isinstance(dataset, SequenceDataset) else dataset.origin
+
+
 def resolve_classes(cfg: Config, train_set: ImageDataset, val_set: ImageDataset) -> Config:
     """``cfg`` with ``data.num_classes`` and ``data.classes`` as the labels say.
 
@@ -107,16 +124,16 @@ def resolve_classes(cfg: Config, train_set: ImageDataset, val_set: ImageDataset)
             classes are found.
     """
     d = cfg.data
-    if train_set.classes is not None:
+    if getattr(train_set, "classes", None) is not None:
         classes, found = list(train_set.classes), len(train_set.classes)
         if d.num_classes is not None and d.num_classes != found:
             raise DataError(f"data.num_classes={d.num_classes} but the labels of {train_set.origin} name {found} "
                             f"classes {classes}; expected {found} (or leave data.num_classes null to infer it)")
     else:
-        classes, found = None, max(train_set.labels + val_set.labels) + 1
+        classes, found = None, max(labels_of(train_set) + labels_of(val_set)) + 1
     num_classes = d.num_classes or found
     if num_classes < 2:
-        raise DataError(f"{train_set.origin}: the labels hold only class 0; expected at least two classes")
+        raise DataError(f"{origin_of(train_set)}: the labels hold only class 0; expected at least two classes")
     return dataclasses.replace(cfg, data=dataclasses.replace(d, num_classes=num_classes, classes=classes))
 
 
@@ -183,8 +200,9 @@ def build_train_loader(cfg: Config, train_set: ImageDataset, generator: torch.Ge
         if sampler is not None:
             raise ValueError("train.balanced_sampler=true is not available with several processes (torchrun) "
                              "yet; train on one process, or without it")
-        counts = np.bincount(train_set.labels)
-        weights = torch.as_tensor(1.0 / counts[train_set.labels], dtype=torch.double)
+        labels = labels_of(train_set)
+        counts = np.bincount(labels)
+        weights = torch.as_tensor(1.0 / counts[labels], dtype=torch.double)
         sampler = WeightedRandomSampler(weights, num_samples=len(train_set), replacement=True,
                                         generator=generator)
     return DataLoader(train_set, batch_size=cfg.train.batch_size, shuffle=sampler is None, sampler=sampler,
@@ -205,8 +223,9 @@ def build_model(cfg: Config) -> nn.Module:
     """The model ``cfg.method`` trains, on the CPU."""
     m = cfg.model
     return create_model(cfg.method, m.backbone, cfg.data.num_classes, patch_size=m.patch_size,
-                        latent_dim=m.latent_dim, in_chans=m.in_chans, pretrained=m.pretrained,
-                        head_width=m.head_width, head_dropout=m.head_dropout, pad_value=cfg.data.pad_value,
+                        latent_dim=m.latent_dim, in_chans=m.in_chans, pretrained=m.pretrained, head=m.head,
+                        head_width=m.head_width, head_dropout=m.head_dropout, head_depth=m.head_depth,
+                        head_heads=m.head_heads, pad_value=cfg.data.pad_value,
                         image_size=cfg.data.image_size, channels_last=m.channels_last, mean=cfg.data.mean,
                         std=cfg.data.std, fill_workers=cfg.data.num_workers)
 
@@ -285,10 +304,12 @@ def item_shape(image: torch.Tensor | LazyImage) -> tuple[int, int, int]:
 
 def patches_per_step(cfg: Config, image_shape: tuple[int, ...]) -> int:
     """Patches a PatchGD inner iteration holds with gradients: ``B * k``; also its default fill chunk.
-    ``k`` is ``patchgd.patches_per_step`` (at most the grid's cells) when set, else from ``sampling``."""
-    rows, cols = grid_shape(image_shape[-2], image_shape[-1], cfg.model.patch_size)
-    return cfg.train.batch_size * patches_per_iteration(cfg.patchgd.sampling, rows * cols,
-                                                        cfg.patchgd.patches_per_step)
+    ``k`` is ``patchgd.patches_per_step`` (at most the grid's cells) when set, else from ``sampling``.
+
+    ``image_shape`` is one item's ``(C, H, W)`` (or a sequence's ``(C, L)``).
+    """
+    cells = PatchGrid(torch.empty(1, *image_shape, device="meta"), cfg.model.patch_size).num_cells
+    return cfg.train.batch_size * patches_per_iteration(cfg.patchgd.sampling, cells, cfg.patchgd.patches_per_step)
 
 
 def check_parameters_finite(model: nn.Module, where: str, loss: float) -> None:
@@ -376,6 +397,21 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, num_cla
     results["loss"] = classification_loss(logits, labels).item()
     return results
 
+
+def write_validation_heatmaps(model: nn.Module, val_set, cfg: Config, out_dir: Path) -> list[Path]:
+    """Occlusion heatmaps and ``Z`` pictures of ``train.heatmap_images`` validation items, the same every time.
+
+    The items are spread evenly over the validation set (a set sorted by class shows several classes).
+    Returns the pictures written.
+    """
+    from .explain import write_evidence
+
+    count = min(cfg.train.heatmap_images, len(val_set))
+    indices = np.linspace(0, len(val_set) - 1, count).round().astype(int)
+    items = [val_set[i] for i in indices]
+    batch, _ = collate_images(items)
+    names = [f"val{i:04d}_label{label}" for i, (_, label) in zip(indices, items)]
+    return write_evidence(model, batch, [image for image, _ in items], names, out_dir, out_dir)[1]
 
 def rng_states(generator: torch.Generator) -> dict:
     """Every random state a resumed run needs, as tensors and plain values (the safe loader reads them)."""
@@ -485,10 +521,10 @@ def train_loader_drops_last(num_images: int, batch_size: int) -> bool:
 
 def describe_data(cfg: Config, train_set: ImageDataset, val_set: ImageDataset) -> str:
     """One line per class: its name and how many training and validation images it has."""
-    train_counts = np.bincount(train_set.labels, minlength=cfg.data.num_classes)
-    val_counts = np.bincount(val_set.labels, minlength=cfg.data.num_classes)
-    lines = [f"data: {len(train_set)} train images from {train_set.origin}, {len(val_set)} validation images "
-             f"from {val_set.origin}; {cfg.data.num_classes} classes"]
+    train_counts = np.bincount(labels_of(train_set), minlength=cfg.data.num_classes)
+    val_counts = np.bincount(labels_of(val_set), minlength=cfg.data.num_classes)
+    lines = [f"data: {len(train_set)} train items from {origin_of(train_set)}, {len(val_set)} validation items "
+             f"from {origin_of(val_set)}; {cfg.data.num_classes} classes"]
     lines += [f"  {class_name(cfg, c)}: {train_counts[c]} train / {val_counts[c]} val"
               for c in range(cfg.data.num_classes)]
     return "\n".join(lines)
@@ -517,7 +553,9 @@ def fit(cfg: Config, resume: str | Path | None = None, *, log=print) -> dict:
     The run directory (``cfg.output_dir``, or ``resume``) receives ``config.yaml`` (resolved: the classes
     found included), ``split.csv`` (which image trained and which validated), ``train.log``,
     ``metrics.csv``, ``last.pt``, ``best.pt``, ``eval.json`` (the last evaluation with its confusion
-    matrix and per-class scores), ``learning_curves.png`` and, with ``train.tensorboard``, ``tensorboard/``. It is locked for the life of the run
+    matrix and per-class scores), ``learning_curves.png``, with ``train.tensorboard`` ``tensorboard/``, and,
+    every ``train.heatmap_every`` epochs, ``heatmaps/epochNNN/`` (validation heatmaps and ``Z`` pictures).
+    It is locked for the life of the run
     (:func:`patchgd.rundir.hold_run_dir`). Each epoch writes ``last.pt``, then ``best.pt``, then its metrics row.
 
     In a process group (``torchrun``, see :mod:`patchgd.distributed`) every process runs this function:
@@ -569,15 +607,15 @@ def _fit(cfg: Config, run_dir: Path, resuming: bool, logger: RunLogger) -> dict:
         state = load_checkpoint(run_dir / "last.pt", map_location=device)
         check_resume(state, cfg, run_dir)
         cfg.output_dir = str(run_dir)
-    if distributed.is_main():
+    if distributed.is_main() and isinstance(train_set, ImageDataset):
         write_split(run_dir / SPLIT_FILE, cfg.data.root, train_set, val_set)
     generator = seed_everything(cfg.train.seed)
     lazy = isinstance(train_set[0][0], LazyImage)
     image_shape = item_shape(train_set[0][0])
     if cfg.method == "patchgd" and cfg.model.patch_size > min(image_shape[1:]):
-        raise ValueError(f"model.patch_size={cfg.model.patch_size} is larger than the {image_shape[1]}x"
-                         f"{image_shape[2]} images of {train_set.origin}; expected at most "
-                         f"{min(image_shape[1:])} px (a smaller patch, or no data.image_size downscaling)")
+        raise ValueError(f"model.patch_size={cfg.model.patch_size} is larger than the "
+                         f"{'x'.join(map(str, image_shape[1:]))} images of {origin_of(train_set)}; "
+                         f"expected at most {min(image_shape[1:])} px (a smaller patch, or no data.image_size downscaling)")
     if cfg.memory.budget is not None and not resuming:
         if lazy:
             raise ValueError(f"memory.budget={cfg.memory.budget!r}: the planner measures trial steps on whole "
@@ -627,10 +665,11 @@ def _fit(cfg: Config, run_dir: Path, resuming: bool, logger: RunLogger) -> dict:
     if drop_last:
         log(f"{len(train_set)} training images in batches of {cfg.train.batch_size} would leave a last batch "
             "of one image: it is dropped (a different image each epoch)")
-    train_set.transform = build_augmentation(cfg)
+    if isinstance(train_set, ImageDataset):
+        train_set.transform = build_augmentation(cfg)
     train_loader = build_train_loader(cfg, train_set, loader_generator, sampler, drop_last)
     if len(train_loader) == 0:
-        raise ValueError(f"{train_set.origin}: {len(train_set)} training image(s); expected at least 2")
+        raise ValueError(f"{origin_of(train_set)}: {len(train_set)} training item(s); expected at least 2")
     val_loader = DataLoader(distributed.eval_shard(val_set),
                             batch_size=cfg.train.eval_batch_size or cfg.train.batch_size,
                             num_workers=cfg.data.num_workers, collate_fn=collate_images)
@@ -712,6 +751,8 @@ def _fit(cfg: Config, run_dir: Path, resuming: bool, logger: RunLogger) -> dict:
                                            "classes": cfg.data.classes}, indent=2))
             plot_learning_curves(run_dir / "metrics.csv", run_dir / "learning_curves.png",
                                  num_classes=cfg.data.num_classes)
+            if cfg.method == "patchgd" and cfg.train.heatmap_every and epoch % cfg.train.heatmap_every == 0:
+                write_validation_heatmaps(model, val_set, cfg, run_dir / "heatmaps" / f"epoch{epoch:03d}")
         log(epoch_summary(epoch, cfg, train_stats, results, elapsed))
         log_epoch(logger, epoch, lr, train_stats, results)
         if cfg.train.patience is not None and epoch - best_epoch >= cfg.train.patience:

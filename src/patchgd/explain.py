@@ -1,0 +1,314 @@
+"""See what the model sees: per-cell class evidence (heatmaps) and ``Z`` as an RGB picture (Fig. 5 of the paper).
+
+PatchGD classifies a small latent grid ``Z``, one cell per patch, with a small head. That makes per-cell
+evidence exact and cheap: :func:`occlusion_scores` replaces one cell of ``Z`` at a time by the code of a
+blank patch (the background code) and reads how much the predicted class's logit drops, for every cell,
+batching the occluded grids through the head only: the backbone runs once per image, in the fill.
+:func:`gradient_scores` offers gradient x activation on ``Z`` as a second, first-order method.
+
+Example:
+    >>> model = PatchGDClassifier("test_resnet", num_classes=3, patch_size=32, latent_dim=16).eval()
+    >>> evidence = explain(model, torch.randn(1, 3, 96, 128))
+    >>> evidence.scores.shape
+    torch.Size([1, 3, 4])
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .grid import LazyImage, cell_mask
+from .io import atomic_file
+from .model import PatchGDClassifier
+
+__all__ = ["METHODS", "Evidence", "occlusion_scores", "gradient_scores", "explain", "z_to_rgb",
+           "save_heatmap", "save_z_image", "write_evidence"]
+
+METHODS = ("occlusion", "grad")
+
+
+@dataclass
+class Evidence:
+    """What :func:`explain` found for a batch.
+
+    Attributes:
+        z: ``(B, s, *grid)`` latent grid of the images.
+        logits: ``(B, classes)`` the head's logits.
+        target: ``(B,)`` the class the scores are about (the predicted one unless given).
+        scores: ``(B, *grid)`` per-cell evidence for ``target``; positive cells support it.
+        method: ``"occlusion"`` or ``"grad"``.
+    """
+
+    z: torch.Tensor
+    logits: torch.Tensor
+    target: torch.Tensor
+    scores: torch.Tensor
+    method: str
+
+
+@torch.no_grad()
+def occlusion_scores(model: PatchGDClassifier, z: torch.Tensor, code: torch.Tensor, target: torch.Tensor,
+                     mask: torch.Tensor | None = None, batch_size: int = 256) -> torch.Tensor:
+    """Per cell, the drop of the ``target`` logit when that cell of ``Z`` is replaced by ``code``.
+
+    Exact (no approximation) and cheap: only the head runs, on ``batch_size`` occluded grids at a time.
+
+    Args:
+        model: The classifier, its head in eval mode (so that each occluded grid is classified alone).
+        z: ``(B, s, *grid)``.
+        code: ``(s,)`` the value an occluded cell takes (:meth:`PatchGDClassifier.background_code`).
+        target: ``(B,)`` class per image.
+        mask: The cell mask of a batch of images of different sizes (see :meth:`PatchGDClassifier.classify`).
+        batch_size: Occluded grids per head call.
+
+    Returns:
+        ``(B, *grid)``: ``logit(Z) - logit(Z with the cell occluded)``.
+    """
+    batch, latent = z.shape[:2]
+    flat = z.reshape(batch, latent, -1)
+    cells = flat.shape[2]
+    scores = torch.empty(batch, cells, device=z.device)
+    for b in range(batch):
+        own = None if mask is None else mask[b:b + 1]
+        base = model.classify(z[b:b + 1], own)[0, target[b]].float()
+        for start in range(0, cells, batch_size):
+            idx = torch.arange(start, min(start + batch_size, cells), device=z.device)
+            occluded = flat[b].expand(len(idx), -1, -1).clone()
+            occluded[torch.arange(len(idx), device=z.device), :, idx] = code.to(z.dtype)
+            logits = model.classify(occluded.view(len(idx), *z.shape[1:]),
+                                    None if own is None else own.expand(len(idx), *own.shape[1:]))
+            scores[b, idx] = base - logits[:, target[b]].float()
+    return scores.view(batch, *z.shape[2:])
+
+
+def gradient_scores(model: PatchGDClassifier, z: torch.Tensor, target: torch.Tensor,
+                    mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Gradient x activation: per cell, ``sum_s Z[s] * d logit_target / d Z[s]``.
+
+    Args:
+        model: The classifier, its head in eval mode.
+        z: ``(B, s, *grid)``.
+        target: ``(B,)`` class per image.
+        mask: The cell mask of a batch of images of different sizes.
+
+    Returns:
+        ``(B, *grid)`` first-order estimate of each cell's contribution to the ``target`` logit.
+    """
+    with torch.enable_grad():
+        z = z.detach().requires_grad_(True)
+        logits = model.classify(z, mask)
+        (grad,) = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), z)
+    return (grad * z).sum(dim=1).detach()
+
+
+def explain(model: PatchGDClassifier, images: torch.Tensor | Sequence, method: str = "occlusion",
+            target: torch.Tensor | None = None) -> Evidence:
+    """Fill ``Z`` (eval mode, Fig. 3b) and score every cell for the predicted (or ``target``) class.
+
+    Args:
+        model: A :class:`~patchgd.PatchGDClassifier`; put in eval mode for the call and restored after.
+        images: ``(B, C, H, W)`` images or ``(B, C, L)`` sequences, or one item per image (tensors of any
+            sizes, :class:`~patchgd.grid.LazyImage` slides), as the model takes them.
+        method: ``"occlusion"`` (default; cells replaced by the background code) or ``"grad"``.
+        target: Optional ``(B,)`` class per image to explain instead of the prediction.
+
+    Returns:
+        An :class:`Evidence`.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown heatmap method {method!r}: expected one of {', '.join(METHODS)}")
+    was_training = model.training
+    model.eval()
+    try:
+        grid = model.grid(images.to(model.device) if isinstance(images, torch.Tensor) else list(images))
+        z = model.fill_z(grid)
+        mask = cell_mask(grid)
+        with torch.no_grad():
+            logits = model.classify(z, mask).float()
+        target = logits.argmax(dim=1) if target is None else torch.as_tensor(target, device=z.device)
+        if method == "occlusion":
+            scores = occlusion_scores(model, z, model.background_code(grid), target, mask)
+        else:
+            scores = gradient_scores(model, z, target, mask)
+    finally:
+        model.train(was_training)
+    return Evidence(z=z, logits=logits, target=target, scores=scores, method=method)
+
+
+def z_to_rgb(z: torch.Tensor) -> np.ndarray:
+    """One image's ``Z`` as colours: its cells projected on their first three principal components.
+
+    Args:
+        z: ``(s, *grid)`` latent grid of one image.
+
+    Returns:
+        ``(*grid, 3)`` float array in [0, 1]; each component stretched to the full range (a constant one
+        is mid-grey).
+    """
+    cells = z.reshape(z.shape[0], -1).T.double()  # (cells, s)
+    centred = cells - cells.mean(dim=0)
+    _, _, vh = torch.linalg.svd(centred, full_matrices=False)
+    components = centred @ vh[:3].T  # fewer than 3 when s or the cells are fewer
+    rgb = torch.full((cells.shape[0], 3), 0.5, dtype=torch.float64)
+    low, high = components.min(dim=0).values, components.max(dim=0).values
+    spread = high - low
+    varied = spread > 1e-12 * (1 + high.abs())
+    rgb[:, :components.shape[1]][:, varied] = (components[:, varied] - low[varied]) / spread[varied]
+    return rgb.view(*z.shape[1:], 3).numpy()
+
+
+def _thumbnail(image: torch.Tensor, max_side: int) -> np.ndarray:
+    """``(C, H, W)`` pixels in [0, 1] -> an ``(h, w)`` or ``(h, w, 3)`` array whose longer side is at most ``max_side``."""
+    scale = max_side / max(image.shape[1:])
+    if scale < 1:
+        size = [max(1, round(side * scale)) for side in image.shape[1:]]
+        image = F.interpolate(image[None].float(), size=size, mode="bilinear", antialias=True, align_corners=False)[0]
+    pixels = image.clamp(0, 1).permute(1, 2, 0).cpu().numpy()
+    return pixels[:, :, 0] if pixels.shape[2] == 1 else pixels
+
+
+def _save_figure(fig, path: Path) -> None:
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+
+
+def save_heatmap(out_dir: str | Path, name: str, display: torch.Tensor, scores: torch.Tensor, patch_size: int,
+                 title: str, max_side: int = 768, image_width: int | None = None) -> list[Path]:
+    """Write ``NAME_heatmap.png`` (the evidence over the image), ``.npy`` and ``.csv`` (row, col, score).
+
+    Args:
+        out_dir: Folder to write into (created if needed).
+        name: File stem.
+        display: What to draw the evidence on: ``(C, H, W)`` pixels in [0, 1] (a thumbnail of at most
+            ``max_side`` px is drawn), or a ``(C, L)`` sequence (its channels as lines).
+        scores: ``(m, n)`` or ``(n,)`` per-cell evidence of one image.
+        patch_size: Cell side in pixels (samples), to place the cells on the image.
+        title: The figure's title (the prediction).
+        max_side: Longest side of the drawn thumbnail.
+        image_width: Width in pixels of the image the scores are about, when ``display`` is a smaller
+            picture of it (a slide's thumbnail); default: the width of ``display``.
+
+    Returns:
+        The written paths.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    grid = scores.detach().float().cpu().numpy()
+    limit = float(np.abs(grid).max()) or 1.0
+    style = dict(cmap="RdBu_r", vmin=-limit, vmax=limit)
+    if display.dim() == 3:
+        picture = _thumbnail(display, max_side)
+        scale = picture.shape[1] / (image_width or display.shape[2])
+        rows, cols = grid.shape
+        fig, ax = plt.subplots(figsize=(7, 7 * picture.shape[0] / picture.shape[1] + 0.6))
+        ax.imshow(picture, cmap="gray" if picture.ndim == 2 else None, vmin=0, vmax=1,
+                  extent=(0, picture.shape[1], picture.shape[0], 0))
+        # Cells with little evidence stay see-through, so the image shows where nothing is claimed.
+        alpha = 0.1 + 0.6 * np.abs(grid) / limit
+        shown = ax.imshow(grid, extent=(0, cols * patch_size * scale, rows * patch_size * scale, 0), alpha=alpha,
+                          interpolation="nearest", **style)
+        ax.set_xlim(0, picture.shape[1])
+        ax.set_ylim(picture.shape[0], 0)
+        ax.set_axis_off()
+    else:
+        series = display.detach().float().cpu().numpy()
+        fig, ax = plt.subplots(figsize=(9, 3.5))
+        length = grid.shape[-1] * patch_size
+        shown = ax.imshow(grid.reshape(1, -1), extent=(0, length, series.min(), series.max()), aspect="auto",
+                          alpha=0.45, interpolation="nearest", **style)
+        for channel in series:
+            ax.plot(np.arange(len(channel)), channel, lw=0.8)
+        ax.set_xlim(0, length)
+        ax.set_xlabel("time step")
+    fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02, label="evidence for the class")
+    ax.set_title(title, fontsize=10)
+    paths = [out_dir / f"{name}_heatmap.png", out_dir / f"{name}_heatmap.npy", out_dir / f"{name}_heatmap.csv"]
+    _save_figure(fig, paths[0])
+    plt.close(fig)
+    with atomic_file(paths[1]) as tmp, tmp.open("wb") as f:
+        np.save(f, grid.astype(np.float32))
+    with atomic_file(paths[2]) as tmp, tmp.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["row", "col", "score"])
+        for (row, col), value in np.ndenumerate(grid.reshape(-1, grid.shape[-1])):
+            writer.writerow([row, col, f"{value:.6g}"])
+    return paths
+
+
+def save_z_image(out_dir: str | Path, name: str, z: torch.Tensor, min_side: int = 256) -> Path:
+    """Write ``NAME_z.png``: :func:`z_to_rgb` of one image's ``Z``, each cell a square of pixels.
+
+    Args:
+        out_dir: Folder to write into (created if needed).
+        name: File stem.
+        z: ``(s, *grid)`` latent grid of one image.
+        min_side: Cells are enlarged (nearest) until the picture's longer side reaches this.
+
+    Returns:
+        The written path.
+    """
+    from PIL import Image
+
+    rgb = z_to_rgb(z.detach().cpu())
+    if rgb.ndim == 2:  # a sequence's grid is one row
+        rgb = rgb[None]
+    cell = max(1, -(-min_side // max(rgb.shape[:2])))
+    big = np.repeat(np.repeat(rgb, cell, axis=0), cell, axis=1)
+    path = Path(out_dir) / f"{name}_z.png"
+    with atomic_file(path) as tmp:
+        Image.fromarray((big * 255).round().astype(np.uint8)).save(tmp, format="PNG")
+    return path
+
+
+def write_evidence(model: PatchGDClassifier, images: torch.Tensor | Sequence, items: Sequence, names: list[str],
+                   heatmap_dir: str | Path | None = None, z_dir: str | Path | None = None,
+                   method: str = "occlusion") -> tuple[Evidence, list[Path]]:
+    """Explain a batch and write, per image, its heatmap files and/or its ``Z`` picture.
+
+    Args:
+        model: The classifier.
+        images: The batch as the model takes it (a tensor, or one item per image).
+        items: Per image, the data set's item: a ``(C, H, W)`` pixel tensor, a
+            :class:`~patchgd.grid.LazyImage` (drawn as its thumbnail) or a ``(C, L)`` sequence.
+        names: Per image, the file stem.
+        heatmap_dir: Where :func:`save_heatmap` writes (None: no heatmaps).
+        z_dir: Where :func:`save_z_image` writes (None: no ``Z`` pictures).
+        method: ``"occlusion"`` or ``"grad"``.
+
+    Returns:
+        The :class:`Evidence` of the batch, and the pictures written (heatmap, then ``Z``, per image).
+    """
+    from .data.datasets import image_pixels
+
+    evidence = explain(model, images, method)
+    probabilities = torch.softmax(evidence.logits, dim=1)
+    pictures = []
+    for b, (item, name) in enumerate(zip(items, names)):
+        label = int(evidence.target[b])
+        if heatmap_dir is not None:
+            display = image_pixels(item)  # [0, 1] pixels (a slide's thumbnail), or the sequence as it is
+            width = item.source.width if isinstance(item, LazyImage) else None
+            cell = f"{model.patch_size}-step chunk" if display.dim() == 2 else f"{model.patch_size} px cell"
+            title = (f"{name}: class {label} (p={probabilities[b, label]:.3f})\n{method} evidence per {cell} "
+                     "(red supports the class)")
+            grid = evidence.scores[b]
+            if isinstance(images, list) and display.dim() == 3:  # this image's own cells of a padded batch
+                rows, cols = (-(-side // model.patch_size) for side in
+                              ((item.source.height, item.source.width) if width else display.shape[1:]))
+                grid = grid[:rows, :cols]
+            pictures.append(save_heatmap(heatmap_dir, name, display, grid, model.patch_size, title,
+                                         image_width=width)[0])
+        if z_dir is not None:
+            pictures.append(save_z_image(z_dir, name, evidence.z[b]))
+    return evidence, pictures
