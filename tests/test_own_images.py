@@ -154,6 +154,18 @@ def test_tensorboard_event_files(tmp_path, folders):
             "memory/process_peak_bytes", "loss/train_step"} <= set(tags)
 
 
+def test_validation_heatmaps_reach_tensorboard(tmp_path, folders):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = config_from_dict(yaml.safe_load(six_line_config(tmp_path, folders).read_text()))
+    cfg.train.tensorboard, cfg.train.epochs, cfg.train.heatmap_every, cfg.train.heatmap_images = True, 1, 1, 2
+    patchgd.train.fit(cfg, log=lambda line: None)
+    pngs = sorted((tmp_path / "run" / "heatmaps" / "epoch001").glob("*.png"))
+    (events,) = (tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*")
+    images = EventAccumulator(str(events)).Reload().Tags()["images"]
+    assert len(pngs) == 4 and sorted(images) == sorted(f"heatmaps/{png.stem}" for png in pngs)
+
+
 def test_early_stopping_on_the_validation_accuracy(tmp_path, folders, monkeypatch):
     accuracies = iter([0.5, 0.6, 0.6, 0.55, 0.9])
     real = patchgd.train.evaluate

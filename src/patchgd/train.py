@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, WeightedRandomSampler
@@ -752,7 +753,9 @@ def _fit(cfg: Config, run_dir: Path, resuming: bool, logger: RunLogger) -> dict:
             plot_learning_curves(run_dir / "metrics.csv", run_dir / "learning_curves.png",
                                  num_classes=cfg.data.num_classes)
             if cfg.method == "patchgd" and cfg.train.heatmap_every and epoch % cfg.train.heatmap_every == 0:
-                write_validation_heatmaps(model, val_set, cfg, run_dir / "heatmaps" / f"epoch{epoch:03d}")
+                for png in write_validation_heatmaps(model, val_set, cfg, run_dir / "heatmaps" / f"epoch{epoch:03d}"):
+                    logger.image(f"heatmaps/{png.stem}", np.asarray(Image.open(png).convert("RGB")), epoch,
+                                 dataformats="HWC")
         log(epoch_summary(epoch, cfg, train_stats, results, elapsed))
         log_epoch(logger, epoch, lr, train_stats, results)
         if cfg.train.patience is not None and epoch - best_epoch >= cfg.train.patience:
