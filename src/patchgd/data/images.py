@@ -27,6 +27,24 @@ _PIL_DTYPES = {"I;16": np.uint16, "I;16L": np.uint16, "I;16B": np.uint16, "I;16N
                "F": np.float32}
 
 
+def decode_image(path: str | Path, in_chans: int) -> np.ndarray:
+    """The pixels of an image file as decoded, whole: tifffile for TIFFs (their first, full-resolution
+    image), Pillow otherwise, converting its 8-bit modes to L or RGB; 16-bit and float data keep their type.
+
+    Raises:
+        DataError: The file cannot be decoded.
+    """
+    try:
+        if Path(path).suffix.lower() in _TIFF_EXTENSIONS:
+            return tifffile.imread(path, key=0)
+        with Image.open(path) as image:
+            if image.mode in _PIL_CONVERTIBLE:
+                image = image.convert("L" if in_chans == 1 else "RGB")
+            return np.asarray(image)
+    except _DECODE_ERRORS as err:
+        raise DataError(f"{path}: cannot decode image ({err})") from err
+
+
 def read_image(path: str | Path, in_chans: int, intensity: Intensity | None = None) -> np.ndarray:
     """Read an image as ``float32`` ``(in_chans, H, W)`` with values in [0, 1].
 
@@ -48,17 +66,7 @@ def read_image(path: str | Path, in_chans: int, intensity: Intensity | None = No
     path = Path(path)
     if in_chans not in (1, 3):
         raise ValueError(f"in_chans={in_chans}; expected 1 or 3")
-    try:
-        if path.suffix.lower() in _TIFF_EXTENSIONS:
-            array = tifffile.imread(path, key=0)
-        else:
-            with Image.open(path) as image:
-                if image.mode in _PIL_CONVERTIBLE:
-                    array = np.asarray(image.convert("L" if in_chans == 1 else "RGB"))
-                else:
-                    array = np.asarray(image)
-    except _DECODE_ERRORS as err:
-        raise DataError(f"{path}: cannot decode image ({err})") from err
+    array = decode_image(path, in_chans)
     _hwc_shape(array.shape, path)
     _check_pixel_type(array.dtype, path)
     intensity = intensity or Intensity()

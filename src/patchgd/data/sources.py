@@ -28,7 +28,7 @@ import tifffile
 from PIL import Image
 
 from patchgd.data.errors import DataError
-from patchgd.data.images import _DECODE_ERRORS, _LUMA, _PIL_CONVERTIBLE, _TIFF_EXTENSIONS
+from patchgd.data.images import _LUMA, decode_image
 
 try:
     import openslide
@@ -414,16 +414,7 @@ class ImageFileSource(PatchSource):
 
     def _open(self) -> None:
         path = Path(self.path)
-        try:
-            if path.suffix.lower() in _TIFF_EXTENSIONS:
-                array = tifffile.imread(path, key=0)
-            else:
-                with Image.open(path) as image:
-                    if image.mode in _PIL_CONVERTIBLE:
-                        image = image.convert("L" if self.channels == 1 else "RGB")
-                    array = np.asarray(image)
-        except _DECODE_ERRORS as err:
-            raise DataError(f"{path}: cannot decode image ({err})") from err
+        array = decode_image(path, self.channels)
         if array.size == 0:
             raise DataError(f"{path}: no image data; expected a non-empty image")
         if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[2] > 4:
