@@ -387,7 +387,8 @@ def collate_images(batch: Sequence[tuple[torch.Tensor | LazyImage, int]]) -> tup
 def image_pixels(image: torch.Tensor | LazyImage) -> torch.Tensor:
     """``(C, H, W)`` pixels of an item in [0, 1] for statistics: a slide's from its thumbnail."""
     if isinstance(image, LazyImage):
-        image = torch.from_numpy(np.ascontiguousarray(image.source.thumbnail(_THUMBNAIL_SIDE))).permute(2, 0, 1)
+        # np.array copies: a thumbnail can be read-only (Pillow's buffer), which torch warns about.
+        image = torch.from_numpy(np.array(image.source.thumbnail(_THUMBNAIL_SIDE))).permute(2, 0, 1)
     return to_unit_range(image)
 
 
