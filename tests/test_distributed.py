@@ -9,6 +9,8 @@ import functools
 import os
 import socket
 import sys
+import tempfile
+from unittest import mock
 
 import pytest
 import torch
@@ -57,7 +59,9 @@ def spawn(fn, *args):
     Forked, not spawned: a spawned process re-imports torch and timm, which takes this shared CPU far
     longer than the test itself (the suite runs torch single-threaded, so forking is safe).
     """
-    mp.start_processes(_entry, args=(_free_port(), fn, args), nprocs=WORLD, join=True, start_method="fork")
+    # torch writes a failed process's error file into the temporary folder and leaves it there.
+    with tempfile.TemporaryDirectory() as errors, mock.patch.object(tempfile, "tempdir", errors):
+        mp.start_processes(_entry, args=(_free_port(), fn, args), nprocs=WORLD, join=True, start_method="fork")
 
 
 # --- the same global batch on 1 and on 2 processes -------------------------------------------------------
