@@ -1,6 +1,7 @@
-"""Tiny models shared by the tests: fast on two CPU cores, deterministic, no downloads."""
+"""Shared by the tests: tiny models (fast on two CPU cores, deterministic, no downloads) and a tiny run config."""
 
 import torch.nn as nn
+import yaml
 
 
 class TinyEncoder(nn.Module):
@@ -16,3 +17,22 @@ class TinyEncoder(nn.Module):
 
     def forward(self, x):
         return self.net(x)
+
+
+def write_config(tmp_path, root, **overrides):
+    """A tiny PatchGD run on the data set in ``root``, written to ``tmp_path/config.yaml``; an override
+    ``section__key=value`` sets ``section.key``."""
+    cfg = {
+        "method": "patchgd", "output_dir": str(tmp_path / "run"),
+        "model": {"backbone": "test_resnet", "patch_size": 32, "latent_dim": 8, "in_chans": 1,
+                  "head_width": 8},
+        "data": {"root": str(root), "num_classes": 10},
+        "train": {"epochs": 1, "batch_size": 4, "device": "cpu", "warmup_epochs": 0.5},
+        "patchgd": {"sampling": 0.5},
+    }
+    for key, value in overrides.items():
+        section, name = key.split("__")
+        cfg[section][name] = value
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path

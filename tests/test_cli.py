@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from patchgd.cli import main
+
+from helpers import write_config
 
 
 @pytest.fixture(scope="module")
@@ -26,23 +27,6 @@ def copy_data(data, tmp_path):
     import shutil
 
     return Path(shutil.copytree(data, tmp_path / "data"))
-
-
-def write_config(tmp_path, root, **overrides):
-    cfg = {
-        "method": "patchgd", "output_dir": str(tmp_path / "run"),
-        "model": {"backbone": "test_resnet", "patch_size": 32, "latent_dim": 8, "in_chans": 1,
-                  "head_width": 8},
-        "data": {"root": str(root), "num_classes": 10},
-        "train": {"epochs": 1, "batch_size": 4, "device": "cpu", "warmup_epochs": 0.5},
-        "patchgd": {"sampling": 0.5},
-    }
-    for key, value in overrides.items():
-        section, name = key.split("__")
-        cfg[section][name] = value
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
 
 
 def metrics_epochs(run):

@@ -20,6 +20,8 @@ from patchgd.checkpoint import CheckpointError, load_checkpoint
 from patchgd.cli import main
 from patchgd.rundir import LOCK_NAME, hold_run_dir
 
+from helpers import write_config
+
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory, mnist_dir):
@@ -27,22 +29,6 @@ def data(tmp_path_factory, mnist_dir):
     assert main(["generate", "ultramnist", str(out), "--train", "16", "--val", "6", "--image-size", "96",
                  "--digits", str(mnist_dir), "--seed", "2"]) == 0
     return out
-
-
-def write_config(tmp_path, root, **overrides):
-    cfg = {
-        "method": "patchgd", "output_dir": str(tmp_path / "run"),
-        "model": {"backbone": "test_resnet", "patch_size": 32, "latent_dim": 8, "in_chans": 1, "head_width": 8},
-        "data": {"root": str(root), "num_classes": 10},
-        "train": {"epochs": 1, "batch_size": 4, "device": "cpu", "warmup_epochs": 0.5},
-        "patchgd": {"sampling": 0.5},
-    }
-    for key, value in overrides.items():
-        section, name = key.split("__")
-        cfg[section][name] = value
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
 
 
 def metrics_rows(run):
