@@ -152,10 +152,13 @@ class TrainConfig:
     a terminal; ``threads`` sets torch's CPU threads (null: torch's default); ``tensorboard`` writes event
     files into the run directory; ``patience`` stops after that many epochs without a better validation
     accuracy; ``balanced_sampler`` draws training images with probability inversely proportional to their
-    class's frequency."""
+    class's frequency. ``micro_batch_size`` (GD and GD-extended) splits each batch into micro-batches whose
+    gradients accumulate into one update; with ``memory.budget`` the planner keeps ``batch_size`` and picks
+    the largest micro-batch that fits."""
 
     epochs: int = _field(10, ge=1)
     batch_size: int = _field(8, ge=1)
+    micro_batch_size: int | None = _field(None, ge=1)
     lr: float = _field(1e-3, gt=0)
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     weight_decay: float = _field(0.0, ge=0)

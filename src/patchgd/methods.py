@@ -352,25 +352,48 @@ class PatchGD(_Step):
 class GD(_Step):
     """Plain gradient descent on whole images: the GD and GD-extended baselines.
 
+    With ``micro_batch_size`` each batch is split into micro-batches of that many images whose gradients
+    accumulate (each loss weighted by its share of the batch) before one update, so the update is the whole
+    batch's mean gradient while only one micro-batch's activations are held: the paper's GD with gradient
+    accumulation. BatchNorm then normalises each micro-batch on its own statistics. Under DDP only the last
+    micro-batch's backward all-reduces.
+
     Args:
         model: A :class:`~patchgd.model.GDClassifier` or :class:`~patchgd.model.GDExtendedClassifier`.
         optimizer: Optimizer over the model's parameters.
         amp: ``None``, ``"bf16"`` or ``"fp16"`` (CUDA).
+        micro_batch_size: Images per forward/backward; None: the whole batch at once.
     """
 
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, amp: str | None = None,
+                 micro_batch_size: int | None = None):
+        super().__init__(model, optimizer, amp)
+        if micro_batch_size is not None and micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size={micro_batch_size}; expected at least 1 image")
+        self.micro_batch_size = micro_batch_size
+
     def step(self, images: torch.Tensor, labels: torch.Tensor) -> dict:
-        """One forward/backward/update on a batch; returns ``loss`` and ``step_time``."""
+        """One update on a batch (forward/backward per micro-batch); returns ``loss`` (the batch mean),
+        ``step_time`` and ``micro_batches``."""
         start = time.perf_counter()
         images, labels = self.inputs(images, labels)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        with self.autocast():
-            logits = self.forward_module(images)
-        loss = classification_loss(logits, labels)
-        self.backward(loss)
+        size = len(labels)
+        starts = range(0, size, self.micro_batch_size or size)
+        loss_sum = 0.0
+        for first in starts:
+            part = slice(first, first + (self.micro_batch_size or size))
+            with self.gradient_sync(first == starts[-1]):
+                with self.autocast():
+                    logits = self.forward_module(images[part])
+                loss = classification_loss(logits, labels[part]) * (len(labels[part]) / size)
+                self.backward(loss)
+            loss_sum += loss.item()
         self.update()
         self.sync()
-        return {"loss": loss.item(), "step_time": time.perf_counter() - start, "optimizer_steps": 1}
+        return {"loss": loss_sum, "step_time": time.perf_counter() - start, "optimizer_steps": 1,
+                "micro_batches": len(starts)}
 
 
 METHODS = ("patchgd", "gd", "gd-extended")
@@ -422,10 +445,14 @@ def create_model(method: str, backbone: str | nn.Module, num_classes: int, *, pa
 
 
 def create_method(method: str, model: nn.Module, optimizer: torch.optim.Optimizer, *, amp: str | None = None,
-                  **patchgd_options) -> PatchGD | GD:
-    """The step object for ``method``; ``patchgd_options`` go to :class:`PatchGD` (ignored by GD)."""
+                  micro_batch_size: int | None = None, **patchgd_options) -> PatchGD | GD:
+    """The step object for ``method``; ``patchgd_options`` go to :class:`PatchGD` (ignored by GD), and
+    ``micro_batch_size`` to :class:`GD` (PatchGD bounds its memory with ``sampling`` instead)."""
     if method == "patchgd":
+        if micro_batch_size is not None:
+            raise ValueError("train.micro_batch_size splits the batches of gd and gd-extended; PatchGD bounds its "
+                             "memory with patchgd.sampling or patchgd.patches_per_step instead")
         return PatchGD(model, optimizer, amp=amp, **patchgd_options)
     if method in ("gd", "gd-extended"):
-        return GD(model, optimizer, amp=amp)
+        return GD(model, optimizer, amp=amp, micro_batch_size=micro_batch_size)
     raise ValueError(f"unknown method {method!r}: expected one of {', '.join(METHODS)}")

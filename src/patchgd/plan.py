@@ -3,8 +3,9 @@
 The paper's "4 GB" columns mean "the largest batch that fits in 4 GB". The planner finds it by running
 real training steps (the trainer's own builders, on random images of the training shape) and measuring
 each with :class:`~patchgd.memory.PeakMemory`, as :func:`~patchgd.train.fit` measures its steps. GD and
-GD-extended trade batch size only; PatchGD first trades batch size, then, at batch 1, the patches per
-inner iteration ``k`` (its ``sampling``, or ``patches_per_step`` when that sets ``k``).
+GD-extended trade batch size only, or, with ``train.micro_batch_size`` set, keep the batch and trade the
+micro-batch of their gradient accumulation; PatchGD first trades batch size, then, at batch 1, the patches
+per inner iteration ``k`` (its ``sampling``, or ``patches_per_step`` when that sets ``k``).
 
 Which peak the budget bounds: on CUDA the device peak (what the caching allocator held, the memory the
 GPU must have; the allocator is also capped at the budget), on the CPU the tensor peak of the step
@@ -40,13 +41,14 @@ class BudgetError(ValueError):
 
 class Trial(NamedTuple):
     """One measured setting: batch size, PatchGD's ``k`` (None for GD), tensor peak (None: out of CUDA
-    memory) and the process-level peak beside it (:func:`~patchgd.memory.process_peak`: the device peak on
-    CUDA, the process's peak RSS so far on the CPU)."""
+    memory), the process-level peak beside it (:func:`~patchgd.memory.process_peak`: the device peak on
+    CUDA, the process's peak RSS so far on the CPU) and GD's micro-batch (None: the whole batch)."""
 
     batch_size: int
     patches_per_image: int | None
     peak_bytes: int | None
     process_bytes: int | None = None
+    micro_batch_size: int | None = None
 
     def budgeted_bytes(self, device: torch.device) -> int | None:
         """The peak the budget bounds on ``device`` (see the module's docstring)."""
@@ -72,6 +74,7 @@ class Plan:
         capped: Whether the CUDA allocator was capped at the budget.
         processes: Data-parallel processes the plan is for: the budget and the batch are per process
             (each has its own device), the global batch is ``processes`` times the batch.
+        micro_batch_size: GD's chosen micro-batch when ``train.micro_batch_size`` is set, else None.
     """
 
     method: str
@@ -87,6 +90,7 @@ class Plan:
     device: torch.device
     capped: bool
     processes: int = 1
+    micro_batch_size: int | None = None
 
     def describe(self) -> str:
         """A short table of the trials and the choice."""
@@ -95,13 +99,17 @@ class Plan:
             ("process peak RSS", "tensor peak")
         lines = [f"memory plan: {self.method} on {self.device}, budget {format_size(self.budget_bytes)} on the "
                  f"{bounded} ({cap})",
-                 f"  {'batch':>5}  {'k':>4}  {'tensor peak':>11}  {process:>16}  fits"]
+                 f"  {'batch':>5}  {'micro':>5}  {'k':>4}  {'tensor peak':>11}  {process:>16}  fits"]
         for t in self.trials:
             peak = "out of mem" if t.peak_bytes is None else format_size(t.peak_bytes)
             other = "-" if t.process_bytes is None else format_size(t.process_bytes)
             fits = "yes" if self._fits(t) else "no"
-            lines.append(f"  {t.batch_size:>5}  {t.patches_per_image or '-':>4}  {peak:>11}  {other:>16}  {fits}")
+            lines.append(f"  {t.batch_size:>5}  {t.micro_batch_size or '-':>5}  {t.patches_per_image or '-':>4}  "
+                         f"{peak:>11}  {other:>16}  {fits}")
         choice = f"chose batch {self.batch_size}"
+        if self.micro_batch_size is not None:
+            choice += (f" in micro-batches of {self.micro_batch_size} (gradients of "
+                       f"{-(-self.batch_size // self.micro_batch_size)} accumulate per update)")
         if self.patches_per_step is not None:
             choice += (f", k {self.patches_per_image} of {self.num_cells} cells (patches_per_step), "
                        f"ζ {self.inner_iterations}")
@@ -124,15 +132,16 @@ class Plan:
 
     def apply(self, cfg: Config) -> Config:
         """``cfg`` with the chosen batch size (and PatchGD sampling or patches_per_step), as a new Config."""
-        cfg = _setting(cfg, self.batch_size, None, 1)
+        cfg = _setting(cfg, self.batch_size, None, 1, self.micro_batch_size)
         return dataclasses.replace(cfg, patchgd=dataclasses.replace(
             cfg.patchgd, sampling=self.sampling or cfg.patchgd.sampling, patches_per_step=self.patches_per_step))
 
 
-def _setting(cfg: Config, batch_size: int, k: int | None, num_cells: int) -> Config:
-    """``cfg`` with another batch size and, unless None, PatchGD's ``k`` (as ``patches_per_step`` when the
-    config sets that, else as the sampling fraction ``k / num_cells``)."""
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=batch_size))
+def _setting(cfg: Config, batch_size: int, k: int | None, num_cells: int, micro_batch_size: int | None = None) -> Config:
+    """``cfg`` with another batch size (and GD micro-batch, unless None) and, unless None, PatchGD's ``k``
+    (as ``patches_per_step`` when the config sets that, else as the sampling fraction ``k / num_cells``)."""
+    train_change = {"batch_size": batch_size} | ({"micro_batch_size": micro_batch_size} if micro_batch_size else {})
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **train_change))
     if k is not None:
         change = {"patches_per_step": k} if cfg.patchgd.patches_per_step is not None else {"sampling": k / num_cells}
         cfg = dataclasses.replace(cfg, patchgd=dataclasses.replace(cfg.patchgd, **change))
@@ -186,7 +195,9 @@ def plan_budget(cfg: Config, image_shape: tuple[int, ...], device: torch.device 
                 log: Callable[[str], None] | None = None) -> Plan:
     """Find the largest setting of ``cfg`` whose measured training-step peak fits ``cfg.memory.budget``.
 
-    GD and GD-extended: the largest batch size up to ``max_batch_size``. PatchGD: the largest batch size
+    GD and GD-extended: the largest batch size up to ``max_batch_size``; with ``train.micro_batch_size``
+    set, the batch stays ``train.batch_size`` and the largest micro-batch up to the configured one is
+    chosen. PatchGD: the largest batch size
     at the configured ``k``; if not even batch 1 fits, the largest ``k`` below the configured one at
     batch 1, keeping ``max_sampled`` (so ``ζ`` grows). On CUDA the process is first capped at the budget,
     so trials, and the training after them, run under it. The caller's random state is left as it was.
@@ -218,45 +229,54 @@ def plan_budget(cfg: Config, image_shape: tuple[int, ...], device: torch.device 
     patchgd = cfg.method == "patchgd"
     rows, cols = grid_shape(image_shape[-2], image_shape[-1], cfg.model.patch_size)
     trials: list[Trial] = []
-    measured: dict[tuple[int, int | None], tuple[int | None, int | None, dict]] = {}
+    measured: dict[tuple[int, int | None, int | None], tuple[int | None, int | None, dict]] = {}
     process_name = process_peak(device)[0]
 
-    def fits(batch_size: int, k: int | None) -> bool:
-        setting = _setting(cfg, batch_size, k, rows * cols)
+    micro = not patchgd and cfg.train.micro_batch_size is not None
+
+    def fits(batch_size: int, k: int | None, micro_batch_size: int | None = None) -> bool:
+        setting = _setting(cfg, batch_size, k, rows * cols, micro_batch_size)
         started = time.perf_counter()
-        peak, process, _ = measured[batch_size, k] = _measure(setting, image_shape, device)
+        peak, process, _ = measured[batch_size, k, micro_batch_size] = _measure(setting, image_shape, device)
         k = train.patches_per_step(setting, image_shape) // batch_size if patchgd else None
-        trial = Trial(batch_size, k, peak, process)
+        trial = Trial(batch_size, k, peak, process, micro_batch_size)
         trials.append(trial)
         budgeted = trial.budgeted_bytes(device)
         if log is not None:
             what = "out of memory" if peak is None else \
                 f"tensor peak {format_size(peak)}, {process_name} {format_size(process)}"
             log(f"memory plan: trial {len(trials)}: batch {batch_size}" + (f", k {k}" if k else "") +
+                (f", micro-batch {micro_batch_size}" if micro_batch_size else "") +
                 f": {what} ({time.perf_counter() - started:.1f}s)")
         return budgeted is not None and budgeted <= budget
 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        batch_size = _largest_fitting(lambda b: fits(b, None), max_batch_size or cfg.train.batch_size)
-        k = None
+        k = micro_batch_size = None
+        if micro:
+            batch_size = max_batch_size or cfg.train.batch_size
+            micro_batch_size = _largest_fitting(lambda m: fits(batch_size, None, m),
+                                                min(cfg.train.micro_batch_size, batch_size)) or None
+            batch_size = batch_size if micro_batch_size else 0
+        else:
+            batch_size = _largest_fitting(lambda b: fits(b, None), max_batch_size or cfg.train.batch_size)
         if patchgd and batch_size == 0 and trials[0].patches_per_image > 1:
             k = _largest_fitting(lambda k: fits(1, k), trials[0].patches_per_image - 1) or None
             batch_size = 1 if k else 0
     if batch_size == 0:
         smallest = trials[-1]  # both searches try their smallest setting first and stop when it fails
-        what = f"{cfg.method}, batch 1" + (", k 1" if patchgd else "")
+        what = f"{cfg.method}, " + ("micro-batch 1" if micro else "batch 1") + (", k 1" if patchgd else "")
         peak = "peak (out of memory)" if smallest.budgeted_bytes(device) is None else \
             f"peak {format_size(smallest.budgeted_bytes(device))}"
         raise BudgetError(f"memory budget {format_size(budget)} is below the smallest feasible {peak} "
                           f"({what}); raise memory.budget or use a smaller model/image")
-    peak, _, stats = measured[batch_size, k]
+    peak, _, stats = measured[batch_size, k, micro_batch_size]
     chosen = _setting(cfg, batch_size, k, rows * cols).patchgd
     return Plan(method=cfg.method, budget_bytes=budget, batch_size=batch_size,
                 sampling=chosen.sampling if patchgd else None,
                 patches_per_step=chosen.patches_per_step if patchgd else None,
                 patches_per_image=stats.get("patches_per_image"), num_cells=rows * cols if patchgd else None,
                 inner_iterations=stats.get("inner_iterations"), peak_bytes=peak, trials=trials, device=device,
-                capped=capped, processes=processes or distributed.world_size())
+                capped=capped, processes=processes or distributed.world_size(), micro_batch_size=micro_batch_size)
 
 
 def plan_from_config(cfg: Config, device: torch.device | str | None = None, processes: int | None = None,

@@ -289,7 +289,8 @@ def build_method(cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer
                  generator: torch.Generator | None = None):
     """The step object of ``cfg.method`` (PatchGD options from ``cfg.patchgd``)."""
     p = cfg.patchgd
-    return create_method(cfg.method, model, optimizer, amp=cfg.train.amp, sampling=p.sampling,
+    return create_method(cfg.method, model, optimizer, amp=cfg.train.amp,
+                         micro_batch_size=cfg.train.micro_batch_size, sampling=p.sampling,
                          patches_per_step=p.patches_per_step, max_sampled=p.max_sampled,
                          inner_iterations=p.inner_iterations,
                          grad_accum_steps=p.grad_accum_steps, fill_mode=p.fill_mode,

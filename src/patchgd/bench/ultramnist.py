@@ -95,15 +95,15 @@ def base_config(args: argparse.Namespace, data_root: Path) -> Config:
 
 
 def variant(cfg: Config, *, method: str | None = None, budget: int | None = None,
-            output_dir: Path | None = None, patchgd: dict | None = None, model: dict | None = None) -> Config:
-    """``cfg`` with some fields replaced."""
+            output_dir: Path | None = None, **sections: dict) -> Config:
+    """``cfg`` with some fields replaced; ``sections`` maps a section (``patchgd``, ``model``, ``train``,
+    ``data``) to the fields replaced in it."""
     cfg = dataclasses.replace(cfg, method=method or cfg.method, output_dir=str(output_dir or cfg.output_dir))
     if budget is not None:
         cfg = dataclasses.replace(cfg, memory=MemoryConfig(budget=str(budget)))
-    if patchgd:
-        cfg = dataclasses.replace(cfg, patchgd=dataclasses.replace(cfg.patchgd, **patchgd))
-    if model:
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **model))
+    for section, fields in sections.items():
+        if fields:
+            cfg = dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **fields)})
     return cfg
 
 
@@ -135,7 +135,8 @@ def train_run(cfg: Config, name: str, budget_name: str) -> dict:
     qwk = [float(r["val_qwk"]) for r in rows]
     best = max(range(len(accuracy)), key=accuracy.__getitem__)
     record = {"name": name, "budget": budget_name, "method": cfg.method, "run_dir": summary["run_dir"],
-              "batch_size": used.train.batch_size, "best_accuracy": accuracy[best], "best_epoch": best + 1,
+              "batch_size": used.train.batch_size, "micro_batch_size": used.train.micro_batch_size,
+              "image_size": used.data.image_size, "best_accuracy": accuracy[best], "best_epoch": best + 1,
               "final_accuracy": accuracy[-1], "best_qwk": qwk[best], "final_qwk": qwk[-1],
               "peak_memory_bytes": summary["peak_memory_bytes"], "wall_s": round(wall, 1),
               "val_accuracy_per_epoch": accuracy}

@@ -1,0 +1,194 @@
+"""The paper's trade on UltraMNIST: full-resolution GD does not fit, downscaled GD loses the digits, PatchGD.
+
+One memory budget, set where full-resolution GD fits at most batch 1 (``--budget auto``: midway between
+GD's measured batch-1 and batch-2 step peaks). Under it, with the same backbone,
+epochs, learning-rate schedule and seed, four arms train with :func:`patchgd.train.fit`:
+
+1. ``patchgd``: PatchGD from scratch; the planner gives it the largest batch ``B`` that fits.
+2. ``gd full-res accum``: GD at full resolution in batches of ``B`` split into the largest micro-batch
+   that fits (``train.micro_batch_size``), gradients accumulated to one update per batch, as the paper
+   tried; the same number of updates as PatchGD.
+3. ``gd low-res``: GD on images downscaled (``data.image_size``) to the largest side, in steps of
+   ``--size-step`` px, at which batch ``B`` fits.
+4. ``patchgd init low-res gd``: PatchGD whose backbone starts from arm 3's best checkpoint (App. C).
+
+UltraMNIST images are generated from real MNIST at ``--image-size`` (default 256 px) with the generator's
+full digit-scale range for that size (smallest digits 14 px). Writes ``study.json``, ``study.md`` and
+``study_curves.png`` to ``--out``. One command per seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..data.ultramnist import default_max_scale, generate_ultramnist
+from ..io import atomic_file
+from ..memory import format_size, parse_size
+from ..plan import BudgetError, plan_budget
+from ._common import format_table, machine, write_json
+from .ultramnist import SHARED_MNIST, base_config, gd_peaks, markdown, train_run, variant
+
+# The paper's Table 1 (UltraMNIST 512 px, 4 GB; accuracy %); its GD there is full resolution at the batch
+# that fits, GD-extended a conv head on GD's features.
+PAPER_TABLE1_4GB = {"resnet50": {"gd": 53.6, "gd-extended": 52.5, "patchgd": 63.1},
+                    "mobilenetv2": {"gd": 67.7, "gd-extended": 60.0, "patchgd": 74.8}}
+QUICK = dict(train=16, val=8, image_size=128, grid=2, epochs=1, max_batch=4, size_step=16)
+ARMS = ("patchgd", "gd full-res accum", "gd low-res", "patchgd init low-res gd")
+
+
+def register(subparsers) -> None:
+    """Add the ``ultramnist_study`` subcommand."""
+    parser = subparsers.add_parser("ultramnist_study", help="PatchGD vs full-resolution GD with accumulation vs "
+                                   "downscaled GD vs PatchGD from the downscaled GD, under one tight budget",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--digits", default=str(SHARED_MNIST) if SHARED_MNIST.is_dir() else None,
+                        help="MNIST folder of IDX files (default: the shared MNIST beside this repo if present, "
+                             "else scikit-learn's bundled digits, with a warning)")
+    parser.add_argument("--out", default="bench-results/ultramnist-study", help="output folder (data, runs, report)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data and the training (default 0)")
+    parser.add_argument("--epochs", type=int, default=10, help="epochs of every arm (default 10)")
+    parser.add_argument("--image-size", type=int, default=256, help="image side in pixels (default 256)")
+    parser.add_argument("--train", type=int, default=1500, help="training images (default 1500)")
+    parser.add_argument("--val", type=int, default=300, help="validation images (default 300)")
+    parser.add_argument("--backbone", default="test_resnet", help="timm backbone of every arm (default test_resnet)")
+    parser.add_argument("--width", type=int, default=64, help="PatchGD's latent size s and head width (default 64)")
+    parser.add_argument("--grid", type=int, default=4, help="PatchGD patches per side (default 4: 64 px patches "
+                        "of 256 px images)")
+    parser.add_argument("--budget", default="auto",
+                        help="memory budget such as 40MB; 'auto': midway between GD's full-resolution batch-1 "
+                             "and batch-2 step peaks (default)")
+    parser.add_argument("--max-batch", type=int, default=16, help="largest batch PatchGD may get (default 16)")
+    parser.add_argument("--size-step", type=int, default=16,
+                        help="the low-resolution GD side is searched in steps of this many pixels (default 16)")
+    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate, Adam (default 2e-3)")
+    parser.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warm-up epochs (default 1)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice; 1 for one core per study)")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny configuration (seconds), for tests: "
+                             + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
+    parser.set_defaults(func=run)
+
+
+def choose_budget(args: argparse.Namespace, peaks: dict[int, int]) -> int:
+    """The budget in bytes: given, or midway between GD's batch-1 and batch-2 peaks, so that full-resolution
+    GD fits batch 1 only."""
+    return parse_size(args.budget) if args.budget != "auto" else (peaks[1] + peaks[2]) // 2
+
+
+def low_resolution(cfg, batch_size: int, image_size: int, step: int, budget: int) -> tuple[int, dict[int, int]]:
+    """The largest side ``r`` (a multiple of ``step``, below ``image_size``) at which GD fits ``batch_size``
+    images under ``budget``, by bisection over the planner's verdicts; also each tried side's batch."""
+    tried: dict[int, int] = {}
+
+    def fits(steps: int) -> bool:
+        side = steps * step
+        try:
+            plan = plan_budget(variant(cfg, method="gd", budget=budget), (1, side, side), "cpu",
+                               max_batch_size=batch_size)
+            tried[side] = plan.batch_size
+        except BudgetError:
+            tried[side] = 0
+        return tried[side] == batch_size
+
+    good, bad = 0, (image_size - 1) // step + 1  # invariant: good fits (or is 0), bad does not
+    while bad - good > 1:
+        mid = (good + bad) // 2
+        good, bad = (mid, bad) if fits(mid) else (good, mid)
+    if good == 0:
+        raise BudgetError(f"GD fits batch {batch_size} at no side of at least {step} px under "
+                          f"{format_size(budget)}")
+    return good * step, tried
+
+
+def plot(records: list[dict], budget: int, image_size: int, png: Path) -> None:
+    """Validation accuracy per epoch of the four arms."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for r in records:
+        curve = r["val_accuracy_per_epoch"]
+        ax.plot(range(1, len(curve) + 1), curve, "o-", label=f"{r['name']} ({r['resolution']} px, batch "
+                f"{r['batch_size']}" + (f", micro {r['micro_batch_size']}" if r["micro_batch_size"] else "") + ")")
+    ax.axhline(0.1, color="grey", ls=":", lw=1, label="chance")
+    ax.set(title=f"UltraMNIST {image_size} px, budget {format_size(budget)}", xlabel="epoch",
+           ylabel="val accuracy")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_file(png) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def table(records: list[dict]) -> tuple[list[str], list[list]]:
+    headers = ["arm", "px", "batch", "micro", "peak", "best acc", "final acc", "best qwk", "final qwk", "wall s"]
+    rows = [[r["name"], r["resolution"], r["batch_size"], r["micro_batch_size"] or "-",
+             format_size(r["peak_memory_bytes"]), f"{r['best_accuracy']:.4f}", f"{r['final_accuracy']:.4f}",
+             f"{r['best_qwk']:.4f}", f"{r['final_qwk']:.4f}", r["wall_s"]] for r in records]
+    return headers, rows
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.quick:
+        for key, value in QUICK.items():
+            setattr(args, key, value)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.digits is None:
+        warnings.warn("no MNIST folder found (--digits): using scikit-learn's bundled digits, which are not "
+                      "the paper's MNIST", stacklevel=1)
+    started = time.perf_counter()
+    out = Path(args.out)
+    shutil.rmtree(out / "runs", ignore_errors=True)  # a rerun replaces this study's own runs
+    data_root = generate_ultramnist(out / "data", train=args.train, val=args.val, image_size=args.image_size,
+                                    digits=args.digits, seed=args.seed, overwrite=True, progress=False)
+    cfg = base_config(args, data_root)
+    full = (1, args.image_size, args.image_size)
+    peaks = gd_peaks(cfg, full, 2)
+    budget = choose_budget(args, peaks)
+    print(f"GD full-resolution step peak: batch 1 {format_size(peaks[1])}, batch 2 {format_size(peaks[2])}; "
+          f"budget {format_size(budget)}", flush=True)
+
+    def arm(name: str, **changes) -> dict:
+        run_cfg = variant(cfg, budget=budget, output_dir=out / "runs" / name.replace(" ", "_"), **changes)
+        record = train_run(run_cfg, name, format_size(budget))
+        record["resolution"] = record.pop("image_size") or args.image_size
+        return record
+
+    records = [arm("patchgd", method="patchgd")]
+    batch = records[0]["batch_size"]
+    records.append(arm("gd full-res accum", method="gd", train={"batch_size": batch, "micro_batch_size": batch}))
+    side, tried = low_resolution(cfg, batch, args.image_size, args.size_step, budget)
+    print(f"GD at batch {batch} fits up to {side} px (tried: " +
+          ", ".join(f"{s} px -> batch {b}" for s, b in sorted(tried.items())) + ")", flush=True)
+    records.append(arm("gd low-res", method="gd", train={"batch_size": batch}, data={"image_size": side}))
+    records.append(arm("patchgd init low-res gd", method="patchgd",
+                       model={"init_backbone": str(Path(records[2]["run_dir"]) / "best.pt")}))
+
+    wall = time.perf_counter() - started
+    headers, rows = table(records)
+    print(format_table(headers, rows))
+    print(f"total wall time {wall:.0f} s")
+    results = {"budget_bytes": budget, "gd_full_res_peak_bytes_by_batch": peaks, "max_scale":
+               default_max_scale(args.image_size), "low_res_sides_tried": tried, "runs": records,
+               "paper_table1_4gb_accuracy_percent": PAPER_TABLE1_4GB, "wall_s": round(wall, 1)}
+    write_json(args, "study", torch.device("cpu"), results)
+    report = out / "study.md"
+    with atomic_file(report) as tmp:
+        tmp.write_text(f"# UltraMNIST study, {args.image_size} px, seed {args.seed}\n\nbudget {format_size(budget)} "
+                       f"(GD full-resolution peak: batch 1 {format_size(peaks[1])}, batch 2 "
+                       f"{format_size(peaks[2])}); {machine(torch.device('cpu'))}\n\n{markdown(headers, rows)}\n\n"
+                       f"total wall time {wall:.0f} s\n")
+    png = out / "study_curves.png"
+    plot(records, budget, args.image_size, png)
+    print(f"wrote {report} and {png}")
+    return 0
