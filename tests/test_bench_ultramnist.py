@@ -66,3 +66,28 @@ def test_init_backbone_maps_a_gd_checkpoint_into_patchgd(tmp_path):
     torch.save({"something.else": torch.zeros(3)}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="no key matches"):
         init_backbone(patchgd, tmp_path / "other.pt")
+
+
+def test_quick_study_end_to_end(tmp_path):
+    # The 256 px study's code on its tiny --quick configuration (128 px images, 2 x 2 grid, one epoch).
+    from patchgd.bench import ultramnist_study
+
+    assert main(["ultramnist_study", "--quick", "--threads", "1", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "study.json").read_text())["results"]
+    budget, peaks = results["budget_bytes"], results["gd_full_res_peak_bytes_by_batch"]
+    assert peaks["1"] <= budget < peaks["2"]  # full-resolution GD fits batch 1 only
+    runs = {r["name"]: r for r in results["runs"]}
+    assert list(runs) == list(ultramnist_study.ARMS)
+    batch = runs["patchgd"]["batch_size"]
+    full, low, init = runs["gd full-res accum"], runs["gd low-res"], runs["patchgd init low-res gd"]
+    assert batch > 1 and full["batch_size"] == low["batch_size"] == init["batch_size"] == batch
+    assert full["micro_batch_size"] == 1 and full["resolution"] == 128  # accumulated to PatchGD's batch
+    sides, step = results["low_res_sides_tried"], ultramnist_study.QUICK["size_step"]
+    assert low["resolution"] < 128 and sides[str(low["resolution"])] == batch
+    assert sides.get(str(low["resolution"] + step), 0) < batch  # the next side up does not fit the batch
+    assert init["init_backbone"].endswith("gd_low-res/best.pt") and runs["patchgd"]["init_backbone"] is None
+    for r in runs.values():
+        assert 0 < r["peak_memory_bytes"] <= budget
+        assert len(r["val_accuracy_per_epoch"]) == ultramnist_study.QUICK["epochs"]
+    assert (tmp_path / "study.md").read_text().count("\n| ") == 1 + len(runs)
+    assert (tmp_path / "study_curves.png").stat().st_size > 0

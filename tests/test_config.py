@@ -36,7 +36,8 @@ def test_defaults_match_the_documented_schema():
         percentiles=[1.0, 99.0],
     )
     assert c.train == TrainConfig(10, 8, 1e-3, "adam", 0.0, 0.9, "paper", 2.0, None, 0, "auto", None, 10,
-                                  threads=None, tensorboard=False, patience=None, balanced_sampler=False)
+                                  threads=None, tensorboard=False, patience=None, balanced_sampler=False,
+                                  micro_batch_size=None)
     assert c.augment == AugmentConfig(flip=False, rotate90=False, brightness=0.0, contrast=0.0, saturation=0.0,
                                       hue=0.0)
     assert c.patchgd == PatchGDConfig(sampling=0.25, patches_per_step=None, max_sampled=1.0, inner_iterations=None,

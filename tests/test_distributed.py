@@ -79,12 +79,13 @@ class TinyHead(nn.Module):
 
 
 CASES = {"patchgd eps=1": 1, "patchgd eps=zeta": ZETA, "patchgd eps=2, partial last group": 2, "gd": None,
-         "gd-extended": None, "patchgd parallel fill": 2}  # both processes hold the global batch and split its fill
+         "gd micro-batches": None, "gd-extended": None,
+         "patchgd parallel fill": 2}  # both processes hold the global batch and split its fill
 
 
 def _build(case):
     torch.manual_seed(0)
-    if case == "gd":
+    if case in ("gd", "gd micro-batches"):
         model = patchgd.GDClassifier(TinyEncoder(latent_dim=CLASSES), CLASSES)
     elif case == "gd-extended":
         model = patchgd.GDExtendedClassifier(nn.Sequential(nn.Conv2d(3, 6, 3, stride=2), nn.ReLU()), CLASSES,
@@ -93,7 +94,8 @@ def _build(case):
         model = patchgd.PatchGDClassifier(TinyEncoder(latent_dim=6), CLASSES, patch_size=P, latent_dim=6,
                                           head=TinyHead(6, CLASSES))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    method = patchgd.create_method(case if case.startswith("gd") else "patchgd", model, optimizer,
+    method = patchgd.create_method(case.split()[0] if case.startswith("gd") else "patchgd", model, optimizer,
+                                   micro_batch_size=1 if case == "gd micro-batches" else None,
                                    inner_iterations=ZETA, grad_accum_steps=CASES[case], fill_batch_size=5)
     return model, method
 

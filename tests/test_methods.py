@@ -201,6 +201,63 @@ def test_gd_baselines_train_a_step(method):
     assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()) if a.requires_grad)
 
 
+def naive_micro_batched_gd(model, optimizer, images, labels, micro):
+    """GD with gradient accumulation written out: each micro-batch's mean loss, weighted by its share of
+    the batch, backpropagated in turn; one optimizer step."""
+    optimizer.zero_grad()
+    for first in range(0, len(labels), micro):
+        x, y = images[first:first + micro], labels[first:first + micro]
+        (F.cross_entropy(model(x), y) * len(y) / len(labels)).backward()
+    optimizer.step()
+
+
+@pytest.mark.parametrize("micro", [1, 2, 5])
+def test_gd_micro_batches_update_like_the_whole_batch(float64, micro):
+    # Without BatchNorm the accumulated micro-batch gradients are the whole batch's mean gradient.
+    torch.manual_seed(0)
+    ours = patchgd.GDClassifier(TinyEncoder(latent_dim=3), 3)
+    theirs = copy.deepcopy(ours)
+    images, labels = torch.randn(5, 3, 16, 16), torch.tensor([0, 2, 1, 1, 0])
+    step = patchgd.create_method("gd", ours, torch.optim.SGD(ours.parameters(), lr=0.1, momentum=0.9),
+                                 micro_batch_size=micro)
+    whole_batch = torch.optim.SGD(theirs.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(3):
+        stats = step.step(images, labels)
+        naive_micro_batched_gd(theirs, whole_batch, images, labels, micro=len(labels))
+    assert stats["micro_batches"] == -(-5 // micro)
+    for (name, a), b in zip(ours.state_dict().items(), theirs.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_gd_micro_batches_with_batchnorm_match_the_naive_accumulation(float64):
+    # With BatchNorm each micro-batch is normalised on its own statistics, as in the paper's accumulation
+    # (a last micro-batch of 1 image would leave BatchNorm one value per channel, so 6 = 2 + 2 + 2).
+    torch.manual_seed(0)
+    ours = patchgd.create_model("gd-extended", "test_resnet", num_classes=3, head_width=8, head_dropout=0.0)
+    theirs = copy.deepcopy(ours)
+    images, labels = torch.randn(6, 3, 64, 64), torch.tensor([0, 2, 1, 1, 0, 2])
+    step = patchgd.create_method("gd-extended", ours, torch.optim.Adam(ours.parameters(), lr=1e-3),
+                                 micro_batch_size=2)
+    naive = torch.optim.Adam(theirs.parameters(), lr=1e-3)
+    theirs.train()
+    for _ in range(2):
+        step.step(images, labels)
+        naive_micro_batched_gd(theirs, naive, images, labels, micro=2)
+    for (name, a), b in zip(ours.state_dict().items(), theirs.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=name)  # weights and BatchNorm statistics
+    whole = copy.deepcopy(theirs)
+    patchgd.create_method("gd-extended", whole, torch.optim.Adam(whole.parameters(), lr=1e-3)).step(images, labels)
+    step.step(images, labels)
+    assert not torch.allclose(whole.state_dict()["backbone.bn1.running_mean"],
+                              ours.state_dict()["backbone.bn1.running_mean"])
+
+
+def test_micro_batches_are_for_gd_only():
+    with pytest.raises(ValueError, match="train.micro_batch_size splits the batches of gd"):
+        patchgd.create_method("patchgd", make_model(), torch.optim.SGD(make_model().parameters(), lr=0.1),
+                              micro_batch_size=2)
+
+
 def test_bf16_autocast_step_runs_on_cpu():
     model = make_model()
     stats = patchgd.PatchGD(model, torch.optim.Adam(model.parameters()), amp="bf16").step(

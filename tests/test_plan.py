@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from patchgd import train
-from patchgd.config import config_from_dict
+from patchgd.config import config_from_dict, config_to_dict
 from patchgd.memory import PeakMemory, format_size
 from patchgd.plan import BudgetError, plan_budget
 
@@ -110,10 +110,32 @@ def test_patchgd_lowers_patches_per_step_when_the_config_sets_k():
     described = plan.describe()
     assert "patches_per_step" in described and "budget" in described and "on the tensor peak" in described
     header, *rows = [line for line in described.splitlines() if line.startswith("  ")]
-    assert header.split() == ["batch", "k", "tensor", "peak", "process", "peak", "RSS", "fits"]
+    assert header.split() == ["batch", "micro", "k", "tensor", "peak", "process", "peak", "RSS", "fits"]
     for trial, row in zip(plan.trials, rows):  # each trial's two peaks, as measured
-        assert row.split()[2:4] == format_size(trial.peak_bytes).split()
-        assert row.split()[4:6] == format_size(trial.process_bytes).split()
+        assert row.split()[3:5] == format_size(trial.peak_bytes).split()
+        assert row.split()[5:7] == format_size(trial.process_bytes).split()
+
+
+def micro_config(budget="1GB", micro=6):
+    return config_from_dict({**config_to_dict(make_config("gd", budget=budget, batch_size=6)),
+                             "train": {"batch_size": 6, "micro_batch_size": micro, "device": "cpu"}})
+
+
+def test_gd_with_micro_batches_keeps_the_batch_and_picks_the_largest_micro_batch():
+    # The budget lies between micro-batches 2 and 3 of a batch of 6 (GD alone would get batch 2).
+    peaks = {m: peak_of(micro_config(micro=m)) for m in (2, 3)}
+    budget = (peaks[2] + peaks[3]) // 2
+    cfg = micro_config(budget=str(budget))
+    plan = plan_budget(cfg, IMAGE, "cpu")
+    planned = plan.apply(cfg)
+    assert (plan.batch_size, plan.micro_batch_size) == (6, 2)
+    assert (planned.train.batch_size, planned.train.micro_batch_size) == (6, 2)
+    assert [(t.batch_size, t.micro_batch_size) for t in plan.trials] == [(6, 1), (6, 2), (6, 4), (6, 3)]
+    assert peak_of(planned) == plan.peak_bytes <= budget
+    assert "chose batch 6 in micro-batches of 2 (gradients of 3 accumulate per update)" in plan.describe()
+    assert plan_budget(make_config("gd", budget=str(budget), batch_size=6), IMAGE, "cpu").batch_size == 2
+    with pytest.raises(BudgetError, match=r"\(gd, micro-batch 1\)"):
+        plan_budget(micro_config(budget="10KB"), IMAGE, "cpu")
 
 
 @pytest.mark.parametrize("method", ["gd", "patchgd"])

@@ -158,7 +158,6 @@ class TrainConfig:
 
     epochs: int = _field(10, ge=1)
     batch_size: int = _field(8, ge=1)
-    micro_batch_size: int | None = _field(None, ge=1)
     lr: float = _field(1e-3, gt=0)
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     weight_decay: float = _field(0.0, ge=0)
@@ -177,6 +176,7 @@ class TrainConfig:
     tensorboard: bool = False
     patience: int | None = _field(None, ge=1)
     balanced_sampler: bool = False
+    micro_batch_size: int | None = _field(None, ge=1)
 
 
 @dataclass
