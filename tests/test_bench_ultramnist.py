@@ -91,3 +91,17 @@ def test_quick_study_end_to_end(tmp_path):
         assert len(r["val_accuracy_per_epoch"]) == ultramnist_study.QUICK["epochs"]
     assert (tmp_path / "study.md").read_text().count("\n| ") == 1 + len(runs)
     assert (tmp_path / "study_curves.png").stat().st_size > 0
+
+
+def test_study_reports_full_resolution_gd_that_does_not_fit_at_all(tmp_path):
+    # 17 MB at 256 px: PatchGD fits batch 2 (about 16 MiB), full-resolution GD not even one image (19.8 MiB).
+    argv = ["ultramnist_study", "--image-size", "256", "--train", "8", "--val", "4", "--epochs", "1",
+            "--max-batch", "2", "--budget", "17MB", "--size-step", "32", "--threads", "1", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    runs = {r["name"]: r for r in json.loads((tmp_path / "study.json").read_text())["results"]["runs"]}
+    assert runs["patchgd"]["fits"] and runs["patchgd"]["batch_size"] == 2
+    full = runs["gd full-res accum"]
+    assert not full["fits"] and "(gd, micro-batch 1)" in full["reason"]
+    assert runs["gd low-res"]["fits"] and runs["gd low-res"]["resolution"] < 256
+    assert runs["patchgd init low-res gd"]["fits"]
+    assert "| gd full-res accum | 256 | - | - | does not fit |" in (tmp_path / "study.md").read_text()

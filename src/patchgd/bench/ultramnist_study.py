@@ -12,6 +12,9 @@ epochs, learning-rate schedule and seed, four arms train with :func:`patchgd.tra
    ``--size-step`` px, at which batch ``B`` fits.
 4. ``patchgd init low-res gd``: PatchGD whose backbone starts from arm 3's best checkpoint (App. C).
 
+An arm whose smallest setting exceeds the budget (full-resolution GD when even micro-batch 1 does not fit,
+with ``--budget`` below its batch-1 peak) is reported as not fitting and the others still run.
+
 UltraMNIST images are generated from real MNIST at ``--image-size`` (default 256 px) with the generator's
 full digit-scale range for that size (smallest digits 14 px). Writes ``study.json``, ``study.md`` and
 ``study_curves.png`` to ``--out``. One command per seed.
@@ -111,7 +114,7 @@ def plot(records: list[dict], budget: int, image_size: int, png: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for r in records:
+    for r in filter(lambda r: r["fits"], records):
         curve = r["val_accuracy_per_epoch"]
         ax.plot(range(1, len(curve) + 1), curve, "o-", label=f"{r['name']} ({r['resolution']} px, batch "
                 f"{r['batch_size']}" + (f", micro {r['micro_batch_size']}" if r["micro_batch_size"] else "") + ")")
@@ -129,7 +132,8 @@ def table(records: list[dict]) -> tuple[list[str], list[list]]:
     headers = ["arm", "px", "batch", "micro", "peak", "best acc", "final acc", "best qwk", "final qwk", "wall s"]
     rows = [[r["name"], r["resolution"], r["batch_size"], r["micro_batch_size"] or "-",
              format_size(r["peak_memory_bytes"]), f"{r['best_accuracy']:.4f}", f"{r['final_accuracy']:.4f}",
-             f"{r['best_qwk']:.4f}", f"{r['final_qwk']:.4f}", r["wall_s"]] for r in records]
+             f"{r['best_qwk']:.4f}", f"{r['final_qwk']:.4f}", r["wall_s"]] if r["fits"] else
+            [r["name"], r["resolution"] or "-", "-", "-", "does not fit", "-", "-", "-", "-", "-"] for r in records]
     return headers, rows
 
 
@@ -155,20 +159,37 @@ def run(args: argparse.Namespace) -> int:
           f"budget {format_size(budget)}", flush=True)
 
     def arm(name: str, **changes) -> dict:
+        """Train one arm; an arm whose smallest setting exceeds the budget is recorded as not fitting."""
         run_cfg = variant(cfg, budget=budget, output_dir=out / "runs" / name.replace(" ", "_"), **changes)
-        record = train_run(run_cfg, name, format_size(budget))
+        try:
+            record = train_run(run_cfg, name, format_size(budget)) | {"fits": True}
+        except BudgetError as err:
+            if name == "patchgd":  # every other arm is set by PatchGD's batch
+                raise
+            print(f"== {format_size(budget)} {name}: does not fit: {err}", flush=True)
+            return not_fitting(name, run_cfg.data.image_size or args.image_size, str(err))
         record["resolution"] = record.pop("image_size") or args.image_size
         return record
+
+    def not_fitting(name: str, resolution: int | None, reason: str) -> dict:
+        return {"name": name, "fits": False, "reason": reason, "resolution": resolution}
 
     records = [arm("patchgd", method="patchgd")]
     batch = records[0]["batch_size"]
     records.append(arm("gd full-res accum", method="gd", train={"batch_size": batch, "micro_batch_size": batch}))
-    side, tried = low_resolution(cfg, batch, args.image_size, args.size_step, budget)
-    print(f"GD at batch {batch} fits up to {side} px (tried: " +
-          ", ".join(f"{s} px -> batch {b}" for s, b in sorted(tried.items())) + ")", flush=True)
-    records.append(arm("gd low-res", method="gd", train={"batch_size": batch}, data={"image_size": side}))
-    records.append(arm("patchgd init low-res gd", method="patchgd",
-                       model={"init_backbone": str(Path(records[2]["run_dir"]) / "best.pt")}))
+    try:
+        side, tried = low_resolution(cfg, batch, args.image_size, args.size_step, budget)
+    except BudgetError as err:
+        side, tried = None, {}
+        records += [not_fitting("gd low-res", None, str(err)),
+                    not_fitting("patchgd init low-res gd", args.image_size, "no low-resolution GD backbone")]
+    else:
+        print(f"GD at batch {batch} fits up to {side} px (tried: " +
+              ", ".join(f"{s} px -> batch {b}" for s, b in sorted(tried.items())) + ")", flush=True)
+        low = arm("gd low-res", method="gd", train={"batch_size": batch}, data={"image_size": side})
+        records += [low, arm("patchgd init low-res gd", method="patchgd",
+                             model={"init_backbone": str(Path(low["run_dir"]) / "best.pt")}) if low["fits"] else
+                    not_fitting("patchgd init low-res gd", args.image_size, "no low-resolution GD backbone")]
 
     wall = time.perf_counter() - started
     headers, rows = table(records)
