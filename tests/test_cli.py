@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from patchgd.checkpoint import load_checkpoint
 from patchgd.cli import main
 
 from helpers import write_config
@@ -84,7 +85,7 @@ def test_a_resumed_run_continues_exactly_where_it_stopped(tmp_path, data, monkey
             assert metrics_epochs(runs[name]) == [1]
             args = ["train", "--resume", str(runs[name])]
         assert main(args) == 0
-    a, b = (torch.load(runs[name] / "last.pt", weights_only=False) for name in ("straight", "interrupted"))
+    a, b = (load_checkpoint(runs[name] / "last.pt") for name in ("straight", "interrupted"))
     assert a["epoch"] == b["epoch"] == 2
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key

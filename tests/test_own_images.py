@@ -14,6 +14,7 @@ import yaml
 from PIL import Image
 
 import patchgd.train
+from patchgd.checkpoint import load_checkpoint
 from patchgd.cli import main
 from patchgd.config import ConfigError, config_from_dict
 from patchgd.data.datasets import ImageFolderDataset
@@ -61,7 +62,7 @@ def test_class_folders_of_two_sizes_train_and_predict_names(tmp_path, folders, c
     log = (run / "train.log").read_text()
     assert "benign: 5 train / 1 val" in log or "benign: 4 train / 2 val" in log
     assert "epoch 2/2" in log and "tensor peak" in log and "process peak RSS" in log
-    state = torch.load(run / "best.pt", map_location="cpu", weights_only=False)
+    state = load_checkpoint(run / "best.pt")
     assert state["config"]["data"]["classes"] == ["benign", "malignant"]  # plain lists in the checkpoint
     capsys.readouterr()
 
@@ -182,7 +183,7 @@ def test_early_stopping_on_the_validation_accuracy(tmp_path, folders, monkeypatc
     # best at epoch 2; epochs 3 and 4 bring nothing better, so the run stops after epoch 4
     assert (summary["best_epoch"], summary["epochs"], summary["best_accuracy"]) == (2, 4, 0.6)
     assert [int(r["epoch"]) for r in csv.DictReader((tmp_path / "run" / "metrics.csv").open())] == [1, 2, 3, 4]
-    assert torch.load(tmp_path / "run" / "best.pt", weights_only=False)["epoch"] == 2
+    assert load_checkpoint(tmp_path / "run" / "best.pt")["epoch"] == 2
 
 
 def test_augmentation_moves_whole_images_only():

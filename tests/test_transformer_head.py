@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from patchgd import train
+from patchgd.checkpoint import load_checkpoint
 from patchgd.cli import PACKAGED_CONFIGS, main
 from patchgd.config import config_from_dict, load_config
 from patchgd.heads import ConvHead, TransformerHead
@@ -110,7 +111,7 @@ def test_cli_trains_a_transformer_head(tmp_path, mnist_dir, capsys):
                  "--set", "model.head=transformer", "--set", "model.head_width=16", "--set", "model.head_heads=2",
                  "--set", "train.epochs=1", "--set", "train.batch_size=4", "--set", "train.device=cpu",
                  "--config", str(PACKAGED_CONFIGS / "demo.yaml")]) == 0
-    assert "head" in torch.load(run / "last.pt", weights_only=False)["config"]["model"]
+    assert "head" in load_checkpoint(run / "last.pt")["config"]["model"]
     capsys.readouterr()
     assert main(["predict", str(run / "last.pt"), str(next((data / "val").glob("*.png"))), "--json"]) == 0
     assert main(["train", "--config", str(PACKAGED_CONFIGS / "demo.yaml"), "--set", "model.head=mlp"]) == 2
