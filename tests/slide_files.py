@@ -82,3 +82,18 @@ def write_vips_pyramid(path: str | Path, image, *, tile: int = 256, mpp: float =
         image = pyvips.Image.new_from_array(image, interpretation="srgb")
     image.tiffsave(str(path), tile=True, tile_width=tile, tile_height=tile, pyramid=True,
                    compression="jpeg", Q=quality, xres=1000 / mpp, yres=1000 / mpp, resunit="cm")
+
+
+def write_slide_dataset(root: Path, counts: dict[str, int], height_step: int) -> None:
+    """``root/<split>/s<i>.tif``: pyramidal JPEG TIFFs of the H&E tile on glass (245), image ``i`` of a split
+    ``256 + height_step * i`` px tall (mixed sizes), labelled ``i % 2`` in ``root/<split>.csv``."""
+    tissue = he_tile()
+    for split, count in counts.items():
+        (root / split).mkdir()
+        rows = ["image_id,label"]
+        for i in range(count):
+            canvas = np.full((256 + height_step * i, 320, 3), 245, np.uint8)
+            canvas[16:16 + 240, 40:40 + 240] = tissue
+            write_pyramid_tiff(root / split / f"s{i}.tif", canvas, tile=64, levels=2)
+            rows.append(f"s{i},{i % 2}")
+        (root / f"{split}.csv").write_text("\n".join(rows) + "\n")

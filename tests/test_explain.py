@@ -193,18 +193,9 @@ def test_slides_heatmaps_on_thumbnails_and_background_cells_hold_no_evidence(tmp
 
     from patchgd.cli import main
     from patchgd.data.datasets import ImageCSVDataset
-    from slide_files import he_tile, write_pyramid_tiff
+    from slide_files import write_slide_dataset
 
-    tissue = he_tile()
-    for split in ("train", "val"):
-        (tmp_path / split).mkdir()
-        rows = ["image_id,label"]
-        for i in range(2):
-            canvas = np.full((256 + 64 * i, 320, 3), 245, np.uint8)
-            canvas[16:16 + 240, 40:40 + 240] = tissue
-            write_pyramid_tiff(tmp_path / split / f"s{i}.tif", canvas, tile=64, levels=2)
-            rows.append(f"s{i},{i}")
-        (tmp_path / f"{split}.csv").write_text("\n".join(rows) + "\n")
+    write_slide_dataset(tmp_path, {"train": 2, "val": 2}, height_step=64)
     cfg = {"output_dir": str(tmp_path / "run"),
            "model": {"backbone": "test_resnet", "patch_size": 64, "latent_dim": 8, "head_width": 8},
            "data": {"root": str(tmp_path), "num_classes": 2, "pad_value": 255, "tissue_fraction": 0.5},

@@ -14,15 +14,6 @@ from helpers import TinyEncoder
 P = 8  # patch size of the faithfulness tests
 
 
-@pytest.fixture
-def float64():
-    """Run in float64, so that batched and one-patch-at-a-time backbones agree to rounding."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
-
-
 def make_model(seed=0, num_classes=3):
     torch.manual_seed(seed)
     return patchgd.PatchGDClassifier(TinyEncoder(latent_dim=6), num_classes=num_classes, patch_size=P,

@@ -19,14 +19,6 @@ from patchgd.heads import ConvHead
 P = 5  # chunk length of the faithfulness tests
 
 
-@pytest.fixture
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
-
-
 class TinyEncoder1d(nn.Module):
     """A Conv1d chunk encoder without BatchNorm or dropout, so per-chunk and batched calls agree."""
 

@@ -17,7 +17,7 @@ from patchgd.heads import ConvHead
 from patchgd.methods import sample_schedule
 
 from helpers import TinyEncoder
-from slide_files import he_tile, write_pyramid_tiff
+from slide_files import he_tile, write_pyramid_tiff, write_slide_dataset
 
 P = 16
 
@@ -193,16 +193,7 @@ def test_train_evaluate_predict_on_a_folder_of_slides(tmp_path, capsys):
     from patchgd.cli import main
     from patchgd.data.datasets import ImageCSVDataset
 
-    tissue = he_tile()
-    for split, count in (("train", 4), ("val", 2)):
-        (tmp_path / split).mkdir()
-        rows = ["image_id,label"]
-        for i in range(count):
-            canvas = np.full((256 + 32 * i, 320, 3), 245, np.uint8)  # sizes differ: mixed-size batches
-            canvas[16:16 + 240, 40:40 + 240] = tissue
-            write_pyramid_tiff(tmp_path / split / f"s{i}.tif", canvas, tile=64, levels=2)
-            rows.append(f"s{i},{i % 2}")
-        (tmp_path / f"{split}.csv").write_text("\n".join(rows) + "\n")
+    write_slide_dataset(tmp_path, {"train": 4, "val": 2}, height_step=32)  # sizes differ: mixed-size batches
     cfg = {"output_dir": str(tmp_path / "run"),
            "model": {"backbone": "test_resnet", "patch_size": 64, "latent_dim": 8, "head_width": 8},
            "data": {"root": str(tmp_path), "num_classes": 2, "pad_value": 255, "tissue_fraction": 0.5,

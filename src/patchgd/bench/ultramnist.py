@@ -192,21 +192,28 @@ def plot(records: list[dict], budgets: dict[str, int], png: Path) -> None:
     plt.close(fig)
 
 
-def run(args: argparse.Namespace) -> int:
+def prepare(args: argparse.Namespace, quick: dict) -> Path:
+    """What an UltraMNIST benchmark does first: apply ``--quick`` (``quick``) and ``--threads``, drop the
+    runs of an earlier call, generate the data set; its root."""
     if args.quick:
-        for key, value in QUICK.items():
+        for key, value in quick.items():
             setattr(args, key, value)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.digits is None:
         warnings.warn("no MNIST folder found (--digits): using scikit-learn's bundled digits, which are not "
                       "the paper's MNIST", stacklevel=1)
-    started = time.perf_counter()
     out = Path(args.out)
     shutil.rmtree(out / "runs", ignore_errors=True)  # a rerun replaces this benchmark's own runs
-    data_root = generate_ultramnist(out / "data", train=args.train, val=args.val, image_size=args.image_size,
-                                    digits=args.digits, seed=args.seed, max_scale=args.max_scale,
-                                    overwrite=True, progress=False)
+    return generate_ultramnist(out / "data", train=args.train, val=args.val, image_size=args.image_size,
+                               digits=args.digits, seed=args.seed, max_scale=getattr(args, "max_scale", None),
+                               overwrite=True, progress=False)
+
+
+def run(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    data_root = prepare(args, QUICK)
+    out = Path(args.out)
     cfg = base_config(args, data_root)
     image_shape = (1, args.image_size, args.image_size)
     peaks = gd_peaks(cfg, image_shape, args.max_batch)

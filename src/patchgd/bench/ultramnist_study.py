@@ -23,19 +23,17 @@ full digit-scale range for that size (smallest digits 14 px). Writes ``study.jso
 from __future__ import annotations
 
 import argparse
-import shutil
 import time
-import warnings
 from pathlib import Path
 
 import torch
 
-from ..data.ultramnist import default_max_scale, generate_ultramnist
+from ..data.ultramnist import default_max_scale
 from ..io import atomic_file
 from ..memory import format_size, parse_size
 from ..plan import BudgetError, plan_budget
 from ._common import format_table, machine, write_json
-from .ultramnist import PAPER_4GB, SHARED_MNIST, base_config, gd_peaks, markdown, train_run, variant
+from .ultramnist import PAPER_4GB, SHARED_MNIST, base_config, gd_peaks, markdown, prepare, train_run, variant
 
 QUICK = dict(train=16, val=8, image_size=128, grid=2, epochs=1, max_batch=4, size_step=16)
 ARMS = ("patchgd", "gd full-res accum", "gd low-res", "patchgd init low-res gd")
@@ -138,19 +136,9 @@ def table(records: list[dict]) -> tuple[list[str], list[list]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.quick:
-        for key, value in QUICK.items():
-            setattr(args, key, value)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.digits is None:
-        warnings.warn("no MNIST folder found (--digits): using scikit-learn's bundled digits, which are not "
-                      "the paper's MNIST", stacklevel=1)
     started = time.perf_counter()
+    data_root = prepare(args, QUICK)
     out = Path(args.out)
-    shutil.rmtree(out / "runs", ignore_errors=True)  # a rerun replaces this study's own runs
-    data_root = generate_ultramnist(out / "data", train=args.train, val=args.val, image_size=args.image_size,
-                                    digits=args.digits, seed=args.seed, overwrite=True, progress=False)
     cfg = base_config(args, data_root)
     full = (1, args.image_size, args.image_size)
     peaks = gd_peaks(cfg, full, 2)
@@ -180,16 +168,14 @@ def run(args: argparse.Namespace) -> int:
     try:
         side, tried = low_resolution(cfg, batch, args.image_size, args.size_step, budget)
     except BudgetError as err:
-        side, tried = None, {}
-        records += [not_fitting("gd low-res", None, str(err)),
-                    not_fitting("patchgd init low-res gd", args.image_size, "no low-resolution GD backbone")]
+        tried, low = {}, not_fitting("gd low-res", None, str(err))
     else:
         print(f"GD at batch {batch} fits up to {side} px (tried: " +
               ", ".join(f"{s} px -> batch {b}" for s, b in sorted(tried.items())) + ")", flush=True)
         low = arm("gd low-res", method="gd", train={"batch_size": batch}, data={"image_size": side})
-        records += [low, arm("patchgd init low-res gd", method="patchgd",
-                             model={"init_backbone": str(Path(low["run_dir"]) / "best.pt")}) if low["fits"] else
-                    not_fitting("patchgd init low-res gd", args.image_size, "no low-resolution GD backbone")]
+    records += [low, arm("patchgd init low-res gd", method="patchgd",
+                         model={"init_backbone": str(Path(low["run_dir"]) / "best.pt")}) if low["fits"] else
+                not_fitting("patchgd init low-res gd", args.image_size, "no low-resolution GD backbone")]
 
     wall = time.perf_counter() - started
     headers, rows = table(records)
