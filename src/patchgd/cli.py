@@ -112,7 +112,7 @@ def _load_checkpoint(path: str | Path, device):
     if "model" not in state or "config" not in state:
         raise ValueError(f"{path} is not a patchgd checkpoint (expected a dict with 'model' and 'config')")
     cfg = config_from_dict(state["config"], source=str(path))
-    model = build_model(cfg)
+    model = build_model(cfg, weights=False)  # the architecture alone: the weights are the checkpoint's
     model.load_state_dict(state["model"])
     if cfg.method == "patchgd" and cfg.patchgd.fill_batch_size:
         model.fill_batch_size = cfg.patchgd.fill_batch_size

@@ -51,14 +51,28 @@ class ModelConfig:
     """The classifier: a timm backbone ``backbone`` (or ``conv1d`` for sequences) encoding ``patch_size``
     patches to ``latent_dim``, and a ``head``: ``conv`` (the paper's), ``conv1d`` (sequences) or
     ``transformer``, ``head_width`` wide with ``head_dropout`` (the transformer's ``head_depth`` layers of
-    ``head_heads`` attention heads); ``pretrained`` is a local weights file, since nothing is ever
-    downloaded. ``init_backbone`` (App. C of the paper) starts the backbone from a checkpoint
-    (``best.pt``/``last.pt`` of a GD, GD-extended or PatchGD run) or a plain state-dict file."""
+    ``head_heads`` attention heads).
+
+    Pretrained encoders: ``backbone`` is a timm name (``resnet50``, ``resnet50.a1_in1k`` for one tag) or
+    ``hf-hub:ORG/NAME`` (a timm model on the Hugging Face Hub, optionally ``@REVISION``); ``pretrained``
+    is ``true`` (the name's default tag, or the hub repository), a local weights file or snapshot folder
+    (``config.json`` + ``model.safetensors``), or ``false``; null means true for a hub name and false
+    otherwise. Downloads go to the Hugging Face cache (``HF_HOME``; ``HF_HUB_OFFLINE=1`` uses only the
+    cache). ``backbone_args`` are extra ``timm.create_model`` arguments (layer classes as
+    ``timm.layers.NAME`` / ``torch.nn.NAME``). ``pretrained_origin`` is filled in when a run starts (the
+    architecture, weights file, sha256, repository and revision, mean/std): never set it by hand. The
+    weights' mean and std become the model's normalisation unless ``data.mean``/``data.std`` are set.
+    ``freeze``: null (train everything), ``all`` (the whole encoder; its projection to ``latent_dim`` and
+    the head train) or N (the stem and the first N stages or blocks, by timm's ``group_matcher``).
+    ``grad_checkpointing`` recomputes the encoder's activations in backward (timm's
+    ``set_grad_checkpointing``): less memory, the same update.
+    ``init_backbone`` (App. C of the paper) starts the backbone from a checkpoint (``best.pt``/``last.pt``
+    of a GD, GD-extended or PatchGD run), a plain state-dict file, or a hub name (``hf-hub:ORG/NAME``)."""
 
     backbone: str = "resnet18"
     patch_size: int = _field(128, ge=1)
     latent_dim: int = _field(256, ge=1)
-    pretrained: str | None = None
+    pretrained: bool | str | None = None
     in_chans: int = _field(3, ge=1)
     head_width: int = _field(256, ge=1)
     head_dropout: float = _field(0.2, ge=0, lt=1)
@@ -67,6 +81,10 @@ class ModelConfig:
     head: Literal["conv", "conv1d", "transformer"] = "conv"
     head_depth: int = _field(2, ge=1)
     head_heads: int = _field(4, ge=1)
+    backbone_args: dict[str, Any] | None = None
+    freeze: int | Literal["all"] | None = None
+    grad_checkpointing: bool = False
+    pretrained_origin: dict[str, Any] | None = None
 
 
 @dataclass
@@ -154,7 +172,10 @@ class TrainConfig:
     accuracy; ``balanced_sampler`` draws training images with probability inversely proportional to their
     class's frequency. ``micro_batch_size`` (GD and GD-extended) splits each batch into micro-batches whose
     gradients accumulate into one update; with ``memory.budget`` the planner keeps ``batch_size`` and picks
-    the largest micro-batch that fits."""
+    the largest micro-batch that fits. ``backbone_lr`` is the peak rate of the pretrained encoder's
+    parameters (default ``lr``; the projection, the head and a GD classifier keep ``lr``), and
+    ``layer_decay`` scales it down layer by layer towards the stem (BEiT/timm style: the encoder's last
+    group gets ``backbone_lr``, each group below it ``layer_decay`` times the one above)."""
 
     epochs: int = _field(10, ge=1)
     batch_size: int = _field(8, ge=1)
@@ -177,6 +198,8 @@ class TrainConfig:
     patience: int | None = _field(None, ge=1)
     balanced_sampler: bool = False
     micro_batch_size: int | None = _field(None, ge=1)
+    backbone_lr: float | None = _field(None, gt=0)
+    layer_decay: float | None = _field(None, gt=0, le=1)
 
 
 @dataclass
@@ -245,6 +268,8 @@ def _describe(hint: Any) -> str:
         return "one of " + ", ".join(map(repr, args))
     if origin is list:
         return f"a list of {_describe(args[0])}"
+    if origin is dict:
+        return "a mapping of names to values"
     return hint.__name__
 
 
@@ -254,9 +279,16 @@ def _coerce(value: Any, hint: Any) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        (inner,) = (arg for arg in args if arg is not type(None))
-        return _coerce(value, inner)
-    if origin is Literal:
+        for inner in (arg for arg in args if arg is not type(None)):
+            try:
+                return _coerce(value, inner)
+            except TypeError:
+                continue
+        raise TypeError
+    if origin is dict:
+        if isinstance(value, Mapping) and all(isinstance(k, str) for k in value):
+            return dict(value)
+    elif origin is Literal:
         if isinstance(value, str) and value in args:
             return value
     elif origin is list:

@@ -400,8 +400,9 @@ METHODS = ("patchgd", "gd", "gd-extended")
 
 
 def create_model(method: str, backbone: str | nn.Module, num_classes: int, *, patch_size: int = 128,
-                 latent_dim: int = 256, in_chans: int = 3, pretrained: str | None = None,
-                 head: str = "conv", head_width: int = 256, head_dropout: float = 0.2, head_depth: int = 2,
+                 latent_dim: int = 256, in_chans: int = 3, pretrained: bool | str | dict | None = None,
+                 backbone_args: dict | None = None, freeze: str | int | None = None,
+                 grad_checkpointing: bool = False, head: str = "conv", head_width: int = 256, head_dropout: float = 0.2, head_depth: int = 2,
                  head_heads: int = 4, pad_value: float = 0.0, image_size: int | None = None,
                  channels_last: bool = False, mean: list[float] | None = None, std: list[float] | None = None,
                  fill_workers: int = 0) -> nn.Module:
@@ -414,7 +415,11 @@ def create_model(method: str, backbone: str | nn.Module, num_classes: int, *, pa
         patch_size: PatchGD's patch side.
         latent_dim: PatchGD's latent size ``s``.
         in_chans: Image channels.
-        pretrained: Path of a local weights file.
+        pretrained: Pretrained weights of a timm backbone: ``True``, a local file or snapshot folder, or an
+            origin record (:func:`patchgd.pretrained.resolve_encoder`).
+        backbone_args: Extra ``timm.create_model`` arguments.
+        freeze: None, ``"all"`` or the stem and first N stages/blocks of the encoder.
+        grad_checkpointing: Gradient checkpointing in the encoder.
         head: PatchGD's head: ``"conv"`` (the paper's), ``"conv1d"`` (sequences) or ``"transformer"``.
         head_width: Channels of the conv head (PatchGD, GD-extended); token width of the transformer head.
         head_dropout: Dropout of the head.
@@ -427,15 +432,15 @@ def create_model(method: str, backbone: str | nn.Module, num_classes: int, *, pa
         std: Per-channel standard deviation.
         fill_workers: PatchGD's reader processes for disk-backed images while filling ``Z``.
     """
+    encoder = dict(in_chans=in_chans, pretrained=pretrained, backbone_args=backbone_args, freeze=freeze,
+                   grad_checkpointing=grad_checkpointing, channels_last=channels_last, mean=mean, std=std)
     if method == "patchgd":
-        return PatchGDClassifier(backbone, num_classes, patch_size, latent_dim, head, in_chans=in_chans,
-                                 pretrained=pretrained, pad_value=pad_value, head_width=head_width,
-                                 head_dropout=head_dropout, head_depth=head_depth, head_heads=head_heads,
-                                 channels_last=channels_last, mean=mean, std=std, fill_workers=fill_workers)
+        return PatchGDClassifier(backbone, num_classes, patch_size, latent_dim, head, pad_value=pad_value,
+                                 head_width=head_width, head_dropout=head_dropout, head_depth=head_depth,
+                                 head_heads=head_heads, fill_workers=fill_workers, **encoder)
     if head != "conv":
         raise ValueError(f"head={head!r} is PatchGD's; the {method} baseline has its own classifier or conv head")
-    common = dict(in_chans=in_chans, pretrained=pretrained, img_size=image_size, channels_last=channels_last,
-                  mean=mean, std=std)
+    common = dict(img_size=image_size, **encoder)
     if method == "gd":
         return GDClassifier(backbone, num_classes, **common)
     if method == "gd-extended":

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -13,6 +12,7 @@ from .backbones import Conv1dEncoder, PatchEncoder, create_timm
 from .grid import LazyImage, PatchGrid, SourceGrid, cell_mask
 from .heads import ConvHead, TransformerHead
 from .normalize import Normalize
+from .pretrained import encoder_normalization, resolve_encoder
 
 HEADS = ("conv", "conv1d", "transformer")
 
@@ -21,6 +21,14 @@ __all__ = ["PatchGDClassifier", "GDClassifier", "GDExtendedClassifier"]
 # A slide's grid row can hold hundreds of patches: by default its fill reads and encodes at most this many
 # at a time, so that the fill's memory does not grow with the slide's width.
 SOURCE_FILL_CHUNK = 64
+
+
+def _timm_encoder(backbone: str, pretrained: bool | str | dict | None, in_chans: int, mean, std):
+    """The origin record of a timm backbone (``pretrained`` resolved, or already a record) and the
+    normalisation to use: ``mean``/``std`` as given, else those the weights were trained with."""
+    origin = pretrained if isinstance(pretrained, dict) else resolve_encoder(backbone, pretrained)
+    own_mean, own_std = encoder_normalization(origin, in_chans)
+    return origin, (own_mean if mean is None else mean), (own_std if std is None else std)
 
 
 class PatchGDClassifier(nn.Module):
@@ -40,7 +48,13 @@ class PatchGDClassifier(nn.Module):
             ``"transformer"`` for :class:`~patchgd.heads.TransformerHead`, or any module mapping ``Z`` to
             logits.
         in_chans: Image channels (for a timm backbone and the normalisation).
-        pretrained: Path of a local weights file for a timm backbone.
+        pretrained: For a timm backbone: ``True`` (the name's default pretrained tag, or a hub
+            repository's weights), a local weights file or snapshot folder, ``False``, None (true for an
+            ``hf-hub:`` name) or an origin record of :func:`patchgd.pretrained.resolve_encoder`.
+        backbone_args: Extra ``timm.create_model`` arguments of a timm backbone.
+        freeze: Freeze a timm backbone: None, ``"all"`` or its stem and first N stages/blocks
+            (:func:`~patchgd.backbones.freeze_encoder`); the projection to ``latent_dim`` always trains.
+        grad_checkpointing: Recompute the timm backbone's activations in backward (less memory, same update).
         pad_value: Pixel value (in the images' own units, e.g. 0-255 for uint8) that pads images whose sides
             are not multiples of ``patch_size``; a patch of it is the "blank patch" whose code fills the
             background cells of a tissue mask.
@@ -52,8 +66,9 @@ class PatchGDClassifier(nn.Module):
         head_depth: Encoder layers of the transformer head.
         head_heads: Attention heads of the transformer head.
         channels_last: Feed patches to the backbone in channels-last memory format.
-        mean: Per-channel mean of the [0, 1]-scaled pixels, subtracted on the device (None for 0).
-        std: Per-channel standard deviation divided by on the device (None for 1).
+        mean: Per-channel mean of the [0, 1]-scaled pixels, subtracted on the device (None: the pretrained
+            weights' own, else 0).
+        std: Per-channel standard deviation divided by on the device (None: the weights' own, else 1).
         fill_workers: DataLoader worker processes that read patches from disk-backed sources while the
             backbone fills ``Z`` (0 reads in this process).
 
@@ -68,7 +83,8 @@ class PatchGDClassifier(nn.Module):
     """
 
     def __init__(self, backbone: str | nn.Module, num_classes: int, patch_size: int, latent_dim: int = 256,
-                 head: str | nn.Module = "conv", *, in_chans: int = 3, pretrained: str | Path | None = None,
+                 head: str | nn.Module = "conv", *, in_chans: int = 3, pretrained: bool | str | dict | None = None,
+                 backbone_args: dict | None = None, freeze: str | int | None = None, grad_checkpointing: bool = False,
                  pad_value: float = 0.0, fill_batch_size: int | None = None, head_width: int = 256,
                  head_dropout: float = 0.2, head_depth: int = 2, head_heads: int = 4, channels_last: bool = False,
                  mean: list[float] | None = None, std: list[float] | None = None, fill_workers: int = 0):
@@ -77,10 +93,14 @@ class PatchGDClassifier(nn.Module):
             raise ValueError(f"patch_size must be positive, got {patch_size}")
         if fill_batch_size is not None and fill_batch_size <= 0:
             raise ValueError(f"fill_batch_size must be positive, got {fill_batch_size}")
+        self.origin = None
         if isinstance(backbone, str) and backbone != "conv1d":
-            backbone = PatchEncoder(backbone, latent_dim, patch_size, in_chans=in_chans, pretrained=pretrained)
-        elif pretrained is not None:
-            raise ValueError("pretrained applies to a timm backbone name; load weights into your module yourself")
+            self.origin, mean, std = _timm_encoder(backbone, pretrained, in_chans, mean, std)
+            backbone = PatchEncoder(backbone, latent_dim, patch_size, in_chans=in_chans, origin=self.origin,
+                                    backbone_args=backbone_args, freeze=freeze, grad_checkpointing=grad_checkpointing)
+        elif pretrained not in (None, False) or backbone_args or freeze is not None or grad_checkpointing:
+            raise ValueError("pretrained, backbone_args, freeze and grad_checkpointing apply to a timm backbone "
+                             "name; set up your own module yourself")
         if isinstance(backbone, str):
             backbone = Conv1dEncoder(in_chans, latent_dim)
         if head in ("conv", "conv1d"):
@@ -226,19 +246,26 @@ class GDClassifier(nn.Module):
         backbone: A timm model name, or any module mapping ``(B, C, H, W)`` to logits.
         num_classes: Number of classes.
         in_chans: Image channels (for a timm backbone).
-        pretrained: Path of a local weights file for a timm backbone.
+        pretrained, backbone_args, freeze, grad_checkpointing: Of a timm backbone, as for
+            :class:`PatchGDClassifier` (its classifier always trains).
         img_size: Input size, for backbones built for one (ViTs).
         channels_last: Feed images in channels-last memory format.
-        mean, std: Per-channel normalisation of the [0, 1]-scaled pixels, done on the device.
+        mean, std: Per-channel normalisation of the [0, 1]-scaled pixels, done on the device (None: the
+            pretrained weights' own, else none).
     """
 
     def __init__(self, backbone: str | nn.Module, num_classes: int, *, in_chans: int = 3,
-                 pretrained: str | Path | None = None, img_size: int | None = None, channels_last: bool = False,
-                 mean: list[float] | None = None, std: list[float] | None = None):
+                 pretrained: bool | str | dict | None = None, backbone_args: dict | None = None,
+                 freeze: str | int | None = None, grad_checkpointing: bool = False, img_size: int | None = None,
+                 channels_last: bool = False, mean: list[float] | None = None, std: list[float] | None = None,
+                 **timm_kwargs):
         super().__init__()
+        self.origin = None
         if isinstance(backbone, str):
+            self.origin, mean, std = _timm_encoder(backbone, pretrained, in_chans, mean, std)
             backbone = create_timm(backbone, in_chans=in_chans, num_classes=num_classes, img_size=img_size,
-                                   pretrained=pretrained)
+                                   origin=self.origin, backbone_args=backbone_args, freeze=freeze,
+                                   grad_checkpointing=grad_checkpointing, **timm_kwargs)
         self.normalize = Normalize(in_chans, mean, std)
         self.backbone = backbone
         self.num_classes = num_classes
@@ -273,20 +300,21 @@ class GDExtendedClassifier(GDClassifier):
         head: ``"conv"`` for the paper's head, or any module mapping the feature map to logits.
         head_width: Channels of the conv head.
         head_dropout: Dropout2d probability of the conv head.
-        in_chans, pretrained, img_size, channels_last, mean, std: As for :class:`GDClassifier`.
+        **encoder: ``in_chans``, ``pretrained``, ``backbone_args``, ``freeze``, ``grad_checkpointing``,
+            ``img_size``, ``channels_last``, ``mean``, ``std``: as for :class:`GDClassifier`.
     """
 
     def __init__(self, backbone: str | nn.Module, num_classes: int, *, feature_dim: int | None = None,
-                 head: str | nn.Module = "conv", head_width: int = 256, head_dropout: float = 0.2,
-                 in_chans: int = 3, pretrained: str | Path | None = None, img_size: int | None = None,
-                 channels_last: bool = False, mean: list[float] | None = None, std: list[float] | None = None):
+                 head: str | nn.Module = "conv", head_width: int = 256, head_dropout: float = 0.2, **encoder):
         if isinstance(backbone, str):
-            backbone = create_timm(backbone, in_chans=in_chans, num_classes=0, global_pool="", img_size=img_size,
-                                   pretrained=pretrained)
-            feature_dim = backbone.num_features
+            # The unpooled map: no classifier, no pooling.
+            super().__init__(backbone, 0, global_pool="", **encoder)
+            self.num_classes = num_classes
+            feature_dim = self.backbone.num_features
         elif feature_dim is None:
             raise ValueError("a custom GD-extended backbone needs feature_dim (channels of its feature map)")
-        super().__init__(backbone, num_classes, in_chans=in_chans, channels_last=channels_last, mean=mean, std=std)
+        else:
+            super().__init__(backbone, num_classes, **encoder)
         self.head = ConvHead(feature_dim, num_classes, head_width, head_dropout) if head == "conv" else head
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

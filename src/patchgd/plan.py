@@ -171,7 +171,7 @@ def _measure(cfg: Config, image_shape: tuple[int, ...], device: torch.device) ->
     everything built as :func:`~patchgd.train.fit` builds it; ``(None, None, {})`` if a capped CUDA
     device ran out of memory."""
     torch.manual_seed(cfg.train.seed)  # every trial starts from the same weights and data
-    model = train.build_model(cfg).to(device)
+    model = train.build_model(cfg, weights=False).to(device)  # weights change no memory
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if cfg.method == "patchgd":
@@ -284,6 +284,6 @@ def plan_from_config(cfg: Config, device: torch.device | str | None = None, proc
     """:func:`plan_budget` for the shape and classes of ``cfg``'s own training images, on ``device`` (default
     ``train.device``), for ``processes`` data-parallel processes: what ``patchgd plan`` prints."""
     train_set, val_set = train.build_datasets(cfg)
-    cfg = train.resolve_classes(cfg, train_set, val_set)
+    cfg = train.resolve_weights(train.resolve_classes(cfg, train_set, val_set))
     device = train.resolve_device(cfg.train.device) if device is None else device
     return plan_budget(cfg, tuple(train_set[0][0].shape), device, processes=processes, log=log)

@@ -38,6 +38,7 @@ from .memory import PeakMemory, format_size, process_peak
 from .methods import autocast, classification_loss, create_method, create_model, patches_per_iteration
 from .metrics import evaluate_predictions
 from .plots import plot_learning_curves
+from .pretrained import HUB_PREFIX, architecture_only, describe_origin, resolve_encoder
 from .rundir import hold_run_dir
 from .runlog import Progress, RunLogger
 
@@ -220,11 +221,42 @@ def read_options(cfg: Config) -> dict:
                 tissue_fraction=d.tissue_fraction, intensity=Intensity.from_config(d))
 
 
-def build_model(cfg: Config) -> nn.Module:
-    """The model ``cfg.method`` trains, on the CPU."""
+def resolve_weights(cfg: Config) -> Config:
+    """``cfg`` with ``model.pretrained_origin`` found (:func:`patchgd.pretrained.resolve_encoder`: the hub,
+    its cache, a file or a folder), once, before anything is built; a non-timm backbone has none.
+
+    Under torchrun rank 0 resolves first (downloading into the cache once), then the others find it there.
+    """
+    if cfg.model.backbone == "conv1d" or cfg.model.pretrained_origin is not None:
+        return cfg
+    origin = None
+    for first in (True, False):
+        if distributed.is_main() == first:
+            origin = resolve_encoder(cfg.model.backbone, cfg.model.pretrained)
+        distributed.barrier()
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained_origin=origin))
+
+
+def build_model(cfg: Config, *, weights: bool = True) -> nn.Module:
+    """The model ``cfg.method`` trains, on the CPU.
+
+    Args:
+        cfg: The run's config; a pretrained or hub backbone needs ``model.pretrained_origin``
+            (:func:`resolve_weights`).
+        weights: Load the pretrained weights; False builds the architecture alone, for a model whose state
+            comes from a checkpoint (so rebuilding it never needs the hub or the weights file).
+    """
     m = cfg.model
+    origin = m.pretrained_origin if weights else architecture_only(m.pretrained_origin)
+    if origin is None and m.backbone != "conv1d":
+        if m.backbone.startswith(HUB_PREFIX) or (weights and m.pretrained not in (None, False)):
+            raise ValueError(f"model.backbone={m.backbone!r} with model.pretrained={m.pretrained!r} needs its origin "
+                             "resolved first (patchgd.train.resolve_weights)")
+        origin = False  # a random-initialised registry model
     return create_model(cfg.method, m.backbone, cfg.data.num_classes, patch_size=m.patch_size,
-                        latent_dim=m.latent_dim, in_chans=m.in_chans, pretrained=m.pretrained, head=m.head,
+                        latent_dim=m.latent_dim, in_chans=m.in_chans, pretrained=origin,
+                        backbone_args=m.backbone_args, freeze=m.freeze, grad_checkpointing=m.grad_checkpointing,
+                        head=m.head,
                         head_width=m.head_width, head_dropout=m.head_dropout, head_depth=m.head_depth,
                         head_heads=m.head_heads, pad_value=cfg.data.pad_value,
                         image_size=cfg.data.image_size, channels_last=m.channels_last, mean=cfg.data.mean,
@@ -232,15 +264,21 @@ def build_model(cfg: Config) -> nn.Module:
 
 
 def init_backbone(model: nn.Module, path: str | Path) -> int:
-    """Load the backbone weights of a checkpoint or state-dict file into ``model``'s backbone (App. C).
+    """Load the backbone weights of a checkpoint, a state-dict file or a hub repository
+    (``hf-hub:ORG/NAME``) into ``model``'s backbone (App. C).
 
     Keys are matched by name after the wrapper prefixes (``backbone.``, ``backbone.features.``) are
     dropped, so a GD run's timm backbone initialises PatchGD's ``backbone.features``; the source's
     classifier and head, which the target lacks, are ignored. Returns the number of tensors loaded.
     """
-    state = load_checkpoint(path)
+    if str(path).startswith(HUB_PREFIX):
+        from timm.models import load_state_dict  # safetensors, or torch.load(weights_only=True)
+
+        state = load_state_dict(resolve_encoder(str(path), True)["file"])
+    else:
+        state = load_checkpoint(path)
     state = state.get("model", state)
-    target = getattr(model.backbone, "features", model.backbone)
+    target = encoder_of(model)
     wanted = target.state_dict()
     found = {}
     for key, value in state.items():
@@ -260,13 +298,59 @@ def init_backbone(model: nn.Module, path: str | Path) -> int:
     return len(found)
 
 
+def encoder_of(model: nn.Module) -> nn.Module:
+    """The (pretrained) encoder inside a model: a PatchGD backbone's timm model, or a GD model's backbone."""
+    return getattr(model.backbone, "features", model.backbone)
+
+
+def parameter_groups(model: nn.Module, lr: float, backbone_lr: float | None = None,
+                     layer_decay: float | None = None) -> list[dict]:
+    """The trainable parameters (frozen ones get no optimizer state) in groups with their peak rates.
+
+    Without ``backbone_lr`` and ``layer_decay`` it is one group at ``lr``. Otherwise the encoder's
+    parameters (not its classifier, which is new) train at ``backbone_lr`` (default ``lr``), scaled by
+    ``layer_decay ** (G - 1 - g)`` for its fine-grained group ``g`` of ``G`` (timm's ``group_matcher``:
+    the stem is group 0), and everything else (projection, head, classifier) at ``lr``.
+
+    Example:
+        >>> model = create_model("gd", "test_resnet", 2)
+        >>> [round(g["lr"], 6) for g in parameter_groups(model, 1e-3, 1e-4, 0.5)]
+        [1.3e-05, 2.5e-05, 5e-05, 0.0001, 0.001]
+    """
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if backbone_lr is None and layer_decay is None:
+        return [{"params": trainable, "lr": lr}]
+    encoder = encoder_of(model)
+    classifier = encoder.get_classifier() if hasattr(encoder, "get_classifier") else None
+    new = {id(p) for p in classifier.parameters()} if isinstance(classifier, nn.Module) else set()
+    named = {n: p for n, p in encoder.named_parameters() if p.requires_grad and id(p) not in new}
+    if layer_decay is None:
+        layers = [list(named.values())]
+    else:
+        if not hasattr(encoder, "group_matcher"):
+            raise ValueError(f"train.layer_decay: the backbone {type(encoder).__name__} has no group_matcher to "
+                             "number its layers by; use train.backbone_lr alone")
+        from timm.models import group_parameters
+
+        groups = group_parameters(encoder, encoder.group_matcher(coarse=False))
+        layers = [[named[n] for n in names if n in named] for _, names in sorted(groups.items())]
+    rate = lr if backbone_lr is None else backbone_lr
+    in_encoder = {id(p) for p in named.values()}
+    groups = [{"params": params, "lr": rate * (layer_decay or 1.0) ** (len(layers) - 1 - i)}
+              for i, params in enumerate(layers)]
+    groups.append({"params": [p for p in trainable if id(p) not in in_encoder], "lr": lr})
+    return [g for g in groups if g["params"]]
+
+
 def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
-    """Adam (the paper's), AdamW or SGD with momentum over all parameters."""
+    """Adam (the paper's), AdamW or SGD with momentum over the trainable parameters, in the groups of
+    :func:`parameter_groups` (``train.backbone_lr``, ``train.layer_decay``)."""
     t = cfg.train
+    groups = parameter_groups(model, t.lr, t.backbone_lr, t.layer_decay)
     if t.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+        return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
     optimizer = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
-    return optimizer(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    return optimizer(groups, lr=t.lr, weight_decay=t.weight_decay)
 
 
 def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
@@ -532,6 +616,18 @@ def describe_data(cfg: Config, train_set: ImageDataset, val_set: ImageDataset) -
     return "\n".join(lines)
 
 
+def describe_normalization(cfg: Config, model: nn.Module) -> str:
+    """Which mean and std the model normalises pixels with, and where they came from."""
+    mean, std = (model.normalize.mean.flatten().tolist(), model.normalize.std.flatten().tolist())
+    if cfg.data.mean is not None or cfg.data.std is not None:
+        why = "data.mean/data.std"
+    elif cfg.model.pretrained_origin and cfg.model.pretrained_origin.get("file"):
+        why = "the pretrained weights' own (timm's pretrained_cfg)"
+    else:
+        why = "none set: mean 0, std 1"
+    return f"normalisation: mean {[round(v, 4) for v in mean]}, std {[round(v, 4) for v in std]} ({why})"
+
+
 def epoch_summary(epoch: int, cfg: Config, train_stats: dict, results: dict, elapsed: float) -> str:
     """The line logged after each epoch, memory peaks named as what they are."""
     process = (f", {train_stats['peak_process_name']} {format_size(train_stats['peak_process_bytes'])}"
@@ -607,8 +703,15 @@ def _fit(cfg: Config, run_dir: Path, resuming: bool, logger: RunLogger) -> dict:
             raise FileNotFoundError(f"{run_dir} has no last.pt to resume from (its first epoch never finished); "
                                     "start the run again without --resume")
         state = load_checkpoint(run_dir / "last.pt", map_location=device)
+        # The encoder's origin was found when the run started; the checkpoint holds its weights since.
+        saved_origin = state["config"].get("model", {}).get("pretrained_origin")
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained_origin=saved_origin))
         check_resume(state, cfg, run_dir)
         cfg.output_dir = str(run_dir)
+    else:
+        cfg = resolve_weights(cfg)
+        if cfg.model.backbone != "conv1d":
+            log(f"encoder: {describe_origin(cfg.model.pretrained_origin)}")
     if distributed.is_main() and isinstance(train_set, ImageDataset):
         write_split(run_dir / SPLIT_FILE, cfg.data.root, train_set, val_set)
     generator = seed_everything(cfg.train.seed)
@@ -631,7 +734,8 @@ def _fit(cfg: Config, run_dir: Path, resuming: bool, logger: RunLogger) -> dict:
         log(plan.describe())
         cfg = plan.apply(cfg)
 
-    model = build_model(cfg)
+    model = build_model(cfg, weights=not resuming)
+    log(describe_normalization(cfg, model))
     if cfg.model.init_backbone is not None and not resuming:
         loaded = init_backbone(model, cfg.model.init_backbone)
         log(f"backbone initialised from {cfg.model.init_backbone}: {loaded} tensors")
