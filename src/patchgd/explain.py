@@ -58,7 +58,9 @@ def occlusion_scores(model: PatchGDClassifier, z: torch.Tensor, code: torch.Tens
                      mask: torch.Tensor | None = None, batch_size: int = 256) -> torch.Tensor:
     """Per cell, the drop of the ``target`` logit when that cell of ``Z`` is replaced by ``code``.
 
-    Exact (no approximation) and cheap: only the head runs, on ``batch_size`` occluded grids at a time.
+    Exact (no approximation) and cheap: only the head runs, on ``batch_size`` occluded grids at a time. A
+    cell that already holds ``code`` (a slide's background cell) scores exactly 0 without a head call:
+    occluding it changes nothing, and a batched head call could only add rounding.
 
     Args:
         model: The classifier, its head in eval mode (so that each occluded grid is classified alone).
@@ -78,8 +80,11 @@ def occlusion_scores(model: PatchGDClassifier, z: torch.Tensor, code: torch.Tens
     for b in range(batch):
         own = None if mask is None else mask[b:b + 1]
         base = model.classify(z[b:b + 1], own)[0, target[b]].float()
-        for start in range(0, cells, batch_size):
-            idx = torch.arange(start, min(start + batch_size, cells), device=z.device)
+        unchanged = (flat[b] == code.to(z.dtype)[:, None]).all(dim=0)
+        scores[b, unchanged] = 0
+        changed = (~unchanged).nonzero().flatten()
+        for start in range(0, len(changed), batch_size):
+            idx = changed[start:start + batch_size]
             occluded = flat[b].expand(len(idx), -1, -1).clone()
             occluded[torch.arange(len(idx), device=z.device), :, idx] = code.to(z.dtype)
             logits = model.classify(occluded.view(len(idx), *z.shape[1:]),

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 from pathlib import Path
 from typing import Any
 
 import timm
 import torch.nn as nn
+from safetensors import SafetensorError
 
 __all__ = ["PretrainedError", "resolve_encoder", "architecture_only", "create_encoder", "encoder_normalization",
            "describe_origin"]
@@ -49,8 +51,9 @@ def _ways_out(model: str, repo: str | None) -> str:
     return (f"looked in the Hugging Face cache {folder}. Ways out: copy the repository's snapshot there (e.g. "
             f"`hf download {repo or 'ORG/NAME'}` on a machine with network, then copy its HF_HOME), or point "
             f"model.pretrained at a local folder holding config.json and model.safetensors (or at a weights "
-            f"file); for a gated repository accept its terms on the hub and run `huggingface-cli login` "
-            f"(or set HF_TOKEN); HF_HUB_OFFLINE=1 uses only the cache (model {model!r})")
+            f"file); for a gated repository accept its terms on the hub and run `hf auth login` "
+            f"(`huggingface-cli login` in older huggingface_hub; or set HF_TOKEN); HF_HUB_OFFLINE=1 uses only "
+            f"the cache (model {model!r})")
 
 
 def _hub_download(model: str, repo: str, filenames: tuple[str, ...], revision: str | None) -> Path:
@@ -282,9 +285,17 @@ def create_encoder(name: str, record: dict | None, backbone_args: dict | None = 
         if not Path(record["file"]).is_file():
             raise PretrainedError(f"{name}: the weights file {record['file']} is gone; resolve the weights again "
                                   "(model.pretrained)")
-        # source "" makes timm load the file itself instead of going back to a hub it may name.
-        return _create(record["architecture"], pretrained=True, pretrained_cfg=cfg,
-                       pretrained_cfg_overlay={"file": record["file"], "source": ""}, **args)
+        try:
+            # source "" makes timm load the file itself instead of going back to a hub it may name.
+            return _create(record["architecture"], pretrained=True, pretrained_cfg=cfg,
+                           pretrained_cfg_overlay={"file": record["file"], "source": ""}, **args)
+        except (pickle.UnpicklingError, SafetensorError, RuntimeError) as err:
+            if isinstance(err, RuntimeError) and "weights_only" not in str(err):  # timm's word for a refused pickle
+                raise
+            raise PretrainedError(f"{name}: {record['file']} is not a plain weights file "
+                                  f"({' '.join(str(err).split())[:200]}); expected safetensors, or a state dict "
+                                  "that torch.load(weights_only=True) reads (a file that needs more would run "
+                                  "code, which patchgd refuses)") from None
     return _create(record["architecture"], pretrained_cfg=cfg, **args)
 
 

@@ -223,11 +223,13 @@ def read_options(cfg: Config) -> dict:
 
 def resolve_weights(cfg: Config) -> Config:
     """``cfg`` with ``model.pretrained_origin`` found (:func:`patchgd.pretrained.resolve_encoder`: the hub,
-    its cache, a file or a folder), once, before anything is built; a non-timm backbone has none.
+    its cache, a file or a folder), once, before anything is built; a non-timm backbone has none. An
+    origin already in ``cfg`` (a copied ``config.yaml`` of another run) is found anew: it may name another
+    machine's file.
 
     Under torchrun rank 0 resolves first (downloading into the cache once), then the others find it there.
     """
-    if cfg.model.backbone == "conv1d" or cfg.model.pretrained_origin is not None:
+    if cfg.model.backbone == "conv1d":
         return cfg
     origin = None
     for first in (True, False):
@@ -694,6 +696,10 @@ def fit(cfg: Config, resume: str | Path | None = None, *, log=print) -> dict:
 def _fit(cfg: Config, run_dir: Path, resuming: bool, logger: RunLogger) -> dict:
     log = logger.log
     device = distributed.local_device(resolve_device(cfg.train.device))
+    if not resuming:  # before the data: a missing encoder is found in seconds, not after a pass over the data
+        cfg = resolve_weights(cfg)
+        if cfg.model.backbone != "conv1d":
+            log(f"encoder: {describe_origin(cfg.model.pretrained_origin)}")
     train_set, val_set = build_datasets(cfg)
     cfg = resolve_classes(cfg, train_set, val_set)  # before check_resume: the saved config holds the classes
     log(describe_data(cfg, train_set, val_set))
@@ -708,10 +714,6 @@ def _fit(cfg: Config, run_dir: Path, resuming: bool, logger: RunLogger) -> dict:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained_origin=saved_origin))
         check_resume(state, cfg, run_dir)
         cfg.output_dir = str(run_dir)
-    else:
-        cfg = resolve_weights(cfg)
-        if cfg.model.backbone != "conv1d":
-            log(f"encoder: {describe_origin(cfg.model.pretrained_origin)}")
     if distributed.is_main() and isinstance(train_set, ImageDataset):
         write_split(run_dir / SPLIT_FILE, cfg.data.root, train_set, val_set)
     generator = seed_everything(cfg.train.seed)
