@@ -303,3 +303,31 @@ def test_a_weights_file_that_would_run_code_is_refused_and_the_cli_exits_2(tmp_p
     assert main(["train", "--config", str(config)]) == 2
     err = capsys.readouterr().err
     assert "hf-hub:nobody/nothing" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def lay_out_hub_repo(cache: Path, repo: str, name: str) -> dict:
+    """``repo`` in the cache's ``models--ORG--NAME/snapshots/REV/`` layout, as the hub would leave it."""
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    tensors = save_snapshot(folder / "snapshots" / REVISION, name=name)
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text(REVISION)
+    return tensors
+
+
+def test_pretrained_true_loads_timms_default_tag_from_the_cache(hub):
+    """``pretrained: true`` for a registry name: timm's default tag names the hub repository."""
+    tensors = lay_out_hub_repo(hub["cache"], "timm/test_resnet.r160_in1k", "test_resnet")
+    model = patchgd.GDClassifier("test_resnet", 3, pretrained=True)
+    assert_same_tensors(model.backbone, {k: v for k, v in tensors.items()})
+    assert model.backbone.fc.out_features == 3  # a new classifier; the weights had none
+    assert model.origin["source"] == "hf-hub:timm/test_resnet.r160_in1k" and model.origin["revision"] == REVISION
+
+
+def test_a_vit_takes_another_patch_size_by_resampling_its_position_table(tmp_path):
+    folder = tmp_path / "vit"
+    tensors = save_snapshot(folder, name="test_vit")  # built for 160 px inputs: a 10 x 10 position table
+    model = patchgd.PatchGDClassifier("test_vit", num_classes=3, patch_size=32, latent_dim=8, pretrained=str(folder))
+    features = model.backbone.features
+    assert tensors["pos_embed"].shape[1] == 1 + 100 and features.pos_embed.shape[1] == 1 + 4
+    assert torch.equal(features.blocks[0].attn.qkv.weight, tensors["blocks.0.attn.qkv.weight"])
+    assert model.fill_z(torch.rand(1, 3, 64, 64)).shape == (1, 8, 2, 2)
