@@ -113,6 +113,9 @@ class DataConfig:
     at its level, never decoded whole.
     ``kind: sequences`` reads ``(C, L)`` sequences from ``root/train.npz`` and ``root/val.npz`` instead
     (``patchgd prepare aeon`` writes them).
+    ``group_column`` (a CSV column such as a patient or case id) keeps every group on one side of the
+    validation split: ``val_fraction`` splits by group (stratified), and a ``fold`` or validation CSV that
+    puts a group on both sides is an error naming it; ``split.csv`` records each image's group.
     """
 
     root: str | None = None
@@ -141,6 +144,7 @@ class DataConfig:
     percentiles: list[float] = field(default_factory=lambda: [1.0, 99.0])
     verify: Literal["header", "full"] = "header"
     kind: Literal["images", "sequences"] = "images"
+    group_column: str | None = None
 
 
 @dataclass

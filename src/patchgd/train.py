@@ -26,8 +26,8 @@ from torch.utils.data import DataLoader, WeightedRandomSampler
 from . import distributed
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Config, ConfigError, config_differences, config_from_dict, config_to_dict, save_config
-from .data.datasets import (ImageCSVDataset, ImageDataset, ImageFolderDataset, class_folders, collate_images,
-                             stratified_split)
+from .data.datasets import (ImageCSVDataset, ImageDataset, ImageFolderDataset, check_groups_apart, class_folders,
+                             collate_images, stratified_split)
 from .data.errors import DataError
 from .data.images import require_one_size
 from .data.intensity import Intensity
@@ -72,6 +72,7 @@ def build_datasets(cfg: Config) -> tuple[ImageDataset | SequenceDataset, ImageDa
         return tuple(SequenceDataset(Path(cfg.data.root) / f"{split}.npz", cfg.data.num_classes, cfg.model.in_chans)
                      for split in ("train", "val"))
     sets = _layout_datasets(cfg)
+    check_groups_apart(*sets)
     if cfg.data.image_size is None and cfg.method != "patchgd":  # PatchGD gives each image its own grid
         for dataset in sets:
             require_one_size(dataset.paths, dataset.image_sizes)
@@ -87,7 +88,8 @@ def _layout_datasets(cfg: Config) -> tuple[ImageDataset, ImageDataset]:
         raise FileNotFoundError(f"data.root {root} does not exist")
     train_csv = root / d.train_csv
     if train_csv.is_file():
-        common = dict(num_classes=d.num_classes, label_column=d.label_column, id_column=d.id_column, **read)
+        common = dict(num_classes=d.num_classes, label_column=d.label_column, id_column=d.id_column,
+                      group_column=d.group_column, **read)
         if d.fold is not None:
             train = ImageCSVDataset(train_csv, root / d.train_dir, fold=d.fold, split="train", classes=d.classes,
                                     **common)
@@ -98,6 +100,9 @@ def _layout_datasets(cfg: Config) -> tuple[ImageDataset, ImageDataset]:
         if val_csv is not None and (val_csv.is_file() or d.val_csv != DEFAULT_VAL_CSV):
             return train, ImageCSVDataset(val_csv, root / d.val_dir, classes=train.classes, **common)
     else:
+        if d.group_column is not None:
+            raise DataError(f"data.group_column={d.group_column!r} names a CSV column, but {root} has no "
+                            f"{d.train_csv}; expected a CSV listing each image with its group")
         folder = root / d.train_dir if (root / d.train_dir).is_dir() else root
         if not class_folders(folder):
             raise DataError(f"{root}: no {d.train_csv} and no class folders with images; expected {train_csv} "
@@ -145,7 +150,8 @@ def class_name(cfg: Config, index: int) -> str:
 
 
 def write_split(path: Path, root: str | Path, train_set: ImageDataset, val_set: ImageDataset) -> None:
-    """Record which image went to training and which to validation (``split.csv``: image, label, split)."""
+    """Record which image went to training and which to validation (``split.csv``: image, label, split, and
+    the image's group when the data has groups)."""
     root = Path(root).resolve()
 
     def name(p: Path) -> str:
@@ -154,10 +160,12 @@ def write_split(path: Path, root: str | Path, train_set: ImageDataset, val_set: 
 
     with atomic_file(path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["image", "label", "split"])
+        grouped = train_set.groups is not None
+        writer.writerow(["image", "label", "split", *(["group"] if grouped else [])])
         for split, ds in (("train", train_set), ("val", val_set)):
-            for p, label in zip(ds.paths, ds.labels):
-                writer.writerow([name(p), ds.classes[label] if ds.classes else label, split])
+            for i, (p, label) in enumerate(zip(ds.paths, ds.labels)):
+                writer.writerow([name(p), ds.classes[label] if ds.classes else label, split,
+                                 *([ds.groups[i]] if grouped else [])])
 
 
 class RandomRotate90:

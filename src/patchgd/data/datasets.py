@@ -66,6 +66,8 @@ class ImageDataset(Dataset):
             (size, channels, pixel type), ``"full"`` decodes each image whole (and checks its values against
             ``intensity``); None leaves the images to a caller that reads them its own way. ``image_sizes``
             holds each image's ``(height, width)`` as stored (None without a check).
+        groups: The group of each image (a patient, a case), which a validation split keeps on one side;
+            None when images are independent.
     """
 
     def __init__(
@@ -85,6 +87,7 @@ class ImageDataset(Dataset):
         intensity: Intensity | None = None,
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
         verify: str | None = "header",
+        groups: Sequence[str] | None = None,
     ) -> None:
         if in_chans not in (1, 3):
             raise ValueError(f"in_chans={in_chans}; expected 1 or 3")
@@ -96,6 +99,7 @@ class ImageDataset(Dataset):
             raise ValueError(f"level={level} and mpp={mpp}: choose the resolution by one of them")
         self.paths = list(paths)
         self.labels = list(labels)
+        self.groups = list(groups) if groups is not None else None
         self.classes = list(classes) if classes is not None else None
         self.origin = origin
         self.in_chans = in_chans
@@ -146,7 +150,9 @@ class ImageDataset(Dataset):
         indices = list(indices)
         subset = ImageDataset([self.paths[i] for i in indices], [self.labels[i] for i in indices],
                               classes=self.classes, origin=self.origin, in_chans=self.in_chans,
-                              image_size=self.image_size, verify=None, **self.read_options)
+                              image_size=self.image_size, verify=None,
+                              groups=None if self.groups is None else [self.groups[i] for i in indices],
+                              **self.read_options)
         if self.image_sizes is not None:  # checked already, as part of this dataset
             subset.image_sizes = [self.image_sizes[i] for i in indices]
         return subset
@@ -172,6 +178,8 @@ class ImageCSVDataset(ImageDataset):
         fold: With a ``kfold`` column, the fold held out for validation.
         split: With ``fold``: ``"train"`` keeps rows whose ``kfold != fold``, ``"val"`` those with
             ``kfold == fold``.
+        group_column: A column naming each image's group (a patient or case id), kept on one side of
+            every validation split.
         **read: How images are read: ``in_chans``, ``image_size``, ``level``, ``mpp``, ``patch_size``,
             ``tissue``, ``tissue_fraction``, ``intensity``, ``transform`` (see :class:`ImageDataset`).
 
@@ -196,6 +204,7 @@ class ImageCSVDataset(ImageDataset):
         id_column: str = "image_id",
         fold: int | None = None,
         split: str | None = None,
+        group_column: str | None = None,
         **read,
     ) -> None:
         if (fold is None) != (split is None):
@@ -209,14 +218,17 @@ class ImageCSVDataset(ImageDataset):
         self.label_column = _pick_label_column(self.csv_path, columns, label_column)
         _require_column(self.csv_path, columns, id_column, "image id")
         _check_unique(self.csv_path, rows, id_column, self.label_column)
+        if group_column is not None:
+            _require_column(self.csv_path, columns, group_column, "group")
         if fold is not None:
             _require_column(self.csv_path, columns, FOLD_COLUMN, "fold")
             rows = _select_fold(self.csv_path, rows, fold, split)
         self.image_ids = [row[id_column] for _, row in rows]
         labels, classes = _encode_labels(self.csv_path, [(line, row[id_column], row[self.label_column])
                                                          for line, row in rows], classes, num_classes)
+        groups = None if group_column is None else [row[group_column].strip() for _, row in rows]
         super().__init__(_find_images(self.image_dir, self.image_ids), labels, classes=classes,
-                         origin=self.csv_path, **read)
+                         origin=self.csv_path, groups=groups, **read)
 
 
 class ImageFolderDataset(ImageDataset):
@@ -277,17 +289,26 @@ def class_folders(folder: Path) -> dict[str, list[Path]]:
 def stratified_split(dataset: ImageDataset, fraction: float, seed: int) -> tuple[ImageDataset, ImageDataset]:
     """Hold out ``fraction`` of ``dataset`` for validation, stratified by class, reproducibly from ``seed``.
 
+    A dataset with ``groups`` (patients) is split by group: every group's images land on one side, the
+    held-out side being the first fold of scikit-learn's ``StratifiedGroupKFold`` with
+    ``round(1 / fraction)`` folds (so ``fraction`` is met as closely as whole groups allow).
+
     Args:
         dataset: The images to split.
         fraction: Share of the images held out, in (0, 1).
-        seed: Seed of the split (scikit-learn's ``train_test_split``).
+        seed: Seed of the split (scikit-learn's ``train_test_split``, or the group folds' shuffle).
 
     Returns:
         ``(train, val)`` datasets.
 
     Raises:
-        DataError: A class has too few images to appear on both sides.
+        DataError: A class has too few images (or groups) to appear on both sides.
     """
+    if dataset.groups is not None:
+        folds = grouped_folds(dataset.labels, dataset.groups, max(2, round(1 / fraction)), seed, dataset.origin)
+        val_idx = [i for i, fold in enumerate(folds) if fold == 0]
+        train_idx = [i for i, fold in enumerate(folds) if fold != 0]
+        return dataset.subset(train_idx), dataset.subset(val_idx)
     from sklearn.model_selection import train_test_split
 
     counts = np.bincount(dataset.labels)
@@ -303,6 +324,44 @@ def stratified_split(dataset: ImageDataset, fraction: float, seed: int) -> tuple
         raise DataError(f"{dataset.origin}: cannot hold out data.val_fraction={fraction} of {len(dataset)} "
                         f"images stratified by class ({err})") from None
     return dataset.subset(sorted(train_idx)), dataset.subset(sorted(val_idx))
+
+
+def grouped_folds(labels: Sequence[int], groups: Sequence[str], folds: int, seed: int,
+                  origin: str | Path = "") -> list[int]:
+    """A fold index per item: ``folds`` folds stratified by label with every group in one fold
+    (scikit-learn's ``StratifiedGroupKFold``, shuffled by ``seed``).
+
+    Example:
+        >>> grouped_folds([0, 0, 1, 1, 0, 1], ["a", "a", "b", "b", "c", "d"], folds=2, seed=0)
+        [1, 1, 0, 0, 0, 1]
+    """
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    distinct = len(set(groups))
+    if distinct < folds:
+        raise DataError(f"{origin}: {distinct} group(s) cannot fill {folds} folds (each group stays in one); "
+                        "expected at least as many groups (patients) as folds")
+    assignment = [0] * len(labels)
+    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    for fold, (_, held_out) in enumerate(splitter.split(np.zeros(len(labels)), labels, groups)):
+        for i in held_out:
+            assignment[i] = fold
+    return assignment
+
+
+def check_groups_apart(train: ImageDataset, val: ImageDataset) -> None:
+    """Refuse a validation split that shares a group (a patient) with its training set.
+
+    Raises:
+        DataError: Naming a group found on both sides and how many there are.
+    """
+    if train.groups is None or val.groups is None:
+        return
+    shared = sorted(set(train.groups) & set(val.groups))
+    if shared:
+        raise DataError(f"{val.origin}: group {shared[0]!r} ({len(shared)} group(s) in all) has images in training "
+                        f"({train.origin}) and in validation; expected every group on one side (a patient's "
+                        "slides together), e.g. data.val_fraction or a kfold column made by group")
 
 
 _tissue_masks: dict[tuple, torch.Tensor] = {}  # per process: a mask is computed once per file and grid
