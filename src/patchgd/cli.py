@@ -59,6 +59,17 @@ def cmd_prepare(args) -> int:
     return 0
 
 
+def cmd_prepare_tcga(args) -> int:
+    from .data.tcga import describe, prepare_tcga
+
+    sheet = Path(args.sample_sheet)
+    out = prepare_tcga(sheet, args.slides or sheet.parent, args.out, projects=args.projects,
+                       sample_types=None if args.all_sample_types else args.sample_types, folds=args.folds,
+                       seed=args.seed, overwrite=args.overwrite)
+    print(f"wrote {out} (train.csv with case_id and kfold columns, slides/): {describe(out)}")
+    return 0
+
+
 def cmd_stats(args) -> int:
     from .data.datasets import compute_normalization
     from .train import build_datasets, read_options
@@ -369,6 +380,21 @@ def build_parser() -> argparse.ArgumentParser:
     aeon.add_argument("out", help="output folder (written atomically): train.npz, val.npz, meta.json")
     aeon.add_argument("--overwrite", action="store_true")
     aeon.set_defaults(func=cmd_prepare_aeon)
+    tcga = prep_sub.add_parser("tcga", help="TCGA diagnostic slides from a GDC sample sheet: labels by project, "
+                               "folds grouped by patient")
+    tcga.add_argument("sample_sheet", help="the GDC portal's sample sheet (TSV) of the downloaded slides")
+    tcga.add_argument("out", help="output folder (written atomically): train.csv and slides/ (links)")
+    tcga.add_argument("--slides", help="folder gdc-client downloaded into (<File ID>/<File Name>; default: the "
+                      "sample sheet's folder)")
+    tcga.add_argument("--projects", nargs="+", help="projects to keep and label by, e.g. TCGA-LUAD TCGA-LUSC "
+                      "(default: every project in the sheet)")
+    tcga.add_argument("--sample-types", nargs="+", default=["Primary Tumor"],
+                      help="GDC sample types to keep (default: Primary Tumor)")
+    tcga.add_argument("--all-sample-types", action="store_true", help="keep every sample type")
+    tcga.add_argument("--folds", type=int, default=5, help="folds of the kfold column (default 5)")
+    tcga.add_argument("--seed", type=int, default=42)
+    tcga.add_argument("--overwrite", action="store_true")
+    tcga.set_defaults(func=cmd_prepare_tcga)
 
     stats = sub.add_parser("stats", help="per-channel mean and std of a data set, for data.mean/data.std")
     stats.add_argument("folder", nargs="?", help="folder of images (its subfolders too); default: the training "
