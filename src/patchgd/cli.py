@@ -1,5 +1,5 @@
-"""The ``patchgd`` command: generate, prepare, train, evaluate, predict, inspect, plan, stats, demo and
-bench.
+"""The ``patchgd`` command: generate, prepare, train, evaluate, predict, inspect, plan, sweep, stats, demo
+and bench.
 
 Only the standard library, PyYAML and the config schema are imported here; every command imports what
 it needs (torch among it) when it runs, so that ``patchgd --help`` answers at once.
@@ -291,6 +291,16 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from .sweep import run_sweep
+
+    out = args.out or str(Path("runs") / Path(args.spec).stem)
+    rows = run_sweep(args.spec, out, devices=args.devices, slots=args.slots,
+                     log=lambda line: print(line, flush=True))
+    print((Path(out) / "results.md").read_text(), end="")
+    return 0 if all(r["status"] == "done" for r in rows) else 1
+
+
 def cmd_plan(args) -> int:
     from .plan import plan_from_config
     from .train import resolve_device
@@ -462,6 +472,16 @@ def build_parser() -> argparse.ArgumentParser:
                       help="data-parallel processes (torchrun --nproc_per_node x nodes) the run will use; the "
                            "budget and batch are per process, the global batch N times it (default 1)")
     plan.set_defaults(func=cmd_plan)
+
+    sweep = sub.add_parser("sweep", help="run a grid of config overrides, queued over devices, with a results "
+                           "table (resumable)")
+    sweep.add_argument("spec", help="sweep spec (YAML): base config, set, grid and/or points")
+    sweep.add_argument("--out", help="sweep folder (default runs/<spec name>): runs/, logs/, status/, results.csv/.md")
+    sweep.add_argument("--devices", nargs="+", metavar="DEVICE",
+                       help="cuda:0 cuda:1 ... (one run per GPU at a time) or cpu (default: every GPU, else cpu)")
+    sweep.add_argument("--slots", type=int, default=1,
+                       help="runs side by side on the CPU, its threads split between them (default 1)")
+    sweep.set_defaults(func=cmd_sweep)
 
     demo = sub.add_parser("demo", help="generate a small UltraMNIST set and train PatchGD on it (CPU, minutes)")
     demo.add_argument("--digits", default=None,

@@ -373,7 +373,8 @@ def config_differences(old: Mapping[str, Any], new: Mapping[str, Any], prefix: s
     return differences
 
 
-def _read_yaml(path: Path) -> Any:
+def read_yaml(path: Path) -> Any:
+    """A YAML file as Python values (``1e-3`` a float), or a ConfigError naming the file and line."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
@@ -423,7 +424,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     raw, where = {}, None
     if path is not None:
         where = str(path)
-        raw = _read_yaml(Path(path))
+        raw = read_yaml(Path(path))
         raw = {} if raw is None else raw
     config = config_from_dict(raw, source=where)  # errors in the file name the file, before any override
     for item in overrides:
