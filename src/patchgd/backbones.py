@@ -3,7 +3,6 @@ with gradient checkpointing), and a Conv1d encoder for the chunks of sequences."
 
 from __future__ import annotations
 
-import timm
 import torch
 import torch.nn as nn
 from timm.models import group_parameters
