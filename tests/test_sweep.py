@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -76,3 +77,32 @@ def test_a_bad_point_is_refused_before_anything_runs(tmp_path, data):
     with pytest.raises(ConfigError, match="point 001-lr=-1: .*train.lr"):
         read_spec(spec)
     assert not (tmp_path / "sweep").exists()
+
+
+def test_a_terminated_sweep_stops_its_runs_and_starts_no_more(tmp_path, data):
+    spec, out = write_spec(tmp_path, data), tmp_path / "sweep"
+    sweep = subprocess.Popen([sys.executable, "-m", "patchgd", "sweep", str(spec), "--out", str(out), "--devices",
+                              "cpu"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not list((out / "logs").glob("*.log")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    sweep.send_signal(signal.SIGTERM)  # the sweep alone, as `kill PID` or a scheduler would
+    assert sweep.wait(timeout=60) != 0
+
+    def runs_alive():
+        alive = []
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                if str(out).encode() in cmdline.read_bytes():
+                    alive.append(cmdline.parent.name)
+            except OSError:
+                pass
+        return alive
+
+    deadline = time.monotonic() + 30
+    while runs_alive() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not runs_alive()
+    assert len(list((out / "logs").glob("*.log"))) == 1  # nothing was started after the signal
+    statuses = [json.loads(p.read_text())["status"] for p in (out / "status").glob("*.json")]
+    assert statuses in ([], ["interrupted"])

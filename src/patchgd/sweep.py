@@ -13,7 +13,8 @@ Every point is ``patchgd train`` in its own process and run directory (``OUT/run
 over the devices: one run per GPU at a time, or, on the CPU, ``slots`` runs side by side with the CPU's
 threads split between them. A finished point writes ``OUT/status/NAME.json``; running the sweep again
 skips finished points, resumes a killed run from its ``last.pt`` (``--resume``) and starts the rest anew,
-so a killed sweep continues where it stopped. A point that fails is reported (its exit status and the end
+so a killed sweep continues where it stopped (a sweep stopped by SIGTERM or Ctrl-C stops its runs
+too). A point that fails is reported (its exit status and the end
 of its log) and the others go on. At the end ``OUT/results.csv`` and ``OUT/results.md`` hold one row per
 point: its overrides, status, best validation accuracy and kappa, the best epoch, the tensor peak and the
 wall time.
@@ -27,8 +28,10 @@ import json
 import os
 import queue
 import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -43,6 +46,8 @@ from .io import atomic_file
 __all__ = ["Point", "read_spec", "run_sweep"]
 
 SPEC_KEYS = ("base", "set", "grid", "points")
+# The runs in progress: a sweep that is told to stop (SIGTERM) stops them too instead of leaving them behind.
+_RUNNING: set[subprocess.Popen] = set()
 RESULT_COLUMNS = ["point", "status", "best_val_accuracy", "best_val_qwk", "best_epoch", "peak_memory_bytes",
                   "wall_time_s", "run_dir"]
 
@@ -125,8 +130,14 @@ def _run_point(base: Path, common: list[str], point: Point, out: Path, slot: str
     log(f"{point.name}: {'resuming' if '--resume' in command else 'starting'} on {slot}")
     started = time.perf_counter()
     with (out / "logs" / f"{point.name}.log").open("a") as f:
-        rc = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL).returncode
-    status = {"point": point.name, "overrides": point.overrides, "status": "done" if rc == 0 else "failed",
+        process = subprocess.Popen(command, stdout=f, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL)
+        _RUNNING.add(process)
+        try:
+            rc = process.wait()
+        finally:
+            _RUNNING.discard(process)
+    outcome = "done" if rc == 0 else "interrupted" if rc < 0 else "failed"  # < 0: stopped by a signal
+    status = {"point": point.name, "overrides": point.overrides, "status": outcome,
               "returncode": rc, "wall_time_s": round(time.perf_counter() - started, 1), "slot": slot,
               "run_dir": str(run_dir)}
     if rc != 0:
@@ -207,15 +218,30 @@ def run_sweep(spec: str | Path, out: str | Path, *, devices: list[str] | None = 
     log(f"sweep {spec}: {len(points)} points, {len(points) - len(todo)} done, {len(todo)} to run on "
         f"{', '.join(gpus) if gpus else f'{slots} CPU slot(s) of {threads} thread(s)'}")
 
-    def work(point: Point) -> dict:
+    stopping = threading.Event()
+
+    def work(point: Point) -> dict | None:
         slot = free.get()
+        if stopping.is_set():  # told to stop: start nothing more
+            return None
         try:
             return _run_point(base, common, point, out, slot, threads, log)
         finally:
             free.put(slot)
 
-    with ThreadPoolExecutor(max_workers=free.qsize()) as pool:
-        list(pool.map(work, todo))
+    def stop(signum, _frame):
+        stopping.set()
+        for process in list(_RUNNING):
+            process.terminate()
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop) if threading.current_thread() is threading.main_thread() else None
+    try:
+        with ThreadPoolExecutor(max_workers=free.qsize()) as pool:
+            list(pool.map(work, todo))
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     keys = list(dict.fromkeys(k for p in points for k in p.overrides))
     rows = [_summary(p, _status(out, p), out) for p in points]
     _write_results(out, keys, rows)
