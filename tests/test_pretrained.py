@@ -331,3 +331,14 @@ def test_a_vit_takes_another_patch_size_by_resampling_its_position_table(tmp_pat
     assert tensors["pos_embed"].shape[1] == 1 + 100 and features.pos_embed.shape[1] == 1 + 4
     assert torch.equal(features.blocks[0].attn.qkv.weight, tensors["blocks.0.attn.qkv.weight"])
     assert model.fill_z(torch.rand(1, 3, 64, 64)).shape == (1, 8, 2, 2)
+
+
+def test_backbone_args_name_timm_and_torch_layers_as_model_cards_do():
+    """UNI2-h's card passes timm.layers.SwiGLUPacked (a partial of GluMlp) and torch.nn.SiLU."""
+    from timm.layers import GluMlp
+
+    model = patchgd.PatchGDClassifier("test_vit", num_classes=3, patch_size=16, latent_dim=8, backbone_args={
+        "mlp_layer": "timm.layers.SwiGLUPacked", "act_layer": "torch.nn.SiLU", "mlp_ratio": 2.0})
+    assert isinstance(model.backbone.features.blocks[0].mlp, GluMlp)
+    with pytest.raises(PretrainedError, match="'torch.nn.functional' is not a layer class"):
+        patchgd.PatchGDClassifier("test_vit", num_classes=3, patch_size=16, backbone_args={"act_layer": "torch.nn.functional"})

@@ -14,6 +14,7 @@ Weights are read by timm's loader, which takes safetensors files as they are and
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import pickle
@@ -251,7 +252,8 @@ def _layer_argument(value: Any) -> Any:
             import importlib
 
             found = getattr(importlib.import_module(_LAYER_MODULES[module]), name, None)
-            if not (isinstance(found, type) and issubclass(found, nn.Module)):
+            layer = found.func if isinstance(found, functools.partial) else found  # SwiGLUPacked is a partial
+            if not (isinstance(layer, type) and issubclass(layer, nn.Module)):
                 raise PretrainedError(f"model.backbone_args: {value!r} is not a layer class of {module}")
             return found
     return value
