@@ -342,3 +342,13 @@ def test_backbone_args_name_timm_and_torch_layers_as_model_cards_do():
     assert isinstance(model.backbone.features.blocks[0].mlp, GluMlp)
     with pytest.raises(PretrainedError, match="'torch.nn.functional' is not a layer class"):
         patchgd.PatchGDClassifier("test_vit", num_classes=3, patch_size=16, backbone_args={"act_layer": "torch.nn.functional"})
+
+
+def test_layer_decay_leaves_a_gd_classifier_at_the_head_rate_and_ranks_the_encoder_without_it():
+    model = patchgd.GDClassifier("test_resnet", 3)
+    groups = parameter_groups(model, lr=1e-3, backbone_lr=1e-4, layer_decay=0.5)
+    # test_resnet: the stem and one block in each of 4 stages, then the classifier (fc) at train.lr
+    assert [g["lr"] for g in groups] == pytest.approx([1e-4 * 0.5 ** 4, 1e-4 * 0.5 ** 3, 1e-4 * 0.25, 1e-4 * 0.5,
+                                                       1e-4, 1e-3])
+    assert {id(p) for p in groups[-1]["params"]} == {id(p) for p in model.backbone.fc.parameters()}
+    assert {id(p) for p in groups[-2]["params"]} == {id(p) for p in model.backbone.layer4.parameters()}

@@ -35,7 +35,7 @@ def create_timm(name: str, *, in_chans: int = 3, num_classes: int = 0, img_size:
 
     Example:
         >>> create_timm("test_resnet", num_classes=0).num_features
-        256
+        96
     """
     model = create_encoder(name, origin, backbone_args, in_chans=in_chans, num_classes=num_classes,
                            img_size=img_size, **kwargs)

@@ -257,14 +257,14 @@ def build_model(cfg: Config, *, weights: bool = True) -> nn.Module:
             comes from a checkpoint (so rebuilding it never needs the hub or the weights file).
     """
     m = cfg.model
-    origin = m.pretrained_origin if weights else architecture_only(m.pretrained_origin)
-    if origin is None and m.backbone != "conv1d":
+    pretrained = m.pretrained_origin if weights else architecture_only(m.pretrained_origin)
+    if pretrained is None and m.backbone != "conv1d":
         if m.backbone.startswith(HUB_PREFIX) or (weights and m.pretrained not in (None, False)):
             raise ValueError(f"model.backbone={m.backbone!r} with model.pretrained={m.pretrained!r} needs its origin "
                              "resolved first (patchgd.train.resolve_weights)")
-        origin = False  # a random-initialised registry model
+        pretrained = False  # a random-initialised registry model: nothing to resolve
     return create_model(cfg.method, m.backbone, cfg.data.num_classes, patch_size=m.patch_size,
-                        latent_dim=m.latent_dim, in_chans=m.in_chans, pretrained=origin,
+                        latent_dim=m.latent_dim, in_chans=m.in_chans, pretrained=pretrained,
                         backbone_args=m.backbone_args, freeze=m.freeze, grad_checkpointing=m.grad_checkpointing,
                         head=m.head,
                         head_width=m.head_width, head_dropout=m.head_dropout, head_depth=m.head_depth,
@@ -324,8 +324,8 @@ def parameter_groups(model: nn.Module, lr: float, backbone_lr: float | None = No
 
     Example:
         >>> model = create_model("gd", "test_resnet", 2)
-        >>> [round(g["lr"], 6) for g in parameter_groups(model, 1e-3, 1e-4, 0.5)]
-        [1.3e-05, 2.5e-05, 5e-05, 0.0001, 0.001]
+        >>> [round(g["lr"], 7) for g in parameter_groups(model, 1e-3, 1e-4, 0.5)]
+        [6.3e-06, 1.25e-05, 2.5e-05, 5e-05, 0.0001, 0.001]
     """
     trainable = [p for p in model.parameters() if p.requires_grad]
     if backbone_lr is None and layer_decay is None:
@@ -343,7 +343,9 @@ def parameter_groups(model: nn.Module, lr: float, backbone_lr: float | None = No
         from timm.models import group_parameters
 
         groups = group_parameters(encoder, encoder.group_matcher(coarse=False))
-        layers = [[named[n] for n in names if n in named] for _, names in sorted(groups.items())]
+        # Groups left empty (the classifier's, frozen ones) take no rank: the last trained group gets backbone_lr.
+        layers = [layer for layer in ([named[n] for n in names if n in named] for _, names in sorted(groups.items()))
+                  if layer]
     rate = lr if backbone_lr is None else backbone_lr
     in_encoder = {id(p) for p in named.values()}
     groups = [{"params": params, "lr": rate * (layer_decay or 1.0) ** (len(layers) - 1 - i)}
