@@ -111,7 +111,7 @@ def _status(out: Path, point: Point) -> dict | None:
 
 
 def _run_point(base: Path, common: list[str], point: Point, out: Path, slot: str, threads: int | None,
-               log) -> dict:
+               log, stopping: threading.Event) -> dict:
     """Run (or resume) one point in its own process on ``slot``; returns and records its status."""
     run_dir = out / "runs" / point.name
     env = dict(os.environ)
@@ -132,6 +132,8 @@ def _run_point(base: Path, common: list[str], point: Point, out: Path, slot: str
     with (out / "logs" / f"{point.name}.log").open("a") as f:
         process = subprocess.Popen(command, stdout=f, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL)
         _RUNNING.add(process)
+        if stopping.is_set():  # the stop came while this run was being started: it saw no process to end
+            process.terminate()
         try:
             rc = process.wait()
         finally:
@@ -225,12 +227,12 @@ def run_sweep(spec: str | Path, out: str | Path, *, devices: list[str] | None = 
         if stopping.is_set():  # told to stop: start nothing more
             return None
         try:
-            return _run_point(base, common, point, out, slot, threads, log)
+            return _run_point(base, common, point, out, slot, threads, log, stopping)
         finally:
             free.put(slot)
 
     def stop(signum, _frame):
-        stopping.set()
+        stopping.set()  # before the runs are listed: a run registered after the listing sees the flag
         for process in list(_RUNNING):
             process.terminate()
         raise SystemExit(128 + signum)
