@@ -402,8 +402,8 @@ METHODS = ("patchgd", "gd", "gd-extended")
 def create_model(method: str, backbone: str | nn.Module, num_classes: int, *, patch_size: int = 128,
                  latent_dim: int = 256, in_chans: int = 3, pretrained: bool | str | dict | None = None,
                  backbone_args: dict | None = None, freeze: str | int | None = None,
-                 grad_checkpointing: bool = False, head: str = "conv", head_width: int = 256, head_dropout: float = 0.2, head_depth: int = 2,
-                 head_heads: int = 4, pad_value: float = 0.0, image_size: int | None = None,
+                 grad_checkpointing: bool = False, head: str = "conv", head_width: int = 256,
+                 head_dropout: float = 0.2, head_depth: int = 2, head_heads: int = 4, pad_value: float = 0.0, image_size: int | None = None,
                  channels_last: bool = False, mean: list[float] | None = None, std: list[float] | None = None,
                  fill_workers: int = 0) -> nn.Module:
     """Build the model a method trains.

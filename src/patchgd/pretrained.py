@@ -123,6 +123,12 @@ def _read_config(path: Path, model: str) -> tuple[dict, str, dict]:
     return pretrained_cfg, architecture, dict(raw.get("model_args") or {})
 
 
+def _hub_config(backbone: str) -> tuple[dict, str, dict]:
+    """The parsed ``config.json`` of an ``hf-hub:ORG/NAME[@REV]`` backbone, from the cache or the hub."""
+    repo, revision = _split_revision(backbone[len(HUB_PREFIX):])
+    return _read_config(_hub_download(backbone, repo, ("config.json",), revision), backbone)
+
+
 def _registry_cfg(name: str) -> tuple[dict, str]:
     """timm's own pretrained config of ``name`` (``arch`` or ``arch.tag``; the default tag for a bare name)."""
     architecture, tag = timm.models.split_model_name_tag(name)
@@ -215,16 +221,13 @@ def resolve_encoder(backbone: str, pretrained: bool | str | None) -> dict | None
             raise PretrainedError(f"model.pretrained={pretrained!r}: no such file or folder; expected a weights file "
                                   "(.safetensors, .pth, .bin), a snapshot folder, true or false")
         if hub:
-            repo, revision = _split_revision(backbone[len(HUB_PREFIX):])
-            pretrained_cfg, architecture, model_args = _read_config(
-                _hub_download(backbone, repo, ("config.json",), revision), backbone)
+            pretrained_cfg, architecture, model_args = _hub_config(backbone)
         else:
             (pretrained_cfg, architecture), model_args = _registry_cfg(backbone), {}
         return _record(f"file:{path.resolve()}", architecture, model_args, pretrained_cfg, path)
     if hub:
+        pretrained_cfg, architecture, model_args = _hub_config(backbone)
         repo, revision = _split_revision(backbone[len(HUB_PREFIX):])
-        pretrained_cfg, architecture, model_args = _read_config(
-            _hub_download(backbone, repo, ("config.json",), revision), backbone)
         file = _hub_download(backbone, repo, WEIGHT_FILES[:2], revision) if pretrained else None
         return _record(backbone, architecture, model_args, pretrained_cfg, file)
     pretrained_cfg, architecture = _registry_cfg(backbone)

@@ -19,6 +19,7 @@ import argparse
 import numpy as np
 import torch
 
+from ..backbones import freeze_encoder
 from ..memory import PeakMemory, format_size, parse_size
 from ..methods import PatchGD, create_model
 from ..train import parameter_groups
@@ -69,24 +70,20 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def _stages(model: torch.nn.Module) -> int:
-    """Stages (CNN) or blocks (ViT) after the stem, as timm's coarse group matcher counts them."""
+def build(encoder: str, setting: str, patch_size: int) -> torch.nn.Module:
+    """The PatchGD model of ``encoder`` under ``setting`` (random weights), built once and then frozen
+    as ``model.freeze`` would (half: the stem and the first half of timm's coarse groups after it)."""
     from timm.models import group_parameters
 
-    encoder = model.backbone.features
-    return len(group_parameters(encoder, encoder.group_matcher(coarse=True))) - 1
-
-
-def build(encoder: str, setting: str, patch_size: int) -> torch.nn.Module:
-    """The PatchGD model of ``encoder`` under ``setting`` (random weights)."""
     name, args = ENCODERS[encoder]
-    freeze = None
+    model = create_model("patchgd", name, 2, patch_size=patch_size, backbone_args=args,
+                         grad_checkpointing="checkpointing" in setting)
+    features = model.backbone.features
     if setting.startswith("freeze-all"):
-        freeze = "all"
+        freeze_encoder(features, "all")
     elif setting.startswith("freeze-half"):
-        freeze = _stages(create_model("patchgd", name, 2, patch_size=patch_size, backbone_args=args)) // 2
-    return create_model("patchgd", name, 2, patch_size=patch_size, backbone_args=args, freeze=freeze,
-                        grad_checkpointing="checkpointing" in setting)
+        freeze_encoder(features, (len(group_parameters(features, features.group_matcher(coarse=True))) - 1) // 2)
+    return model
 
 
 def measure(model: torch.nn.Module, k: int, device: torch.device, amp: str | None) -> int:
