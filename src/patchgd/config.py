@@ -149,11 +149,13 @@ class DataConfig:
 
 @dataclass
 class AugmentConfig:
-    """Training-time augmentation of whole images, so the patch grid and Z stay aligned with the image:
-    ``flip`` (horizontal and vertical, each with probability 1/2), ``rotate90`` (a random multiple of
-    90 degrees; non-square images are only rotated by 180), and colour jitter for stained (H&E) or
-    natural images via torchvision's ColorJitter: ``brightness``, ``contrast``, ``saturation``, ``hue``
-    (0 = off)."""
+    """Training-time augmentation, drawn per image and step, of images in memory and slides read in pieces
+    alike (:mod:`patchgd.data.augment`), so the patch grid and Z stay aligned with the image: ``flip``
+    (left-right and up-down, each with probability 1/2), ``rotate90`` (a random multiple of 90 degrees;
+    images whose grid is not square only by 180), and colour jitter for stained (H&E) or natural images:
+    ``brightness``, ``contrast`` (about mid-grey), ``saturation``, ``hue`` (torchvision's) and ``hed``, the
+    strength of a stain jitter in haematoxylin-eosin-DAB space (0.05 is "HED-light" of Tellez et al.;
+    0 = off)."""
 
     flip: bool = False
     rotate90: bool = False
@@ -161,6 +163,7 @@ class AugmentConfig:
     contrast: float = _field(0.0, ge=0)
     saturation: float = _field(0.0, ge=0)
     hue: float = _field(0.0, ge=0, le=0.5)
+    hed: float = _field(0.0, ge=0, le=1)
 
 
 @dataclass

@@ -20,7 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["PatchGrid", "SourceGrid", "LazyImage", "grid_shape", "cell_mask"]
+from .normalize import to_unit_range
+
+__all__ = ["PatchGrid", "SourceGrid", "LazyImage", "Orientation", "grid_shape", "cell_mask"]
 
 
 def grid_shape(height: int, width: int, patch_size: int) -> tuple[int, int]:
@@ -159,25 +161,88 @@ class PatchGrid:
             done += count
         return out.view(out.shape[0], out.shape[1], *self.patch_shape)
 
+@dataclass(frozen=True)
+class Orientation:
+    """A flip and quarter turn of an image, in this order: ``flip_h`` (left-right), ``flip_v`` (up-down), then
+    ``turns`` quarter turns as ``torch.rot90(x, turns, dims=(-2, -1))``.
+
+    On a grid of square cells, turning or flipping the whole image is the same move of the cells plus the
+    same turn or flip of every cell's pixels: :meth:`apply` does both, to an image, a stack of patches or a
+    grid of cell indices alike, which is how a lazily read slide is augmented without being read whole.
+
+    Example:
+        >>> Orientation(flip_h=True, turns=1).apply(torch.arange(6).view(2, 3)).tolist()
+        [[0, 3], [1, 4], [2, 5]]
+    """
+
+    flip_h: bool = False
+    flip_v: bool = False
+    turns: int = 0
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (``(..., H, W)``) flipped and turned; its last two sides swap under an odd ``turns``."""
+        if self.flip_h:
+            x = x.flip(-1)
+        if self.flip_v:
+            x = x.flip(-2)
+        return torch.rot90(x, self.turns, dims=(-2, -1)) if self.turns % 4 else x
+
+    def shape(self, height: int, width: int) -> tuple[int, int]:
+        """The ``(height, width)`` of an ``height x width`` image after :meth:`apply`."""
+        return (width, height) if self.turns % 2 else (height, width)
+
+
 @dataclass(eq=False)
 class LazyImage:
-    """One image read in pieces: a :class:`~patchgd.data.sources.PatchSource` and the tissue cells of its grid.
+    """One image read in pieces: a :class:`~patchgd.data.sources.PatchSource` and the tissue cells of its grid,
+    seen through an augmentation drawn for one training step.
+
+    The augmented image is the source padded to its grid of ``p``-pixel cells, then flipped and turned by
+    ``orientation``, then colour-jittered by ``colour``: the cells move (and swap the grid's sides under a
+    quarter turn), each patch is flipped and turned alike, and the colour acts on each patch on the device.
 
     Attributes:
         source: The pixels, read ``source.read_cells(...)`` a chunk of patches at a time.
-        tissue: ``(m, n)`` bool mask over the image's own grid, True where a cell is encoded and sampled;
+        tissue: ``(m, n)`` bool mask over the source's own grid, True where a cell is encoded and sampled;
             None encodes and samples every cell.
+        orientation: The flip and turn of the whole image (None: as stored).
+        colour: A :class:`~patchgd.data.augment.ColourJitter` with this image's parameters (None: none).
     """
 
     source: Any
     tissue: torch.Tensor | None = None
+    orientation: Orientation | None = None
+    colour: Any = None
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """``(height, width)`` of the augmented image."""
+        height, width = self.source.height, self.source.width
+        return self.orientation.shape(height, width) if self.orientation else (height, width)
+
+    def grid_tissue(self) -> torch.Tensor | None:
+        """The tissue mask over the augmented image's grid (None: every cell)."""
+        if self.tissue is None or self.orientation is None:
+            return self.tissue
+        return self.orientation.apply(self.tissue)
+
+    def read_cells(self, rows: torch.Tensor, cols: torch.Tensor, patch_size: int, fill: float) -> torch.Tensor:
+        """``(N, C, p, p)`` patches at ``(rows, cols)`` of the augmented image's grid (colour not applied)."""
+        if self.orientation is None:
+            read = self.source.read_cells(np.stack([rows.numpy(), cols.numpy()], axis=1), patch_size, fill=fill)
+            return torch.from_numpy(np.ascontiguousarray(read))
+        m, n = grid_shape(self.source.height, self.source.width, patch_size)
+        stored = self.orientation.apply(torch.arange(m * n).view(m, n))[rows, cols]  # each cell's stored cell
+        read = self.source.read_cells(np.stack([(stored // n).numpy(), (stored % n).numpy()], axis=1), patch_size,
+                                      fill=fill)
+        return self.orientation.apply(torch.from_numpy(read)).contiguous()
 
 
 def _item_info(item: torch.Tensor | LazyImage) -> tuple[int, int, int, torch.dtype]:
     """``(channels, height, width, dtype)`` of one item of a :class:`SourceGrid`."""
     if isinstance(item, LazyImage):
         src = item.source
-        return src.channels, src.height, src.width, torch.from_numpy(np.zeros(0, dtype=src.dtype)).dtype
+        return src.channels, *item.size, torch.from_numpy(np.zeros(0, dtype=src.dtype)).dtype
     if not isinstance(item, torch.Tensor) or item.dim() != 3:
         raise ValueError(f"a batch item must be a (C, H, W) tensor or a LazyImage, got "
                          f"{tuple(item.shape) if isinstance(item, torch.Tensor) else type(item).__name__}")
@@ -228,13 +293,15 @@ class SourceGrid:
         encoded = inside.clone()
         for b, (item, (m, n)) in enumerate(zip(self.items, self.shapes)):
             inside[b, :m, :n] = True
-            tissue = item.tissue if isinstance(item, LazyImage) else None
+            tissue = item.grid_tissue() if isinstance(item, LazyImage) else None
             if tissue is not None and tuple(tissue.shape) != (m, n):
                 raise ValueError(f"tissue mask of {item.source.path} has shape {tuple(tissue.shape)}; expected "
                                  f"its {m}x{n} grid of {patch_size} px cells")
             encoded[b, :m, :n] = True if tissue is None else tissue.bool()
         self._inside = inside.flatten(1)
         self._encoded = encoded.flatten(1)
+        self._colours = {b: item.colour for b, item in enumerate(self.items)
+                         if isinstance(item, LazyImage) and item.colour is not None}
         # Tensors are cut by PatchGrid, the one home of in-memory patch geometry and padding.
         self._tensor_grids = {b: PatchGrid(item[None], patch_size, pad_value)
                               for b, item in enumerate(self.items) if isinstance(item, torch.Tensor)}
@@ -272,7 +339,23 @@ class SourceGrid:
         """The patches at the given cells, as :meth:`PatchGrid.patches`, on :attr:`device`."""
         if images is None:
             images = torch.arange(self.batch_size, device=cells.device).unsqueeze(1).expand_as(cells)
-        return self.read(images.reshape(-1), cells.reshape(-1)).to(self.device, non_blocking=True)
+        images = images.reshape(-1)
+        return self.deliver(images, self.read(images, cells.reshape(-1)))
+
+    def deliver(self, image_idx: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+        """``patches`` (of images ``image_idx``, as :meth:`read` gives them) on :attr:`device`, with each
+        image's colour jitter applied there: then as floats in [0, 1], which the model's normalisation
+        takes as they are."""
+        patches = patches.to(self.device, non_blocking=True)
+        if not self._colours:
+            return patches
+        patches = to_unit_range(patches)
+        image_idx = image_idx.to(self.device)
+        for b, colour in self._colours.items():
+            where = (image_idx == b).nonzero().squeeze(1)
+            if where.numel():
+                patches[where] = colour.apply(patches[where])
+        return patches
 
     def read(self, image_idx: torch.Tensor, cell_idx: torch.Tensor) -> torch.Tensor:
         """``(N, C, p, p)`` patches of the ``(image, cell)`` pairs, in their order, on the CPU."""
@@ -284,8 +367,7 @@ class SourceGrid:
             rows, cols = cell_idx[where].div(self.cols, rounding_mode="floor"), cell_idx[where] % self.cols
             item = self.items[b]
             if isinstance(item, LazyImage):
-                read = item.source.read_cells(np.stack([rows.numpy(), cols.numpy()], axis=1), p, fill=self.pad_value)
-                pieces.append(torch.from_numpy(np.ascontiguousarray(read)))
+                pieces.append(item.read_cells(rows, cols, p, self.pad_value))
             else:
                 own = self._tensor_grids[b]
                 pieces.append(own.patches(rows * own.cols + cols, torch.zeros_like(rows)).cpu())

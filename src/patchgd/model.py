@@ -194,7 +194,7 @@ class PatchGDClassifier(nn.Module):
                 z = torch.zeros(batch, self.latent_dim, cells, device=device)
                 image_idx, cell_idx = grid.encoded_cells()
                 for image_c, cell_c, patches in grid.stream(image_idx, cell_idx, chunk, self.fill_workers):
-                    z[image_c.to(device), :, cell_c.to(device)] = self.encode(patches).to(z.dtype)
+                    z[image_c.to(device), :, cell_c.to(device)] = self.encode(grid.deliver(image_c, patches)).to(z.dtype)
                 image_idx, cell_idx = grid.background_cells()
                 if image_idx.numel():
                     z[image_idx.to(device), :, cell_idx.to(device)] = self.background_code(grid).to(z.dtype)

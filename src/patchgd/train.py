@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, WeightedRandomSampler
 from . import distributed
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Config, ConfigError, config_differences, config_from_dict, config_to_dict, save_config
+from .data.augment import Augment
 from .data.datasets import (ImageCSVDataset, ImageDataset, ImageFolderDataset, check_groups_apart, class_folders,
                              collate_images, stratified_split)
 from .data.errors import DataError
@@ -168,37 +169,20 @@ def write_split(path: Path, root: str | Path, train_set: ImageDataset, val_set: 
                                  *([ds.groups[i]] if grouped else [])])
 
 
-class RandomRotate90:
-    """Rotate a ``(C, H, W)`` image by a random multiple of 90 degrees; a non-square image only by 0 or
-    180, so that every image of a batch keeps its shape."""
+def build_augmentation(cfg: Config) -> Augment | None:
+    """The training images' transform from ``augment.*`` (:class:`~patchgd.data.augment.Augment`), or None.
 
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        square = image.shape[-1] == image.shape[-2]
-        k = int(torch.randint(4, ())) if square else 2 * int(torch.randint(2, ()))
-        return torch.rot90(image, k, dims=(-2, -1))
-
-
-def build_augmentation(cfg: Config):
-    """The training images' transform from ``augment.*`` (torchvision transforms v2), or None.
-
-    Every step acts on the whole image before it is cut into patches, so the grid, ``Z`` and the
-    labels stay consistent.
+    Images in memory are moved and jittered whole before they are cut; a slide read in pieces carries
+    the draws to its grid, which applies them to every patch it reads, in the fill and every inner
+    iteration alike, so the grid, ``Z`` and the labels stay consistent.
     """
-    from torchvision.transforms import v2
-
     a = cfg.augment
-    steps = []
-    if a.flip:
-        steps += [v2.RandomHorizontalFlip(), v2.RandomVerticalFlip()]
-    if a.rotate90:
-        steps.append(RandomRotate90())
-    if (a.saturation or a.hue) and cfg.model.in_chans != 3:
-        raise ConfigError(f"augment.saturation/augment.hue need colour images; model.in_chans is "
+    if (a.saturation or a.hue or a.hed) and cfg.model.in_chans != 3:
+        raise ConfigError(f"augment.saturation/augment.hue/augment.hed need colour images; model.in_chans is "
                           f"{cfg.model.in_chans}, expected 3")
-    if a.brightness or a.contrast or a.saturation or a.hue:
-        steps.append(v2.ColorJitter(brightness=a.brightness or None, contrast=a.contrast or None,
-                                    saturation=a.saturation or None, hue=a.hue or None))
-    return v2.Compose(steps) if steps else None
+    if not any((a.flip, a.rotate90, a.brightness, a.contrast, a.saturation, a.hue, a.hed)):
+        return None
+    return Augment(a, patch_size=cfg.model.patch_size if cfg.method == "patchgd" else None)
 
 
 def build_train_loader(cfg: Config, train_set: ImageDataset, generator: torch.Generator,

@@ -61,7 +61,8 @@ class ImageDataset(Dataset):
         tissue: ``"otsu"`` masks the background cells of lazy images; ``"none"`` keeps every cell.
         tissue_fraction: Least tissue fraction of a cell that is encoded and sampled.
         intensity: How pixel values map to [0, 1] (default: :class:`~patchgd.data.intensity.Intensity`).
-        transform: Applied to each image tensor (augmentation of training images); not to lazy images.
+        transform: Applied to each item (augmentation of training images; :class:`~patchgd.data.augment.Augment`
+            takes lazy images too).
         verify: How the images are checked when the dataset is built: ``"header"`` reads each header
             (size, channels, pixel type), ``"full"`` decodes each image whole (and checks its values against
             ``intensity``); None leaves the images to a caller that reads them its own way. ``image_sizes``
@@ -131,9 +132,6 @@ class ImageDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor | LazyImage, int]:
         image = self.load_image(index)
         if self.transform is not None:
-            if isinstance(image, LazyImage):
-                raise ValueError(f"{self.paths[index]}: augmentation needs images read whole; this one is read in "
-                                 "pieces (a slide or tiled TIFF): turn augment.* off for it")
             image = self.transform(image)
         return image, self.labels[index]
 

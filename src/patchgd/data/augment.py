@@ -1,0 +1,153 @@
+"""Training-time augmentation (``augment.*``), the same for images in memory and slides read in pieces.
+
+* Geometry: flips and quarter turns (:class:`~patchgd.grid.Orientation`). An image in memory is moved
+  whole; a :class:`~patchgd.grid.LazyImage` carries its orientation, and its grid moves the cells and turns
+  each patch as it is read, so a slide is never read whole.
+* Colour: brightness, contrast, saturation, hue and a stain jitter in HED space (Tellez et al., 2018:
+  each of haematoxylin, eosin and DAB scaled by ``1 + U(-hed, hed)`` and shifted by ``U(-hed, hed)``, with
+  scikit-image's stain matrices), drawn once per image and step (:class:`ColourJitter`). Each acts pixel
+  by pixel, so jittering a whole image equals jittering each of its patches: an image in memory is
+  jittered whole in the loader, a slide's patches on the device as they are read.
+
+Parameters are drawn from torch's global generator in ``Dataset.__getitem__``, so DataLoader workers
+draw reproducibly and every epoch draws anew for each image.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+
+from patchgd.grid import LazyImage, Orientation, grid_shape
+from patchgd.normalize import to_unit_range
+
+__all__ = ["Augment", "ColourJitter", "hed_jitter"]
+
+_LOG_FLOOR = math.log(1e-6)  # scikit-image's floor of the optical density: log(max(rgb, 1e-6))
+
+
+def _mix(x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    """``x @ matrix`` over the channel axis (-3) of ``(..., 3, H, W)``, as explicit sums: elementwise, so a
+    patch gives bit for bit the pixels it has in the whole image."""
+    out = x[..., 0:1, :, :] * matrix[0].view(3, 1, 1)
+    for c in (1, 2):
+        out = out + x[..., c:c + 1, :, :] * matrix[c].view(3, 1, 1)
+    return out
+
+
+def hed_jitter(rgb: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``hed2rgb(rgb2hed(rgb) * scale + shift)`` of scikit-image, on ``(..., 3, H, W)`` floats in [0, 1] on
+    any device.
+
+    Args:
+        rgb: Pixels in [0, 1], channels at axis -3.
+        scale: Three factors, for the haematoxylin, eosin and DAB concentrations.
+        shift: Three offsets added after the scaling.
+
+    Example:
+        >>> x = torch.rand(3, 4, 4) * 0.9 + 0.05
+        >>> bool(torch.allclose(hed_jitter(x, torch.ones(3), torch.zeros(3)), x, atol=1e-5))
+        True
+    """
+    from skimage.color import hed_from_rgb, rgb_from_hed
+
+    to_hed = torch.as_tensor(hed_from_rgb, dtype=rgb.dtype, device=rgb.device)
+    to_rgb = torch.as_tensor(rgb_from_hed, dtype=rgb.dtype, device=rgb.device)
+    stains = _mix(torch.log(rgb.clamp_min(1e-6)) / _LOG_FLOOR, to_hed).clamp_min(0)
+    stains = stains * scale.to(rgb).view(3, 1, 1) + shift.to(rgb).view(3, 1, 1)
+    return torch.exp(_mix(stains * _LOG_FLOOR, to_rgb)).clamp(0, 1)
+
+
+@dataclass(frozen=True)
+class ColourJitter:
+    """One image's colour jitter, applied in this order to pixels in [0, 1]: brightness (a factor),
+    contrast (a factor about mid-grey 0.5: the image's own mean is not known while a slide is read a
+    patch at a time), saturation (a factor), hue (a shift in turns, as torchvision's), then the HED
+    stain ``scale`` and ``shift`` (None: no stain jitter). Identity values leave a step out."""
+
+    brightness: float = 1.0
+    contrast: float = 1.0
+    saturation: float = 1.0
+    hue: float = 0.0
+    hed_scale: torch.Tensor | None = None
+    hed_shift: torch.Tensor | None = None
+
+    @classmethod
+    def draw(cls, config) -> ColourJitter:  # noqa: ANN001 - an AugmentConfig
+        """Parameters drawn from torch's global generator for ``augment.*`` (the config's strengths)."""
+        def factor(strength: float) -> float:
+            return float(torch.empty(()).uniform_(max(0.0, 1 - strength), 1 + strength)) if strength else 1.0
+
+        hed = config.hed
+        return cls(brightness=factor(config.brightness), contrast=factor(config.contrast),
+                   saturation=factor(config.saturation),
+                   hue=float(torch.empty(()).uniform_(-config.hue, config.hue)) if config.hue else 0.0,
+                   hed_scale=torch.empty(3).uniform_(1 - hed, 1 + hed) if hed else None,
+                   hed_shift=torch.empty(3).uniform_(-hed, hed) if hed else None)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """``(..., C, H, W)`` floats in [0, 1] -> jittered floats in [0, 1]."""
+        from torchvision.transforms.v2 import functional as TF
+
+        if self.brightness != 1:
+            x = TF.adjust_brightness(x, self.brightness)
+        if self.contrast != 1:
+            x = ((x - 0.5) * self.contrast + 0.5).clamp(0, 1)
+        if self.saturation != 1:
+            x = TF.adjust_saturation(x, self.saturation)
+        if self.hue:
+            x = TF.adjust_hue(x, self.hue)
+        if self.hed_scale is not None:
+            x = hed_jitter(x, self.hed_scale, self.hed_shift)
+        return x
+
+
+class Augment:
+    """The training transform of ``augment.*``: ``(C, H, W)`` tensors and :class:`~patchgd.grid.LazyImage` s.
+
+    Flips are left-right and up-down, each with probability 1/2; ``rotate90`` turns by a random multiple of
+    90 degrees, an image whose grid (in memory: whose pixels) is not square only by 0 or 180, so a batch
+    keeps its grid. An image in memory comes back moved (and, with colour jitter, as floats in [0, 1]); a
+    LazyImage comes back with its orientation and colour set, for its grid to apply as it reads.
+
+    Args:
+        config: An :class:`~patchgd.config.AugmentConfig`.
+        patch_size: The grid's cell side (PatchGD), which a LazyImage is turned on; None for whole images.
+
+    Example:
+        >>> from patchgd.config import AugmentConfig
+        >>> out = Augment(AugmentConfig(flip=True, brightness=0.2), patch_size=None)(torch.rand(3, 8, 8))
+        >>> out.shape, out.dtype
+        (torch.Size([3, 8, 8]), torch.float32)
+    """
+
+    def __init__(self, config, patch_size: int | None):  # noqa: ANN001 - an AugmentConfig
+        self.config = config
+        self.patch_size = patch_size
+        self.colour = any((config.brightness, config.contrast, config.saturation, config.hue, config.hed))
+
+    def orientation(self, height: int, width: int) -> Orientation | None:
+        """A flip and turn drawn for an image (a grid) of ``height x width``; None when neither is asked."""
+        c = self.config
+        if not (c.flip or c.rotate90):
+            return None
+        flip_h, flip_v = (bool(torch.rand(()) < 0.5), bool(torch.rand(()) < 0.5)) if c.flip else (False, False)
+        turns = 0
+        if c.rotate90:
+            turns = int(torch.randint(4, ())) if height == width else 2 * int(torch.randint(2, ()))
+        return Orientation(flip_h, flip_v, turns)
+
+    def __call__(self, image: torch.Tensor | LazyImage) -> torch.Tensor | LazyImage:
+        if isinstance(image, LazyImage):
+            orientation = self.orientation(*grid_shape(image.source.height, image.source.width, self.patch_size))
+            colour = ColourJitter.draw(self.config) if self.colour else None
+            return dataclasses.replace(image, orientation=orientation, colour=colour)
+        orientation = self.orientation(image.shape[-2], image.shape[-1])
+        if orientation is not None:
+            image = orientation.apply(image)
+        if self.colour:
+            image = ColourJitter.draw(self.config).apply(to_unit_range(image))
+        return image
