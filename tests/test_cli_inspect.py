@@ -50,6 +50,6 @@ def test_inspect_errors_name_the_slide(slide, tmp_path, capsys):
     assert f"{path}: level 7 asked for; the file has levels 0..2" in capsys.readouterr().err
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "plain.png")
     assert main(["inspect", str(tmp_path / "plain.png"), "--mpp", "0.5"]) == 2
-    assert "plain.png: no microns-per-pixel metadata" in capsys.readouterr().err
+    assert "plain.png: microns per pixel unknown (the file holds no microns-per-pixel metadata)" in capsys.readouterr().err
     assert main(["inspect", str(tmp_path / "missing.svs")]) == 2
     assert "missing.svs: no such image or slide file" in capsys.readouterr().err

@@ -267,10 +267,15 @@ def cmd_inspect(args) -> int:
     from .data.tissue import tissue_cells
     from .plots import plot_slide_grid
 
-    source = open_source(args.slide, level=args.level, mpp=args.mpp)
+    source = open_source(args.slide, level=args.level, mpp=args.mpp, slide_mpp=args.slide_mpp)
     info = source.describe()
-    mpp = info["mpp"]
-    print(f"{info['path']}: {info['vendor'] or 'image'}, {'%.4g um/px at level 0' % mpp if mpp else 'no mpp'}")
+    mpp, origin = info["mpp"], info["mpp_origin"]
+    if mpp is None:
+        said = (f"mpp unknown: {origin}; give the scan's with an mpp column in the CSV, data.slide_mpp (or "
+                "--slide-mpp here)")
+    else:
+        said = f"{mpp:.4g} um/px at level 0{' (given)' if origin == 'given' else ''}"
+    print(f"{info['path']}: {info['vendor'] or 'image'}, {said}")
     print("level  height x width  downsample  um/px")
     for k, lv in enumerate(info["levels"]):
         chosen = "  <- chosen" if k == info["level"] else ""
@@ -459,6 +464,8 @@ def build_parser() -> argparse.ArgumentParser:
     res = insp.add_mutually_exclusive_group()
     res.add_argument("--level", type=int, default=None, help="pyramid level (0 = full resolution, default)")
     res.add_argument("--mpp", type=float, default=None, help="target microns per pixel instead of --level")
+    insp.add_argument("--slide-mpp", type=float, default=None,
+                      help="the scan's microns per pixel at level 0, instead of the file's metadata")
     insp.add_argument("--tissue-fraction", type=float, default=0.1,
                       help="smallest tissue fraction of a tissue cell (default 0.1, as data.tissue_fraction)")
     insp.add_argument("--thumbnail-side", type=int, default=2048,

@@ -106,7 +106,10 @@ class DataConfig:
     stretches each image's ``percentiles`` [low, high] to [0, 1]. ``mean``/``std``
     configure the model's normalisation (saved in its checkpoints); ``pad_value`` is a pixel value in the
     images' own units. Whole-slide images: ``level`` or ``mpp`` chooses the resolution, ``tissue: otsu``
-    skips cells whose tissue fraction is below ``tissue_fraction``.
+    skips cells whose tissue fraction is below ``tissue_fraction``. A file's resolution outside
+    0.02-50 um/px (a placeholder such as libvips' 1 px/mm, or 72 dpi) or without a unit counts as unknown;
+    ``slide_mpp`` gives every slide's level-0 microns per pixel instead, and a CSV column ``mpp`` one
+    slide's (an empty cell: ``slide_mpp`` or the file's).
     ``verify``: when the data set is built, ``header`` reads every image's header (size, channels, pixel
     type), ``full`` decodes every image whole (a pass over the data, which also finds corrupt pixel data,
     non-finite pixels and values the intensity options refuse before the first epoch); a slide is opened
@@ -136,6 +139,7 @@ class DataConfig:
     num_workers: int = _field(0, ge=0)
     level: int | None = _field(None, ge=0)
     mpp: float | None = _field(None, gt=0)
+    slide_mpp: float | None = _field(None, gt=0)
     tissue: Literal["otsu", "none"] = "otsu"
     tissue_fraction: float = _field(0.1, ge=0, le=1)
     bit_depth: int | None = _field(None, ge=1, le=32)

@@ -208,7 +208,7 @@ def read_options(cfg: Config) -> dict:
     """How ``cfg`` reads an image (:func:`~patchgd.data.datasets.load_image`'s options): PatchGD keeps files
     that can be read in pieces lazy, on its patch grid; the GD baselines read every image whole."""
     d = cfg.data
-    return dict(in_chans=cfg.model.in_chans, image_size=d.image_size, level=d.level, mpp=d.mpp,
+    return dict(in_chans=cfg.model.in_chans, image_size=d.image_size, level=d.level, mpp=d.mpp, slide_mpp=d.slide_mpp,
                 patch_size=cfg.model.patch_size if cfg.method == "patchgd" else None, tissue=d.tissue,
                 tissue_fraction=d.tissue_fraction, intensity=Intensity.from_config(d))
 
@@ -609,6 +609,11 @@ def describe_data(cfg: Config, train_set: ImageDataset, val_set: ImageDataset) -
              f"from {origin_of(val_set)}; {cfg.data.num_classes} classes"]
     lines += [f"  {class_name(cfg, c)}: {train_counts[c]} train / {val_counts[c]} val"
               for c in range(cfg.data.num_classes)]
+    unknown = getattr(train_set, "unknown_mpp", []) + getattr(val_set, "unknown_mpp", [])
+    if unknown:
+        path, why = unknown[0]
+        lines.append(f"  resolution: {len(unknown)} slide(s) with unknown microns per pixel, e.g. {path}: {why} "
+                     "(give it with an mpp column in the CSV or data.slide_mpp)")
     return "\n".join(lines)
 
 

@@ -29,6 +29,7 @@ from patchgd.normalize import to_unit_range
 
 LABEL_COLUMNS = ("label", "isup_grade")  # auto-detected in this order
 FOLD_COLUMN = "kfold"
+MPP_COLUMN = "mpp"  # optional: each slide's microns per pixel at level 0, where its file's is missing or wrong
 SPLITS = ("train", "val")
 TISSUE_METHODS = ("otsu", "none")
 # Every file a dataset accepts; PNG and JPEG are always decoded whole, so they are not opened up front.
@@ -57,6 +58,8 @@ class ImageDataset(Dataset):
         image_size: Resize every image to ``image_size × image_size`` (bilinear, antialiased), read whole.
         level: Pyramid level of multi-resolution files (0 = full resolution; None for 0 or ``mpp``).
         mpp: Target microns per pixel, instead of ``level``.
+        slide_mpp: Every slide's microns per pixel at level 0, instead of its metadata.
+        slide_mpps: One image's level-0 microns per pixel each (None: ``slide_mpp`` or the file's).
         patch_size: PatchGD's patch side: files readable in pieces stay lazy, with a tissue mask of this grid.
         tissue: ``"otsu"`` masks the background cells of lazy images; ``"none"`` keeps every cell.
         tissue_fraction: Least tissue fraction of a cell that is encoded and sampled.
@@ -82,6 +85,8 @@ class ImageDataset(Dataset):
         image_size: int | None = None,
         level: int | None = None,
         mpp: float | None = None,
+        slide_mpp: float | None = None,
+        slide_mpps: Sequence[float | None] | None = None,
         patch_size: int | None = None,
         tissue: str = "otsu",
         tissue_fraction: float = 0.1,
@@ -101,6 +106,7 @@ class ImageDataset(Dataset):
         self.paths = list(paths)
         self.labels = list(labels)
         self.groups = list(groups) if groups is not None else None
+        self.slide_mpps = [slide_mpp if m is None else m for m in slide_mpps] if slide_mpps else [slide_mpp] * len(self.paths)
         self.classes = list(classes) if classes is not None else None
         self.origin = origin
         self.in_chans = in_chans
@@ -108,6 +114,7 @@ class ImageDataset(Dataset):
         self.read_options = dict(level=level, mpp=mpp, patch_size=patch_size, tissue=tissue,
                                  tissue_fraction=tissue_fraction, intensity=intensity or Intensity())
         self.transform = transform
+        self.unknown_mpp: list[tuple[Path, str]] = []  # slides whose resolution is unknown, and why
         self.image_sizes = None if verify is None else self._check(verify == "full")
 
     def _check(self, full: bool) -> list[tuple[int, int]]:
@@ -118,12 +125,15 @@ class ImageDataset(Dataset):
                          write=functools.partial(print, file=sys.stderr))
         level, mpp = self.read_options["level"], self.read_options["mpp"]
         sizes = []
-        for path in shown:
+        for path, slide_mpp in zip(shown, self.slide_mpps):
             if path.suffix.lower() in _WHOLE_ONLY:
                 sizes += check_images([path], self.in_chans, full=full, intensity=self.read_options["intensity"])
             else:
-                with open_source(path, in_chans=self.in_chans, level=level, mpp=mpp) as source:
+                with open_source(path, in_chans=self.in_chans, level=level, mpp=mpp, slide_mpp=slide_mpp) as source:
                     sizes.append((source.height, source.width))
+                    known, why = source.resolution()
+                    if known is None:
+                        self.unknown_mpp.append((path, why))
         return sizes
 
     def __len__(self) -> int:
@@ -141,7 +151,8 @@ class ImageDataset(Dataset):
         Args:
             index: The row.
         """
-        return load_image(self.paths[index], self.in_chans, self.image_size, **self.read_options)
+        return load_image(self.paths[index], self.in_chans, self.image_size, slide_mpp=self.slide_mpps[index],
+                          **self.read_options)
 
     def subset(self, indices: Sequence[int]) -> ImageDataset:
         """A dataset of the items at ``indices``, read the same way (without ``transform``)."""
@@ -150,9 +161,11 @@ class ImageDataset(Dataset):
                               classes=self.classes, origin=self.origin, in_chans=self.in_chans,
                               image_size=self.image_size, verify=None,
                               groups=None if self.groups is None else [self.groups[i] for i in indices],
-                              **self.read_options)
+                              slide_mpps=[self.slide_mpps[i] for i in indices], **self.read_options)
         if self.image_sizes is not None:  # checked already, as part of this dataset
             subset.image_sizes = [self.image_sizes[i] for i in indices]
+            picked = {self.paths[i] for i in indices}
+            subset.unknown_mpp = [(path, why) for path, why in self.unknown_mpp if path in picked]
         return subset
 
 
@@ -225,8 +238,9 @@ class ImageCSVDataset(ImageDataset):
         labels, classes = _encode_labels(self.csv_path, [(line, row[id_column], row[self.label_column])
                                                          for line, row in rows], classes, num_classes)
         groups = None if group_column is None else [row[group_column].strip() for _, row in rows]
+        slide_mpps = _mpp_column(self.csv_path, rows) if MPP_COLUMN in columns else None
         super().__init__(_find_images(self.image_dir, self.image_ids), labels, classes=classes,
-                         origin=self.csv_path, groups=groups, **read)
+                         origin=self.csv_path, groups=groups, slide_mpps=slide_mpps, **read)
 
 
 class ImageFolderDataset(ImageDataset):
@@ -366,8 +380,9 @@ _tissue_masks: dict[tuple, torch.Tensor] = {}  # per process: a mask is computed
 
 
 def load_image(path: str | Path, in_chans: int, image_size: int | None = None, *, level: int | None = None,
-               mpp: float | None = None, patch_size: int | None = None, tissue: str = "otsu",
-               tissue_fraction: float = 0.1, intensity: Intensity | None = None) -> torch.Tensor | LazyImage:
+               mpp: float | None = None, slide_mpp: float | None = None, patch_size: int | None = None,
+               tissue: str = "otsu", tissue_fraction: float = 0.1,
+               intensity: Intensity | None = None) -> torch.Tensor | LazyImage:
     """Read an image the one way training, evaluation and prediction do.
 
     A file that can be read in pieces (OpenSlide formats, tiled TIFF) becomes, given ``patch_size`` and no
@@ -382,6 +397,7 @@ def load_image(path: str | Path, in_chans: int, image_size: int | None = None, *
         image_size: Side of the square to resize to (bilinear, antialiased); None keeps the size.
         level: Pyramid level (0 = full resolution).
         mpp: Target microns per pixel, instead of ``level``.
+        slide_mpp: The slide's microns per pixel at level 0, instead of its metadata.
         patch_size: PatchGD's patch side; None decodes every file whole (the GD baselines).
         tissue: ``"otsu"`` or ``"none"``.
         tissue_fraction: Least tissue fraction of an encoded cell.
@@ -392,7 +408,7 @@ def load_image(path: str | Path, in_chans: int, image_size: int | None = None, *
             tissue cell in it.
     """
     intensity = intensity or Intensity()
-    source = open_source(path, in_chans=in_chans, level=level, mpp=mpp)
+    source = open_source(path, in_chans=in_chans, level=level, mpp=mpp, slide_mpp=slide_mpp)
     if patch_size is not None and image_size is None and source.tiled and not isinstance(source, ArraySource):
         if not intensity.model_scales(source.dtype):
             source.close()
@@ -400,7 +416,7 @@ def load_image(path: str | Path, in_chans: int, image_size: int | None = None, *
                             "data.intensity, data.bit_depth and non-uint pixels need images read whole")
         mask = None
         if tissue != "none":
-            key = (str(path), in_chans, level, mpp, patch_size, tissue_fraction)
+            key = (str(path), in_chans, level, mpp, slide_mpp, patch_size, tissue_fraction)
             if key not in _tissue_masks:
                 from patchgd.data.tissue import tissue_mask
 
@@ -529,6 +545,22 @@ def _resolve_image_dir(csv_path: Path, image_dir: str | Path | None) -> Path:
     raise FileNotFoundError(
         f"no image folder for {csv_path}; expected {candidates[0]} or {candidates[1]}, or pass image_dir"
     )
+
+
+def _mpp_column(path: Path, rows: list[tuple[int, dict[str, str]]]) -> list[float | None]:
+    """The ``mpp`` column's values: positive floats, or None for an empty cell."""
+    values = []
+    for line, row in rows:
+        text = (row[MPP_COLUMN] or "").strip()
+        try:
+            value = float(text) if text else None
+        except ValueError:
+            value = -1.0
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise DataError(f"{path}, line {line}: {MPP_COLUMN}={text!r}; expected a positive number of microns per "
+                            "pixel at level 0, or an empty cell")
+        values.append(value)
+    return values
 
 
 def _read_csv(path: Path) -> tuple[list[tuple[int, dict[str, str]]], list[str]]:

@@ -18,8 +18,8 @@ workers.
 from __future__ import annotations
 
 import abc
+import math
 import os
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -50,6 +50,10 @@ SLIDE_EXTENSIONS = (".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".
 # A level's mpp may exceed the target by this much and still count as fine enough: vendors store
 # downsamples such as 4.0005 for a nominal 4x level.
 _MPP_TOLERANCE = 0.01
+# Level-0 resolutions a microscope scan can have, in um/px: from beyond a 100x objective's sampling to a
+# coarse photo of the whole glass. A value outside is a writer's placeholder (libvips' 1 px/mm, a screen's
+# 72 or 96 dpi), never the scan's, and is treated as unknown.
+PLAUSIBLE_MPP = (0.02, 50.0)
 # read_cells reads a run of neighbouring cells of one grid row as one strip, at most this many pixels,
 # so a strip across a 100,000 px wide slide does not need hundreds of MB.
 _MAX_STRIP_PIXELS = 1 << 22
@@ -85,11 +89,14 @@ class PatchSource(abc.ABC):
     tiled: bool
     level: int
 
-    def __init__(self, path: str, in_chans: int) -> None:
+    def __init__(self, path: str, in_chans: int, slide_mpp: float | None = None) -> None:
         if in_chans not in (1, 3):
             raise ValueError(f"in_chans={in_chans}; expected 1 or 3")
+        if slide_mpp is not None and slide_mpp <= 0:
+            raise ValueError(f"slide_mpp={slide_mpp}; expected a positive number of microns per pixel")
         self.path = path
         self.channels = in_chans
+        self.slide_mpp = slide_mpp
         self._pid: int | None = None  # the process that opened the handle; a forked worker reopens
 
     # --- what a subclass provides -------------------------------------------------------------------
@@ -112,8 +119,26 @@ class PatchSource(abc.ABC):
         """``(height, width, downsample)`` of every pyramid level, level 0 first."""
 
     def _properties(self) -> dict:
-        """Vendor and mpp (microns per pixel at level 0, or None) for :meth:`describe`."""
+        """Vendor and mpp (microns per pixel at level 0 as the file says, or None) for :meth:`describe`;
+        ``mpp_note`` says why a file's resolution tags give none."""
         return {"vendor": None, "mpp": None}
+
+    def resolution(self) -> tuple[float | None, str]:
+        """Microns per pixel at level 0 and where it came from: ``slide_mpp`` when given (``"given"``), else
+        the file's when plausible (``"file"``), else None with the reason (the file has none, or holds a
+        placeholder outside :data:`PLAUSIBLE_MPP`)."""
+        if self.slide_mpp is not None:
+            return self.slide_mpp, "given"
+        props = self._properties()
+        mpp = props["mpp"]
+        if mpp is None:
+            return None, props.get("mpp_note") or "the file holds no microns-per-pixel metadata"
+        low, high = PLAUSIBLE_MPP
+        if low <= mpp <= high:
+            return mpp, "file"
+        hint = " (1 px/mm: libvips' placeholder)" if math.isclose(mpp, 1000, rel_tol=1e-3) else ""
+        return None, (f"the file says {mpp:.4g} um/px{hint}, outside the {low:g}-{high:g} um/px of microscope "
+                      "scans: a placeholder, taken as unknown")
 
     # --- the interface ------------------------------------------------------------------------------
 
@@ -236,17 +261,18 @@ class PatchSource(abc.ABC):
         """The file's pyramid and metadata, for ``patchgd inspect``.
 
         Returns:
-            ``path``, ``vendor`` (or None), ``mpp`` (microns per pixel at level 0, or None), ``levels``
+            ``path``, ``vendor`` (or None), ``mpp`` (microns per pixel at level 0, or None) and
+            ``mpp_origin`` (:meth:`resolution`: ``"given"``, ``"file"`` or why it is unknown), ``levels``
             (a list of ``{"height", "width", "downsample", "mpp"}``), the chosen ``level`` and its
             ``height``, ``width``, ``channels`` and ``dtype``.
         """
         self._ensure_open()
-        props = self._properties()
-        mpp = props["mpp"]
+        mpp, origin = self.resolution()
         return {
             "path": self.path,
-            "vendor": props["vendor"],
+            "vendor": self._properties()["vendor"],
             "mpp": mpp,
+            "mpp_origin": origin,
             "levels": [
                 {"height": h, "width": w, "downsample": ds, "mpp": None if mpp is None else mpp * ds}
                 for h, w, ds in self._levels
@@ -301,10 +327,10 @@ class PatchSource(abc.ABC):
         if mpp is not None:
             if mpp <= 0:
                 raise ValueError(f"mpp={mpp}; expected a positive number of microns per pixel")
-            base = self._properties()["mpp"]
+            base, why = self.resolution()
             if base is None:
-                raise DataError(f"{self.path}: no microns-per-pixel metadata; choose a resolution with a level "
-                                f"instead of mpp={mpp}")
+                raise DataError(f"{self.path}: microns per pixel unknown ({why}); mpp={mpp} needs it: give the "
+                                "scan's with an mpp column in the CSV or data.slide_mpp, or choose data.level")
             level = select_level_by_mpp([base * ds for _, _, ds in levels], mpp)
         level = 0 if level is None else level
         if not 0 <= level < len(levels):
@@ -396,8 +422,8 @@ class ImageFileSource(PatchSource):
     """
 
     def __init__(self, path: str | Path, *, in_chans: int = 3, level: int | None = None,
-                 mpp: float | None = None) -> None:
-        super().__init__(str(path), in_chans)
+                 mpp: float | None = None, slide_mpp: float | None = None) -> None:
+        super().__init__(str(path), in_chans, slide_mpp)
         self._array: np.ndarray | None = None
         self.tiled = False
         self._ensure_open()
@@ -450,8 +476,8 @@ class OpenSlideSource(PatchSource):
     """
 
     def __init__(self, path: str | Path, *, in_chans: int = 3, level: int | None = None,
-                 mpp: float | None = None) -> None:
-        super().__init__(str(path), in_chans)
+                 mpp: float | None = None, slide_mpp: float | None = None) -> None:
+        super().__init__(str(path), in_chans, slide_mpp)
         self._slide = None
         self.dtype = np.dtype(np.uint8)
         self.tiled = True
@@ -510,8 +536,8 @@ class TiffSource(PatchSource):
     """
 
     def __init__(self, path: str | Path, *, in_chans: int = 3, level: int | None = None,
-                 mpp: float | None = None) -> None:
-        super().__init__(str(path), in_chans)
+                 mpp: float | None = None, slide_mpp: float | None = None) -> None:
+        super().__init__(str(path), in_chans, slide_mpp)
         self._tif = None
         self._arrays = None
         self.tiled = True
@@ -530,7 +556,8 @@ class TiffSource(PatchSource):
     def _properties(self) -> dict:
         tif = self._tif
         vendor = "ome-tiff" if tif.is_ome else "aperio" if tif.is_svs else "generic-tiff"  # OpenSlide's names
-        return {"vendor": vendor, "mpp": _tiff_mpp(tif)}
+        mpp, note = _tiff_mpp(tif)
+        return {"vendor": vendor, "mpp": mpp, "mpp_note": note}
 
     def _handle_attributes(self) -> tuple[str, ...]:
         return ("_tif", "_arrays")
@@ -570,7 +597,7 @@ class TiffSource(PatchSource):
 
 
 def open_source(path: str | Path, *, in_chans: int = 3, level: int | None = None,
-                mpp: float | None = None) -> PatchSource:
+                mpp: float | None = None, slide_mpp: float | None = None) -> PatchSource:
     """Open an image or whole-slide file as a :class:`PatchSource` at one resolution.
 
     OpenSlide reads the vendor formats (SVS, NDPI, MRXS, SCN, BIF, Philips TIFF, ...); tifffile + zarr
@@ -583,6 +610,8 @@ def open_source(path: str | Path, *, in_chans: int = 3, level: int | None = None
         level: The pyramid level (0 = full resolution); default 0.
         mpp: Instead of ``level``: target microns per pixel; the coarsest level whose mpp is at most the
             target (within 1 %) is read, or level 0 when the target is finer than level 0.
+        slide_mpp: The scan's microns per pixel at level 0, instead of the file's metadata (which may be
+            missing or a placeholder: :meth:`PatchSource.resolution`).
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
@@ -601,10 +630,10 @@ def open_source(path: str | Path, *, in_chans: int = 3, level: int | None = None
     # A generic tiled TIFF goes to tifffile: OpenSlide sees neither SubIFD levels nor OME metadata, and
     # decodes the same pixels more slowly (benchmarks/RESULTS.md, "Slide reading").
     if vendor is not None and not (vendor == "generic-tiff" and tiled):
-        return OpenSlideSource(path, in_chans=in_chans, level=level, mpp=mpp)
+        return OpenSlideSource(path, in_chans=in_chans, level=level, mpp=mpp, slide_mpp=slide_mpp)
     if tiled:
-        return TiffSource(path, in_chans=in_chans, level=level, mpp=mpp)
-    return ImageFileSource(path, in_chans=in_chans, level=level, mpp=mpp)
+        return TiffSource(path, in_chans=in_chans, level=level, mpp=mpp, slide_mpp=slide_mpp)
+    return ImageFileSource(path, in_chans=in_chans, level=level, mpp=mpp, slide_mpp=slide_mpp)
 
 
 def pyramid_levels(tif: tifffile.TiffFile) -> list:
@@ -666,27 +695,33 @@ def _is_tiled_tiff(path: Path) -> bool:
         return False
 
 
-def _tiff_mpp(tif: tifffile.TiffFile) -> float | None:
-    """Microns per pixel of level 0 from OME metadata, an Aperio description or the resolution tags."""
+def _tiff_mpp(tif: tifffile.TiffFile) -> tuple[float | None, str | None]:
+    """Microns per pixel of level 0 from OME metadata, an Aperio description or the resolution tags, and
+    why there is none (None when found, or when nothing says)."""
     if tif.is_ome:
-        match = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', tif.ome_metadata or "")
-        unit = re.search(r'PhysicalSizeXUnit="([^"]+)"', tif.ome_metadata or "")
+        pixels = tifffile.xml2dict(tif.ome_metadata or "<OME/>").get("OME", {}).get("Image", {})
+        pixels = (pixels[0] if isinstance(pixels, list) else pixels).get("Pixels", {})
         factors = {"µm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4}
-        if match and (unit is None or unit.group(1) in factors):
-            return float(match.group(1)) * factors[unit.group(1) if unit else "µm"]
+        unit = pixels.get("PhysicalSizeXUnit", "µm")
+        if "PhysicalSizeX" in pixels and unit in factors:
+            return float(pixels["PhysicalSizeX"]) * factors[unit], None
     page = tif.pages.first
     if tif.is_svs:
         mpp = tifffile.svs_description_metadata(page.description).get("MPP")
         if mpp:
-            return float(mpp)
+            return float(mpp), None
     tag, unit = page.tags.get("XResolution"), page.tags.get("ResolutionUnit")
-    microns_per_unit = {2: 25400.0, 3: 10000.0}.get(int(unit.value) if unit else 2)
-    if tag is None or microns_per_unit is None:
-        return None
+    if tag is None:
+        return None, None
     numerator, denominator = tag.value
-    if numerator == 0 or denominator == 0 or (numerator == denominator == 1 and unit is None):
-        return None
-    return microns_per_unit * denominator / numerator
+    if unit is None or int(unit.value) == 1:
+        return None, (f"the resolution tags say {numerator / max(denominator, 1):g} pixels per "
+                      f"{'unit (no ResolutionUnit tag)' if unit is None else 'unit of none'}: not a length")
+    if numerator == 0 or denominator == 0:
+        return None, "the resolution tags hold zero"
+    if int(unit.value) == 2 and (numerator / denominator) in (72, 96, 150, 300):
+        return None, f"the resolution tags say {numerator / denominator:g} dpi: a screen or print default"
+    return {2: 25400.0, 3: 10000.0}[int(unit.value)] * denominator / numerator, None
 
 
 def _to_uint8(array: np.ndarray) -> np.ndarray:
