@@ -217,3 +217,57 @@ def test_slides_heatmaps_on_thumbnails_and_background_cells_hold_no_evidence(tmp
     # A background cell already holds the background code: occluding it with that code changes nothing.
     assert (scores[~mask.numpy()] == 0).all()
     assert (out / "s1_heatmap.png").is_file() and (out / "s1_z.png").is_file()
+
+
+def test_predict_heatmap_writes_qupath_geojson_in_level0_coordinates(tmp_path, capsys):
+    """A slide read at level 1 (downsample 2): every tissue cell is one tile whose corners are the cell's
+    at level 1, clipped to the image, times 2; its measurements are the heatmap's evidence."""
+    import json
+
+    import yaml
+
+    from patchgd.cli import main
+    from patchgd.data.datasets import load_image
+    from slide_files import write_slide_dataset
+
+    write_slide_dataset(tmp_path, {"train": 2, "val": 2}, height_step=64)  # level 1 of val/s1: 160 x 160 px
+    cfg = {"output_dir": str(tmp_path / "run"),
+           "model": {"backbone": "test_resnet", "patch_size": 48, "latent_dim": 8, "head_width": 8},
+           "data": {"root": str(tmp_path), "num_classes": 2, "pad_value": 255, "tissue_fraction": 0.3, "level": 1,
+                    "classes": ["benign", "tumour"]},
+           "train": {"epochs": 1, "batch_size": 2, "device": "cpu"}, "patchgd": {"sampling": 0.5}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (tmp_path / "train.csv").write_text("image_id,label\ns0,benign\ns1,tumour\n")
+    (tmp_path / "val.csv").write_text("image_id,label\ns0,benign\ns1,tumour\n")
+    assert main(["train", "--config", str(tmp_path / "config.yaml")]) == 0
+    out = tmp_path / "maps"
+    capsys.readouterr()
+    assert main(["predict", str(tmp_path / "run" / "best.pt"), str(tmp_path / "val" / "s1.tif"), "--heatmap",
+                 str(out), "--json"]) == 0
+    (prediction,) = json.loads(capsys.readouterr().out)
+    collection = json.loads((out / "s1.geojson").read_text())
+    assert collection["type"] == "FeatureCollection"
+    slide = load_image(tmp_path / "val" / "s1.tif", 3, level=1, patch_size=48, tissue_fraction=0.3)
+    height, width = slide.source.height, slide.source.width
+    assert (height, width) == (160, 160) and slide.source.downsample == 2
+    scores = np.load(out / "s1_heatmap.npy")
+    tissue = slide.tissue.numpy()
+    assert scores.shape == tissue.shape == (4, 4) and 0 < tissue.sum() < tissue.size
+    assert len(collection["features"]) == tissue.sum()
+    seen = set()
+    for feature in collection["features"]:
+        assert feature["type"] == "Feature" and feature["properties"]["objectType"] == "tile"
+        r, c = map(int, feature["properties"]["name"].removeprefix("cell ").split(","))
+        assert tissue[r, c]
+        seen.add((r, c))
+        x0, y0, x1, y1 = c * 48, r * 48, min((c + 1) * 48, width), min((r + 1) * 48, height)
+        ring = [[2 * x, 2 * y] for x, y in [(x0, y0), (x1, y0), (x1, y1), (x0, y1), (x0, y0)]]
+        assert feature["geometry"] == {"type": "Polygon", "coordinates": [ring]}
+        measurements = feature["properties"]["measurements"]
+        assert measurements["evidence"] == pytest.approx(float(scores[r, c]), abs=1e-5)
+        assert measurements[f"evidence: {prediction['class_name']}"] == measurements["evidence"]
+        assert set(measurements) == {"evidence", "evidence: benign", "evidence: tumour"}
+    assert len(seen) == tissue.sum()
+    assert collection["patchgd"]["class"] == prediction["class_name"] and collection["patchgd"]["downsample"] == 2
+    assert collection["patchgd"]["probabilities"][prediction["class_name"]] == pytest.approx(
+        max(prediction["probabilities"]), abs=1e-5)

@@ -243,8 +243,8 @@ def cmd_predict(args) -> int:
             name = Path(path).stem
             name = name if name not in stems else f"{name}-{len(predictions)}"
             stems.add(name)
-            logits = write_evidence(model, batch, [image], [name], args.heatmap, args.z_image,
-                                    args.heatmap_method)[0].logits
+            logits = write_evidence(model, batch, [image], [name], args.heatmap, args.z_image, args.heatmap_method,
+                                    [class_name(cfg, c) for c in range(cfg.data.num_classes)])[0].logits
         else:
             with torch.inference_mode(), _patch_progress(model, image, str(path)):
                 logits = model(batch).float()
@@ -448,7 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="print the predictions (class index and name, probabilities) as JSON")
     pred.add_argument("--heatmap", metavar="OUT_DIR", default=None,
                       help="write per image NAME_heatmap.png (per-cell evidence for the predicted class over the "
-                           "image), NAME_heatmap.npy and NAME_heatmap.csv (PatchGD models)")
+                           "image), NAME_heatmap.npy and NAME_heatmap.csv, and for a slide NAME.geojson (one QuPath tile "
+                           "per tissue cell, level-0 coordinates, the evidence as measurements) (PatchGD models)")
     pred.add_argument("--heatmap-method", choices=("occlusion", "grad"), default="occlusion",
                       help="occlusion: drop of the class logit when a cell of Z holds the blank-patch code "
                            "(exact; default); grad: gradient x activation on Z")

@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import csv
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ from .io import atomic_file
 from .model import PatchGDClassifier
 
 __all__ = ["METHODS", "Evidence", "occlusion_scores", "gradient_scores", "explain", "z_to_rgb",
-           "save_heatmap", "save_z_image", "write_evidence"]
+           "save_heatmap", "save_geojson", "save_z_image", "write_evidence"]
 
 METHODS = ("occlusion", "grad")
 
@@ -43,6 +44,7 @@ class Evidence:
         logits: ``(B, classes)`` the head's logits.
         target: ``(B,)`` the class the scores are about (the predicted one unless given).
         scores: ``(B, *grid)`` per-cell evidence for ``target``; positive cells support it.
+        class_scores: ``(B, K, *grid)`` the same evidence for every class (``scores`` is ``target``'s).
         method: ``"occlusion"`` or ``"grad"``.
     """
 
@@ -50,38 +52,49 @@ class Evidence:
     logits: torch.Tensor
     target: torch.Tensor
     scores: torch.Tensor
+    class_scores: torch.Tensor
     method: str
 
 
+def _for_target(class_scores: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
+    """``(B, K, *grid)`` scores of every class -> those of ``target`` ``(B, *grid)`` (all when None)."""
+    if target is None:
+        return class_scores
+    return class_scores[torch.arange(len(target), device=class_scores.device), target.to(class_scores.device)]
+
+
 @torch.no_grad()
-def occlusion_scores(model: PatchGDClassifier, z: torch.Tensor, code: torch.Tensor, target: torch.Tensor,
+def occlusion_scores(model: PatchGDClassifier, z: torch.Tensor, code: torch.Tensor, target: torch.Tensor | None,
                      mask: torch.Tensor | None = None, batch_size: int = 256) -> torch.Tensor:
     """Per cell, the drop of the ``target`` logit when that cell of ``Z`` is replaced by ``code``.
 
-    Exact (no approximation) and cheap: only the head runs, on ``batch_size`` occluded grids at a time. A
-    cell that already holds ``code`` (a slide's background cell) scores exactly 0 without a head call:
-    occluding it changes nothing, and a batched head call could only add rounding.
+    Exact (no approximation) and cheap: only the head runs, on ``batch_size`` occluded grids at a time, and
+    the same head calls give every class's drop. A cell that already holds ``code`` (a slide's background
+    cell) scores exactly 0 without a head call: occluding it changes nothing, and a batched head call could
+    only add rounding.
 
     Args:
         model: The classifier, its head in eval mode (so that each occluded grid is classified alone).
         z: ``(B, s, *grid)``.
         code: ``(s,)`` the value an occluded cell takes (:meth:`PatchGDClassifier.background_code`).
-        target: ``(B,)`` class per image.
+        target: ``(B,)`` class per image; None scores every class.
         mask: The cell mask of a batch of images of different sizes (see :meth:`PatchGDClassifier.classify`).
         batch_size: Occluded grids per head call.
 
     Returns:
-        ``(B, *grid)``: ``logit(Z) - logit(Z with the cell occluded)``.
+        ``(B, *grid)``: ``logit(Z) - logit(Z with the cell occluded)`` of ``target``; ``(B, K, *grid)``
+        for every class when ``target`` is None.
     """
     batch, latent = z.shape[:2]
     flat = z.reshape(batch, latent, -1)
     cells = flat.shape[2]
-    scores = torch.empty(batch, cells, device=z.device)
+    scores = None
     for b in range(batch):
         own = None if mask is None else mask[b:b + 1]
-        base = model.classify(z[b:b + 1], own)[0, target[b]].float()
+        base = model.classify(z[b:b + 1], own)[0].float()
+        if scores is None:
+            scores = torch.zeros(batch, len(base), cells, device=z.device)
         unchanged = (flat[b] == code.to(z.dtype)[:, None]).all(dim=0)
-        scores[b, unchanged] = 0
         changed = (~unchanged).nonzero().flatten()
         for start in range(0, len(changed), batch_size):
             idx = changed[start:start + batch_size]
@@ -89,28 +102,34 @@ def occlusion_scores(model: PatchGDClassifier, z: torch.Tensor, code: torch.Tens
             occluded[torch.arange(len(idx), device=z.device), :, idx] = code.to(z.dtype)
             logits = model.classify(occluded.view(len(idx), *z.shape[1:]),
                                     None if own is None else own.expand(len(idx), *own.shape[1:]))
-            scores[b, idx] = base - logits[:, target[b]].float()
-    return scores.view(batch, *z.shape[2:])
+            scores[b][:, idx] = base[:, None] - logits.float().T
+    return _for_target(scores.view(batch, -1, *z.shape[2:]), target)
 
 
-def gradient_scores(model: PatchGDClassifier, z: torch.Tensor, target: torch.Tensor,
+def gradient_scores(model: PatchGDClassifier, z: torch.Tensor, target: torch.Tensor | None,
                     mask: torch.Tensor | None = None) -> torch.Tensor:
     """Gradient x activation: per cell, ``sum_s Z[s] * d logit_target / d Z[s]``.
 
     Args:
         model: The classifier, its head in eval mode.
         z: ``(B, s, *grid)``.
-        target: ``(B,)`` class per image.
+        target: ``(B,)`` class per image; None scores every class (one backward pass of the head each).
         mask: The cell mask of a batch of images of different sizes.
 
     Returns:
-        ``(B, *grid)`` first-order estimate of each cell's contribution to the ``target`` logit.
+        ``(B, *grid)`` first-order estimate of each cell's contribution to the ``target`` logit;
+        ``(B, K, *grid)`` for every class when ``target`` is None.
     """
     with torch.enable_grad():
         z = z.detach().requires_grad_(True)
         logits = model.classify(z, mask)
-        (grad,) = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), z)
-    return (grad * z).sum(dim=1).detach()
+        classes = range(logits.shape[1]) if target is None else [None]
+        grads = []
+        for k in classes:
+            picked = logits[:, k] if k is not None else logits.gather(1, target[:, None])
+            grads.append(torch.autograd.grad(picked.sum(), z, retain_graph=k is not None)[0])
+    scores = [(grad * z).sum(dim=1).detach() for grad in grads]
+    return torch.stack(scores, dim=1) if target is None else scores[0]
 
 
 def explain(model: PatchGDClassifier, images: torch.Tensor | Sequence, method: str = "occlusion",
@@ -139,12 +158,13 @@ def explain(model: PatchGDClassifier, images: torch.Tensor | Sequence, method: s
             logits = model.classify(z, mask).float()
         target = logits.argmax(dim=1) if target is None else torch.as_tensor(target, device=z.device)
         if method == "occlusion":
-            scores = occlusion_scores(model, z, model.background_code(grid), target, mask)
+            class_scores = occlusion_scores(model, z, model.background_code(grid), None, mask)
         else:
-            scores = gradient_scores(model, z, target, mask)
+            class_scores = gradient_scores(model, z, None, mask)
     finally:
         model.train(was_training)
-    return Evidence(z=z, logits=logits, target=target, scores=scores, method=method)
+    return Evidence(z=z, logits=logits, target=target, scores=_for_target(class_scores, target),
+                    class_scores=class_scores, method=method)
 
 
 def z_to_rgb(z: torch.Tensor) -> np.ndarray:
@@ -251,6 +271,57 @@ def save_heatmap(out_dir: str | Path, name: str, display: torch.Tensor, scores: 
     return paths
 
 
+def save_geojson(out_dir: str | Path, name: str, slide: LazyImage, class_scores: torch.Tensor, target: int,
+                 probabilities: Sequence[float], patch_size: int, class_names: Sequence[str] | None = None,
+                 method: str = "occlusion") -> Path:
+    """Write ``NAME.geojson``: one QuPath tile per tissue cell of a slide, with its evidence as measurements.
+
+    Each feature is the cell's square in level-0 pixel coordinates (the cell's corners at the level the
+    model read, clipped to the image, times that level's downsample), so QuPath places it on the slide
+    whatever level was read. Its ``measurements`` are ``evidence`` (for the predicted class, what the
+    heatmap shows) and ``evidence: CLASS`` for every class; Measure > Show measurement maps colours the
+    tiles by one of them. The collection's ``patchgd`` member records the slide's prediction.
+
+    Args:
+        out_dir: Folder to write into (created if needed).
+        name: File stem.
+        slide: The slide as the model read it (its source's level, and its tissue mask).
+        class_scores: ``(K, m, n)`` evidence of every class over the slide's own grid.
+        target: The class ``evidence`` is about.
+        probabilities: The slide's class probabilities.
+        patch_size: Cell side in pixels at the level read.
+        class_names: Name of each class (default: its index).
+        method: How the evidence was computed, for the record.
+
+    Returns:
+        The written path.
+    """
+    source, p = slide.source, patch_size
+    scores = class_scores.detach().float().cpu().numpy()
+    names = list(class_names) if class_names is not None else [str(k) for k in range(scores.shape[0])]
+    rows, cols = scores.shape[1:]
+    tissue = np.ones((rows, cols), bool) if slide.tissue is None else slide.tissue.cpu().numpy().astype(bool)
+    ds = source.downsample
+    features = []
+    for r, c in zip(*np.nonzero(tissue)):
+        x0, x1 = c * p * ds, min((c + 1) * p, source.width) * ds
+        y0, y1 = r * p * ds, min((r + 1) * p, source.height) * ds
+        measurements = {"evidence": round(float(scores[target, r, c]), 6)}
+        measurements.update({f"evidence: {n}": round(float(scores[k, r, c]), 6) for k, n in enumerate(names)})
+        features.append({"type": "Feature",
+                         "geometry": {"type": "Polygon",
+                                      "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]},
+                         "properties": {"objectType": "tile", "name": f"cell {r},{c}", "measurements": measurements}})
+    collection = {"type": "FeatureCollection", "features": features,
+                  "patchgd": {"slide": str(source.path), "level": source.level, "downsample": ds, "patch_size": p,
+                              "method": method, "class": names[target],
+                              "probabilities": {n: round(float(q), 6) for n, q in zip(names, probabilities)}}}
+    path = Path(out_dir) / f"{name}.geojson"
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(collection))
+    return path
+
+
 def save_z_image(out_dir: str | Path, name: str, z: torch.Tensor, min_side: int = 256) -> Path:
     """Write ``NAME_z.png``: :func:`z_to_rgb` of one image's ``Z``, each cell a square of pixels.
 
@@ -278,8 +349,9 @@ def save_z_image(out_dir: str | Path, name: str, z: torch.Tensor, min_side: int 
 
 def write_evidence(model: PatchGDClassifier, images: torch.Tensor | Sequence, items: Sequence, names: list[str],
                    heatmap_dir: str | Path | None = None, z_dir: str | Path | None = None,
-                   method: str = "occlusion") -> tuple[Evidence, list[Path]]:
-    """Explain a batch and write, per image, its heatmap files and/or its ``Z`` picture.
+                   method: str = "occlusion", class_names: Sequence[str] | None = None) -> tuple[Evidence, list[Path]]:
+    """Explain a batch and write, per image, its heatmap files (and for a slide its QuPath GeoJSON,
+    :func:`save_geojson`) and/or its ``Z`` picture.
 
     Args:
         model: The classifier.
@@ -290,6 +362,7 @@ def write_evidence(model: PatchGDClassifier, images: torch.Tensor | Sequence, it
         heatmap_dir: Where :func:`save_heatmap` writes (None: no heatmaps).
         z_dir: Where :func:`save_z_image` writes (None: no ``Z`` pictures).
         method: ``"occlusion"`` or ``"grad"``.
+        class_names: Name of each class, for the GeoJSON measurements.
 
     Returns:
         The :class:`Evidence` of the batch, and the pictures written (heatmap, then ``Z``, per image).
@@ -314,6 +387,10 @@ def write_evidence(model: PatchGDClassifier, images: torch.Tensor | Sequence, it
                 grid = grid[:rows, :cols]
             pictures.append(save_heatmap(heatmap_dir, name, display, grid, model.patch_size, title,
                                          image_width=width)[0])
+            if isinstance(item, LazyImage):
+                rows, cols = grid.shape
+                save_geojson(heatmap_dir, name, item, evidence.class_scores[b][:, :rows, :cols], label,
+                             probabilities[b].tolist(), model.patch_size, class_names, method)
         if z_dir is not None:
             pictures.append(save_z_image(z_dir, name, evidence.z[b]))
     return evidence, pictures

@@ -493,7 +493,8 @@ def write_validation_heatmaps(model: nn.Module, val_set, cfg: Config, out_dir: P
     items = [val_set[i] for i in indices]
     batch, _ = collate_images(items)
     names = [f"val{i:04d}_label{label}" for i, (_, label) in zip(indices, items)]
-    return write_evidence(model, batch, [image for image, _ in items], names, out_dir, out_dir)[1]
+    return write_evidence(model, batch, [image for image, _ in items], names, out_dir, out_dir,
+                          class_names=[class_name(cfg, c) for c in range(cfg.data.num_classes)])[1]
 
 def rng_states(generator: torch.Generator) -> dict:
     """Every random state a resumed run needs, as tensors and plain values (the safe loader reads them)."""

@@ -123,6 +123,11 @@ class PatchSource(abc.ABC):
         ``mpp_note`` says why a file's resolution tags give none."""
         return {"vendor": None, "mpp": None}
 
+    @property
+    def downsample(self) -> float:
+        """Level-0 pixels per pixel of the chosen level (1 at level 0)."""
+        return self._levels[self.level][2]
+
     def resolution(self) -> tuple[float | None, str]:
         """Microns per pixel at level 0 and where it came from: ``slide_mpp`` when given (``"given"``), else
         the file's when plausible (``"file"``), else None with the reason (the file has none, or holds a
