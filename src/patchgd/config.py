@@ -110,6 +110,11 @@ class DataConfig:
     0.02-50 um/px (a placeholder such as libvips' 1 px/mm, or 72 dpi) or without a unit counts as unknown;
     ``slide_mpp`` gives every slide's level-0 microns per pixel instead, and a CSV column ``mpp`` one
     slide's (an empty cell: ``slide_mpp`` or the file's).
+    ``on_error: skip`` lets a run go on past an image that cannot be opened or a tile that cannot be
+    decoded: the image leaves the epoch (or the data set, when it cannot even be opened), and the file,
+    level, cell and the decoder's message go to the run log and ``skipped.csv``; more than
+    ``max_skipped`` (a fraction) of an epoch's images skipped stops the run. ``stop`` (the default) stops
+    at the first such image.
     ``verify``: when the data set is built, ``header`` reads every image's header (size, channels, pixel
     type), ``full`` decodes every image whole (a pass over the data, which also finds corrupt pixel data,
     non-finite pixels and values the intensity options refuse before the first epoch); a slide is opened
@@ -140,6 +145,8 @@ class DataConfig:
     level: int | None = _field(None, ge=0)
     mpp: float | None = _field(None, gt=0)
     slide_mpp: float | None = _field(None, gt=0)
+    on_error: Literal["stop", "skip"] = "stop"
+    max_skipped: float = _field(0.05, ge=0, le=1)
     tissue: Literal["otsu", "none"] = "otsu"
     tissue_fraction: float = _field(0.1, ge=0, le=1)
     bit_depth: int | None = _field(None, ge=1, le=32)

@@ -29,7 +29,7 @@ from .config import Config, ConfigError, config_differences, config_from_dict, c
 from .data.augment import Augment
 from .data.datasets import (ImageCSVDataset, ImageDataset, ImageFolderDataset, check_groups_apart, class_folders,
                              collate_images, stratified_split)
-from .data.errors import DataError
+from .data.errors import DataError, Skipped
 from .data.images import require_one_size
 from .data.intensity import Intensity
 from .data.sequences import SequenceDataset
@@ -42,6 +42,7 @@ from .plots import plot_learning_curves
 from .pretrained import HUB_PREFIX, architecture_only, describe_origin, resolve_encoder
 from .rundir import hold_run_dir
 from .runlog import Progress, RunLogger
+from .skips import SKIPPED_FILE, SkipLog, drop_skipped, run_skipping
 
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "val_loss", "val_accuracy", "val_qwk", "peak_memory_bytes",
                   "peak_process_bytes", "epoch_time_s"]
@@ -84,7 +85,7 @@ def _layout_datasets(cfg: Config) -> tuple[ImageDataset, ImageDataset]:
     d = cfg.data
     if d.root is None:
         raise ValueError("data.root is not set: point it at the folder holding the CSVs and images")
-    root, read = Path(d.root), dict(read_options(cfg), verify=d.verify)
+    root, read = Path(d.root), dict(read_options(cfg), verify=d.verify, on_error=d.on_error)
     if not root.is_dir():
         raise FileNotFoundError(f"data.root {root} does not exist")
     train_csv = root / d.train_csv
@@ -377,6 +378,15 @@ def build_method(cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer
                          fill_batch_size=p.fill_batch_size, generator=generator)
 
 
+def first_item(dataset) -> torch.Tensor | LazyImage:
+    """The first item of ``dataset`` that could be read (with ``data.on_error: skip`` some may not)."""
+    for index in range(len(dataset)):
+        item = dataset[index][0]
+        if not isinstance(item, Skipped):
+            return item
+    raise DataError(f"{origin_of(dataset)}: none of its {len(dataset)} images could be read")
+
+
 def item_shape(image: torch.Tensor | LazyImage) -> tuple[int, int, int]:
     """``(C, H, W)`` of a dataset item, read from a slide's header for a :class:`~patchgd.grid.LazyImage`."""
     if isinstance(image, LazyImage):
@@ -414,33 +424,53 @@ def _stderr_logger() -> RunLogger:
 
 
 def train_one_epoch(method, loader: DataLoader, scheduler, epoch: int, measure_step: int,
-                    logger: RunLogger | None = None, global_step: int = 0) -> dict:
+                    logger: RunLogger | None = None, global_step: int = 0, skips: SkipLog | None = None) -> dict:
     """One pass over ``loader``; the step at index ``measure_step`` is measured for peak memory.
 
     With several processes, each step's loss is the mean over all of them, and a non-finite loss on any
-    one stops every process (:func:`patchgd.distributed.mean_loss`).
+    one stops every process (:func:`patchgd.distributed.mean_loss`). With ``skips`` (``data.on_error:
+    skip``) images that cannot be read leave their batch (:mod:`patchgd.skips`); a batch left empty is not
+    stepped on alone, and under torchrun steps again on this process's previous batch, so that every
+    process takes part in each step's all-reduce.
 
     Returns:
-        ``train_loss`` (mean), ``peak_memory_bytes`` (the measured step's tensor peak) and
-        ``peak_process_bytes`` with its name ``peak_process_name`` (:func:`~patchgd.memory.process_peak`).
+        ``train_loss`` (mean), ``peak_memory_bytes`` (the measured step's tensor peak),
+        ``peak_process_bytes`` with its name ``peak_process_name`` (:func:`~patchgd.memory.process_peak`)
+        and ``train_images`` (the images the loader gave, skipped ones included).
 
     Raises:
         RankFailure: A step gave a non-finite loss (on any process).
         DivergenceError: A step left a non-finite parameter.
     """
     logger = logger or _stderr_logger()
-    losses, peak, process = [], 0, ("", 0)
+    losses, peak, process, seen, previous = [], 0, ("", 0), 0, None
     bar = logger.progress(loader, f"epoch {epoch}", unit="batch")
     for i, (images, labels) in enumerate(bar):
+        seen += len(labels)
+        meter = contextlib.nullcontext()
         if i == measure_step:
             # A list batch holds LazyImages (no pixels) besides its tensors.
             held = [images] if isinstance(images, torch.Tensor) else [x for x in images if isinstance(x, torch.Tensor)]
-            with PeakMemory(method.device, baseline=(method.model, method.optimizer, *held)) as meter:
+            meter = PeakMemory(method.device, baseline=(method.model, method.optimizer, *held))
+        with meter:
+            if skips is None:
                 stats = method.step(images, labels)
+            else:
+                images, labels, dropped = drop_skipped(images, labels)
+                stats, images, labels, failed = run_skipping(method.step, images, labels, method.model,
+                                                             method.optimizer, getattr(method, "generator", None))
+                skips.record(dropped + failed, epoch, "train")
+                if stats is None and distributed.world_size() > 1:
+                    if previous is None:
+                        raise DataError(f"rank {distributed.rank()}: every image of its first batch of epoch {epoch} "
+                                        "was skipped, and it has no earlier batch to take part in the step with")
+                    stats = method.step(*previous)
+                previous = (images, labels) if len(labels) else previous
+        if i == measure_step:
             peak, process = meter.peak_bytes, process_peak(method.device)
-        else:
-            stats = method.step(images, labels)
         scheduler.step()
+        if stats is None:  # every image of the batch was skipped: the schedule moves on, nothing else
+            continue
         where = f"epoch {epoch}, step {i + 1}"
         losses.append(distributed.mean_loss(stats["loss"], where))
         check_parameters_finite(method.model, where, losses[-1])
@@ -448,33 +478,51 @@ def train_one_epoch(method, loader: DataLoader, scheduler, epoch: int, measure_s
             bar.set_info(loss=f"{np.mean(losses[-20:]):.4f}")
         if (i + 1) % logger.every == 0:
             logger.scalars({"loss/train_step": float(np.mean(losses[-logger.every:]))}, global_step + i + 1)
-    return {"train_loss": float(np.mean(losses)), "peak_memory_bytes": peak, "peak_process_name": process[0],
-            "peak_process_bytes": process[1]}
+    return {"train_loss": float(np.mean(losses)) if losses else float("nan"), "peak_memory_bytes": peak,
+            "peak_process_name": process[0], "peak_process_bytes": process[1], "train_images": seen}
 
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, num_classes: int,
-             amp: str | None = None, logger: RunLogger | None = None) -> dict:
+             amp: str | None = None, logger: RunLogger | None = None, skips: SkipLog | None = None,
+             epoch: int = 0) -> dict:
     """Loss, accuracy, quadratic weighted kappa, confusion matrix and per-class precision, recall and F1 of
     ``model`` on ``loader``.
 
     PatchGD models infer as in Fig. 3b of the paper: fill ``Z`` in eval mode, then the head. With several
     processes, each ``loader`` holds a :func:`~patchgd.distributed.eval_shard`; the predictions of all are
-    gathered in the set's order before the metrics, so every image counts exactly once.
+    gathered in the set's order before the metrics, so every image counts exactly once. With ``skips``,
+    images that cannot be read are recorded (in ``epoch``) and left out of the metrics.
     """
     model.eval()
     logger = logger or _stderr_logger()
     all_logits, all_labels = [], []
-    for images, labels in logger.progress(loader, "eval", unit="batch"):
+
+    def infer(images, labels):
         if isinstance(images, torch.Tensor):
             images = images.to(device, non_blocking=True)
         with autocast(device, amp):
-            all_logits.append(model(images).float().cpu())
+            return model(images).float().cpu()
+
+    for images, labels in logger.progress(loader, "eval", unit="batch"):
+        if skips is None:
+            logits = infer(images, labels)
+        else:
+            images, labels, dropped = drop_skipped(images, labels)
+            logits, _, labels, failed = run_skipping(infer, images, labels, model)
+            skips.record(dropped + failed, epoch, "val")
+            if logits is None:
+                continue
+        all_logits.append(logits)
         all_labels.append(labels)
     # A shard can be empty when the set is smaller than the number of processes.
     logits = torch.cat(all_logits) if all_logits else torch.empty(0, num_classes)
     labels = torch.cat(all_labels) if all_labels else torch.empty(0, dtype=torch.long)
-    logits, labels = distributed.gather_in_order(logits), distributed.gather_in_order(labels)
+    if skips is None:
+        logits, labels = distributed.gather_in_order(logits), distributed.gather_in_order(labels)
+    else:  # shards shortened by skips no longer interleave; the metrics do not depend on the order
+        logits = torch.cat(distributed.gather_objects(logits))
+        labels = torch.cat(distributed.gather_objects(labels))
     results = evaluate_predictions(logits, labels, num_classes)
     results["loss"] = classification_loss(logits, labels).item()
     return results
@@ -490,7 +538,11 @@ def write_validation_heatmaps(model: nn.Module, val_set, cfg: Config, out_dir: P
 
     count = min(cfg.train.heatmap_images, len(val_set))
     indices = np.linspace(0, len(val_set) - 1, count).round().astype(int)
-    items = [val_set[i] for i in indices]
+    picked = [(i, val_set[i]) for i in indices]
+    picked = [(i, item) for i, item in picked if not isinstance(item[0], Skipped)]  # data.on_error: skip
+    if not picked:
+        return []
+    indices, items = zip(*picked)
     batch, _ = collate_images(items)
     names = [f"val{i:04d}_label{label}" for i, (_, label) in zip(indices, items)]
     return write_evidence(model, batch, [image for image, _ in items], names, out_dir, out_dir,
@@ -717,8 +769,18 @@ def _fit(cfg: Config, run_dir: Path, resuming: bool, logger: RunLogger) -> dict:
     if distributed.is_main() and isinstance(train_set, ImageDataset):
         write_split(run_dir / SPLIT_FILE, cfg.data.root, train_set, val_set)
     generator = seed_everything(cfg.train.seed)
-    lazy = isinstance(train_set[0][0], LazyImage)
-    image_shape = item_shape(train_set[0][0])
+    skips = None
+    if cfg.data.on_error == "skip":
+        if cfg.train.sync_batchnorm:
+            raise ValueError("data.on_error=skip and train.sync_batchnorm=true cannot be combined: a step run "
+                             "again without an unreadable image would repeat SyncBatchNorm's all-reduces on one "
+                             "process only; choose one")
+        skips = SkipLog(cfg.data.max_skipped, getattr(train_set, "excluded", []) + getattr(val_set, "excluded", []),
+                        log=log)
+        skips.check_data(len(train_set) + len(val_set))
+    first = first_item(train_set)
+    lazy = isinstance(first, LazyImage)
+    image_shape = item_shape(first)
     if cfg.method == "patchgd" and cfg.model.patch_size > min(image_shape[1:]):
         raise ValueError(f"model.patch_size={cfg.model.patch_size} is larger than the "
                          f"{'x'.join(map(str, image_shape[1:]))} images of {origin_of(train_set)}; "
@@ -819,9 +881,13 @@ def _fit(cfg: Config, run_dir: Path, resuming: bool, logger: RunLogger) -> dict:
         try:
             train_stats = train_one_epoch(method, train_loader, scheduler, epoch,
                                           measure_step=min(1, len(train_loader) - 1), logger=logger,
-                                          global_step=(epoch - 1) * len(train_loader))
+                                          global_step=(epoch - 1) * len(train_loader), skips=skips)
             distributed.broadcast_buffers(model)  # evaluate what rank 0 saves: its BatchNorm statistics
-            results = evaluate(model, val_loader, device, cfg.data.num_classes, cfg.train.amp, logger=logger)
+            results = evaluate(model, val_loader, device, cfg.data.num_classes, cfg.train.amp, logger=logger,
+                               skips=skips, epoch=epoch)
+            if skips is not None:  # the list first, so that a run stopped by the threshold leaves it
+                skips.write(run_dir / SKIPPED_FILE)
+                skips.end_epoch(epoch, train_stats["train_images"])
             if results["non_finite"]:
                 raise DivergenceError(f"epoch {epoch}: {results['non_finite']} of {len(val_set)} validation "
                                       "images got non-finite logits (lower train.lr, or check the data: "
@@ -860,7 +926,14 @@ def _fit(cfg: Config, run_dir: Path, resuming: bool, logger: RunLogger) -> dict:
             plot_learning_curves(run_dir / "metrics.csv", run_dir / "learning_curves.png",
                                  num_classes=cfg.data.num_classes)
             if cfg.method == "patchgd" and cfg.train.heatmap_every and epoch % cfg.train.heatmap_every == 0:
-                for png in write_validation_heatmaps(model, val_set, cfg, run_dir / "heatmaps" / f"epoch{epoch:03d}"):
+                try:
+                    pictures = write_validation_heatmaps(model, val_set, cfg, run_dir / "heatmaps" / f"epoch{epoch:03d}")
+                except DataError as err:
+                    if skips is None:
+                        raise
+                    log(f"heatmaps of epoch {epoch} not drawn: {err}")
+                    pictures = []
+                for png in pictures:
                     logger.image(f"heatmaps/{png.stem}", np.asarray(Image.open(png).convert("RGB")), epoch,
                                  dataformats="HWC")
         log(epoch_summary(epoch, cfg, train_stats, results, elapsed))

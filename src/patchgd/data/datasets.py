@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from patchgd.data.errors import DataError
+from patchgd.data.errors import DataError, Skipped
 from patchgd.data.images import IMAGE_EXTENSIONS, check_images
 from patchgd.data.intensity import Intensity, prepare_pixels
 from patchgd.data.sources import SLIDE_EXTENSIONS, ArraySource, open_source
@@ -32,6 +32,7 @@ FOLD_COLUMN = "kfold"
 MPP_COLUMN = "mpp"  # optional: each slide's microns per pixel at level 0, where its file's is missing or wrong
 SPLITS = ("train", "val")
 TISSUE_METHODS = ("otsu", "none")
+ON_ERROR = ("stop", "skip")  # what a dataset does with a file it cannot read
 # Every file a dataset accepts; PNG and JPEG are always decoded whole, so they are not opened up front.
 EXTENSIONS = tuple(dict.fromkeys(IMAGE_EXTENSIONS + SLIDE_EXTENSIONS))
 _WHOLE_ONLY = (".png", ".jpg", ".jpeg")
@@ -94,7 +95,10 @@ class ImageDataset(Dataset):
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
         verify: str | None = "header",
         groups: Sequence[str] | None = None,
+        on_error: str = "stop",
     ) -> None:
+        if on_error not in ON_ERROR:
+            raise ValueError(f"on_error={on_error!r}; expected one of {ON_ERROR}")
         if in_chans not in (1, 3):
             raise ValueError(f"in_chans={in_chans}; expected 1 or 3")
         if image_size is not None and image_size < 1:
@@ -114,33 +118,59 @@ class ImageDataset(Dataset):
         self.read_options = dict(level=level, mpp=mpp, patch_size=patch_size, tissue=tissue,
                                  tissue_fraction=tissue_fraction, intensity=intensity or Intensity())
         self.transform = transform
+        self.on_error = on_error
         self.unknown_mpp: list[tuple[Path, str]] = []  # slides whose resolution is unknown, and why
+        self.excluded: list[Skipped] = []  # with on_error="skip": the files that could not be opened
         self.image_sizes = None if verify is None else self._check(verify == "full")
 
     def _check(self, full: bool) -> list[tuple[int, int]]:
         """``(height, width)`` of every image: PNG and JPEG checked as ``verify`` says (a full decode also
         against ``intensity``), every other file (TIFF, slide) opened at the chosen level, which reads its
-        header and not its pixels. Progress is shown on stderr."""
+        header and not its pixels. Progress is shown on stderr. With ``on_error="skip"`` a file that fails
+        leaves the dataset and is listed in :attr:`excluded`."""
         shown = Progress(self.paths, f"checking {self.origin}", every=max(10, len(self.paths) // 10), unit="image",
                          write=functools.partial(print, file=sys.stderr))
         level, mpp = self.read_options["level"], self.read_options["mpp"]
-        sizes = []
-        for path, slide_mpp in zip(shown, self.slide_mpps):
-            if path.suffix.lower() in _WHOLE_ONLY:
-                sizes += check_images([path], self.in_chans, full=full, intensity=self.read_options["intensity"])
-            else:
-                with open_source(path, in_chans=self.in_chans, level=level, mpp=mpp, slide_mpp=slide_mpp) as source:
-                    sizes.append((source.height, source.width))
-                    known, why = source.resolution()
-                    if known is None:
-                        self.unknown_mpp.append((path, why))
+        sizes, kept = [], []
+        for i, (path, slide_mpp) in enumerate(zip(shown, self.slide_mpps)):
+            try:
+                if path.suffix.lower() in _WHOLE_ONLY:
+                    sizes += check_images([path], self.in_chans, full=full, intensity=self.read_options["intensity"])
+                else:
+                    with open_source(path, in_chans=self.in_chans, level=level, mpp=mpp,
+                                     slide_mpp=slide_mpp) as source:
+                        sizes.append((source.height, source.width))
+                        known, why = source.resolution()
+                        if known is None:
+                            self.unknown_mpp.append((path, why))
+            except DataError as err:
+                if self.on_error == "stop":
+                    raise
+                self.excluded.append(Skipped(str(path), str(err), level))
+                continue
+            kept.append(i)
+        if self.excluded:
+            self._keep(kept)
         return sizes
+
+    def _keep(self, indices: list[int]) -> None:
+        """Keep only the items at ``indices`` (the per-item lists, in their order)."""
+        self.paths = [self.paths[i] for i in indices]
+        self.labels = [self.labels[i] for i in indices]
+        self.slide_mpps = [self.slide_mpps[i] for i in indices]
+        if self.groups is not None:
+            self.groups = [self.groups[i] for i in indices]
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor | LazyImage, int]:
-        image = self.load_image(index)
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | LazyImage | Skipped, int]:
+        try:
+            image = self.load_image(index)
+        except DataError as err:
+            if self.on_error == "stop":
+                raise
+            return Skipped(str(self.paths[index]), str(err), self.read_options["level"]), self.labels[index]
         if self.transform is not None:
             image = self.transform(image)
         return image, self.labels[index]
@@ -161,7 +191,9 @@ class ImageDataset(Dataset):
                               classes=self.classes, origin=self.origin, in_chans=self.in_chans,
                               image_size=self.image_size, verify=None,
                               groups=None if self.groups is None else [self.groups[i] for i in indices],
-                              slide_mpps=[self.slide_mpps[i] for i in indices], **self.read_options)
+                              slide_mpps=[self.slide_mpps[i] for i in indices], on_error=self.on_error,
+                              **self.read_options)
+        subset.excluded = list(self.excluded)  # of the data set both sides were taken from
         if self.image_sizes is not None:  # checked already, as part of this dataset
             subset.image_sizes = [self.image_sizes[i] for i in indices]
             picked = {self.paths[i] for i in indices}

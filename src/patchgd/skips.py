@@ -1,0 +1,211 @@
+"""``data.on_error: skip``: a run that goes on past the images it cannot read, and says which.
+
+An image can fail at three points, each handled where it happens:
+
+* opening it, when the data set is built: it leaves the data set
+  (:attr:`~patchgd.data.datasets.ImageDataset.excluded`), for every epoch;
+* reading it in the loader (a tissue mask's thumbnail, a whole image): the dataset gives a
+  :class:`~patchgd.data.errors.Skipped` stand-in, which :func:`drop_skipped` takes out of the batch;
+* decoding a tile during a step (the fill reads every cell an inner iteration reads): the step stops with
+  a :class:`~patchgd.data.errors.DataError` naming the file, and :func:`run_skipping` runs it again without
+  that image, from the model's buffers as they were (a fill stopped half-way has moved BatchNorm's running
+  statistics) - an update is never applied twice: if the optimizer had stepped, the rest of the step is
+  dropped instead (under torchrun, where the processes' all-reduces would no longer pair up, the run
+  stops).
+
+:class:`SkipLog` records each skip (file, level, grid cells, the decoder's message) in the run log and
+``skipped.csv``, and stops the run when more than ``data.max_skipped`` of an epoch's images were skipped.
+Under torchrun the records of all processes are gathered at the end of each epoch, so every process
+takes the same decision and rank 0 writes them all.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from . import distributed
+from .data.errors import DataError, Skipped
+from .grid import LazyImage
+from .io import atomic_file
+
+__all__ = ["SKIPPED_FILE", "SkipLog", "drop_skipped", "run_skipping"]
+
+SKIPPED_FILE = "skipped.csv"
+_CELLS = re.compile(r"grid row \d+, columns \d+\.\.\d+")  # where PatchSource.read_cells says it failed
+
+
+def drop_skipped(images: torch.Tensor | list, labels: torch.Tensor) -> tuple[torch.Tensor | list, torch.Tensor,
+                                                                             list[Skipped]]:
+    """The batch without its :class:`Skipped` stand-ins, and those: images in memory of one shape are
+    stacked again, as :func:`~patchgd.data.datasets.collate_images` would have."""
+    if isinstance(images, torch.Tensor):
+        return images, labels, []
+    keep = [i for i, item in enumerate(images) if not isinstance(item, Skipped)]
+    skipped = [item for item in images if isinstance(item, Skipped)]
+    if not skipped:
+        return images, labels, []
+    kept = [images[i] for i in keep]
+    if kept and all(isinstance(x, torch.Tensor) for x in kept) and len({(x.shape, x.dtype) for x in kept}) == 1:
+        kept = torch.stack(kept)
+    return kept, labels[keep], skipped
+
+
+def _failing(err: DataError, images: Sequence) -> int | None:
+    """Which image of ``images`` the error names (its file's path is in the message, also when a worker
+    process raised it), or None."""
+    message = str(err)
+    for i, item in enumerate(images):
+        if isinstance(item, LazyImage) and str(item.source.path) in message:
+            return i
+    return None
+
+
+def run_skipping(run: Callable, images: torch.Tensor | list, labels: torch.Tensor, model: torch.nn.Module,
+                 optimizer: torch.optim.Optimizer | None = None, generator: torch.Generator | None = None):
+    """``run(images, labels)``; when it fails on a tile of one of the images, again without that image.
+
+    The second attempt starts from the buffers and random states the first started from, so it is exactly
+    the step (evaluation) that the batch without the image would have been.
+
+    Args:
+        run: The step (or evaluation) of a batch.
+        images: The batch: a tensor, or one item per image.
+        labels: Its labels.
+        model: Whose buffers are put back before a second attempt.
+        optimizer: Whose steps tell whether the failed attempt had updated the weights already.
+        generator: The step's own random generator (the cell sampler's), put back too.
+
+    Returns:
+        ``(result, images, labels, skipped)``: ``run``'s result (None when no image was left, or the
+        attempt had updated the weights), the images and labels it ran on and the :class:`Skipped` records.
+
+    Raises:
+        DataError: The error names none of the batch's images.
+    """
+    skipped = []
+    while True:
+        if len(images) == 0:
+            return None, images, labels, skipped
+        lazy = not isinstance(images, torch.Tensor) and any(isinstance(x, LazyImage) for x in images)
+        if not lazy:  # nothing is read during the call: nothing to catch
+            return run(images, labels), images, labels, skipped
+        buffers = [b.detach().clone() for b in model.buffers()]
+        states = _random_states(generator)
+        steps = []
+        handle = optimizer.register_step_post_hook(lambda *_: steps.append(1)) if optimizer is not None else None
+        try:
+            return run(images, labels), images, labels, skipped
+        except DataError as err:
+            index = _failing(err, images)
+            if index is None:
+                raise
+            item = images[index]
+            note = f"; the step's first {len(steps)} update(s) were kept, its rest dropped" if steps else ""
+            skipped.append(Skipped(str(item.source.path), f"{err}{note}", item.source.level))
+            if steps:
+                if distributed.world_size() > 1:  # the processes' all-reduces would no longer pair up
+                    raise
+                return None, images, labels, skipped
+            with torch.no_grad():
+                for buffer, saved in zip(model.buffers(), buffers):
+                    buffer.copy_(saved)
+            _restore_random_states(states, generator)
+            keep = [i for i in range(len(images)) if i != index]
+            images, labels = [images[i] for i in keep], labels[keep]
+        finally:
+            if handle is not None:
+                handle.remove()
+
+
+def _random_states(generator: torch.Generator | None) -> tuple:
+    """torch's CPU and CUDA random states (dropout) and ``generator``'s."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda, None if generator is None else generator.get_state()
+
+
+def _restore_random_states(states: tuple, generator: torch.Generator | None) -> None:
+    cpu, cuda, own = states
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
+    if generator is not None:
+        generator.set_state(own)
+
+
+class SkipLog:
+    """Every image a run skipped: logged as it happens, checked and written at the end of each epoch.
+
+    Args:
+        max_fraction: ``data.max_skipped``: the share of an epoch's images that may be skipped.
+        excluded: Files that could not be opened when the data sets were built (skipped every epoch).
+        log: Where each skip is reported (the run log).
+    """
+
+    def __init__(self, max_fraction: float, excluded: Sequence[Skipped] = (), log: Callable = print):
+        self.max_fraction = max_fraction
+        self.log = log
+        self.rows: list[dict] = []
+        self.excluded = list({s.path: s for s in excluded}.values())
+        self._epoch: list[Skipped] = []
+        for item in self.excluded:
+            self._add(item, epoch=0, split="data")
+
+    def _add(self, item: Skipped, epoch: int, split: str) -> None:
+        cells = _CELLS.search(item.message)
+        self.rows.append({"epoch": epoch, "split": split, "file": item.path,
+                          "level": "" if item.level is None else item.level,
+                          "cells": cells.group(0) if cells else "", "message": item.message})
+        left = "leaves the data set" if split == "data" else f"leaves epoch {epoch} ({split})"
+        self.log(f"skipped {item.path}: {item.message} - it {left}")
+
+    def record(self, items: Sequence[Skipped], epoch: int, split: str) -> None:
+        """Log ``items`` skipped in ``epoch`` (``split``: ``"train"`` or ``"val"``)."""
+        for item in items:
+            self._add(item, epoch, split)
+            if split == "train":
+                self._epoch.append(item)
+
+    def check_data(self, images: int) -> None:
+        """Stop before training when more than ``max_fraction`` of the data could not even be opened
+        (``images``: those that could)."""
+        total = images + len(self.excluded)
+        if total and len(self.excluded) / total > self.max_fraction:
+            raise DataError(f"{len(self.excluded)} of {total} images could not be opened, more than "
+                            f"data.max_skipped={self.max_fraction}; the first: {self.excluded[0].path}: "
+                            f"{self.excluded[0].message}")
+
+    def end_epoch(self, epoch: int, images: int) -> None:
+        """Check the epoch's training skips of every process against ``max_fraction`` and start the next
+        epoch's count.
+
+        Args:
+            epoch: The epoch that ended.
+            images: Training images this process's loader gave in it (skipped ones included).
+
+        Raises:
+            DataError: More than ``max_fraction`` of the epoch's images were skipped (on every process).
+        """
+        counts = distributed.gather_objects((len({s.path for s in self._epoch}), images))
+        skipped = sum(c for c, _ in counts) + len(self.excluded)
+        total = sum(n for _, n in counts) + len(self.excluded)
+        self._epoch = []
+        if total and skipped / total > self.max_fraction:
+            raise DataError(f"epoch {epoch}: {skipped} of {total} training images could not be read "
+                            f"({skipped / total:.1%}), more than data.max_skipped={self.max_fraction}; "
+                            f"see {SKIPPED_FILE} in the run directory for the files and why")
+
+    def write(self, path: Path) -> None:
+        """Write every process's records so far into ``path`` (rank 0 writes; the others only send)."""
+        rows = [row for part in distributed.gather_objects(self.rows) for row in part]
+        if not distributed.is_main():
+            return
+        unique = list({tuple(r.values()): r for r in rows}.values())
+        with atomic_file(path) as tmp, tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["epoch", "split", "file", "level", "cells", "message"])
+            writer.writeheader()
+            writer.writerows(unique)
