@@ -100,6 +100,7 @@ def test_slide(tmp_path):
     assert row["predict"]["cells"] == 5 * 6 and 0 < row["predict"]["tissue_cells"] < 30
     assert row["predict"]["peak_rss_bytes"] > 0 and row["step"]["step_s"] > 0
     assert results["throughput"]["patches"] == 8 and results["throughput"]["ratio"] > 0
+    assert results["throughput"]["ratio_hed"] > 0 and results["throughput"]["hed"] == 0.05
 
 
 def test_inference(tmp_path):

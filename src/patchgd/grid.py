@@ -353,7 +353,9 @@ class SourceGrid:
         image_idx = image_idx.to(self.device)
         for b, colour in self._colours.items():
             where = (image_idx == b).nonzero().squeeze(1)
-            if where.numel():
+            if where.numel() == len(patches):  # a chunk of one image (the common case): no gather
+                patches = colour.apply(patches)
+            elif where.numel():
                 patches[where] = colour.apply(patches[where])
         return patches
 

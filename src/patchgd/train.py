@@ -823,6 +823,10 @@ def _fit(cfg: Config, run_dir: Path, resuming: bool, logger: RunLogger) -> dict:
         # A slide's B * k over its whole grid could be thousands of patches: its evaluation fills one grid
         # row of every image per call (the model's default) unless fill_batch_size is set.
         model.fill_batch_size = cfg.patchgd.fill_batch_size or (None if lazy else patches_per_step(cfg, image_shape))
+        if lazy and cfg.patchgd.patches_per_step is None:
+            log(f"patchgd.sampling={cfg.patchgd.sampling} is a share of each slide's tissue cells: the patches that "
+                "carry gradients, most of a step's memory, grow with the slides; patchgd.patches_per_step "
+                "(e.g. 16) keeps memory the same for any slide")
     optimizer = build_optimizer(cfg, model)
     method = build_method(cfg, model, optimizer, generator)
     if shared:

@@ -6,8 +6,8 @@
 * Colour: brightness, contrast, saturation, hue and a stain jitter in HED space (Tellez et al., 2018:
   each of haematoxylin, eosin and DAB scaled by ``1 + U(-hed, hed)`` and shifted by ``U(-hed, hed)``, with
   scikit-image's stain matrices), drawn once per image and step (:class:`ColourJitter`). Each acts pixel
-  by pixel, so jittering a whole image equals jittering each of its patches: an image in memory is
-  jittered whole in the loader, a slide's patches on the device as they are read.
+  by pixel, so jittering a whole image equals jittering each of its patches (to float rounding): an image
+  in memory is jittered whole in the loader, a slide's patches on the device as they are read.
 
 Parameters are drawn from torch's global generator in ``Dataset.__getitem__``, so DataLoader workers
 draw reproducibly and every epoch draws anew for each image.
@@ -30,12 +30,8 @@ _LOG_FLOOR = math.log(1e-6)  # scikit-image's floor of the optical density: log(
 
 
 def _mix(x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
-    """``x @ matrix`` over the channel axis (-3) of ``(..., 3, H, W)``, as explicit sums: elementwise, so a
-    patch gives bit for bit the pixels it has in the whole image."""
-    out = x[..., 0:1, :, :] * matrix[0].view(3, 1, 1)
-    for c in (1, 2):
-        out = out + x[..., c:c + 1, :, :] * matrix[c].view(3, 1, 1)
-    return out
+    """``x @ matrix`` over the channel axis (-3) of ``(..., 3, H, W)``: one matrix product over all pixels."""
+    return (matrix.T @ x.flatten(-2)).view_as(x)
 
 
 def hed_jitter(rgb: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -56,9 +52,20 @@ def hed_jitter(rgb: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> t
 
     to_hed = torch.as_tensor(hed_from_rgb, dtype=rgb.dtype, device=rgb.device)
     to_rgb = torch.as_tensor(rgb_from_hed, dtype=rgb.dtype, device=rgb.device)
-    stains = _mix(torch.log(rgb.clamp_min(1e-6)) / _LOG_FLOOR, to_hed).clamp_min(0)
-    stains = stains * scale.to(rgb).view(3, 1, 1) + shift.to(rgb).view(3, 1, 1)
-    return torch.exp(_mix(stains * _LOG_FLOOR, to_rgb)).clamp(0, 1)
+    scale, shift = scale.to(rgb).view(3, 1, 1), shift.to(rgb).view(3, 1, 1)
+
+    def one(x: torch.Tensor) -> torch.Tensor:
+        density = torch.log(x.clamp_min(1e-6)).mul_(1 / _LOG_FLOOR)  # in place: fewer passes over the pixels
+        stains = _mix(density, to_hed).clamp_min_(0).mul_(scale).add_(shift)
+        return _mix(stains.mul_(_LOG_FLOOR), to_rgb).exp_().clamp_(0, 1)
+
+    if rgb.device.type != "cpu" or rgb.dim() == 3:
+        return one(rgb)
+    # On the CPU, patch by patch: each pass then stays in the cache (a third faster on 256 px patches).
+    out = torch.empty_like(rgb)
+    for source, target in zip(rgb.reshape(-1, *rgb.shape[-3:]), out.view(-1, *rgb.shape[-3:])):
+        target.copy_(one(source))
+    return out
 
 
 @dataclass(frozen=True)
