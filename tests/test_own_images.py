@@ -2,7 +2,6 @@
 logs, TensorBoard events, augmentation, balanced sampling, early stopping and intensity options."""
 
 import csv
-import math
 from collections import Counter
 from pathlib import Path
 
@@ -18,7 +17,6 @@ from patchgd.checkpoint import load_checkpoint
 from patchgd.cli import main
 from patchgd.config import ConfigError, config_from_dict
 from patchgd.data.datasets import ImageFolderDataset
-from patchgd.data.errors import DataError
 from patchgd.runlog import Progress
 
 CLASSES = {"benign": (40, 200, 90), "malignant": (160, 40, 140)}  # H&E-ish colours, one per class

@@ -44,8 +44,12 @@ def hed_jitter(rgb: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> t
         shift: Three offsets added after the scaling.
 
     Example:
-        >>> x = torch.rand(3, 4, 4) * 0.9 + 0.05
-        >>> bool(torch.allclose(hed_jitter(x, torch.ones(3), torch.zeros(3)), x, atol=1e-5))
+        >>> import numpy as np
+        >>> from skimage.color import hed2rgb, rgb2hed
+        >>> pink = torch.tensor([0.8, 0.5, 0.7]).view(3, 1, 1)  # an eosin-stained pixel
+        >>> more_eosin = hed_jitter(pink, torch.tensor([1.0, 1.2, 1.0]), torch.zeros(3))
+        >>> reference = hed2rgb(rgb2hed(pink.permute(1, 2, 0).double().numpy()) * [1.0, 1.2, 1.0])
+        >>> bool(np.allclose(more_eosin.permute(1, 2, 0).numpy(), reference, atol=1e-5))
         True
     """
     from skimage.color import hed_from_rgb, rgb_from_hed
