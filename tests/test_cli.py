@@ -230,3 +230,12 @@ def test_prepare_panda_then_stats_then_train_on_a_fold(tmp_path, capsys):
                           data__num_classes=6, model__in_chans=3, data__mean=stats["mean"], data__std=stats["std"])
     assert main(["train", "--config", str(config)]) == 0
     assert metrics_epochs(tmp_path / "run") == [1]
+
+
+def test_evaluate_runs_in_the_mixed_precision_the_run_evaluated_in(tmp_path, data, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(write_config(tmp_path, data, train__amp="bf16"))]) == 0
+    logged = json.loads((run / "eval.json").read_text())
+    capsys.readouterr()
+    assert main(["evaluate", str(run / "last.pt"), "--data", str(data), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(logged["loss"], rel=1e-6)

@@ -181,7 +181,7 @@ def cmd_evaluate(args) -> int:
             and cfg.method != "patchgd":
         require_one_size(dataset.paths, dataset.image_sizes)  # PatchGD gives each image its own grid
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate_images)
-    results = evaluate(model, loader, device, cfg.data.num_classes)
+    results = evaluate(model, loader, device, cfg.data.num_classes, cfg.train.amp)  # as the run evaluated
     results["confusion"] = results["confusion"].tolist()
     results["classes"] = [class_name(cfg, c) for c in range(cfg.data.num_classes)]
     if results["non_finite"]:

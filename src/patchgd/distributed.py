@@ -33,7 +33,7 @@ from torch.utils.data import Dataset, DistributedSampler, Subset
 __all__ = ["process_group", "is_initialized", "rank", "world_size", "is_main", "local_device", "wrap",
            "convert_sync_batchnorm", "train_sampler", "eval_shard", "gather_in_order", "gather_objects",
            "broadcast_object", "broadcast_buffers", "mean_loss", "RankFailure", "parallel_fill", "barrier",
-           "log_main", "batch_note"]
+           "batch_note"]
 
 
 _DDP_OPTIONS = inspect.signature(DistributedDataParallel).parameters
@@ -280,11 +280,6 @@ def parallel_fill(model, grid, chunk: int) -> torch.Tensor:
     for r, share in enumerate(shares):
         flat[share] = received[r, :share.numel()]
     return flat.view(batch, cells, s).permute(0, 2, 1).reshape(z.shape)
-
-
-def log_main(log):
-    """``log`` on rank 0, a no-op elsewhere: the other processes stay quiet."""
-    return log if is_main() else (lambda *args, **kwargs: None)
 
 
 def batch_note(per_process_batch: int) -> str:
