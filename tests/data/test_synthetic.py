@@ -41,3 +41,14 @@ def test_synthetic_slide_checks_its_arguments(tmp_path):
     with pytest.raises(ValueError, match="tile=100"):
         write_synthetic_slide(tmp_path / "x.tif", size=100, tile=100)
     assert not (tmp_path / "x.tif").exists()
+
+
+def test_without_libvips_the_error_names_the_extra(tmp_path, monkeypatch):
+    import sys
+
+    import pytest
+
+    monkeypatch.setitem(sys.modules, "pyvips", None)  # as if pyvips were not installed
+    with pytest.raises(RuntimeError, match=r"pip install 'patchgd\[synthetic\]'"):
+        write_synthetic_slide(tmp_path / "s.tif", size=512)
+    assert not (tmp_path / "s.tif").exists()

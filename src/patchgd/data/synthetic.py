@@ -56,7 +56,11 @@ def write_synthetic_slide(
     Example:
         >>> write_synthetic_slide("/tmp/big.tif", size=100_000)  # doctest: +SKIP
     """
-    import pyvips
+    try:
+        import pyvips
+    except ImportError:  # libvips is only needed here: an extra, not a dependency of every install
+        raise RuntimeError("writing synthetic slides needs libvips: pip install 'patchgd[synthetic]' (pyvips and "
+                           "pyvips-binary)") from None
     from skimage import filters
 
     if size < 1 or tile < 16 or tile % 16:
