@@ -1,15 +1,7 @@
-import os
 from pathlib import Path
 
 import pytest
 import torch
-
-# Nothing in the suite may reach a model hub.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-# The suite's models are tiny: a second intra-op thread buys nothing, and on a shared CPU two threads
-# stall each other so badly that small steps run tens of times slower.
-torch.set_num_threads(1)
 
 SHARED_MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
 

@@ -13,8 +13,11 @@ gradients (:meth:`~patchgd.methods.PatchGD.step` runs its non-updating inner ite
 ``no_sync()``); the model's fill never communicates, unless :func:`parallel_fill` splits it on purpose.
 
 Example:
+    >>> import patchgd
+    >>> model = patchgd.PatchGDClassifier("test_resnet", num_classes=2, patch_size=32, latent_dim=8)
     >>> with process_group("auto"):                 # under torchrun, or alone
-    ...     method = create_method("patchgd", model.to(local_device(device)), optimizer)
+    ...     model = model.to(local_device(torch.device("cpu")))
+    ...     method = patchgd.create_method("patchgd", model, torch.optim.Adam(model.parameters()))
     ...     wrap(method)                            # DDP when there are several processes
 """
 
