@@ -191,6 +191,21 @@ class Orientation:
         """The ``(height, width)`` of an ``height x width`` image after :meth:`apply`."""
         return (width, height) if self.turns % 2 else (height, width)
 
+    def source(self, rows: torch.Tensor, cols: torch.Tensor, height: int, width: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where positions ``(rows, cols)`` of the moved array come from in the ``height x width`` original:
+        :meth:`apply` undone on the indices alone (the last quarter turn first, then the flips)."""
+        sides = [(height, width)]
+        for _ in range(self.turns % 4):
+            sides.append(sides[-1][::-1])
+        for _, w in reversed(sides[:-1]):  # rot90 puts original (r, c) of an h x w array at (w - 1 - c, r)
+            rows, cols = cols, w - 1 - rows
+        if self.flip_v:
+            rows = height - 1 - rows
+        if self.flip_h:
+            cols = width - 1 - cols
+        return rows, cols
+
 
 @dataclass(eq=False)
 class LazyImage:
@@ -231,10 +246,8 @@ class LazyImage:
         if self.orientation is None:
             read = self.source.read_cells(np.stack([rows.numpy(), cols.numpy()], axis=1), patch_size, fill=fill)
             return torch.from_numpy(np.ascontiguousarray(read))
-        m, n = grid_shape(self.source.height, self.source.width, patch_size)
-        stored = self.orientation.apply(torch.arange(m * n).view(m, n))[rows, cols]  # each cell's stored cell
-        read = self.source.read_cells(np.stack([(stored // n).numpy(), (stored % n).numpy()], axis=1), patch_size,
-                                      fill=fill)
+        stored = self.orientation.source(rows, cols, *grid_shape(self.source.height, self.source.width, patch_size))
+        read = self.source.read_cells(np.stack([stored[0].numpy(), stored[1].numpy()], axis=1), patch_size, fill=fill)
         return self.orientation.apply(torch.from_numpy(read)).contiguous()
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from . import distributed
+from .data.datasets import collate_images
 from .data.errors import DataError, Skipped
 from .grid import LazyImage
 from .io import atomic_file
@@ -41,18 +42,18 @@ _CELLS = re.compile(r"grid row \d+, columns \d+\.\.\d+")  # where PatchSource.re
 
 def drop_skipped(images: torch.Tensor | list, labels: torch.Tensor) -> tuple[torch.Tensor | list, torch.Tensor,
                                                                              list[Skipped]]:
-    """The batch without its :class:`Skipped` stand-ins, and those: images in memory of one shape are
-    stacked again, as :func:`~patchgd.data.datasets.collate_images` would have."""
+    """The batch without its :class:`Skipped` stand-ins, and those: the rest batched again by
+    :func:`~patchgd.data.datasets.collate_images` (images in memory of one shape stacked)."""
     if isinstance(images, torch.Tensor):
         return images, labels, []
-    keep = [i for i, item in enumerate(images) if not isinstance(item, Skipped)]
     skipped = [item for item in images if isinstance(item, Skipped)]
     if not skipped:
         return images, labels, []
-    kept = [images[i] for i in keep]
-    if kept and all(isinstance(x, torch.Tensor) for x in kept) and len({(x.shape, x.dtype) for x in kept}) == 1:
-        kept = torch.stack(kept)
-    return kept, labels[keep], skipped
+    kept = [(item, int(label)) for item, label in zip(images, labels) if not isinstance(item, Skipped)]
+    if not kept:
+        return [], labels[:0], skipped
+    images, labels = collate_images(kept)
+    return images, labels, skipped
 
 
 def _failing(err: DataError, images: Sequence) -> int | None:
