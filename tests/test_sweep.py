@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 
 from patchgd.cli import main
 from patchgd.config import ConfigError
+from patchgd import sweep as sweep_module
 from patchgd.sweep import read_spec
 
 from helpers import write_config
@@ -106,3 +108,24 @@ def test_a_terminated_sweep_stops_its_runs_and_starts_no_more(tmp_path, data):
     assert len(list((out / "logs").glob("*.log"))) == 1  # nothing was started after the signal
     statuses = [json.loads(p.read_text())["status"] for p in (out / "status").glob("*.json")]
     assert statuses in ([], ["interrupted"])
+
+
+def test_a_stop_taken_by_a_worker_thread_still_stops_the_run_at_once(tmp_path, data):
+    # The kernel may hand a process's SIGTERM to any thread; aimed at the thread waiting on the run, the
+    # Python handler runs only when the main thread wakes: it must wake by itself, not when the run ends.
+    spec, out = write_spec(tmp_path, data), tmp_path / "sweep"
+
+    def kill_worker():
+        deadline = time.monotonic() + 120
+        while not sweep_module._RUNNING and time.monotonic() < deadline:
+            time.sleep(0.05)
+        worker = next(t for t in threading.enumerate() if t.name.startswith("ThreadPoolExecutor"))
+        signal.pthread_kill(worker.ident, signal.SIGTERM)
+
+    threading.Thread(target=kill_worker, daemon=True).start()
+    with pytest.raises(SystemExit) as stopped:
+        sweep_module.run_sweep(spec, out, devices=["cpu"], log=lambda line: None)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert len(list((out / "logs").glob("*.log"))) == 1
+    statuses = [json.loads(p.read_text())["status"] for p in (out / "status").glob("*.json")]
+    assert statuses == ["interrupted"]  # killed by the stop, not left to finish

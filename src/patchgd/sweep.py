@@ -33,7 +33,7 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -224,26 +224,40 @@ def run_sweep(spec: str | Path, out: str | Path, *, devices: list[str] | None = 
 
     def work(point: Point) -> dict | None:
         slot = free.get()
-        if stopping.is_set():  # told to stop: start nothing more
-            return None
         try:
+            if stopping.is_set():  # told to stop: start nothing more
+                return None
             return _run_point(base, common, point, out, slot, threads, log, stopping)
         finally:
             free.put(slot)
 
+    stopped_by: list[int] = []
+
+    # The handler only flags and terminates: an exception raised from it could land inside the executor's
+    # locking and leave a worker blocked on a lock that is never released.
     def stop(signum, _frame):
         stopping.set()  # before the runs are listed: a run registered after the listing sees the flag
+        stopped_by.append(signum)
         for process in list(_RUNNING):
             process.terminate()
-        raise SystemExit(128 + signum)
 
-    previous = signal.signal(signal.SIGTERM, stop) if threading.current_thread() is threading.main_thread() else None
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)} if main_thread else {}
     try:
         with ThreadPoolExecutor(max_workers=free.qsize()) as pool:
-            list(pool.map(work, todo))
+            futures = [pool.submit(work, point) for point in todo]
+            # Waits with a timeout: the kernel may hand the signal to a worker thread, and Python runs the
+            # handler only when the main thread wakes; an untimed wait would let the current run finish and
+            # the next one start before the stop takes effect.
+            while wait(futures, timeout=0.2).not_done:
+                pass
+            for future in futures:
+                future.result()
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if stopped_by:
+        raise SystemExit(128 + stopped_by[0])
     keys = list(dict.fromkeys(k for p in points for k in p.overrides))
     rows = [_summary(p, _status(out, p), out) for p in points]
     _write_results(out, keys, rows)
