@@ -33,9 +33,8 @@ def naive_algorithm1(backbone, head, optimizer, images, labels, schedule, eps):
 
     backbone.train()
     head.train()
-    s = head.features[0][0].in_channels
-    z = torch.zeros(b, s, m, n)
     with torch.no_grad():  # Z-filling, Algorithm 2
+        z = torch.zeros(b, backbone(patch(0, 0)).shape[1], m, n)
         for i in range(b):
             for cell in range(m * n):
                 r, col = divmod(cell, n)

@@ -49,9 +49,9 @@ def _field(default: Any, **checks: Any) -> Any:
 @dataclass
 class ModelConfig:
     """The classifier: a timm backbone ``backbone`` (or ``conv1d`` for sequences) encoding ``patch_size``
-    patches to ``latent_dim``, and a ``head``: ``conv`` (the paper's), ``conv1d`` (sequences) or
-    ``transformer``, ``head_width`` wide with ``head_dropout`` (the transformer's ``head_depth`` layers of
-    ``head_heads`` attention heads).
+    patches to ``latent_dim``, and a ``head``: ``conv`` (the paper's), ``conv1d`` (sequences),
+    ``transformer`` or ``attention`` (gated attention-MIL pooling over the cells), ``head_width`` wide with
+    ``head_dropout`` (the transformer's ``head_depth`` layers of ``head_heads`` attention heads).
 
     Pretrained encoders: ``backbone`` is a timm name (``resnet50``, ``resnet50.a1_in1k`` for one tag) or
     ``hf-hub:ORG/NAME`` (a timm model on the Hugging Face Hub, optionally ``@REVISION``); ``pretrained``
@@ -78,7 +78,7 @@ class ModelConfig:
     head_dropout: float = _field(0.2, ge=0, lt=1)
     channels_last: bool = False
     init_backbone: str | None = None
-    head: Literal["conv", "conv1d", "transformer"] = "conv"
+    head: Literal["conv", "conv1d", "transformer", "attention"] = "conv"
     head_depth: int = _field(2, ge=1)
     head_heads: int = _field(4, ge=1)
     backbone_args: dict[str, Any] | None = None

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 
-__all__ = ["ConvHead", "TransformerHead", "SafeBatchNorm1d", "SafeBatchNorm2d"]
+__all__ = ["AttentionMILHead", "ConvHead", "TransformerHead", "SafeBatchNorm1d", "SafeBatchNorm2d"]
 
 
 class _SafeBatchNorm:
@@ -165,3 +165,52 @@ class TransformerHead(nn.Module):
             padding = F.pad(mask.reshape(batch, -1) == 0, (1, 0), value=False)  # the class token is never padding
         out = self.encoder(tokens, src_key_padding_mask=padding)
         return self.fc(self.norm(out[:, 0]))
+
+
+class AttentionMILHead(nn.Module):
+    """Gated attention pooling over the cells of ``Z`` (Ilse, Tomczak & Welling, ICML 2018), the
+    aggregator of ABMIL and CLAM.
+
+    Each cell's ``s`` features pass a small MLP (Linear to ``width``, GELU, Dropout); a gated attention
+    network scores every cell (``w . (tanh(V h) * sigmoid(U h))``), the scores are soft-maxed over the
+    image's cells, and the attention-weighted mean of the cells gives the logits through a linear layer.
+    Position plays no part: the head sees a bag of cells, the natural bias when the label comes from what
+    some cells hold wherever they are. Cells marked as padding by ``mask`` get no attention, so a padded
+    image is classified as the image alone. ``(B, s, m, n)`` grids of images and ``(B, s, n)`` grids of
+    sequences alike.
+
+    Args:
+        in_channels: Latent size ``s``.
+        num_classes: Number of output logits.
+        width: Width of the cell MLP and of the attention network.
+        dropout: Dropout after the cell MLP.
+
+    Example:
+        >>> AttentionMILHead(256, 10, width=64)(torch.randn(2, 256, 3, 5)).shape
+        torch.Size([2, 10])
+        >>> AttentionMILHead(16, 4)(torch.randn(2, 16, 7)).shape
+        torch.Size([2, 4])
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, width: int = 256, dropout: float = 0.1):
+        super().__init__()
+        self.cells = nn.Sequential(nn.Linear(in_channels, width), nn.GELU(), nn.Dropout(dropout))
+        self.attention_v = nn.Linear(width, width)
+        self.attention_u = nn.Linear(width, width)
+        self.attention_w = nn.Linear(width, 1)
+        self.fc = nn.Linear(width, num_classes)
+
+    def attention(self, z: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cells' features ``(B, cells, width)`` and their attention weights ``(B, cells)`` (summing to 1
+        over each image's real cells)."""
+        h = self.cells(z.flatten(2).transpose(1, 2))
+        scores = self.attention_w(torch.tanh(self.attention_v(h)) * torch.sigmoid(self.attention_u(h))).squeeze(-1)
+        if mask is not None:
+            scores = scores.masked_fill(mask.reshape(scores.shape) == 0, float("-inf"))
+        return h, scores.softmax(dim=1)
+
+    def forward(self, z: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, s, m, n)`` or ``(B, s, n)`` -> ``(B, classes)``; ``mask`` ``(B, 1, m, n)`` (or ``(B, 1, n)``) is
+        nonzero on real cells."""
+        h, weights = self.attention(z, mask)
+        return self.fc(torch.einsum("bc,bcw->bw", weights, h))

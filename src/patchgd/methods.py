@@ -420,7 +420,8 @@ def create_model(method: str, backbone: str | nn.Module, num_classes: int, *, pa
         backbone_args: Extra ``timm.create_model`` arguments.
         freeze: None, ``"all"`` or the stem and first N stages/blocks of the encoder.
         grad_checkpointing: Gradient checkpointing in the encoder.
-        head: PatchGD's head: ``"conv"`` (the paper's), ``"conv1d"`` (sequences) or ``"transformer"``.
+        head: PatchGD's head: ``"conv"`` (the paper's), ``"conv1d"`` (sequences), ``"transformer"`` or
+            ``"attention"`` (gated attention-MIL pooling).
         head_width: Channels of the conv head (PatchGD, GD-extended); token width of the transformer head.
         head_dropout: Dropout of the head.
         head_depth: Encoder layers of the transformer head.

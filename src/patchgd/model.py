@@ -10,11 +10,11 @@ import torch.nn as nn
 
 from .backbones import Conv1dEncoder, PatchEncoder, create_timm
 from .grid import LazyImage, PatchGrid, SourceGrid, cell_mask
-from .heads import ConvHead, TransformerHead
+from .heads import AttentionMILHead, ConvHead, TransformerHead
 from .normalize import Normalize
 from .pretrained import encoder_normalization, resolve_encoder
 
-HEADS = ("conv", "conv1d", "transformer")
+HEADS = ("conv", "conv1d", "transformer", "attention")
 
 __all__ = ["PatchGDClassifier", "GDClassifier", "GDExtendedClassifier"]
 
@@ -45,8 +45,9 @@ class PatchGDClassifier(nn.Module):
         patch_size: Side ``p`` of the square patches (chunk length of sequences).
         latent_dim: Latent size ``s`` of each cell of ``Z``.
         head: ``"conv"`` for the paper's head, ``"conv1d"`` for the same head over sequences,
-            ``"transformer"`` for :class:`~patchgd.heads.TransformerHead`, or any module mapping ``Z`` to
-            logits.
+            ``"transformer"`` for :class:`~patchgd.heads.TransformerHead`, ``"attention"`` for
+            :class:`~patchgd.heads.AttentionMILHead` (gated attention-MIL pooling), or any module mapping ``Z``
+            to logits.
         in_chans: Image channels (for a timm backbone and the normalisation).
         pretrained: For a timm backbone: ``True`` (the name's default pretrained tag, or a hub
             repository's weights), a local weights file or snapshot folder, ``False``, None (true for an
@@ -61,7 +62,7 @@ class PatchGDClassifier(nn.Module):
         fill_batch_size: Default number of patches per backbone call in :meth:`fill_z`; None (the default)
             encodes one grid row of every image per call (``B * n`` patches), which on the CPU is faster and
             smaller than larger chunks (benchmarks/RESULTS.md, "inference").
-        head_width: Channels of the conv head; token width of the transformer head.
+        head_width: Channels of the conv head; token width of the transformer head; width of the attention head.
         head_dropout: Dropout probability of the head.
         head_depth: Encoder layers of the transformer head.
         head_heads: Attention heads of the transformer head.
@@ -109,6 +110,8 @@ class PatchGDClassifier(nn.Module):
         elif head == "transformer":
             head = TransformerHead(latent_dim, num_classes, width=head_width, depth=head_depth, heads=head_heads,
                                    dropout=head_dropout)
+        elif head == "attention":
+            head = AttentionMILHead(latent_dim, num_classes, width=head_width, dropout=head_dropout)
         elif isinstance(head, str):
             raise ValueError(f"unknown head {head!r}: expected one of {', '.join(HEADS)} or an nn.Module")
         self.normalize = Normalize(in_chans, mean, std)
