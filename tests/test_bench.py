@@ -125,3 +125,22 @@ def test_scaling_alone_measures_one_process(tmp_path):
 def test_cuda_without_a_gpu_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="--device cuda was given but torch sees no CUDA device"):
         main(["fill", *TINY[:-2], "--device", "cuda", "--out", str(tmp_path)])
+
+
+def test_diagnose_records_inner_losses_gradient_norms_and_batchnorm_statistics(tmp_path):
+    from patchgd.cli import PACKAGED_CONFIGS
+    from patchgd.data.megapixel_mnist import generate_megapixel_mnist
+
+    data = generate_megapixel_mnist(tmp_path / "data", train=8, val=4, image_size=128, noise=2, progress=False)
+    assert main(["diagnose", "--config", str(PACKAGED_CONFIGS / "demo.yaml"), "--set", f"data.root={data}",
+                 "--set", "train.epochs=2", "--set", "train.batch_size=4", "--set", "patchgd.fill_mode=train",
+                 "--threads", "1", "--out", str(tmp_path / "out")]) == 0
+    record = json.loads((tmp_path / "out" / "diagnose.json").read_text())
+    epochs = record["results"]["epochs"]
+    assert [e["epoch"] for e in epochs] == [1, 2]
+    for epoch in epochs:
+        assert len(epoch["loss_per_inner_iteration"]) == 4  # sampling 0.25 of a 2 x 2 grid, max_sampled 1: zeta 4
+        assert epoch["updates"] == 2 * 4  # two batches, an update per inner iteration (epsilon 1)
+        assert epoch["grad_norm_backbone"] > 0 and epoch["grad_norm_head"] > 0 and epoch["grad_norm_projection"] > 0
+        assert epoch["bn_distance_fill"] > 0 and epoch["bn_distance_inner"] > 0  # both phases in train mode
+        assert 0 <= epoch["val_accuracy"] <= 1 and 0 <= epoch["val_accuracy_batch_stats"] <= 1

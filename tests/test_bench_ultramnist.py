@@ -93,6 +93,22 @@ def test_quick_study_end_to_end(tmp_path):
     assert (tmp_path / "study_curves.png").stat().st_size > 0
 
 
+def test_quick_study_on_megapixel_mnist_with_the_attention_head(tmp_path):
+    from patchgd.config import load_config
+
+    assert main(["ultramnist_study", "--quick", "--task", "megapixel-mnist", "--head", "attention",
+                 "--grad-accum-steps", "1", "--threads", "1", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "study.json").read_text())["results"]
+    assert results["task"] == "megapixel-mnist"
+    assert json.loads((tmp_path / "data" / "meta.json").read_text())["format"] == "megapixel-mnist"
+    runs = {r["name"]: r for r in results["runs"]}
+    for name in ("patchgd", "patchgd init low-res gd"):
+        used = load_config(tmp_path / "runs" / name.replace(" ", "_") / "config.yaml")
+        assert used.model.head == "attention" and used.patchgd.grad_accum_steps == 1
+        assert runs[name]["fits"]
+    assert (tmp_path / "study.md").read_text().startswith("# Megapixel MNIST study, 128 px")
+
+
 def test_study_reports_full_resolution_gd_that_does_not_fit_at_all(tmp_path):
     # 17 MB at 256 px: PatchGD fits batch 2 (about 16 MiB), full-resolution GD not even one image (19.8 MiB).
     argv = ["ultramnist_study", "--image-size", "256", "--train", "8", "--val", "4", "--epochs", "1",

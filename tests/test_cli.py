@@ -11,6 +11,7 @@ import torch
 
 from patchgd.checkpoint import load_checkpoint
 from patchgd.cli import main
+from patchgd.config import load_config
 
 from helpers import write_config
 
@@ -195,15 +196,24 @@ def test_plan_shows_the_batch_that_fits_the_budget(tmp_path, data, capsys):
     assert "below the smallest feasible peak" in capsys.readouterr().err
 
 
-def test_demo_runs_on_the_bundled_digits_and_again_into_a_new_run(tmp_path, capsys):
-    args = ["demo", "--out", str(tmp_path), "--train", "20", "--val", "10", "--image-size", "64",
-            "--set", "train.epochs=1", "--set", "train.batch_size=5"]
+def test_demo_pretrains_then_trains_and_again_into_new_runs(tmp_path, capsys):
+    args = ["demo", "--out", str(tmp_path), "--train", "12", "--val", "6", "--image-size", "128",
+            "--pretrain-epochs", "1", "--set", "train.epochs=1", "--set", "train.batch_size=4"]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "scikit-learn" in out and "validation accuracy" in out and "peak training-step memory" in out
+    assert "Megapixel MNIST, 12 / 6 images of 128 px (scikit-learn" in out and "chance is 0.100" in out
+    assert "backbone from " + str(tmp_path / "pretrain" / "best.pt") in out
+    heatmap = next((tmp_path / "run" / "heatmaps" / "epoch001").glob("*_heatmap.png"))
+    assert f"evidence per cell of a validation image: {heatmap}" in out
     assert (tmp_path / "run" / "learning_curves.png").is_file() and (tmp_path / "run" / "best.pt").is_file()
-    assert main(args) == 0
-    assert (tmp_path / "run-2" / "metrics.csv").is_file()
+    used = load_config(tmp_path / "run" / "config.yaml")
+    assert used.model.init_backbone == str(tmp_path / "pretrain" / "best.pt") and used.model.head == "attention"
+    pretrain = load_config(tmp_path / "pretrain" / "config.yaml")
+    assert pretrain.method == "gd" and pretrain.data.num_classes == 11
+    assert main(args) == 0  # the data and the cells are reused, the runs are new
+    assert (tmp_path / "run-2" / "metrics.csv").is_file() and (tmp_path / "pretrain-2" / "best.pt").is_file()
+    assert main([*args, "--pretrain-epochs", "0", "--out", str(tmp_path / "scratch")]) == 0
+    assert "backbone from random weights" in capsys.readouterr().out
 
 
 def test_prepare_panda_then_stats_then_train_on_a_fold(tmp_path, capsys):

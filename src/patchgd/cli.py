@@ -337,34 +337,66 @@ def cmd_plan(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    import dataclasses
+
     from .data.digits import load_digits_source
-    from .data.ultramnist import generate_ultramnist
+    from .data.megapixel_mnist import BACKGROUND, PRESETS, cut_digit_cells, generate_megapixel_mnist
     from .memory import format_size
     from .train import fit
 
     cfg = load_config(PACKAGED_CONFIGS / "demo.yaml", args.set)
     out = Path(args.out)
-    data_dir = out / "data"
     source = load_digits_source(args.digits)
-    print(f"digits: {source.description}")
     started = time.perf_counter()
+    data = {key: getattr(args, key) if getattr(args, key) is not None else value
+            for key, value in PRESETS["demo"].items()}
+    data_dir, cells_dir = out / "data", out / f"cells{cfg.model.patch_size}"
     if not (data_dir / "train.csv").exists():
-        generate_ultramnist(data_dir, train=args.train, val=args.val, image_size=args.image_size,
-                            digits=source, seed=cfg.train.seed)
-    cfg.data.root = str(data_dir)
-    # A second demo in the same folder reuses the data but trains into a new run directory.
-    run_dir, attempt = out / "run", 1
-    while run_dir.exists():
-        attempt += 1
-        run_dir = out / f"run-{attempt}"
-    cfg.output_dir = str(run_dir)
+        generate_megapixel_mnist(data_dir, digits=source, seed=cfg.train.seed, **data)
+    print(f"data: Megapixel MNIST, {data['train']} / {data['val']} images of {data['image_size']} px "
+          f"({source.description}): five 28 px digits each, three of the image's class, among {data['noise']} "
+          f"scribbles; {cfg.model.patch_size} px patches")
+
+    def next_free(name: str) -> Path:  # a second demo in the same folder reuses the data, not the runs
+        path, attempt = out / name, 1
+        while path.exists():
+            attempt += 1
+            path = out / f"{name}-{attempt}"
+        return path
+
+    backbone_from = None
+    if args.pretrain_epochs:
+        # App. C of the paper, with digit labels: the backbone first learns the patches it will encode.
+        if not (cells_dir / "train.csv").exists():
+            cut_digit_cells(data_dir, cells_dir, cfg.model.patch_size, seed=cfg.train.seed)
+        pretrain = dataclasses.replace(
+            cfg, method="gd", output_dir=str(next_free("pretrain")),
+            model=dataclasses.replace(cfg.model, init_backbone=None, head="conv"),  # GD: its own classifier
+            data=dataclasses.replace(cfg.data, root=str(cells_dir), num_classes=BACKGROUND + 1),
+            train=dataclasses.replace(cfg.train, epochs=args.pretrain_epochs, batch_size=32, heatmap_every=0,
+                                      warmup_epochs=0, backbone_lr=None))  # the whole classifier at lr
+        print(f"\npretraining the backbone as a classifier of single {cfg.model.patch_size} px cells "
+              f"(the ten digits and background), {args.pretrain_epochs} epoch(s)")
+        backbone_from = Path(fit(pretrain)["run_dir"]) / "best.pt"
+    cfg = dataclasses.replace(
+        cfg, output_dir=str(next_free("run")),
+        data=dataclasses.replace(cfg.data, root=str(data_dir)),
+        model=dataclasses.replace(cfg.model, init_backbone=str(backbone_from) if backbone_from else None),
+        # the last epoch draws the evidence of one validation image
+        train=dataclasses.replace(cfg.train, heatmap_every=cfg.train.heatmap_every or cfg.train.epochs))
+    print(f"\ntraining PatchGD end to end ({cfg.model.head} head"
+          f"{', backbone from ' + str(backbone_from) if backbone_from else ', backbone from random weights'})")
     summary = fit(cfg)
     minutes = (time.perf_counter() - started) / 60
+    run_dir = Path(summary["run_dir"])
     print(f"\ndemo done in {minutes:.1f} min: validation accuracy {summary['final_accuracy']:.3f} "
-          f"(best {summary['best_accuracy']:.3f}; chance is {1 / summary['config'].data.num_classes:.3f}), "
+          f"(best {summary['best_accuracy']:.3f}; chance is {1 / cfg.data.num_classes:.3f}), "
           f"peak training-step memory {format_size(summary['peak_memory_bytes'])}")
-    print(f"run directory: {summary['run_dir']} (config.yaml, metrics.csv, best.pt, last.pt, "
-          "learning_curves.png)")
+    print(f"run directory: {run_dir} (config.yaml, metrics.csv, best.pt, last.pt)")
+    print(f"learning curves: {run_dir / 'learning_curves.png'}")
+    heatmaps = sorted((run_dir / "heatmaps").glob("*/*_heatmap.png"))
+    if heatmaps:
+        print(f"evidence per cell of a validation image: {heatmaps[-1]}")
     return 0
 
 
@@ -395,9 +427,10 @@ def build_parser() -> argparse.ArgumentParser:
     um.set_defaults(func=cmd_generate)
     mp = gen_sub.add_parser("megapixel-mnist", help="Megapixel MNIST: 5 digits on a large canvas, 3 of the class")
     mp.add_argument("out", help="output folder (written atomically)")
-    mp.add_argument("--preset", choices=["original", "scaled"], default="scaled",
+    mp.add_argument("--preset", choices=["original", "scaled", "demo"], default="scaled",
                     help="'original' = Katharopoulos & Fleuret's 1500 px, 5000 / 1000 images; 'scaled' (default) = "
-                         "500 px, 1000 / 200 images, the same digit size and scribble density")
+                         "500 px, 1000 / 200 images, the same digit size and scribble density; 'demo' = "
+                         "patchgd demo's 256 px, 900 / 200 images")
     mp.add_argument("--train", type=int, default=None, help="number of training images (default: the preset's)")
     mp.add_argument("--val", type=int, default=None, help="number of validation images (default: the preset's)")
     mp.add_argument("--image-size", type=int, default=None, help="canvas side in pixels (default: the preset's)")
@@ -521,13 +554,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="runs side by side on the CPU, its threads split between them (default 1)")
     sweep.set_defaults(func=cmd_sweep)
 
-    demo = sub.add_parser("demo", help="generate a small UltraMNIST set and train PatchGD on it (CPU, minutes)")
+    demo = sub.add_parser("demo", help="generate a small Megapixel MNIST set and train PatchGD on it (CPU, minutes)")
     demo.add_argument("--digits", default=None,
                       help="MNIST folder in IDX format (default: scikit-learn's bundled digits)")
-    demo.add_argument("--out", default="patchgd-demo", help="folder for the data and the run")
-    demo.add_argument("--train", type=int, default=2000, help="training images")
-    demo.add_argument("--val", type=int, default=400, help="validation images")
-    demo.add_argument("--image-size", type=int, default=128, help="image side in pixels")
+    demo.add_argument("--out", default="patchgd-demo", help="folder for the data and the runs")
+    demo.add_argument("--train", type=int, default=None, help="training images (default: the demo preset's)")
+    demo.add_argument("--val", type=int, default=None, help="validation images (default: the demo preset's)")
+    demo.add_argument("--image-size", type=int, default=None, help="image side in pixels (default: the demo preset's)")
+    demo.add_argument("--noise", type=int, default=None, help="scribbles per image (default: the demo preset's)")
+    demo.add_argument("--pretrain-epochs", type=int, default=2,
+                      help="epochs of backbone pretraining on single cells before PatchGD (default 2; 0: none)")
     demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="override a key of the demo config (configs/demo.yaml)")
     demo.set_defaults(func=cmd_demo)

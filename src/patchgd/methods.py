@@ -305,7 +305,8 @@ class PatchGD(_Step):
                 in every image) or ``(B, k)`` per image.
 
         Returns:
-            ``loss`` (mean over inner iterations), ``fill_time``, ``inner_time``, ``step_time`` in seconds,
+            ``loss`` (mean over inner iterations), ``inner_losses`` (each inner iteration's loss, in
+            order), ``fill_time``, ``inner_time``, ``step_time`` in seconds,
             ``inner_iterations``, ``patches_per_image`` (the most cells an image has in the first inner
             iteration, ``k``) and ``optimizer_steps``.
         """
@@ -315,7 +316,7 @@ class PatchGD(_Step):
         grid = model.grid(images)
         schedule = self.schedule_for(grid, schedule)
         mask = cell_mask(grid)
-        batch, zeta = grid.batch_size, len(schedule)
+        zeta = len(schedule)
         eps = self.grad_accum_steps or zeta
         model.train()
         self.optimizer.zero_grad(set_to_none=True)
@@ -344,7 +345,8 @@ class PatchGD(_Step):
                 updates += 1
         self.sync()
         end = time.perf_counter()
-        return {"loss": torch.stack(losses).mean().item(), "fill_time": filled - start,
+        inner_losses = torch.stack(losses).tolist()  # one device sync for all of them
+        return {"loss": sum(inner_losses) / zeta, "inner_losses": inner_losses, "fill_time": filled - start,
                 "inner_time": end - filled, "step_time": end - start, "inner_iterations": zeta,
                 "patches_per_image": int(torch.bincount(schedule[0][0]).max()), "optimizer_steps": updates}
 

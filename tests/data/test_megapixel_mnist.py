@@ -11,7 +11,7 @@ from PIL import Image
 from patchgd.cli import main
 from patchgd.data.datasets import ImageCSVDataset
 from patchgd.data.digits import load_digits_source, split_pools
-from patchgd.data.megapixel_mnist import PRESETS, generate_megapixel_mnist, scribbles
+from patchgd.data.megapixel_mnist import BACKGROUND, PRESETS, cut_digit_cells, generate_megapixel_mnist, scribbles
 
 
 @pytest.fixture(scope="module")
@@ -72,3 +72,30 @@ def test_the_trainer_reads_it(generated):
     ds = ImageCSVDataset(out / "train.csv", in_chans=1)
     image, label = ds[0]
     assert image.shape == (1, 200, 200) and 0 <= label < 10 and ds.classes is None
+
+
+def test_cells_are_cut_and_labelled_by_the_digit_mostly_inside(generated, tmp_path):
+    out, _ = generated  # 200 px canvases: a 5 x 5 grid of 40 px cells
+    cells = cut_digit_cells(out, tmp_path / "cells", 40, background=0.5, seed=3)
+    meta = json.loads((out / "meta.json").read_text())
+    records = {r["image_id"]: r for r in meta["images"]["train"]}
+    images = {"train": set(), "val": set()}
+    for part in ("train", "val"):
+        rows = list(csv.DictReader((cells / f"{part}.csv").open()))
+        counts = np.bincount([int(r["label"]) for r in rows], minlength=BACKGROUND + 1)
+        assert counts[BACKGROUND] <= round(0.5 * counts[:BACKGROUND].sum()) + len(records)  # rounding per image
+        for row in rows:
+            image_id, _, where = row["image_id"].rpartition("_r")
+            r, c = map(int, where.split("c"))
+            images[part].add(image_id)
+            crop = np.asarray(Image.open(cells / part / f"{row['image_id']}.png"))
+            canvas = np.asarray(Image.open(out / "train" / f"{image_id}.png"))
+            assert (crop == canvas[r * 40:(r + 1) * 40, c * 40:(c + 1) * 40]).all()
+            # the digit whose box has the most pixels in the cell, if at least half of the box is inside
+            inside = [(max(0, min(x1, c * 40 + 40) - max(x0, c * 40)) * max(0, min(y1, r * 40 + 40) - max(y0, r * 40)),
+                       d["digit"]) for d in records[image_id]["digits"] for x0, y0, x1, y1 in [d["box"]]]
+            area, digit = max(inside)
+            assert int(row["label"]) == (digit if area >= 28 * 28 / 2 else BACKGROUND)
+    assert images["train"] and images["val"] and not images["train"] & images["val"]  # no image on both sides
+    with pytest.raises(ValueError, match="multiple of patch_size=64"):
+        cut_digit_cells(out, tmp_path / "bad", 64)

@@ -87,11 +87,12 @@ def base_config(args: argparse.Namespace, data_root: Path) -> Config:
     """What every run shares: data, backbone, schedule, seed; the method and budget are set per run."""
     return Config(
         model=ModelConfig(backbone=args.backbone, patch_size=args.image_size // args.grid, in_chans=1,
-                          latent_dim=args.width, head_width=args.width),
+                          latent_dim=args.width, head_width=args.width, head=getattr(args, "head", "conv")),
         data=DataConfig(root=str(data_root), num_classes=10),
         train=TrainConfig(epochs=args.epochs, batch_size=args.max_batch, lr=args.lr,
                           warmup_epochs=args.warmup_epochs, seed=args.seed, device="cpu", eval_batch_size=32),
-        patchgd=PatchGDConfig(sampling=0.25, max_sampled=1.0), memory=MemoryConfig())
+        patchgd=PatchGDConfig(sampling=0.25, max_sampled=1.0, grad_accum_steps=getattr(args, "grad_accum_steps", None)),
+        memory=MemoryConfig())
 
 
 def variant(cfg: Config, *, method: str | None = None, budget: int | None = None,
@@ -192,9 +193,9 @@ def plot(records: list[dict], budgets: dict[str, int], png: Path) -> None:
     plt.close(fig)
 
 
-def prepare(args: argparse.Namespace, quick: dict) -> Path:
+def prepare(args: argparse.Namespace, quick: dict, generate=None) -> Path:
     """What an UltraMNIST benchmark does first: apply ``--quick`` (``quick``) and ``--threads``, drop the
-    runs of an earlier call, generate the data set; its root."""
+    runs of an earlier call, generate the data set (UltraMNIST, or ``generate(folder)``); its root."""
     if args.quick:
         for key, value in quick.items():
             setattr(args, key, value)
@@ -205,6 +206,8 @@ def prepare(args: argparse.Namespace, quick: dict) -> Path:
                       "the paper's MNIST", stacklevel=1)
     out = Path(args.out)
     shutil.rmtree(out / "runs", ignore_errors=True)  # a rerun replaces this benchmark's own runs
+    if generate is not None:
+        return generate(out / "data")
     return generate_ultramnist(out / "data", train=args.train, val=args.val, image_size=args.image_size,
                                digits=args.digits, seed=args.seed, max_scale=getattr(args, "max_scale", None),
                                overwrite=True, progress=False)

@@ -16,8 +16,10 @@ An arm whose smallest setting exceeds the budget (full-resolution GD when even m
 with ``--budget`` below its batch-1 peak) is reported as not fitting and the others still run.
 
 UltraMNIST images are generated from real MNIST at ``--image-size`` (default 256 px) with the generator's
-full digit-scale range for that size (smallest digits 14 px). Writes ``study.json``, ``study.md`` and
-``study_curves.png`` to ``--out``. One command per seed.
+full digit-scale range for that size (smallest digits 14 px); ``--task megapixel-mnist`` generates Megapixel
+MNIST instead (five 28 px digits, three of the class, ``--noise`` scribbles), where downscaling erases
+the digits. ``--head`` and ``--grad-accum-steps`` set PatchGD's head and ``ε`` in both PatchGD arms.
+Writes ``study.json``, ``study.md`` and ``study_curves.png`` to ``--out``. One command per seed.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from ..data.megapixel_mnist import generate_megapixel_mnist
 from ..data.ultramnist import default_max_scale
 from ..io import atomic_file
 from ..memory import format_size, parse_size
@@ -37,6 +40,7 @@ from .ultramnist import PAPER_4GB, SHARED_MNIST, base_config, gd_peaks, markdown
 
 QUICK = dict(train=16, val=8, image_size=128, grid=2, epochs=1, max_batch=4, size_step=16)
 ARMS = ("patchgd", "gd full-res accum", "gd low-res", "patchgd init low-res gd")
+TASKS = {"ultramnist": "UltraMNIST", "megapixel-mnist": "Megapixel MNIST"}
 
 
 def register(subparsers) -> None:
@@ -48,6 +52,13 @@ def register(subparsers) -> None:
                         help="MNIST folder of IDX files (default: the shared MNIST beside this repo if present, "
                              "else scikit-learn's bundled digits, with a warning)")
     parser.add_argument("--out", default="bench-results/ultramnist-study", help="output folder (data, runs, report)")
+    parser.add_argument("--task", choices=TASKS, default="ultramnist",
+                        help="the data set generated (default ultramnist)")
+    parser.add_argument("--noise", type=int, default=2, help="megapixel-mnist: scribbles per image (default 2)")
+    parser.add_argument("--head", choices=("conv", "transformer", "attention"), default="conv",
+                        help="PatchGD's head (default conv, the paper's)")
+    parser.add_argument("--grad-accum-steps", type=int, default=None,
+                        help="PatchGD's epsilon (default: zeta, one update per batch)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data and the training (default 0)")
     parser.add_argument("--epochs", type=int, default=10, help="epochs of every arm (default 10)")
     parser.add_argument("--image-size", type=int, default=256, help="image side in pixels (default 256)")
@@ -104,7 +115,7 @@ def low_resolution(cfg, batch_size: int, image_size: int, step: int, budget: int
     return good * step, tried
 
 
-def plot(records: list[dict], budget: int, image_size: int, png: Path) -> None:
+def plot(records: list[dict], budget: int, image_size: int, task: str, png: Path) -> None:
     """Validation accuracy per epoch of the four arms."""
     import matplotlib
 
@@ -117,7 +128,7 @@ def plot(records: list[dict], budget: int, image_size: int, png: Path) -> None:
         ax.plot(range(1, len(curve) + 1), curve, "o-", label=f"{r['name']} ({r['resolution']} px, batch "
                 f"{r['batch_size']}" + (f", micro {r['micro_batch_size']}" if r["micro_batch_size"] else "") + ")")
     ax.axhline(0.1, color="grey", ls=":", lw=1, label="chance")
-    ax.set(title=f"UltraMNIST {image_size} px, budget {format_size(budget)}", xlabel="epoch",
+    ax.set(title=f"{task} {image_size} px, budget {format_size(budget)}", xlabel="epoch",
            ylabel="val accuracy")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -137,7 +148,12 @@ def table(records: list[dict]) -> tuple[list[str], list[list]]:
 
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    data_root = prepare(args, QUICK)
+    def megapixel(folder: Path) -> Path:
+        return generate_megapixel_mnist(folder, train=args.train, val=args.val, image_size=args.image_size,
+                                        noise=args.noise, digits=args.digits, seed=args.seed, overwrite=True,
+                                        progress=False)
+
+    data_root = prepare(args, QUICK, megapixel if args.task == "megapixel-mnist" else None)
     out = Path(args.out)
     cfg = base_config(args, data_root)
     full = (1, args.image_size, args.image_size)
@@ -181,17 +197,17 @@ def run(args: argparse.Namespace) -> int:
     headers, rows = table(records)
     print(format_table(headers, rows))
     print(f"total wall time {wall:.0f} s")
-    results = {"budget_bytes": budget, "gd_full_res_peak_bytes_by_batch": peaks, "max_scale":
-               default_max_scale(args.image_size), "low_res_sides_tried": tried, "runs": records,
+    results = {"task": args.task, "budget_bytes": budget, "gd_full_res_peak_bytes_by_batch": peaks, "max_scale":
+               default_max_scale(args.image_size) if args.task == "ultramnist" else None, "low_res_sides_tried": tried, "runs": records,
                "paper_4gb_accuracy_percent": PAPER_4GB, "wall_s": round(wall, 1)}
     write_json(args, "study", torch.device("cpu"), results)
     report = out / "study.md"
     with atomic_file(report) as tmp:
-        tmp.write_text(f"# UltraMNIST study, {args.image_size} px, seed {args.seed}\n\nbudget {format_size(budget)} "
+        tmp.write_text(f"# {TASKS[args.task]} study, {args.image_size} px, seed {args.seed}\n\nbudget {format_size(budget)} "
                        f"(GD full-resolution peak: batch 1 {format_size(peaks[1])}, batch 2 "
                        f"{format_size(peaks[2])}); {machine(torch.device('cpu'))}\n\n{markdown(headers, rows)}\n\n"
                        f"total wall time {wall:.0f} s\n")
     png = out / "study_curves.png"
-    plot(records, budget, args.image_size, png)
+    plot(records, budget, args.image_size, TASKS[args.task], png)
     print(f"wrote {report} and {png}")
     return 0

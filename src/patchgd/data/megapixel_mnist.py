@@ -31,13 +31,16 @@ from patchgd.data.digits import DigitSource, load_digits_source, split_pools
 from patchgd.data.ultramnist import MNIST_PX, _check_pool, _write_csv
 from patchgd.io import atomic_directory
 
-__all__ = ["PRESETS", "generate_megapixel_mnist", "scribbles"]
+__all__ = ["BACKGROUND", "PRESETS", "cut_digit_cells", "generate_megapixel_mnist", "scribbles"]
 
 PRESETS = {
     "original": {"image_size": 1500, "noise": 50, "train": 5000, "val": 1000},
     # The same 28 px digits and scribbles per pixel (50 per 1500^2 px) on a 500 px canvas.
     "scaled": {"image_size": 500, "noise": 6, "train": 1000, "val": 200},
+    # patchgd demo: the same digits and density on a 256 px canvas, sized to train in minutes on two cores.
+    "demo": {"image_size": 256, "noise": 2, "train": 900, "val": 200},
 }
+BACKGROUND = 10  # the label of a cell that holds no digit (cut_digit_cells)
 DIGITS, POSITIVES = 5, 3  # digits per image, of which this many are of the image's class
 _PATTERNS = 50  # distinct scribbles of a data set, as the original
 _PLACEMENT_TRIES = 1000
@@ -162,4 +165,67 @@ def generate_megapixel_mnist(
             _write_csv(tmp / f"{split}.csv", records)
             meta["images"][split] = records
         (tmp / "meta.json").write_text(json.dumps(meta) + "\n")
+    return Path(out_dir)
+
+
+def cut_digit_cells(data_dir: str | Path, out_dir: str | Path, patch_size: int, *, split: str = "train",
+                    background: float = 1.0, seed: int = 0, overwrite: bool = False) -> Path:
+    """Cut a generated data set's images into their ``patch_size`` cells, labelled from ``meta.json``: a
+    cell takes the class of the digit that lies at least half inside it (the most inside if two do), or
+    :data:`BACKGROUND` if none does. The cells are the patches PatchGD's backbone sees, so a classifier
+    trained on them is a backbone pretrained for the task (the paper's App. C idea with digit labels).
+
+    Written atomically in the same layout (``OUT/train/``, ``OUT/val/``, ``train.csv``, ``val.csv``): a
+    seeded 20 % of the images give the validation cells, so no image has cells on both sides.
+
+    Args:
+        data_dir: A folder written by :func:`generate_megapixel_mnist`.
+        out_dir: The folder to create.
+        patch_size: The cell side in pixels; the image side must be a multiple of it.
+        split: Whose images to cut (``"train"``: a backbone pretrained on them never sees a validation image).
+        background: Digit-free cells kept per digit cell (they far outnumber digit cells), drawn at random.
+        seed: The random seed of the validation images and of the background cells kept.
+        overwrite: Replace an existing non-empty ``out_dir``.
+
+    Returns:
+        ``out_dir`` as a Path.
+    """
+    data_dir = Path(data_dir)
+    meta = json.loads((data_dir / "meta.json").read_text())
+    size = meta["options"]["image_size"]
+    if meta.get("format") != "megapixel-mnist" or size % patch_size:
+        raise ValueError(f"{data_dir}: expected a Megapixel MNIST folder whose image side ({size} px) is a "
+                         f"multiple of patch_size={patch_size}")
+    rng = np.random.default_rng(seed)
+    images = meta["images"][split]
+    val_images = set(rng.permutation(len(images))[:max(1, len(images) // 5)].tolist())
+    cells: dict[str, list[tuple[dict, int, int, int]]] = {"train": [], "val": []}
+    half = MNIST_PX * MNIST_PX / 2
+    for i, record in enumerate(images):
+        labels = np.full((size // patch_size, size // patch_size), BACKGROUND)
+        inside = np.zeros(labels.shape)
+        for digit in record["digits"]:
+            x0, y0, x1, y1 = digit["box"]
+            for r in range(y0 // patch_size, (y1 - 1) // patch_size + 1):
+                for c in range(x0 // patch_size, (x1 - 1) // patch_size + 1):
+                    area = ((min(y1, (r + 1) * patch_size) - max(y0, r * patch_size))
+                            * (min(x1, (c + 1) * patch_size) - max(x0, c * patch_size)))
+                    if area >= half and area > inside[r, c]:
+                        labels[r, c], inside[r, c] = digit["digit"], area
+        digit_cells = np.argwhere(labels != BACKGROUND)
+        empty = np.argwhere(labels == BACKGROUND)
+        kept = empty[rng.permutation(len(empty))[:round(background * len(digit_cells))]]
+        for r, c in np.concatenate([digit_cells, kept]):
+            cells["val" if i in val_images else "train"].append((record, int(r), int(c), int(labels[r, c])))
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        for part, entries in cells.items():
+            (tmp / part).mkdir()
+            records = []
+            for record, r, c, label in entries:
+                with Image.open(data_dir / split / f"{record['image_id']}.png") as image:
+                    box = (c * patch_size, r * patch_size, (c + 1) * patch_size, (r + 1) * patch_size)
+                    cell_id = f"{record['image_id']}_r{r}c{c}"
+                    image.crop(box).save(tmp / part / f"{cell_id}.png")
+                records.append({"image_id": cell_id, "label": label})
+            _write_csv(tmp / f"{part}.csv", records)
     return Path(out_dir)
