@@ -32,6 +32,7 @@ import torch
 
 from ..data.megapixel_mnist import generate_megapixel_mnist
 from ..data.ultramnist import default_max_scale
+from ..config import Config
 from ..io import atomic_file
 from ..memory import format_size, parse_size
 from ..plan import BudgetError, plan_budget
@@ -156,15 +157,16 @@ def run(args: argparse.Namespace) -> int:
     data_root = prepare(args, QUICK, megapixel if args.task == "megapixel-mnist" else None)
     out = Path(args.out)
     cfg = base_config(args, data_root)
+    gd = variant(cfg, model={"head": "conv"})  # GD classifies with its own linear layer: --head is PatchGD's
     full = (1, args.image_size, args.image_size)
-    peaks = gd_peaks(cfg, full, 2)
+    peaks = gd_peaks(gd, full, 2)
     budget = choose_budget(args, peaks)
     print(f"GD full-resolution step peak: batch 1 {format_size(peaks[1])}, batch 2 {format_size(peaks[2])}; "
           f"budget {format_size(budget)}", flush=True)
 
-    def arm(name: str, **changes) -> dict:
+    def arm(name: str, base: Config, **changes) -> dict:
         """Train one arm; an arm whose smallest setting exceeds the budget is recorded as not fitting."""
-        run_cfg = variant(cfg, budget=budget, output_dir=out / "runs" / name.replace(" ", "_"), **changes)
+        run_cfg = variant(base, budget=budget, output_dir=out / "runs" / name.replace(" ", "_"), **changes)
         try:
             record = train_run(run_cfg, name, format_size(budget)) | {"fits": True}
         except BudgetError as err:
@@ -178,18 +180,18 @@ def run(args: argparse.Namespace) -> int:
     def not_fitting(name: str, resolution: int | None, reason: str) -> dict:
         return {"name": name, "fits": False, "reason": reason, "resolution": resolution}
 
-    records = [arm("patchgd", method="patchgd")]
+    records = [arm("patchgd", cfg, method="patchgd")]
     batch = records[0]["batch_size"]
-    records.append(arm("gd full-res accum", method="gd", train={"batch_size": batch, "micro_batch_size": batch}))
+    records.append(arm("gd full-res accum", gd, method="gd", train={"batch_size": batch, "micro_batch_size": batch}))
     try:
-        side, tried = low_resolution(cfg, batch, args.image_size, args.size_step, budget)
+        side, tried = low_resolution(gd, batch, args.image_size, args.size_step, budget)
     except BudgetError as err:
         tried, low = {}, not_fitting("gd low-res", None, str(err))
     else:
         print(f"GD at batch {batch} fits up to {side} px (tried: " +
               ", ".join(f"{s} px -> batch {b}" for s, b in sorted(tried.items())) + ")", flush=True)
-        low = arm("gd low-res", method="gd", train={"batch_size": batch}, data={"image_size": side})
-    records += [low, arm("patchgd init low-res gd", method="patchgd",
+        low = arm("gd low-res", gd, method="gd", train={"batch_size": batch}, data={"image_size": side})
+    records += [low, arm("patchgd init low-res gd", cfg, method="patchgd",
                          model={"init_backbone": str(Path(low["run_dir"]) / "best.pt")}) if low["fits"] else
                 not_fitting("patchgd init low-res gd", args.image_size, "no low-resolution GD backbone")]
 
