@@ -1,5 +1,5 @@
-"""The attention-MIL head: any grid and sequences, padded cells ignored, blind to position by design, the
-exact PatchGD step through it, and a run from the command line."""
+"""The attention-MIL head: padded cells ignored, blind to position by design, the exact PatchGD step through
+it (any grid and sequences: test_transformer_head.py)."""
 
 import copy
 import math
@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import patchgd
-from patchgd.cli import main
 from patchgd.heads import AttentionMILHead
 
 from helpers import TinyEncoder
@@ -18,16 +17,6 @@ from test_methods import P, naive_algorithm1, random_schedule
 def make_head(**options):
     torch.manual_seed(0)
     return AttentionMILHead(12, 3, width=16, **options).eval()
-
-
-@pytest.mark.parametrize("grid", [(1, 1), (3, 5), (7,)])
-def test_any_grid_and_sequences(grid):
-    head = make_head().train()
-    z = torch.randn(2, 12, *grid, requires_grad=True)
-    logits = head(z)
-    assert logits.shape == (2, 3)
-    logits.sum().backward()
-    assert z.grad.abs().sum() > 0 and all(p.grad is not None for p in head.parameters())
 
 
 def test_attention_weights_sum_to_one_and_padded_cells_get_none():

@@ -1,4 +1,4 @@
-"""The transformer head: any grid, padded cells ignored, positions seen; the DeiT recipes through the trainer,
+"""The transformer head (and the attention-MIL head): any grid, padded cells ignored, positions seen; the DeiT recipes through the trainer,
 the planner and the command line."""
 
 import json
@@ -10,7 +10,7 @@ from patchgd import train
 from patchgd.checkpoint import load_checkpoint
 from patchgd.cli import PACKAGED_CONFIGS, main
 from patchgd.config import config_from_dict, load_config
-from patchgd.heads import ConvHead, TransformerHead
+from patchgd.heads import AttentionMILHead, ConvHead, TransformerHead
 from patchgd.memory import PeakMemory
 from patchgd.plan import plan_budget
 
@@ -21,8 +21,10 @@ def make_head(**options):
 
 
 @pytest.mark.parametrize("grid", [(1, 1), (3, 5), (7,)])
-def test_any_grid_and_sequences(grid):
-    head = make_head().train()
+@pytest.mark.parametrize("kind", ["transformer", "attention"])
+def test_any_grid_and_sequences(grid, kind):
+    torch.manual_seed(0)
+    head = (make_head() if kind == "transformer" else AttentionMILHead(12, 3, width=16)).train()
     z = torch.randn(2, 12, *grid, requires_grad=True)
     logits = head(z)
     assert logits.shape == (2, 3)
