@@ -32,7 +32,8 @@ from torch.utils.data import DataLoader
 from ..config import load_config
 from ..data.datasets import collate_images
 from ..train import (build_datasets, build_method, build_model, build_optimizer, build_scheduler,
-                     build_train_loader, encoder_of, evaluate, init_backbone, resolve_classes, seed_everything)
+                     build_train_loader, encoder_of, evaluate, init_backbone, resolve_classes, resolve_device,
+                     seed_everything)
 from ._common import format_table, write_json
 
 
@@ -94,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
     if cfg.method != "patchgd":
         raise ValueError(f"{args.config}: method={cfg.method!r}; the diagnosis looks inside PatchGD steps")
-    device = torch.device(cfg.train.device if cfg.train.device != "auto" else "cpu")
+    device = resolve_device(cfg.train.device)
     train_set, val_set = build_datasets(cfg)
     cfg = resolve_classes(cfg, train_set, val_set)
     generator = seed_everything(cfg.train.seed)

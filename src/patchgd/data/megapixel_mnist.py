@@ -199,7 +199,7 @@ def cut_digit_cells(data_dir: str | Path, out_dir: str | Path, patch_size: int, 
     rng = np.random.default_rng(seed)
     images = meta["images"][split]
     val_images = set(rng.permutation(len(images))[:max(1, len(images) // 5)].tolist())
-    cells: dict[str, list[tuple[dict, int, int, int]]] = {"train": [], "val": []}
+    cells: dict[str, list[tuple[dict, list[tuple[int, int, int]]]]] = {"train": [], "val": []}
     half = MNIST_PX * MNIST_PX / 2
     for i, record in enumerate(images):
         labels = np.full((size // patch_size, size // patch_size), BACKGROUND)
@@ -215,17 +215,18 @@ def cut_digit_cells(data_dir: str | Path, out_dir: str | Path, patch_size: int, 
         digit_cells = np.argwhere(labels != BACKGROUND)
         empty = np.argwhere(labels == BACKGROUND)
         kept = empty[rng.permutation(len(empty))[:round(background * len(digit_cells))]]
-        for r, c in np.concatenate([digit_cells, kept]):
-            cells["val" if i in val_images else "train"].append((record, int(r), int(c), int(labels[r, c])))
+        chosen = [(int(r), int(c), int(labels[r, c])) for r, c in np.concatenate([digit_cells, kept])]
+        cells["val" if i in val_images else "train"].append((record, chosen))
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         for part, entries in cells.items():
             (tmp / part).mkdir()
             records = []
-            for record, r, c, label in entries:
-                with Image.open(data_dir / split / f"{record['image_id']}.png") as image:
-                    box = (c * patch_size, r * patch_size, (c + 1) * patch_size, (r + 1) * patch_size)
-                    cell_id = f"{record['image_id']}_r{r}c{c}"
-                    image.crop(box).save(tmp / part / f"{cell_id}.png")
-                records.append({"image_id": cell_id, "label": label})
+            for record, chosen in entries:
+                with Image.open(data_dir / split / f"{record['image_id']}.png") as image:  # once per image
+                    for r, c, label in chosen:
+                        box = (c * patch_size, r * patch_size, (c + 1) * patch_size, (r + 1) * patch_size)
+                        cell_id = f"{record['image_id']}_r{r}c{c}"
+                        image.crop(box).save(tmp / part / f"{cell_id}.png")
+                        records.append({"image_id": cell_id, "label": label})
             _write_csv(tmp / f"{part}.csv", records)
     return Path(out_dir)
