@@ -131,9 +131,10 @@ def test_cli_heatmaps_in_training_and_predict(tmp_path, mnist_dir, capsys):
     data = tmp_path / "data"
     assert main(["generate", "ultramnist", str(data), "--train", "8", "--val", "4", "--image-size", "96",
                  "--digits", str(mnist_dir)]) == 0
+    # The demo's config with the paper's conv head and 32 px patches: a 3 x 3 grid of these 96 px images.
     common = ["--config", str(PACKAGED_CONFIGS / "demo.yaml"), "--set", f"data.root={data}", "--set",
               "model.latent_dim=8", "--set", "model.head_width=8", "--set", "train.epochs=1", "--set",
-              "train.batch_size=4"]
+              "train.batch_size=4", "--set", "model.patch_size=32", "--set", "model.head=conv"]
     run = tmp_path / "run"
     assert main(["train", *common, "--set", f"output_dir={run}", "--set", "train.heatmap_every=1",
                  "--set", "train.heatmap_images=2"]) == 0
