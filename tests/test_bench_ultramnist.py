@@ -68,6 +68,23 @@ def test_init_backbone_maps_a_gd_checkpoint_into_patchgd(tmp_path):
         init_backbone(patchgd, tmp_path / "other.pt")
 
 
+def test_init_backbone_into_gd_keeps_its_own_classifier(tmp_path):
+    # A cell classifier (11 classes) starts a GD model of another task (10 classes): features copied,
+    # the target's classifier left as it was built.
+    torch.manual_seed(0)
+    source = create_model("gd", "test_resnet", 11, in_chans=1)
+    torch.save({"model": source.state_dict()}, tmp_path / "cells.pt")
+    torch.manual_seed(1)
+    gd = create_model("gd", "test_resnet", 10, in_chans=1)
+    classifier = gd.backbone.default_cfg["classifier"]
+    before = {k: v.clone() for k, v in gd.backbone.state_dict().items()}
+    loaded = init_backbone(gd, tmp_path / "cells.pt")
+    after, expected = gd.backbone.state_dict(), source.backbone.state_dict()
+    assert loaded == len([k for k in after if not k.startswith(classifier + ".")]) > 0
+    for name, value in after.items():
+        assert torch.equal(value, before[name] if name.startswith(classifier + ".") else expected[name]), name
+
+
 def test_quick_study_end_to_end(tmp_path):
     # The 256 px study's code on its tiny --quick configuration (128 px images, 2 x 2 grid, one epoch).
     from patchgd.bench import ultramnist_study
@@ -97,16 +114,32 @@ def test_quick_study_on_megapixel_mnist_with_the_attention_head(tmp_path):
     from patchgd.config import load_config
 
     assert main(["ultramnist_study", "--quick", "--task", "megapixel-mnist", "--head", "attention",
-                 "--grad-accum-steps", "1", "--threads", "1", "--out", str(tmp_path)]) == 0
+                 "--grad-accum-steps", "1", "--pretrain-cells", "1", "--backbone-lr", "1e-4", "--threads", "1",
+                 "--out", str(tmp_path)]) == 0
     results = json.loads((tmp_path / "study.json").read_text())["results"]
-    assert results["task"] == "megapixel-mnist"
+    assert results["task"] == "megapixel-mnist" and results["pretrain_cells_epochs"] == 1
     assert json.loads((tmp_path / "data" / "meta.json").read_text())["format"] == "megapixel-mnist"
     runs = {r["name"]: r for r in results["runs"]}
     for name in ("patchgd", "patchgd init low-res gd"):
         used = load_config(tmp_path / "runs" / name.replace(" ", "_") / "config.yaml")
         assert used.model.head == "attention" and used.patchgd.grad_accum_steps == 1
         assert runs[name]["fits"]
-    assert (tmp_path / "study.md").read_text().startswith("# Megapixel MNIST study, 128 px")
+    # Every arm but App. C's starts from the cell classifier, every arm moves its backbone at --backbone-lr.
+    cells = str(tmp_path / "runs" / "pretrain_cells" / "best.pt")
+    pretrain = load_config(tmp_path / "runs" / "pretrain_cells" / "config.yaml")
+    assert pretrain.method == "gd" and pretrain.data.num_classes == 11 and pretrain.model.patch_size == 64
+    for name in ("patchgd", "gd full-res accum", "gd low-res", "patchgd init low-res gd"):
+        used = load_config(tmp_path / "runs" / name.replace(" ", "_") / "config.yaml")
+        assert used.train.backbone_lr == 1e-4
+        assert used.model.init_backbone == (str(tmp_path / "runs" / "gd_low-res" / "best.pt")
+                                            if name == "patchgd init low-res gd" else cells), name
+    report = (tmp_path / "study.md").read_text()
+    assert report.startswith("# Megapixel MNIST study, 128 px") and "pretrained 1 epoch(s) on cells" in report
+
+
+def test_pretrain_cells_needs_megapixel_mnist(tmp_path):
+    with pytest.raises(SystemExit, match="megapixel-mnist"):
+        main(["ultramnist_study", "--quick", "--pretrain-cells", "1", "--out", str(tmp_path)])
 
 
 def test_study_reports_full_resolution_gd_that_does_not_fit_at_all(tmp_path):

@@ -339,8 +339,9 @@ def cmd_plan(args) -> int:
 def cmd_demo(args) -> int:
     import dataclasses
 
+    from .cells import pretrain_on_cells
     from .data.digits import load_digits_source
-    from .data.megapixel_mnist import BACKGROUND, PRESETS, cut_digit_cells, generate_megapixel_mnist
+    from .data.megapixel_mnist import PRESETS, generate_megapixel_mnist
     from .memory import format_size
     from .train import fit
 
@@ -350,7 +351,7 @@ def cmd_demo(args) -> int:
     started = time.perf_counter()
     data = {key: getattr(args, key) if getattr(args, key) is not None else value
             for key, value in PRESETS["demo"].items()}
-    data_dir, cells_dir = out / "data", out / f"cells{cfg.model.patch_size}"
+    data_dir = out / "data"
     if not (data_dir / "train.csv").exists():
         generate_megapixel_mnist(data_dir, digits=source, seed=cfg.train.seed, **data)
     print(f"data: Megapixel MNIST, {data['train']} / {data['val']} images of {data['image_size']} px "
@@ -366,18 +367,10 @@ def cmd_demo(args) -> int:
 
     backbone_from = None
     if args.pretrain_epochs:
-        # App. C of the paper, with digit labels: the backbone first learns the patches it will encode.
-        if not (cells_dir / "train.csv").exists():
-            cut_digit_cells(data_dir, cells_dir, cfg.model.patch_size, seed=cfg.train.seed)
-        pretrain = dataclasses.replace(
-            cfg, method="gd", output_dir=str(next_free("pretrain")),
-            model=dataclasses.replace(cfg.model, init_backbone=None, head="conv"),  # GD: its own classifier
-            data=dataclasses.replace(cfg.data, root=str(cells_dir), num_classes=BACKGROUND + 1),
-            train=dataclasses.replace(cfg.train, epochs=args.pretrain_epochs, batch_size=32, heatmap_every=0,
-                                      warmup_epochs=0, backbone_lr=None))  # the whole classifier at lr
         print(f"\npretraining the backbone as a classifier of single {cfg.model.patch_size} px cells "
               f"(the ten digits and background), {args.pretrain_epochs} epoch(s)")
-        backbone_from = Path(fit(pretrain)["run_dir"]) / "best.pt"
+        backbone_from = pretrain_on_cells(cfg, data_dir, out / f"cells{cfg.model.patch_size}", next_free("pretrain"),
+                                          args.pretrain_epochs)
     cfg = dataclasses.replace(
         cfg, output_dir=str(next_free("run")),
         data=dataclasses.replace(cfg.data, root=str(data_dir)),

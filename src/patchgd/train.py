@@ -264,7 +264,8 @@ def init_backbone(model: nn.Module, path: str | Path) -> int:
 
     Keys are matched by name after the wrapper prefixes (``backbone.``, ``backbone.features.``) are
     dropped, so a GD run's timm backbone initialises PatchGD's ``backbone.features``; the source's
-    classifier and head, which the target lacks, are ignored. Returns the number of tensors loaded.
+    classifier and head, which the target lacks, are ignored, and a GD target keeps its own classifier.
+    Returns the number of tensors loaded.
     """
     if str(path).startswith(HUB_PREFIX):
         from timm.models import load_state_dict  # safetensors, or torch.load(weights_only=True)
@@ -275,6 +276,11 @@ def init_backbone(model: nn.Module, path: str | Path) -> int:
     state = state.get("model", state)
     target = encoder_of(model)
     wanted = target.state_dict()
+    # A GD model's own classifier is new for its task: never taken from the source (its classes differ).
+    classifier = target.get_classifier() if hasattr(target, "get_classifier") else None
+    if isinstance(classifier, nn.Module):
+        prefix = next(name for name, module in target.named_modules() if module is classifier) + "."
+        wanted = {k: v for k, v in wanted.items() if not k.startswith(prefix)}
     found = {}
     for key, value in state.items():
         for prefix in ("backbone.features.", "backbone.", ""):

@@ -19,6 +19,11 @@ UltraMNIST images are generated from real MNIST at ``--image-size`` (default 256
 full digit-scale range for that size (smallest digits 14 px); ``--task megapixel-mnist`` generates Megapixel
 MNIST instead (five 28 px digits, three of the class, ``--noise`` scribbles), where downscaling erases
 the digits. ``--head`` and ``--grad-accum-steps`` set PatchGD's head and ``ε`` in both PatchGD arms.
+
+``--pretrain-cells N`` (Megapixel MNIST) first trains the backbone for ``N`` epochs as a classifier of the
+training images' PatchGD cells (:func:`patchgd.cells.pretrain_on_cells`) and starts *every* arm from it,
+the GD arms included, so that the arms differ in method and resolution only (the paper starts all of them
+from ImageNet weights); ``--backbone-lr`` then moves that backbone slower than the new layers in every arm.
 Writes ``study.json``, ``study.md`` and ``study_curves.png`` to ``--out``. One command per seed.
 """
 
@@ -30,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from ..cells import pretrain_on_cells
 from ..data.megapixel_mnist import generate_megapixel_mnist
 from ..data.ultramnist import default_max_scale
 from ..config import Config
@@ -60,6 +66,11 @@ def register(subparsers) -> None:
                         help="PatchGD's head (default conv, the paper's)")
     parser.add_argument("--grad-accum-steps", type=int, default=None,
                         help="PatchGD's epsilon (default: zeta, one update per batch)")
+    parser.add_argument("--pretrain-cells", type=int, default=0, metavar="EPOCHS",
+                        help="megapixel-mnist: start every arm from a backbone pretrained for this many epochs on "
+                             "the training images' cells (default 0: random weights)")
+    parser.add_argument("--backbone-lr", type=float, default=None,
+                        help="peak rate of the backbone in every arm (train.backbone_lr; default: --lr)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data and the training (default 0)")
     parser.add_argument("--epochs", type=int, default=10, help="epochs of every arm (default 10)")
     parser.add_argument("--image-size", type=int, default=256, help="image side in pixels (default 256)")
@@ -154,9 +165,16 @@ def run(args: argparse.Namespace) -> int:
                                         noise=args.noise, digits=args.digits, seed=args.seed, overwrite=True,
                                         progress=False)
 
+    if args.pretrain_cells and args.task != "megapixel-mnist":
+        raise SystemExit("--pretrain-cells needs --task megapixel-mnist (its digits' places label the cells)")
     data_root = prepare(args, QUICK, megapixel if args.task == "megapixel-mnist" else None)
     out = Path(args.out)
-    cfg = base_config(args, data_root)
+    cfg = variant(base_config(args, data_root), train={"backbone_lr": args.backbone_lr})
+    if args.pretrain_cells:
+        print(f"pretraining the backbone on the training images' {cfg.model.patch_size} px cells, "
+              f"{args.pretrain_cells} epoch(s)", flush=True)
+        cells = pretrain_on_cells(cfg, data_root, out / "cells", out / "runs" / "pretrain_cells", args.pretrain_cells)
+        cfg = variant(cfg, model={"init_backbone": str(cells)})
     gd = variant(cfg, model={"head": "conv"})  # GD classifies with its own linear layer: --head is PatchGD's
     full = (1, args.image_size, args.image_size)
     peaks = gd_peaks(gd, full, 2)
@@ -199,13 +217,16 @@ def run(args: argparse.Namespace) -> int:
     headers, rows = table(records)
     print(format_table(headers, rows))
     print(f"total wall time {wall:.0f} s")
-    results = {"task": args.task, "budget_bytes": budget, "gd_full_res_peak_bytes_by_batch": peaks, "max_scale":
+    results = {"task": args.task, "pretrain_cells_epochs": args.pretrain_cells, "backbone_lr": args.backbone_lr,
+               "budget_bytes": budget, "gd_full_res_peak_bytes_by_batch": peaks, "max_scale":
                default_max_scale(args.image_size) if args.task == "ultramnist" else None, "low_res_sides_tried": tried, "runs": records,
                "paper_4gb_accuracy_percent": PAPER_4GB, "wall_s": round(wall, 1)}
     write_json(args, "study", torch.device("cpu"), results)
     report = out / "study.md"
     with atomic_file(report) as tmp:
-        tmp.write_text(f"# {TASKS[args.task]} study, {args.image_size} px, seed {args.seed}\n\nbudget {format_size(budget)} "
+        start = (f"every arm from a backbone pretrained {args.pretrain_cells} epoch(s) on cells"
+                 if args.pretrain_cells else "random initialisation")
+        tmp.write_text(f"# {TASKS[args.task]} study, {args.image_size} px, seed {args.seed}\n\n{start}; budget {format_size(budget)} "
                        f"(GD full-resolution peak: batch 1 {format_size(peaks[1])}, batch 2 "
                        f"{format_size(peaks[2])}); {machine(torch.device('cpu'))}\n\n{markdown(headers, rows)}\n\n"
                        f"total wall time {wall:.0f} s\n")
