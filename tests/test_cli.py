@@ -155,6 +155,23 @@ def test_under_torchrun_an_error_names_the_rank_that_failed(tmp_path, data, caps
     assert capsys.readouterr().err.startswith("patchgd train (rank 1 of 2): error: ")
 
 
+@pytest.mark.parametrize("argv, expected", [
+    (["train", "--config", "CONFIG", "--set", "train.epoch=3"], "unknown key 'train.epoch'"),
+    (["train", "--config", "CONFIG", "--set", "data.root=/nonexistent/place"], "data.root /nonexistent/place"),
+    (["train", "--config", "CONFIG", "--set", "model.init_backbone=/no/best.pt"], "model.init_backbone /no/best.pt"),
+    (["evaluate", "/no/run/best.pt", "--data", "DATA"], "checkpoint /no/run/best.pt does not exist"),
+    (["predict", "/no/run/best.pt", "x.png"], "checkpoint /no/run/best.pt does not exist"),
+])
+def test_first_errors_come_before_torch_is_imported(tmp_path, data, argv, expected):
+    # A typo in a key or a path is reported without loading torch and timm (seconds), in a fresh process.
+    argv = [str(write_config(tmp_path, data)) if a == "CONFIG" else str(data) if a == "DATA" else a for a in argv]
+    code = ("import sys; from patchgd.cli import main; code = main(sys.argv[1:]); "
+            "print('torch' in sys.modules); sys.exit(code)")
+    done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True)
+    assert done.returncode == 2 and expected in done.stderr
+    assert done.stdout.strip() == "False"
+
+
 def test_python_m_patchgd_is_the_command():
     done = subprocess.run([sys.executable, "-m", "patchgd", "train", "--help"], capture_output=True, text=True,
                           check=True)

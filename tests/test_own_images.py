@@ -15,7 +15,7 @@ from PIL import Image
 import patchgd.train
 from patchgd.checkpoint import load_checkpoint
 from patchgd.cli import main
-from patchgd.config import ConfigError, config_from_dict
+from patchgd.config import ConfigError, config_from_dict, load_config
 from patchgd.data.datasets import ImageFolderDataset
 from patchgd.runlog import Progress
 
@@ -143,8 +143,8 @@ def test_progress_off_a_terminal_is_plain_lines():
 def test_tensorboard_event_files(tmp_path, folders):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    cfg = config_from_dict(yaml.safe_load(six_line_config(tmp_path, folders).read_text()))
-    cfg.train.tensorboard, cfg.train.epochs, cfg.train.log_every = True, 1, 2
+    cfg = load_config(six_line_config(tmp_path, folders), ["train.tensorboard=true", "train.epochs=1",
+                                                            "train.log_every=2"])
     patchgd.train.fit(cfg, log=lambda line: None)
     events = list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
     assert len(events) == 1
@@ -156,8 +156,8 @@ def test_tensorboard_event_files(tmp_path, folders):
 def test_validation_heatmaps_reach_tensorboard(tmp_path, folders):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    cfg = config_from_dict(yaml.safe_load(six_line_config(tmp_path, folders).read_text()))
-    cfg.train.tensorboard, cfg.train.epochs, cfg.train.heatmap_every, cfg.train.heatmap_images = True, 1, 1, 2
+    cfg = load_config(six_line_config(tmp_path, folders), ["train.tensorboard=true", "train.epochs=1",
+                                                            "train.heatmap_every=1", "train.heatmap_images=2"])
     patchgd.train.fit(cfg, log=lambda line: None)
     pngs = sorted((tmp_path / "run" / "heatmaps" / "epoch001").glob("*.png"))
     (events,) = (tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*")
@@ -175,8 +175,7 @@ def test_early_stopping_on_the_validation_accuracy(tmp_path, folders, monkeypatc
         return results
 
     monkeypatch.setattr(patchgd.train, "evaluate", scripted)
-    cfg = config_from_dict(yaml.safe_load(six_line_config(tmp_path, folders).read_text()))
-    cfg.train.epochs, cfg.train.patience = 5, 2
+    cfg = load_config(six_line_config(tmp_path, folders), ["train.epochs=5", "train.patience=2"])
     summary = patchgd.train.fit(cfg, log=lambda line: None)
     # best at epoch 2; epochs 3 and 4 bring nothing better, so the run stops after epoch 4
     assert (summary["best_epoch"], summary["epochs"], summary["best_accuracy"]) == (2, 4, 0.6)
@@ -205,7 +204,7 @@ def test_colour_jitter_needs_colour_images():
     cfg = config_from_dict({"augment": {"hue": 0.05, "saturation": 0.1}, "model": {"in_chans": 1}})
     with pytest.raises(ConfigError, match="model.in_chans is 1, expected 3"):
         patchgd.train.build_augmentation(cfg)
-    cfg.model.in_chans = 3
+    cfg = config_from_dict({"augment": {"hue": 0.05, "saturation": 0.1}, "model": {"in_chans": 3}})
     torch.manual_seed(0)
     image = torch.rand(3, 8, 8)
     out = patchgd.train.build_augmentation(cfg)(image)
@@ -223,7 +222,7 @@ def test_balanced_sampler_draws_classes_equally(tmp_path):
     loader = patchgd.train.build_train_loader(cfg, dataset, torch.Generator().manual_seed(0))
     labels = torch.cat([labels for _ in range(50) for _, labels in loader])
     assert len(labels) == 50 * 20 and abs(labels.float().mean().item() - 0.5) < 0.05
-    cfg.train.balanced_sampler = False
+    cfg = config_from_dict({"train": {"balanced_sampler": False, "batch_size": 10}})
     plain = torch.cat([labels for _, labels in patchgd.train.build_train_loader(cfg, dataset, torch.Generator())])
     assert plain.float().mean().item() == pytest.approx(0.1)
 
@@ -249,8 +248,7 @@ def test_learning_curves_mark_chance_and_best_epoch(tmp_path, monkeypatch):
 
 
 def test_threads_setting(tmp_path, folders):
-    cfg = config_from_dict(yaml.safe_load(six_line_config(tmp_path, folders).read_text()))
-    cfg.train.epochs, cfg.train.threads = 1, 1
+    cfg = load_config(six_line_config(tmp_path, folders), ["train.epochs=1", "train.threads=1"])
     torch.set_num_threads(2)
     try:
         patchgd.train.fit(cfg, log=lambda line: None)

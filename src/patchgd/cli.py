@@ -8,6 +8,7 @@ it needs (torch among it) when it runs, so that ``patchgd --help`` answers at on
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -15,7 +16,7 @@ import time
 from pathlib import Path
 
 from .bench import parse_with_benchmarks
-from .config import Config, ConfigError, config_from_dict, load_config
+from .config import Config, ConfigError, check_paths, config_from_dict, load_config
 
 PACKAGED_CONFIGS = Path(__file__).parent / "configs"
 
@@ -108,9 +109,6 @@ def cmd_stats(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from . import distributed
-    from .train import fit
-
     if args.resume:
         # The resumed run's config: --config, or the run's own config.yaml, with --set on top; fit()
         # refuses it if it differs from the checkpoint's in anything but a larger train.epochs.
@@ -122,6 +120,10 @@ def cmd_train(args) -> int:
         if args.config is None:
             raise ConfigError("patchgd train needs --config FILE.yaml (or --resume RUN_DIR)")
         cfg = _config_from_args(args)
+        check_paths(cfg)  # torch and timm take seconds to load: a wrong path is reported before them
+    from . import distributed
+    from .train import fit
+
     with distributed.process_group(cfg.train.device):  # joins torchrun's group; nothing when run alone
         summary = fit(cfg, resume=args.resume)
         if distributed.is_main():
@@ -167,7 +169,16 @@ def _evaluation_set(args, cfg: Config):
     return ImageFolderDataset(data, classes=cfg.data.classes, **read)
 
 
+def _require(*paths: str | Path, what: str) -> None:
+    """Each of ``paths`` exists, checked before torch loads so that a typo is reported at once."""
+    for path in map(Path, paths):
+        if not path.exists():
+            raise FileNotFoundError(f"{what} {path} does not exist")
+
+
 def cmd_evaluate(args) -> int:
+    _require(args.checkpoint, what="checkpoint")
+    _require(args.data, what="--data")
     import torch
 
     from .data.datasets import collate_images
@@ -238,6 +249,8 @@ def _patch_progress(model, image, desc: str):
 
 
 def cmd_predict(args) -> int:
+    _require(args.checkpoint, what="checkpoint")
+    _require(*args.images, what="image")
     import torch
 
     from .data.datasets import load_image
@@ -328,7 +341,7 @@ def cmd_plan(args) -> int:
 
     cfg = _config_from_args(args)
     if args.budget:
-        cfg.memory.budget = args.budget
+        cfg = dataclasses.replace(cfg, memory=dataclasses.replace(cfg.memory, budget=args.budget))
     if cfg.memory.budget is None:
         raise ConfigError("no memory budget: give --budget 4GB or set memory.budget in the config")
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731 - progress, apart from the plan
@@ -337,8 +350,6 @@ def cmd_plan(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    import dataclasses
-
     from .cells import pretrain_on_cells
     from .data.digits import load_digits_source
     from .data.megapixel_mnist import PRESETS, generate_megapixel_mnist

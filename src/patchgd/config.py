@@ -46,7 +46,7 @@ def _field(default: Any, **checks: Any) -> Any:
     return field(default=default, metadata=checks)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     """The classifier: a timm backbone ``backbone`` (or ``conv1d`` for sequences) encoding ``patch_size``
     patches to ``latent_dim``, and a ``head``: ``conv`` (the paper's), ``conv1d`` (sequences),
@@ -87,7 +87,7 @@ class ModelConfig:
     pretrained_origin: dict[str, Any] | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     """Where the images and labels live (paths relative to ``root``) and how their pixels are read.
 
@@ -158,7 +158,7 @@ class DataConfig:
     group_column: str | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class AugmentConfig:
     """Training-time augmentation, drawn per image and step, of images in memory and slides read in pieces
     alike (:mod:`patchgd.data.augment`), so the patch grid and Z stay aligned with the image: ``flip``
@@ -177,7 +177,7 @@ class AugmentConfig:
     hed: float = _field(0.0, ge=0, le=1)
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     """The optimisation loop. ``schedule: paper`` warms up linearly from 0 over ``warmup_epochs``, then
     decays linearly to half the peak ``lr`` at the last step. ``batch_size`` is per process: under
@@ -220,7 +220,7 @@ class TrainConfig:
     layer_decay: float | None = _field(None, gt=0, le=1)
 
 
-@dataclass
+@dataclass(frozen=True)
 class PatchGDConfig:
     """Algorithm 1: the fraction ``sampling`` of patches per inner iteration (or an absolute
     ``patches_per_step`` k per image, which keeps memory fixed as images grow), ``max_sampled`` of them
@@ -238,7 +238,7 @@ class PatchGDConfig:
     parallel_fill: bool = False
 
 
-@dataclass
+@dataclass(frozen=True)
 class MemoryConfig:
     """A memory budget such as ``"4GB"``, or null for none. It bounds the training step's peak: on CUDA
     the device peak of the caching allocator (the allocator is capped at it), on the CPU the step's
@@ -247,7 +247,7 @@ class MemoryConfig:
     budget: str | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     """A whole run: the method, where it writes, and one section per concern."""
 
@@ -456,3 +456,23 @@ def save_config(config: Config, path: str | Path) -> None:
     """
     with atomic_file(path) as tmp:
         tmp.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False), encoding="utf-8")
+
+
+def check_paths(config: Config) -> None:
+    """Check that the folders and files a training run reads exist, so that a wrong path is reported before
+    torch is loaded (seconds) instead of after. Hub names (``hf-hub:``) are resolved later.
+
+    Raises:
+        ConfigError: ``data.root`` is not set.
+        FileNotFoundError: ``data.root`` or ``model.init_backbone`` does not exist.
+    """
+    data = config.data
+    if data.root is None:
+        holding = "train.npz and val.npz" if data.kind == "sequences" else "the CSVs and images"
+        raise ConfigError(f"data.root is not set: point it at the folder holding {holding}")
+    if not Path(data.root).is_dir():
+        raise FileNotFoundError(f"data.root {data.root} does not exist")
+    init = config.model.init_backbone
+    if init is not None and not init.startswith("hf-hub:") and not Path(init).is_file():
+        raise FileNotFoundError(f"model.init_backbone {init} does not exist; expected a patchgd checkpoint "
+                                "(best.pt) or a state-dict file, or hf-hub:ORG/NAME")

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from . import distributed
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import Config, ConfigError, config_differences, config_from_dict, config_to_dict, save_config
+from .config import Config, ConfigError, check_paths, config_differences, config_from_dict, config_to_dict, save_config
 from .data.augment import Augment
 from .data.datasets import (ImageCSVDataset, ImageDataset, ImageFolderDataset, check_groups_apart, class_folders,
                              collate_images, stratified_split)
@@ -68,9 +68,8 @@ def build_datasets(cfg: Config) -> tuple[ImageDataset | SequenceDataset, ImageDa
     """Train and validation sets from ``data.*`` (the layouts and validation rules of
     :class:`~patchgd.config.DataConfig`; validation items use the training set's classes); or, with
     ``data.kind: sequences``, ``train.npz`` and ``val.npz``."""
+    check_paths(cfg)
     if cfg.data.kind == "sequences":
-        if cfg.data.root is None:
-            raise ValueError("data.root is not set: point it at the folder holding train.npz and val.npz")
         return tuple(SequenceDataset(Path(cfg.data.root) / f"{split}.npz", cfg.data.num_classes, cfg.model.in_chans)
                      for split in ("train", "val"))
     sets = _layout_datasets(cfg)
@@ -83,11 +82,7 @@ def build_datasets(cfg: Config) -> tuple[ImageDataset | SequenceDataset, ImageDa
 
 def _layout_datasets(cfg: Config) -> tuple[ImageDataset, ImageDataset]:
     d = cfg.data
-    if d.root is None:
-        raise ValueError("data.root is not set: point it at the folder holding the CSVs and images")
     root, read = Path(d.root), dict(read_options(cfg), verify=d.verify, on_error=d.on_error)
-    if not root.is_dir():
-        raise FileNotFoundError(f"data.root {root} does not exist")
     train_csv = root / d.train_csv
     if train_csv.is_file():
         common = dict(num_classes=d.num_classes, label_column=d.label_column, id_column=d.id_column,
@@ -771,7 +766,7 @@ def _fit(cfg: Config, run_dir: Path, resuming: bool, logger: RunLogger) -> dict:
         saved_origin = state["config"].get("model", {}).get("pretrained_origin")
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained_origin=saved_origin))
         check_resume(state, cfg, run_dir)
-        cfg.output_dir = str(run_dir)
+        cfg = dataclasses.replace(cfg, output_dir=str(run_dir))
     if distributed.is_main() and isinstance(train_set, ImageDataset):
         write_split(run_dir / SPLIT_FILE, cfg.data.root, train_set, val_set)
     generator = seed_everything(cfg.train.seed)
