@@ -169,16 +169,14 @@ def _evaluation_set(args, cfg: Config):
     return ImageFolderDataset(data, classes=cfg.data.classes, **read)
 
 
-def _require(*paths: str | Path, what: str) -> None:
-    """Each of ``paths`` exists, checked before torch loads so that a typo is reported at once."""
-    for path in map(Path, paths):
-        if not path.exists():
-            raise FileNotFoundError(f"{what} {path} does not exist")
+def _require(path: str | Path, what: str) -> None:
+    """``path`` exists, checked before torch loads so that a typo is reported at once."""
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{what} {path} does not exist")
 
 
 def cmd_evaluate(args) -> int:
     _require(args.checkpoint, what="checkpoint")
-    _require(args.data, what="--data")
     import torch
 
     from .data.datasets import collate_images
@@ -250,7 +248,6 @@ def _patch_progress(model, image, desc: str):
 
 def cmd_predict(args) -> int:
     _require(args.checkpoint, what="checkpoint")
-    _require(*args.images, what="image")
     import torch
 
     from .data.datasets import load_image
