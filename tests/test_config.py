@@ -1,3 +1,4 @@
+import dataclasses
 import os
 from pathlib import Path
 
@@ -47,8 +48,17 @@ def test_defaults_match_the_documented_schema():
 
 def test_sections_are_independent_between_instances():
     a, b = Config(), Config()
-    a.train.lr = 0.5
+    assert a.train is not b.train
+    a = dataclasses.replace(a, train=dataclasses.replace(a.train, lr=0.5))
     assert b.train.lr == 1e-3
+
+
+def test_configs_are_never_changed_in_place():
+    cfg = Config()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.train.lr = 0.5
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.output_dir = "elsewhere"
 
 
 def test_no_path_and_empty_file_give_defaults(tmp_path):
@@ -124,12 +134,10 @@ def test_override_creates_a_section_missing_from_the_file(tmp_path):
 
 
 def test_round_trip_through_yaml_and_dict(tmp_path):
-    c = Config(method="gd")
-    c.model.pretrained = "w.pth"
-    c.data.mean, c.data.std, c.data.val_csv = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225], None
-    c.train.lr, c.train.amp, c.train.warmup_epochs = 3e-4, "fp16", 0.5
-    c.patchgd.sampling, c.patchgd.grad_accum_steps = 0.1, 2
-    c.memory.budget = "512MB"
+    c = Config(method="gd", model=ModelConfig(pretrained="w.pth"),
+               data=DataConfig(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225], val_csv=None),
+               train=TrainConfig(lr=3e-4, amp="fp16", warmup_epochs=0.5),
+               patchgd=PatchGDConfig(sampling=0.1, grad_accum_steps=2), memory=MemoryConfig(budget="512MB"))
     path = tmp_path / "out" / "config.yaml"
     save_config(c, path)
     assert load_config(path) == c
