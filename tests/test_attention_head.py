@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import patchgd
-from patchgd.heads import AttentionMILHead
+from patchgd.model.heads import AttentionMILHead
 
 from helpers import TinyEncoder
 from test_methods import P, naive_algorithm1, random_schedule

@@ -15,7 +15,7 @@ from patchgd.config import AugmentConfig
 from patchgd.data.augment import Augment, ColourJitter, hed_jitter
 from patchgd.data.sources import ArraySource, open_source
 from patchgd.grid import LazyImage, Orientation, PatchGrid, SourceGrid
-from patchgd.heads import ConvHead
+from patchgd.model.heads import ConvHead
 from patchgd.normalize import to_unit_range
 
 from helpers import TinyEncoder

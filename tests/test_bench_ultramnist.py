@@ -11,7 +11,7 @@ from patchgd.bench.__main__ import main
 from patchgd.config import load_config
 from patchgd.memory import parse_size
 from patchgd.methods import create_model
-from patchgd.train import init_backbone
+from patchgd.engine.build import init_backbone
 
 
 def test_quick_benchmark_end_to_end(tmp_path):

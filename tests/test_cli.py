@@ -6,8 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from patchgd.checkpoint import load_checkpoint
 from patchgd.cli import main
@@ -55,6 +57,20 @@ def test_train_evaluate_predict_and_resume(tmp_path, data, capsys):
     assert [p["image"] for p in predictions] == list(map(str, images))
     for p in predictions:
         assert abs(sum(p["probabilities"]) - 1) < 1e-4 and p["class"] == max(range(10), key=p["probabilities"].__getitem__)
+    # Python users get what the command gets: the logits of model(image) from the checkpoint, independently.
+    import patchgd
+
+    model, cfg = patchgd.load_model(run / "last.pt")
+    assert patchgd.predict(model, cfg, images) == predictions
+    state = load_checkpoint(run / "last.pt")
+    with torch.inference_mode():
+        rebuilt = patchgd.create_model("patchgd", cfg.model.backbone, 10, patch_size=cfg.model.patch_size,
+                                       latent_dim=cfg.model.latent_dim, in_chans=1, head_width=cfg.model.head_width,
+                                       mean=cfg.data.mean, std=cfg.data.std)
+        rebuilt.load_state_dict(state["model"])
+        pixels = torch.from_numpy(np.array(Image.open(images[0])))[None]
+        probs = torch.softmax(rebuilt.eval()(pixels[None]), dim=1)[0]
+    assert predictions[0]["probabilities"] == pytest.approx(probs.tolist(), abs=1e-5)
 
     assert main(["train", "--resume", str(run), "--set", "train.epochs=2"]) == 0
     assert "resuming" in capsys.readouterr().out
@@ -63,7 +79,8 @@ def test_train_evaluate_predict_and_resume(tmp_path, data, capsys):
 
 @pytest.mark.parametrize("method", ["patchgd", "gd"])
 def test_a_resumed_run_continues_exactly_where_it_stopped(tmp_path, data, monkeypatch, method):
-    import patchgd.train
+    import patchgd.engine.loop
+    import patchgd.engine.trainer
 
     runs = {}
     for name in ("straight", "interrupted"):
@@ -72,14 +89,14 @@ def test_a_resumed_run_continues_exactly_where_it_stopped(tmp_path, data, monkey
         config = write_config(tmp_path / name, data, train__epochs=2)
         args = ["train", "--config", str(config), "--set", f"method={method}"]
         if name == "interrupted":
-            real_epoch = patchgd.train.train_one_epoch
+            real_epoch = patchgd.engine.loop.train_one_epoch
 
             def crash_in_epoch_2(method_, loader, scheduler, epoch, measure_step, **kwargs):
                 if epoch == 2:
                     raise KeyboardInterrupt
                 return real_epoch(method_, loader, scheduler, epoch, measure_step, **kwargs)
 
-            monkeypatch.setattr(patchgd.train, "train_one_epoch", crash_in_epoch_2)
+            monkeypatch.setattr(patchgd.engine.trainer, "train_one_epoch", crash_in_epoch_2)
             with pytest.raises(KeyboardInterrupt):
                 main(args)
             monkeypatch.undo()

@@ -24,7 +24,7 @@ from patchgd import distributed
 from patchgd.checkpoint import load_checkpoint
 from patchgd.config import config_from_dict
 from patchgd.data.ultramnist import generate_ultramnist
-from patchgd.train import evaluate
+from patchgd.engine.loop import evaluate
 
 from helpers import TinyEncoder
 
@@ -257,7 +257,7 @@ class Interrupted(Exception):
 
 
 def _fit_worker(rank, data_dir, root, phase):
-    from patchgd.train import fit
+    from patchgd.engine.trainer import fit
 
     if phase == "resume":
         fit(_fit_config(data_dir, root / "killed"), resume=root / "killed")
@@ -316,11 +316,11 @@ def test_rank_zero_alone_writes_and_logs(fit_runs):
 
 
 def test_logged_accuracy_equals_single_process_evaluation_of_the_checkpoint(fit_runs):
-    from patchgd.cli import _load_checkpoint
+    from patchgd.inference import load_model
     from patchgd.data.datasets import ImageCSVDataset
 
     root, data_dir = fit_runs
-    model, cfg = _load_checkpoint(root / "whole" / "last.pt", torch.device("cpu"))
+    model, cfg = load_model(root / "whole" / "last.pt", torch.device("cpu"))
     val = ImageCSVDataset(data_dir / "val.csv", None, num_classes=10, in_chans=1)
     results = evaluate(model, torch.utils.data.DataLoader(val, batch_size=3), torch.device("cpu"), 10)
     logged = _metrics(root / "whole")[-1]

@@ -10,7 +10,7 @@ from sklearn.decomposition import PCA
 
 import patchgd
 from patchgd.explain import explain, save_heatmap, save_z_image, z_to_rgb
-from patchgd.heads import ConvHead
+from patchgd.model.heads import ConvHead
 
 from helpers import TinyEncoder
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import patchgd
-from patchgd.heads import ConvHead
+from patchgd.model.heads import ConvHead
 from patchgd.methods import sample_schedule
 
 from helpers import TinyEncoder

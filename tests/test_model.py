@@ -5,7 +5,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import patchgd
-from patchgd.heads import ConvHead, SafeBatchNorm2d
+from patchgd.model.heads import ConvHead, SafeBatchNorm2d
 
 from helpers import TinyEncoder
 

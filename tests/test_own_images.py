@@ -12,7 +12,9 @@ import torch
 import yaml
 from PIL import Image
 
-import patchgd.train
+import patchgd.engine.data
+import patchgd.engine.loop
+import patchgd.engine.trainer
 from patchgd.checkpoint import load_checkpoint
 from patchgd.cli import main
 from patchgd.config import ConfigError, config_from_dict, load_config
@@ -106,7 +108,7 @@ def test_a_float_tiff_up_to_4000_is_refused_or_read_with_the_chosen_range(tmp_pa
                  "--set", "data.intensity_range=[0, 4000]"]) == 0
     stats = yaml.safe_load(capsys.readouterr().out)
     cfg = config_from_dict({"data": {"root": str(root), "val_fraction": 0.34}, "model": {"in_chans": 1}})
-    train_set = patchgd.train.build_datasets(cfg)[0]
+    train_set = patchgd.engine.data.build_datasets(cfg)[0]
     values = [tifffile.imread(p).mean() / 4000 for p in train_set.paths]  # constant images: one value each
     assert stats["mean"][0] == pytest.approx(np.mean(values), abs=1e-5)
 
@@ -124,8 +126,8 @@ def test_csv_with_class_names_and_custom_columns(tmp_path):
     (root / "train.csv").write_text("\n".join(rows) + "\n")
     cfg = config_from_dict({"data": {"root": str(root), "id_column": "file", "label_column": "diagnosis",
                                      "val_fraction": 0.5}, "model": {"in_chans": 1}})
-    train_set, val_set = patchgd.train.build_datasets(cfg)
-    resolved = patchgd.train.resolve_classes(cfg, train_set, val_set)
+    train_set, val_set = patchgd.engine.data.build_datasets(cfg)
+    resolved = patchgd.engine.data.resolve_classes(cfg, train_set, val_set)
     assert (resolved.data.num_classes, resolved.data.classes) == (2, ["noise", "signal"])
     assert Counter(val_set.labels) == {0: 2, 1: 2} and len(train_set) == 4
 
@@ -145,7 +147,7 @@ def test_tensorboard_event_files(tmp_path, folders):
 
     cfg = load_config(six_line_config(tmp_path, folders), ["train.tensorboard=true", "train.epochs=1",
                                                             "train.log_every=2"])
-    patchgd.train.fit(cfg, log=lambda line: None)
+    patchgd.engine.trainer.fit(cfg, log=lambda line: None)
     events = list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
     assert len(events) == 1
     tags = EventAccumulator(str(events[0])).Reload().Tags()["scalars"]
@@ -158,7 +160,7 @@ def test_validation_heatmaps_reach_tensorboard(tmp_path, folders):
 
     cfg = load_config(six_line_config(tmp_path, folders), ["train.tensorboard=true", "train.epochs=1",
                                                             "train.heatmap_every=1", "train.heatmap_images=2"])
-    patchgd.train.fit(cfg, log=lambda line: None)
+    patchgd.engine.trainer.fit(cfg, log=lambda line: None)
     pngs = sorted((tmp_path / "run" / "heatmaps" / "epoch001").glob("*.png"))
     (events,) = (tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*")
     images = EventAccumulator(str(events)).Reload().Tags()["images"]
@@ -167,16 +169,16 @@ def test_validation_heatmaps_reach_tensorboard(tmp_path, folders):
 
 def test_early_stopping_on_the_validation_accuracy(tmp_path, folders, monkeypatch):
     accuracies = iter([0.5, 0.6, 0.6, 0.55, 0.9])
-    real = patchgd.train.evaluate
+    real = patchgd.engine.loop.evaluate
 
     def scripted(*args, **kwargs):
         results = real(*args, **kwargs)
         results["accuracy"] = next(accuracies)
         return results
 
-    monkeypatch.setattr(patchgd.train, "evaluate", scripted)
+    monkeypatch.setattr(patchgd.engine.trainer, "evaluate", scripted)
     cfg = load_config(six_line_config(tmp_path, folders), ["train.epochs=5", "train.patience=2"])
-    summary = patchgd.train.fit(cfg, log=lambda line: None)
+    summary = patchgd.engine.trainer.fit(cfg, log=lambda line: None)
     # best at epoch 2; epochs 3 and 4 bring nothing better, so the run stops after epoch 4
     assert (summary["best_epoch"], summary["epochs"], summary["best_accuracy"]) == (2, 4, 0.6)
     assert [int(r["epoch"]) for r in csv.DictReader((tmp_path / "run" / "metrics.csv").open())] == [1, 2, 3, 4]
@@ -185,7 +187,7 @@ def test_early_stopping_on_the_validation_accuracy(tmp_path, folders, monkeypatc
 
 def test_augmentation_moves_whole_images_only():
     cfg = config_from_dict({"augment": {"flip": True, "rotate90": True}})
-    transform = patchgd.train.build_augmentation(cfg)
+    transform = patchgd.engine.data.build_augmentation(cfg)
     image = torch.arange(2 * 4 * 4, dtype=torch.float32).view(2, 4, 4)
     dihedral = [torch.rot90(x, k, (1, 2)) for x in (image, image.flip(2)) for k in range(4)]
     seen = set()
@@ -203,11 +205,11 @@ def test_augmentation_moves_whole_images_only():
 def test_colour_jitter_needs_colour_images():
     cfg = config_from_dict({"augment": {"hue": 0.05, "saturation": 0.1}, "model": {"in_chans": 1}})
     with pytest.raises(ConfigError, match="model.in_chans is 1, expected 3"):
-        patchgd.train.build_augmentation(cfg)
+        patchgd.engine.data.build_augmentation(cfg)
     cfg = config_from_dict({"augment": {"hue": 0.05, "saturation": 0.1}, "model": {"in_chans": 3}})
     torch.manual_seed(0)
     image = torch.rand(3, 8, 8)
-    out = patchgd.train.build_augmentation(cfg)(image)
+    out = patchgd.engine.data.build_augmentation(cfg)(image)
     assert out.shape == image.shape and not torch.equal(out, image) and 0 <= out.min() and out.max() <= 1
 
 
@@ -219,11 +221,11 @@ def test_balanced_sampler_draws_classes_equally(tmp_path):
             Image.fromarray(np.zeros((4, 4), np.uint8)).save(root / name / f"{i}.png")
     dataset = ImageFolderDataset(root)
     cfg = config_from_dict({"train": {"balanced_sampler": True, "batch_size": 10}})
-    loader = patchgd.train.build_train_loader(cfg, dataset, torch.Generator().manual_seed(0))
+    loader = patchgd.engine.data.build_train_loader(cfg, dataset, torch.Generator().manual_seed(0))
     labels = torch.cat([labels for _ in range(50) for _, labels in loader])
     assert len(labels) == 50 * 20 and abs(labels.float().mean().item() - 0.5) < 0.05
     cfg = config_from_dict({"train": {"balanced_sampler": False, "batch_size": 10}})
-    plain = torch.cat([labels for _, labels in patchgd.train.build_train_loader(cfg, dataset, torch.Generator())])
+    plain = torch.cat([labels for _, labels in patchgd.engine.data.build_train_loader(cfg, dataset, torch.Generator())])
     assert plain.float().mean().item() == pytest.approx(0.1)
 
 
@@ -251,7 +253,7 @@ def test_threads_setting(tmp_path, folders):
     cfg = load_config(six_line_config(tmp_path, folders), ["train.epochs=1", "train.threads=1"])
     torch.set_num_threads(2)
     try:
-        patchgd.train.fit(cfg, log=lambda line: None)
+        patchgd.engine.trainer.fit(cfg, log=lambda line: None)
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(1)

@@ -6,10 +6,10 @@ import re
 import pytest
 import torch
 
-from patchgd import train
+from patchgd.engine import build
 from patchgd.config import config_from_dict, config_to_dict
 from patchgd.memory import PeakMemory, format_size
-from patchgd.plan import BudgetError, plan_budget
+from patchgd.engine.plan import BudgetError, plan_budget
 
 IMAGE = (1, 96, 96)  # a 3x3 grid of 32-pixel patches
 
@@ -29,9 +29,9 @@ def peak_of(cfg, device="cpu", image=IMAGE):
     """Peak of a training step after a warm-up step, measured here rather than by the planner; None if a
     capped CUDA device runs out of memory."""
     torch.manual_seed(0)
-    model = train.build_model(cfg).to(device)
-    optimizer = train.build_optimizer(cfg, model)
-    method = train.build_method(cfg, model, optimizer)
+    model = build.build_model(cfg).to(device)
+    optimizer = build.build_optimizer(cfg, model)
+    method = build.build_method(cfg, model, optimizer)
     images = torch.randint(256, (cfg.train.batch_size, *image), dtype=torch.uint8)  # as the loader yields
     labels = torch.randint(cfg.data.num_classes, (cfg.train.batch_size,))
     try:

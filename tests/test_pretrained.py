@@ -20,10 +20,10 @@ import patchgd
 from patchgd.checkpoint import load_checkpoint
 from patchgd.cli import main
 from patchgd.config import ConfigError, load_config
-from patchgd.heads import ConvHead
+from patchgd.model.heads import ConvHead
 from patchgd.memory import PeakMemory
-from patchgd.pretrained import PretrainedError, resolve_encoder
-from patchgd.train import parameter_groups
+from patchgd.model.pretrained import PretrainedError, resolve_encoder
+from patchgd.engine.build import parameter_groups
 
 from helpers import write_config
 import test_methods
@@ -268,7 +268,7 @@ def test_gradient_checkpointing_gives_the_same_step_with_a_lower_peak(backbone, 
 
 
 def test_init_backbone_takes_a_hub_name(hub):
-    from patchgd.train import init_backbone
+    from patchgd.engine.build import init_backbone
 
     model = patchgd.PatchGDClassifier("test_resnet", num_classes=3, patch_size=32, latent_dim=8)
     assert init_backbone(model, f"hf-hub:{REPO}") == len([k for k in hub["tensors"]])
@@ -276,7 +276,7 @@ def test_init_backbone_takes_a_hub_name(hub):
 
 
 def test_the_planner_measures_freezing_and_checkpointing():
-    from patchgd.plan import plan_budget
+    from patchgd.engine.plan import plan_budget
 
     def peak(*overrides):
         cfg = load_config(None, ["model.backbone=test_vit", "model.patch_size=32", "model.latent_dim=8",

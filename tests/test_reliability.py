@@ -15,7 +15,10 @@ import tifffile
 import torch
 import yaml
 
-import patchgd.train
+import patchgd.engine.build
+import patchgd.engine.loop
+import patchgd.engine.state
+import patchgd.engine.trainer
 from patchgd.checkpoint import CheckpointError, load_checkpoint
 from patchgd.cli import main
 from patchgd.rundir import LOCK_NAME, hold_run_dir
@@ -89,9 +92,9 @@ def test_a_malicious_checkpoint_is_refused_by_all_four_entry_points(tmp_path, da
     assert main(["train", "--config", str(config), "--set", f"output_dir={tmp_path / 'run2'}",
                  "--set", f"model.init_backbone={evil}"]) == 2
     assert "refused by the safe loader" in one_clear_line(capsys.readouterr().err, "train")
-    model = patchgd.train.build_model(patchgd.config.config_from_dict(cfg))
+    model = patchgd.engine.build.build_model(patchgd.config.config_from_dict(cfg))
     with pytest.raises(CheckpointError, match="evil.pt was refused by the safe loader"):
-        patchgd.train.init_backbone(model, evil)
+        patchgd.engine.build.init_backbone(model, evil)
     assert not marker.exists()
 
 
@@ -136,7 +139,7 @@ def test_a_diverging_run_exits_non_zero_naming_epoch_step_and_value(tmp_path, da
 
 
 def test_divergence_in_a_later_epoch_keeps_the_last_finite_checkpoints(tmp_path, data, monkeypatch):
-    real_epoch = patchgd.train.train_one_epoch
+    real_epoch = patchgd.engine.loop.train_one_epoch
 
     def absurd_rate_in_epoch_2(method, loader, scheduler, epoch, measure_step, **kwargs):
         if epoch == 2:  # one absurd learning rate for the first step of epoch 2
@@ -144,10 +147,10 @@ def test_divergence_in_a_later_epoch_keeps_the_last_finite_checkpoints(tmp_path,
                 group["lr"] = 1e30
         return real_epoch(method, loader, scheduler, epoch, measure_step, **kwargs)
 
-    monkeypatch.setattr(patchgd.train, "train_one_epoch", absurd_rate_in_epoch_2)
+    monkeypatch.setattr(patchgd.engine.trainer, "train_one_epoch", absurd_rate_in_epoch_2)
     cfg = patchgd.config.load_config(write_config(tmp_path, data, train__epochs=3, train__optimizer="sgd"))
-    with pytest.raises(patchgd.train.DivergenceError, match=r"epoch 2, step [12][;:] .*keep epoch 1"):
-        patchgd.train.fit(cfg, log=lambda *_: None)
+    with pytest.raises(patchgd.engine.loop.DivergenceError, match=r"epoch 2, step [12][;:] .*keep epoch 1"):
+        patchgd.engine.trainer.fit(cfg, log=lambda *_: None)
     run = tmp_path / "run"
     for name in ("last.pt", "best.pt"):
         state = load_checkpoint(run / name)
@@ -157,7 +160,7 @@ def test_divergence_in_a_later_epoch_keeps_the_last_finite_checkpoints(tmp_path,
 
 
 def test_non_finite_validation_outputs_never_make_a_best_checkpoint(tmp_path, data, monkeypatch):
-    real_epoch = patchgd.train.train_one_epoch
+    real_epoch = patchgd.engine.loop.train_one_epoch
 
     def poison_head_statistics_in_epoch_2(method, loader, scheduler, epoch, measure_step, **kwargs):
         stats = real_epoch(method, loader, scheduler, epoch, measure_step, **kwargs)
@@ -166,10 +169,10 @@ def test_non_finite_validation_outputs_never_make_a_best_checkpoint(tmp_path, da
             bn.running_var.fill_(float("nan"))
         return stats
 
-    monkeypatch.setattr(patchgd.train, "train_one_epoch", poison_head_statistics_in_epoch_2)
+    monkeypatch.setattr(patchgd.engine.trainer, "train_one_epoch", poison_head_statistics_in_epoch_2)
     cfg = patchgd.config.load_config(write_config(tmp_path, data, train__epochs=2))
-    with pytest.raises(patchgd.train.DivergenceError, match=r"epoch 2: 6 of 6 validation images got non-finite"):
-        patchgd.train.fit(cfg, log=lambda *_: None)
+    with pytest.raises(patchgd.engine.loop.DivergenceError, match=r"epoch 2: 6 of 6 validation images got non-finite"):
+        patchgd.engine.trainer.fit(cfg, log=lambda *_: None)
     assert load_checkpoint(tmp_path / "run" / "best.pt")["epoch"] == 1
     assert load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 1
 
@@ -281,7 +284,7 @@ def test_resume_removes_stale_temporaries_and_restores_metrics_and_best_from_the
     with (run / "metrics.csv").open("a") as f:  # a row for an epoch the checkpoint does not hold
         f.write("2,0.1,9,9,0,0,0,0\n")
     (run / "best.pt").unlink()  # as if killed between last.pt and its copy to best.pt
-    patchgd.train.restore_run_files(run, load_checkpoint(run / "last.pt"))  # what a resume does first
+    patchgd.engine.state.restore_run_files(run, load_checkpoint(run / "last.pt"))  # what a resume does first
     assert (run / "best.pt").read_bytes() == (run / "last.pt").read_bytes()  # epoch 1 is the best so far
     assert metrics_rows(run) == rows
     with (run / "metrics.csv").open("a") as f:

@@ -14,7 +14,7 @@ import patchgd
 from patchgd.cli import main
 from patchgd.config import load_config
 from patchgd.grid import PatchGrid
-from patchgd.heads import ConvHead
+from patchgd.model.heads import ConvHead
 
 P = 5  # chunk length of the faithfulness tests
 

@@ -184,7 +184,7 @@ def test_stop_is_the_default_and_names_the_file(tmp_path, capsys):
 
 def _ddp_worker(rank, root):
     from patchgd.config import config_from_dict
-    from patchgd.train import fit
+    from patchgd.engine.trainer import fit
 
     fit(config_from_dict(cohort_config(root, tissue="none", max_skipped=0.25)), log=lambda line: None)
 

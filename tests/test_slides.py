@@ -13,7 +13,7 @@ import torch.nn as nn
 import patchgd
 from patchgd.data.sources import ArraySource, open_source
 from patchgd.grid import LazyImage, SourceGrid
-from patchgd.heads import ConvHead
+from patchgd.model.heads import ConvHead
 from patchgd.methods import sample_schedule
 
 from helpers import TinyEncoder

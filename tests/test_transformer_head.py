@@ -6,13 +6,13 @@ import json
 import pytest
 import torch
 
-from patchgd import train
+from patchgd.engine import build
 from patchgd.checkpoint import load_checkpoint
 from patchgd.cli import PACKAGED_CONFIGS, main
 from patchgd.config import config_from_dict, load_config
-from patchgd.heads import AttentionMILHead, ConvHead, TransformerHead
+from patchgd.model.heads import AttentionMILHead, ConvHead, TransformerHead
 from patchgd.memory import PeakMemory
-from patchgd.plan import plan_budget
+from patchgd.engine.plan import plan_budget
 
 
 def make_head(**options):
@@ -60,12 +60,12 @@ def test_positions_are_seen():
 def test_recipes_build_deit_backbones_and_transformer_heads_that_train():
     for recipe in ("ultramnist_deit_tiny_transformer_patchgd.yaml", "panda_2048_deit_tiny_transformer_patchgd.yaml"):
         cfg = load_config(PACKAGED_CONFIGS / recipe, ["model.patch_size=32", "model.latent_dim=16"])
-        model = train.build_model(cfg)
+        model = build.build_model(cfg)
         assert isinstance(model.head, TransformerHead)
         assert type(model.backbone.features).__name__ == "VisionTransformer"
         assert model.backbone.features.patch_embed.img_size == (32, 32)  # built for the patch, not 224 px
         before = [p.detach().clone() for p in model.parameters()]
-        trainer = train.build_method(cfg, model, train.build_optimizer(cfg, model))
+        trainer = build.build_method(cfg, model, build.build_optimizer(cfg, model))
         trainer.step(torch.randn(2, cfg.model.in_chans, 64, 64), torch.tensor([0, 1]))
         assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
@@ -84,9 +84,9 @@ def transformer_config(budget="1GB", batch_size=4):
 
 def step_peak(cfg, image):
     torch.manual_seed(0)
-    model = train.build_model(cfg)
-    optimizer = train.build_optimizer(cfg, model)
-    method = train.build_method(cfg, model, optimizer)
+    model = build.build_model(cfg)
+    optimizer = build.build_optimizer(cfg, model)
+    method = build.build_method(cfg, model, optimizer)
     images = torch.randint(256, (cfg.train.batch_size, *image), dtype=torch.uint8)  # as the loader yields
     labels = torch.randint(cfg.data.num_classes, (cfg.train.batch_size,))
     method.step(images, labels)

@@ -10,11 +10,12 @@ model) does not pay for importing torch.
 import importlib
 
 __all__ = ["PatchGDClassifier", "PatchGD", "GD", "GDClassifier", "GDExtendedClassifier", "create_model",
-           "create_method"]
+           "create_method", "load_model", "predict"]
 __version__ = "0.1.0"
 
 _HOMES = {"PatchGD": "methods", "GD": "methods", "create_method": "methods", "create_model": "methods",
-          "PatchGDClassifier": "model", "GDClassifier": "model", "GDExtendedClassifier": "model"}
+          "PatchGDClassifier": "model", "GDClassifier": "model", "GDExtendedClassifier": "model",
+          "load_model": "inference", "predict": "inference"}
 
 
 def __getattr__(name: str):

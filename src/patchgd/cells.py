@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .config import Config
 from .data.megapixel_mnist import BACKGROUND, cut_digit_cells
-from .train import fit
+from .engine.trainer import fit
 
 __all__ = ["pretrain_on_cells"]
 

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from .bench import parse_with_benchmarks
-from .config import Config, ConfigError, check_paths, config_from_dict, load_config
+from .config import Config, ConfigError, check_paths, load_config
 
 PACKAGED_CONFIGS = Path(__file__).parent / "configs"
 
@@ -89,7 +89,7 @@ def cmd_prepare_tcga(args) -> int:
 
 def cmd_stats(args) -> int:
     from .data.datasets import compute_normalization
-    from .train import build_datasets, read_options
+    from .engine.data import build_datasets, read_options
 
     if args.folder is None and args.config is None:
         raise ConfigError("patchgd stats needs a FOLDER of images, --config FILE.yaml (its training images), "
@@ -122,7 +122,7 @@ def cmd_train(args) -> int:
         cfg = _config_from_args(args)
         check_paths(cfg)  # torch and timm take seconds to load: a wrong path is reported before them
     from . import distributed
-    from .train import fit
+    from .engine.trainer import fit
 
     with distributed.process_group(cfg.train.device):  # joins torchrun's group; nothing when run alone
         summary = fit(cfg, resume=args.resume)
@@ -131,28 +131,11 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _load_checkpoint(path: str | Path, device):
-    """Rebuild the model saved in a checkpoint; returns ``(model, cfg)`` in eval mode."""
-    from .checkpoint import load_checkpoint
-    from .train import build_model
-
-    path = Path(path)
-    state = load_checkpoint(path, map_location=device)
-    if "model" not in state or "config" not in state:
-        raise ValueError(f"{path} is not a patchgd checkpoint (expected a dict with 'model' and 'config')")
-    cfg = config_from_dict(state["config"], source=str(path))
-    model = build_model(cfg, weights=False)  # the architecture alone: the weights are the checkpoint's
-    model.load_state_dict(state["model"])
-    if cfg.method == "patchgd" and cfg.patchgd.fill_batch_size:
-        model.fill_batch_size = cfg.patchgd.fill_batch_size
-    return model.to(device).eval(), cfg
-
-
 def _evaluation_set(args, cfg: Config):
     """The labelled images ``patchgd evaluate`` scores: a CSV file, a folder holding ``--csv``, or a folder of
     class folders; labels are read with the checkpoint's classes."""
     from .data.datasets import ImageCSVDataset, ImageFolderDataset
-    from .train import read_options
+    from .engine.data import read_options
 
     data = Path(args.data)
     if cfg.data.kind == "sequences":
@@ -181,10 +164,13 @@ def cmd_evaluate(args) -> int:
 
     from .data.datasets import collate_images
     from .data.images import require_one_size
-    from .train import class_name, evaluate, resolve_device
+    from .engine.build import resolve_device
+    from .engine.data import class_name
+    from .engine.loop import evaluate
+    from .inference import load_model
 
     device = resolve_device(args.device)
-    model, cfg = _load_checkpoint(args.checkpoint, device)
+    model, cfg = load_model(args.checkpoint, device)
     dataset = _evaluation_set(args, cfg)
     if cfg.data.kind != "sequences" and cfg.data.image_size is None and args.batch_size > 1 \
             and cfg.method != "patchgd":
@@ -214,70 +200,32 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-def _patch_progress(model, image, desc: str):
-    """A context that shows progress over the patches ``model`` encodes for ``image`` when that takes more
-    than one backbone call (a large image), on stderr; a no-op otherwise."""
-    import contextlib
-
-    from .grid import grid_shape
-    from .runlog import Progress
-    from .train import item_shape
-
-    shape = item_shape(image)
-    if not hasattr(model, "fill_z") or len(shape) != 3:  # a GD model, or a sequence (1-D PatchGD)
-        return contextlib.nullcontext()
-    _, height, width = shape
-    cells = grid_shape(height, width, model.patch_size)
-    total = cells[0] * cells[1]
-    if total <= (model.fill_batch_size or cells[1]):
-        return contextlib.nullcontext()
-
-    @contextlib.contextmanager
-    def shown():
-        progress = Progress([], desc, total=total, every=max(1, total // 10), unit="patch",
-                            write=lambda line: print(line, file=sys.stderr))
-        hook = model.backbone.register_forward_hook(lambda module, inputs, out: progress.update(len(out)))
-        try:
-            yield
-        finally:
-            hook.remove()
-            progress.close()
-
-    return shown()
-
-
 def cmd_predict(args) -> int:
     _require(args.checkpoint, what="checkpoint")
-    import torch
-
-    from .data.datasets import load_image
-    from .train import class_name, read_options, resolve_device
+    from .engine.build import resolve_device
+    from .engine.data import class_name
+    from .inference import load_input, load_model, predict, prediction
 
     device = resolve_device(args.device)
-    model, cfg = _load_checkpoint(args.checkpoint, device)
+    model, cfg = load_model(args.checkpoint, device)
     explaining = args.heatmap is not None or args.z_image is not None
     if explaining and cfg.method != "patchgd":
         raise ValueError(f"--heatmap and --z-image explain PatchGD's latent grid Z; {args.checkpoint} is a "
                          f"{cfg.method} model")
-    predictions, stems = [], set()
-    for path in args.images:
-        image = load_image(path, **read_options(cfg))
-        batch = image[None].to(device) if isinstance(image, torch.Tensor) else [image]
-        if explaining:
-            from .explain import write_evidence
+    if not explaining:
+        predictions = predict(model, cfg, args.images, device, progress=True)
+    else:
+        from .explain import write_evidence
 
+        predictions, stems = [], set()
+        for path in args.images:
+            image, batch = load_input(path, cfg, device)
             name = Path(path).stem
             name = name if name not in stems else f"{name}-{len(predictions)}"
             stems.add(name)
             logits = write_evidence(model, batch, [image], [name], args.heatmap, args.z_image, args.heatmap_method,
                                     [class_name(cfg, c) for c in range(cfg.data.num_classes)])[0].logits
-        else:
-            with torch.inference_mode(), _patch_progress(model, image, str(path)):
-                logits = model(batch).float()
-        probs = torch.softmax(logits, dim=1)[0].cpu()
-        index = int(probs.argmax())
-        predictions.append({"image": str(path), "class": index, "class_name": class_name(cfg, index),
-                            "probabilities": [round(float(p), 6) for p in probs]})
+            predictions.append(prediction(cfg, path, logits))
     if args.json:
         print(json.dumps(predictions, indent=2))
     else:
@@ -333,8 +281,8 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from .plan import plan_from_config
-    from .train import resolve_device
+    from .engine.build import resolve_device
+    from .engine.plan import plan_from_config
 
     cfg = _config_from_args(args)
     if args.budget:
@@ -351,7 +299,7 @@ def cmd_demo(args) -> int:
     from .data.digits import load_digits_source
     from .data.megapixel_mnist import PRESETS, generate_megapixel_mnist
     from .memory import format_size
-    from .train import fit
+    from .engine.trainer import fit
 
     cfg = load_config(PACKAGED_CONFIGS / "demo.yaml", args.set)
     out = Path(args.out)

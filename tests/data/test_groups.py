@@ -11,7 +11,7 @@ from PIL import Image
 from patchgd.config import load_config
 from patchgd.data.datasets import ImageCSVDataset, check_groups_apart, grouped_folds, stratified_split
 from patchgd.data.errors import DataError
-from patchgd.train import build_datasets, write_split
+from patchgd.engine.data import build_datasets, write_split
 
 
 def patient_csv(root: Path, patients: int = 20, kfold: dict[str, int] | None = None) -> Path:

@@ -90,7 +90,7 @@ def test_an_mpp_column_or_slide_mpp_gives_the_resolution_that_data_mpp_picks_a_l
 
 def test_the_run_log_names_slides_of_unknown_resolution(tmp_path):
     from patchgd.config import config_from_dict
-    from patchgd.train import describe_data
+    from patchgd.engine.data import describe_data
 
     (tmp_path / "train").mkdir()
     write_libvips_tiff(tmp_path / "train" / "a.tif")

@@ -6,7 +6,7 @@ import pytest
 
 from patchgd.cli import PACKAGED_CONFIGS, main
 from patchgd.config import load_config
-from patchgd.train import build_datasets
+from patchgd.engine.data import build_datasets
 
 from slide_files import he_tile, write_pyramid_tiff
 

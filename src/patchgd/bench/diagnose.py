@@ -31,9 +31,11 @@ from torch.utils.data import DataLoader
 
 from ..config import load_config
 from ..data.datasets import collate_images
-from ..train import (build_datasets, build_method, build_model, build_optimizer, build_scheduler,
-                     build_train_loader, encoder_of, evaluate, init_backbone, resolve_classes, resolve_device,
-                     seed_everything)
+from ..engine.build import (build_method, build_model, build_optimizer, build_scheduler, encoder_of, init_backbone,
+                            resolve_device)
+from ..engine.data import build_datasets, build_train_loader, resolve_classes
+from ..engine.loop import evaluate
+from ..engine.state import seed_everything
 from ._common import format_table, write_json
 
 

@@ -19,10 +19,10 @@ import argparse
 import numpy as np
 import torch
 
-from ..backbones import freeze_encoder
+from ..model.backbones import freeze_encoder
 from ..memory import PeakMemory, format_size, parse_size
 from ..methods import PatchGD, create_model
-from ..train import parameter_groups
+from ..engine.build import parameter_groups
 from ._common import format_table, resolve_device, write_json
 
 ENCODERS = {

@@ -1,7 +1,7 @@
 """The paper's UltraMNIST finding at CPU scale: GD, GD-extended and PatchGD under the same memory budget.
 
 Generates UltraMNIST from real MNIST digits (train and validation images draw their digits from disjoint
-pools), then trains every method with :func:`patchgd.train.fit` under a loose and a tight memory budget
+pools), then trains every method with :func:`patchgd.engine.trainer.fit` under a loose and a tight memory budget
 (``memory.budget``: the planner gives each method the largest batch that fits), with the same backbone,
 epochs and schedule. Reports best and final validation accuracy, QWK, peak memory, the batch size the
 budget allowed and wall time; then PatchGD ablations at the tight budget (sampling with max-sampled,
@@ -28,8 +28,8 @@ from ..config import Config, DataConfig, MemoryConfig, ModelConfig, PatchGDConfi
 from ..data.ultramnist import generate_ultramnist
 from ..io import atomic_file
 from ..memory import format_size, parse_size
-from ..plan import plan_budget
-from ..train import fit
+from ..engine.plan import plan_budget
+from ..engine.trainer import fit
 from ._common import format_table, machine, write_json
 
 SHARED_MNIST = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "mnist"

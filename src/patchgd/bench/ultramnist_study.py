@@ -2,7 +2,7 @@
 
 One memory budget, set where full-resolution GD fits at most batch 1 (``--budget auto``: midway between
 GD's measured batch-1 and batch-2 step peaks). Under it, with the same backbone,
-epochs, learning-rate schedule and seed, four arms train with :func:`patchgd.train.fit`:
+epochs, learning-rate schedule and seed, four arms train with :func:`patchgd.engine.trainer.fit`:
 
 1. ``patchgd``: PatchGD from scratch; the planner gives it the largest batch ``B`` that fits.
 2. ``gd full-res accum``: GD at full resolution in batches of ``B`` split into the largest micro-batch
@@ -41,7 +41,7 @@ from ..data.ultramnist import default_max_scale
 from ..config import Config
 from ..io import atomic_file
 from ..memory import format_size, parse_size
-from ..plan import BudgetError, plan_budget
+from ..engine.plan import BudgetError, plan_budget
 from ._common import format_table, machine, write_json
 from .ultramnist import PAPER_4GB, SHARED_MNIST, base_config, gd_peaks, markdown, prepare, train_run, variant
 

@@ -2,7 +2,7 @@
 
 The paper's "4 GB" columns mean "the largest batch that fits in 4 GB". The planner finds it by running
 real training steps (the trainer's own builders, on random images of the training shape) and measuring
-each with :class:`~patchgd.memory.PeakMemory`, as :func:`~patchgd.train.fit` measures its steps. GD and
+each with :class:`~patchgd.memory.PeakMemory`, as :func:`~patchgd.engine.trainer.fit` measures its steps. GD and
 GD-extended trade batch size only, or, with ``train.micro_batch_size`` set, keep the batch and trade the
 micro-batch of their gradient accumulation; PatchGD first trades batch size, then, at batch 1, the patches
 per inner iteration ``k`` (its ``sampling``, or ``patches_per_step`` when that sets ``k``).
@@ -27,10 +27,12 @@ from typing import NamedTuple
 
 import torch
 
-from . import distributed, train
-from .config import Config
-from .grid import grid_shape
-from .memory import PeakMemory, cap_cuda_memory, format_size, parse_size, process_peak
+from .. import distributed
+from ..config import Config
+from ..grid import grid_shape
+from ..memory import PeakMemory, cap_cuda_memory, format_size, parse_size, process_peak
+from .build import build_method, build_model, build_optimizer, patches_per_step, resolve_device, resolve_weights
+from .data import build_datasets, resolve_classes
 
 __all__ = ["BudgetError", "Plan", "Trial", "plan_budget", "plan_from_config"]
 
@@ -168,16 +170,16 @@ def _largest_fitting(fits: Callable[[int], bool], high: int) -> int:
 
 def _measure(cfg: Config, image_shape: tuple[int, ...], device: torch.device) -> tuple[int | None, int | None, dict]:
     """Tensor peak, process-level peak and stats of one training step of ``cfg`` after a warm-up step,
-    everything built as :func:`~patchgd.train.fit` builds it; ``(None, None, {})`` if a capped CUDA
+    everything built as :func:`~patchgd.engine.trainer.fit` builds it; ``(None, None, {})`` if a capped CUDA
     device ran out of memory."""
     torch.manual_seed(cfg.train.seed)  # every trial starts from the same weights and data
-    model = train.build_model(cfg, weights=False).to(device)  # weights change no memory
+    model = build_model(cfg, weights=False).to(device)  # weights change no memory
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if cfg.method == "patchgd":
-        model.fill_batch_size = cfg.patchgd.fill_batch_size or train.patches_per_step(cfg, image_shape)
-    optimizer = train.build_optimizer(cfg, model)
-    method = train.build_method(cfg, model, optimizer, torch.Generator().manual_seed(cfg.train.seed))
+        model.fill_batch_size = cfg.patchgd.fill_batch_size or patches_per_step(cfg, image_shape)
+    optimizer = build_optimizer(cfg, model)
+    method = build_method(cfg, model, optimizer, torch.Generator().manual_seed(cfg.train.seed))
     # Batches stay on the CPU as the data loader yields them (uint8 pixels); the step moves them, as in training.
     images = torch.randint(256, (cfg.train.batch_size, *image_shape), dtype=torch.uint8)
     labels = torch.randint(cfg.data.num_classes, (cfg.train.batch_size,))
@@ -238,7 +240,7 @@ def plan_budget(cfg: Config, image_shape: tuple[int, ...], device: torch.device 
         setting = _setting(cfg, batch_size, k, rows * cols, micro_batch_size)
         started = time.perf_counter()
         peak, process, _ = measured[batch_size, k, micro_batch_size] = _measure(setting, image_shape, device)
-        k = train.patches_per_step(setting, image_shape) // batch_size if patchgd else None
+        k = patches_per_step(setting, image_shape) // batch_size if patchgd else None
         trial = Trial(batch_size, k, peak, process, micro_batch_size)
         trials.append(trial)
         budgeted = trial.budgeted_bytes(device)
@@ -283,7 +285,7 @@ def plan_from_config(cfg: Config, device: torch.device | str | None = None, proc
                      log: Callable[[str], None] | None = None) -> Plan:
     """:func:`plan_budget` for the shape and classes of ``cfg``'s own training images, on ``device`` (default
     ``train.device``), for ``processes`` data-parallel processes: what ``patchgd plan`` prints."""
-    train_set, val_set = train.build_datasets(cfg)
-    cfg = train.resolve_weights(train.resolve_classes(cfg, train_set, val_set))
-    device = train.resolve_device(cfg.train.device) if device is None else device
+    train_set, val_set = build_datasets(cfg)
+    cfg = resolve_weights(resolve_classes(cfg, train_set, val_set))
+    device = resolve_device(cfg.train.device) if device is None else device
     return plan_budget(cfg, tuple(train_set[0][0].shape), device, processes=processes, log=log)

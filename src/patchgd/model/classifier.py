@@ -8,10 +8,10 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
+from ..grid import LazyImage, PatchGrid, SourceGrid, cell_mask
+from ..normalize import Normalize
 from .backbones import Conv1dEncoder, PatchEncoder, create_timm
-from .grid import LazyImage, PatchGrid, SourceGrid, cell_mask
 from .heads import AttentionMILHead, ConvHead, TransformerHead
-from .normalize import Normalize
 from .pretrained import encoder_normalization, resolve_encoder
 
 HEADS = ("conv", "conv1d", "transformer", "attention")

@@ -1,0 +1,215 @@
+"""The data side of a run, from a config: the training and validation sets (folders, CSVs, folds, splits,
+sequences), their classes, the split file, augmentation and the training loader.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, WeightedRandomSampler
+
+from ..config import Config, ConfigError, check_paths
+from ..data.augment import Augment
+from ..data.datasets import (ImageCSVDataset, ImageDataset, ImageFolderDataset, check_groups_apart, class_folders,
+                             collate_images, stratified_split)
+from ..data.errors import DataError, Skipped
+from ..data.images import require_one_size
+from ..data.intensity import Intensity
+from ..data.sequences import SequenceDataset
+from ..grid import LazyImage
+from ..io import atomic_file
+
+
+SPLIT_FILE = "split.csv"
+DEFAULT_VAL_CSV = "val.csv"  # used when present; another name must exist
+
+
+def build_datasets(cfg: Config) -> tuple[ImageDataset | SequenceDataset, ImageDataset | SequenceDataset]:
+    """Train and validation sets from ``data.*`` (the layouts and validation rules of
+    :class:`~patchgd.config.DataConfig`; validation items use the training set's classes); or, with
+    ``data.kind: sequences``, ``train.npz`` and ``val.npz``."""
+    check_paths(cfg)
+    if cfg.data.kind == "sequences":
+        return tuple(SequenceDataset(Path(cfg.data.root) / f"{split}.npz", cfg.data.num_classes, cfg.model.in_chans)
+                     for split in ("train", "val"))
+    sets = _layout_datasets(cfg)
+    check_groups_apart(*sets)
+    if cfg.data.image_size is None and cfg.method != "patchgd":  # PatchGD gives each image its own grid
+        for dataset in sets:
+            require_one_size(dataset.paths, dataset.image_sizes)
+    return sets
+
+
+def _layout_datasets(cfg: Config) -> tuple[ImageDataset, ImageDataset]:
+    d = cfg.data
+    root, read = Path(d.root), dict(read_options(cfg), verify=d.verify, on_error=d.on_error)
+    train_csv = root / d.train_csv
+    if train_csv.is_file():
+        common = dict(num_classes=d.num_classes, label_column=d.label_column, id_column=d.id_column,
+                      group_column=d.group_column, **read)
+        if d.fold is not None:
+            train = ImageCSVDataset(train_csv, root / d.train_dir, fold=d.fold, split="train", classes=d.classes,
+                                    **common)
+            return train, ImageCSVDataset(train_csv, root / d.train_dir, fold=d.fold, split="val",
+                                          classes=train.classes, **common)
+        train = ImageCSVDataset(train_csv, root / d.train_dir, classes=d.classes, **common)
+        val_csv = root / d.val_csv if d.val_csv is not None else None
+        if val_csv is not None and (val_csv.is_file() or d.val_csv != DEFAULT_VAL_CSV):
+            return train, ImageCSVDataset(val_csv, root / d.val_dir, classes=train.classes, **common)
+    else:
+        if d.group_column is not None:
+            raise DataError(f"data.group_column={d.group_column!r} names a CSV column, but {root} has no "
+                            f"{d.train_csv}; expected a CSV listing each image with its group")
+        folder = root / d.train_dir if (root / d.train_dir).is_dir() else root
+        if not class_folders(folder):
+            raise DataError(f"{root}: no {d.train_csv} and no class folders with images; expected {train_csv} "
+                            f"(columns {d.id_column} and a label) or {folder}/<class name>/<images>")
+        train = ImageFolderDataset(folder, classes=d.classes, **read)
+        if folder != root and (root / d.val_dir).is_dir():
+            return train, ImageFolderDataset(root / d.val_dir, classes=train.classes, **read)
+    return stratified_split(train, d.val_fraction, cfg.train.seed)
+
+
+def labels_of(dataset: ImageDataset | SequenceDataset) -> list[int]:
+    """The class indices of a dataset's items."""
+    return dataset.y.tolist() if isinstance(dataset, SequenceDataset) else dataset.labels
+
+
+def origin_of(dataset: ImageDataset | SequenceDataset) -> str | Path:
+    """What a dataset was read from (a CSV, a folder, an npz file), for messages."""
+    return dataset.path if isinstance(dataset, SequenceDataset) else dataset.origin
+
+
+def resolve_classes(cfg: Config, train_set: ImageDataset, val_set: ImageDataset) -> Config:
+    """``cfg`` with ``data.num_classes`` and ``data.classes`` as the labels say.
+
+    Raises:
+        DataError: ``data.num_classes`` is given and disagrees with the labels, or fewer than two
+            classes are found.
+    """
+    d = cfg.data
+    if getattr(train_set, "classes", None) is not None:
+        classes, found = list(train_set.classes), len(train_set.classes)
+        if d.num_classes is not None and d.num_classes != found:
+            raise DataError(f"data.num_classes={d.num_classes} but the labels of {train_set.origin} name {found} "
+                            f"classes {classes}; expected {found} (or leave data.num_classes null to infer it)")
+    else:
+        classes, found = None, max(labels_of(train_set) + labels_of(val_set)) + 1
+    num_classes = d.num_classes or found
+    if num_classes < 2:
+        raise DataError(f"{origin_of(train_set)}: the labels hold only class 0; expected at least two classes")
+    return dataclasses.replace(cfg, data=dataclasses.replace(d, num_classes=num_classes, classes=classes))
+
+
+def class_name(cfg: Config, index: int) -> str:
+    """The name of class ``index``: from ``data.classes``, else the index itself."""
+    return cfg.data.classes[index] if cfg.data.classes else str(index)
+
+
+def write_split(path: Path, root: str | Path, train_set: ImageDataset, val_set: ImageDataset) -> None:
+    """Record which image went to training and which to validation (``split.csv``: image, label, split, and
+    the image's group when the data has groups)."""
+    root = Path(root).resolve()
+
+    def name(p: Path) -> str:
+        p = Path(p).resolve()
+        return p.relative_to(root).as_posix() if p.is_relative_to(root) else str(p)
+
+    with atomic_file(path) as tmp, tmp.open("w", newline="") as f:
+        writer = csv.writer(f)
+        grouped = train_set.groups is not None
+        writer.writerow(["image", "label", "split", *(["group"] if grouped else [])])
+        for split, ds in (("train", train_set), ("val", val_set)):
+            for i, (p, label) in enumerate(zip(ds.paths, ds.labels)):
+                writer.writerow([name(p), ds.classes[label] if ds.classes else label, split,
+                                 *([ds.groups[i]] if grouped else [])])
+
+
+def build_augmentation(cfg: Config) -> Augment | None:
+    """The training images' transform from ``augment.*`` (:class:`~patchgd.data.augment.Augment`), or None.
+
+    Images in memory are moved and jittered whole before they are cut; a slide read in pieces carries
+    the draws to its grid, which applies them to every patch it reads, in the fill and every inner
+    iteration alike, so the grid, ``Z`` and the labels stay consistent.
+    """
+    a = cfg.augment
+    if (a.saturation or a.hue or a.hed) and cfg.model.in_chans != 3:
+        raise ConfigError(f"augment.saturation/augment.hue/augment.hed need colour images; model.in_chans is "
+                          f"{cfg.model.in_chans}, expected 3")
+    if not any((a.flip, a.rotate90, a.brightness, a.contrast, a.saturation, a.hue, a.hed)):
+        return None
+    return Augment(a, patch_size=cfg.model.patch_size if cfg.method == "patchgd" else None)
+
+
+def build_train_loader(cfg: Config, train_set: ImageDataset, generator: torch.Generator,
+                       sampler: torch.utils.data.Sampler | None = None, drop_last: bool = False) -> DataLoader:
+    """Shuffled batches of ``train_set`` (or in the order of ``sampler``, a process's shard under
+    torchrun); with ``train.balanced_sampler``, drawn with replacement with probability inversely
+    proportional to each image's class frequency (every class equally often)."""
+    if cfg.train.balanced_sampler:
+        if sampler is not None:
+            raise ValueError("train.balanced_sampler=true is not available with several processes (torchrun) "
+                             "yet; train on one process, or without it")
+        labels = labels_of(train_set)
+        counts = np.bincount(labels)
+        weights = torch.as_tensor(1.0 / counts[labels], dtype=torch.double)
+        sampler = WeightedRandomSampler(weights, num_samples=len(train_set), replacement=True,
+                                        generator=generator)
+    return DataLoader(train_set, batch_size=cfg.train.batch_size, shuffle=sampler is None, sampler=sampler,
+                      drop_last=drop_last, num_workers=cfg.data.num_workers, generator=generator,
+                      collate_fn=collate_images)
+
+
+def read_options(cfg: Config) -> dict:
+    """How ``cfg`` reads an image (:func:`~patchgd.data.datasets.load_image`'s options): PatchGD keeps files
+    that can be read in pieces lazy, on its patch grid; the GD baselines read every image whole."""
+    d = cfg.data
+    return dict(in_chans=cfg.model.in_chans, image_size=d.image_size, level=d.level, mpp=d.mpp, slide_mpp=d.slide_mpp,
+                patch_size=cfg.model.patch_size if cfg.method == "patchgd" else None, tissue=d.tissue,
+                tissue_fraction=d.tissue_fraction, intensity=Intensity.from_config(d))
+
+
+def first_item(dataset) -> torch.Tensor | LazyImage:
+    """The first item of ``dataset`` that could be read (with ``data.on_error: skip`` some may not)."""
+    for index in range(len(dataset)):
+        item = dataset[index][0]
+        if not isinstance(item, Skipped):
+            return item
+    raise DataError(f"{origin_of(dataset)}: none of its {len(dataset)} images could be read")
+
+
+def item_shape(image: torch.Tensor | LazyImage) -> tuple[int, int, int]:
+    """``(C, H, W)`` of a dataset item, read from a slide's header for a :class:`~patchgd.grid.LazyImage`."""
+    if isinstance(image, LazyImage):
+        return image.source.channels, image.source.height, image.source.width
+    return tuple(image.shape)
+
+
+def train_loader_drops_last(num_images: int, batch_size: int) -> bool:
+    """Whether the training loader drops its last batch: when it would hold a single image.
+
+    A batch of one image whose sampled patches give a single value per channel fails in the backbone's
+    BatchNorm (training mode needs more than one value); the images are reshuffled every epoch, so the one
+    left out differs from epoch to epoch.
+    """
+    return batch_size > 1 and num_images % batch_size == 1
+
+
+def describe_data(cfg: Config, train_set: ImageDataset, val_set: ImageDataset) -> str:
+    """One line per class: its name and how many training and validation images it has."""
+    train_counts = np.bincount(labels_of(train_set), minlength=cfg.data.num_classes)
+    val_counts = np.bincount(labels_of(val_set), minlength=cfg.data.num_classes)
+    lines = [f"data: {len(train_set)} train items from {origin_of(train_set)}, {len(val_set)} validation items "
+             f"from {origin_of(val_set)}; {cfg.data.num_classes} classes"]
+    lines += [f"  {class_name(cfg, c)}: {train_counts[c]} train / {val_counts[c]} val"
+              for c in range(cfg.data.num_classes)]
+    unknown = getattr(train_set, "unknown_mpp", []) + getattr(val_set, "unknown_mpp", [])
+    if unknown:
+        path, why = unknown[0]
+        lines.append(f"  resolution: {len(unknown)} slide(s) with unknown microns per pixel, e.g. {path}: {why} "
+                     "(give it with an mpp column in the CSV or data.slide_mpp)")
+    return "\n".join(lines)

@@ -1,0 +1,401 @@
+"""The trainer: :func:`fit`, a whole training run, read top to bottom.
+
+Build the data, maybe resume, build the run (:class:`TrainingRun`), then per epoch train and evaluate
+(:func:`run_epoch`) and write the epoch's files (:func:`write_epoch_files`); each step below is one named
+call in that order. Every method (``patchgd``, ``gd``, ``gd-extended``) goes through the same loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader
+
+from .. import distributed
+from ..checkpoint import load_checkpoint, save_checkpoint
+from ..config import Config, config_to_dict, save_config
+from ..data.datasets import ImageDataset, collate_images
+from ..data.errors import DataError
+from ..data.sequences import SequenceDataset
+from ..grid import LazyImage
+from ..io import atomic_file
+from ..memory import format_size
+from ..plots import plot_learning_curves
+from ..model.pretrained import describe_origin
+from ..rundir import hold_run_dir
+from ..runlog import RunLogger
+from ..skips import SKIPPED_FILE, SkipLog
+from .build import (build_method, build_model, build_optimizer, build_scheduler, describe_normalization,
+                    init_backbone, patches_per_step, resolve_device, resolve_weights)
+from .data import (SPLIT_FILE, build_augmentation, build_datasets, build_train_loader, describe_data, first_item,
+                   item_shape, origin_of, resolve_classes, train_loader_drops_last, write_split)
+from .loop import DivergenceError, evaluate, train_one_epoch, write_validation_heatmaps
+from .plan import plan_budget
+from .state import (RunProgress, check_resume, copy_checkpoint, epoch_record, restore_rng_states, restore_run_files,
+                    restore_training_state, rng_states, seed_everything, write_metrics)
+
+
+def epoch_summary(epoch: int, cfg: Config, train_stats: dict, results: dict, elapsed: float) -> str:
+    """The line logged after each epoch, memory peaks named as what they are."""
+    process = (f", {train_stats['peak_process_name']} {format_size(train_stats['peak_process_bytes'])}"
+               if train_stats["peak_process_name"] else "")
+    return (f"epoch {epoch}/{cfg.train.epochs}  train loss {train_stats['train_loss']:.4f}  "
+            f"val loss {results['loss']:.4f}  val acc {results['accuracy']:.4f}  qwk {results['qwk']:.4f}  "
+            f"tensor peak {format_size(train_stats['peak_memory_bytes'])}{process}  {elapsed:.1f}s")
+
+
+def log_epoch(logger: RunLogger, epoch: int, lr: float, train_stats: dict, results: dict) -> None:
+    """An epoch's numbers as TensorBoard scalars."""
+    logger.scalars({"loss/train": train_stats["train_loss"], "loss/val": results["loss"],
+                    "accuracy/val": results["accuracy"], "qwk/val": results["qwk"], "lr": lr,
+                    "memory/tensor_peak_bytes": train_stats["peak_memory_bytes"],
+                    "memory/process_peak_bytes": train_stats["peak_process_bytes"]}, epoch)
+
+
+def fit(cfg: Config, resume: str | Path | None = None, *, log=print) -> dict:
+    """Train ``cfg`` (or resume the run in ``resume``), evaluating and checkpointing every epoch.
+
+    The run directory (``cfg.output_dir``, or ``resume``) receives ``config.yaml`` (resolved: the classes
+    found included), ``split.csv`` (which image trained and which validated), ``train.log``,
+    ``metrics.csv``, ``last.pt``, ``best.pt``, ``eval.json`` (the last evaluation with its confusion
+    matrix and per-class scores), ``learning_curves.png``, with ``train.tensorboard`` ``tensorboard/``, and,
+    every ``train.heatmap_every`` epochs, ``heatmaps/epochNNN/`` (validation heatmaps and ``Z`` pictures).
+    It is locked for the life of the run
+    (:func:`patchgd.rundir.hold_run_dir`). Each epoch writes ``last.pt``, then ``best.pt``, then its metrics row.
+
+    In a process group (``torchrun``, see :mod:`patchgd.distributed`) every process runs this function:
+    the model trains under DistributedDataParallel on its shard of each epoch, evaluation is sharded and
+    gathered, and rank 0 alone writes the run directory and logs.
+
+    Args:
+        cfg: The run's configuration. When resuming it must equal the checkpoint's, except for a larger
+            ``train.epochs``.
+        resume: A run directory whose ``last.pt`` to continue from, at the epoch after it.
+        log: Where progress lines go (rank 0's only; besides ``train.log``).
+
+    Returns:
+        A summary: run directory, best and final validation accuracy, the best epoch, epochs run, the
+        tensor peak memory and the resolved config.
+
+    Raises:
+        DivergenceError: A non-finite loss, parameter or validation output; the checkpoints on disk keep
+            the last epoch whose weights were all finite.
+        ConfigError: Resuming under a changed config.
+    """
+    if cfg.train.threads is not None:
+        torch.set_num_threads(cfg.train.threads)
+    run_dir = Path(resume) if resume is not None else Path(cfg.output_dir)
+    # Only rank 0 writes the run directory, so only it holds the lock; and it alone writes the log file and
+    # TensorBoard events and prints: one switch for all of them.
+    main = distributed.is_main()
+    held = hold_run_dir(run_dir, fresh=resume is None, log=log) if main else contextlib.nullcontext()
+    with held, RunLogger(run_dir if main else None, tensorboard=cfg.train.tensorboard, echo=log,
+                         every=cfg.train.log_every, enabled=main) as logger:
+        try:
+            return _fit(cfg, run_dir, resume is not None, logger)
+        except Exception as err:  # the caller reports it; the log keeps why the run stopped
+            logger.log(f"stopped: {type(err).__name__}: {err}", show=False)
+            raise
+
+
+@dataclasses.dataclass
+class TrainingRun:
+    """What the epoch loop works with, built once from the config by :func:`build_run`."""
+
+    cfg: Config
+    device: torch.device
+    model: nn.Module
+    method: Any  # a PatchGD or GD step (patchgd.methods)
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    train_set: ImageDataset | SequenceDataset
+    val_set: ImageDataset | SequenceDataset
+    train_loader: DataLoader
+    val_loader: DataLoader
+    sampler: Any  # a DistributedSampler under torchrun, else None
+    loader_generator: torch.Generator
+    generator: torch.Generator  # PatchGD's patch sampler
+    skips: SkipLog | None
+    image_shape: tuple[int, ...]
+
+
+def _fit(cfg: Config, run_dir: Path, resuming: bool, logger: RunLogger) -> dict:
+    log = logger.log
+    device = distributed.local_device(resolve_device(cfg.train.device))
+    cfg, train_set, val_set = build_data(cfg, resuming, log)
+    state = None
+    if resuming:
+        state = load_resume_state(run_dir, device)
+        cfg = config_for_resume(cfg, state, run_dir)
+    run = build_run(cfg, device, train_set, val_set, run_dir, resuming, log)
+    progress = resume_run(run, state, run_dir, log) if state is not None else RunProgress()
+    start_run(run, run_dir, log)
+    results, epoch = {}, progress.next_epoch - 1
+    for epoch in range(progress.next_epoch, cfg.train.epochs + 1):
+        started = time.perf_counter()
+        lr = run.optimizer.param_groups[0]["lr"]
+        train_stats, results = run_epoch(run, epoch, run_dir, logger)
+        elapsed = time.perf_counter() - started
+        progress.add(epoch_record(epoch, lr, train_stats, results, elapsed))
+        write_epoch_files(run, progress, results, run_dir, logger)
+        log(epoch_summary(epoch, cfg, train_stats, results, elapsed))
+        log_epoch(logger, epoch, lr, train_stats, results)
+        if cfg.train.patience is not None and epoch - progress.best_epoch >= cfg.train.patience:
+            log(f"early stop: no better validation accuracy for {cfg.train.patience} epochs "
+                f"(best {progress.best_accuracy:.4f} at epoch {progress.best_epoch})")
+            break
+    distributed.barrier()  # when fit returns on any process, the run directory is complete
+    return {"run_dir": str(run_dir), "best_accuracy": progress.best_accuracy, "best_epoch": progress.best_epoch,
+            "final_accuracy": results.get("accuracy"), "epochs": epoch,
+            "peak_memory_bytes": progress.peak_memory_bytes, "config": run.cfg}
+
+
+def build_data(cfg: Config, resuming: bool, log) -> tuple[Config, ImageDataset | SequenceDataset,
+                                                           ImageDataset | SequenceDataset]:
+    """The encoder's weights found (a new run), then the data sets and their classes; the config resolved."""
+    if not resuming:  # before the data: a missing encoder is found in seconds, not after a pass over the data
+        cfg = resolve_weights(cfg)
+        if cfg.model.backbone != "conv1d":
+            log(f"encoder: {describe_origin(cfg.model.pretrained_origin)}")
+    train_set, val_set = build_datasets(cfg)
+    cfg = resolve_classes(cfg, train_set, val_set)  # before check_resume: the saved config holds the classes
+    log(describe_data(cfg, train_set, val_set))
+    return cfg, train_set, val_set
+
+
+def load_resume_state(run_dir: Path, device: torch.device) -> dict:
+    """The checkpoint ``--resume`` continues from: the run's ``last.pt``."""
+    if not (run_dir / "last.pt").is_file():
+        raise FileNotFoundError(f"{run_dir} has no last.pt to resume from (its first epoch never finished); "
+                                "start the run again without --resume")
+    return load_checkpoint(run_dir / "last.pt", map_location=device)
+
+
+def config_for_resume(cfg: Config, state: dict, run_dir: Path) -> Config:
+    """``cfg`` as the resumed run continues it, refused if it differs from the checkpoint's."""
+    # The encoder's origin was found when the run started; the checkpoint holds its weights since.
+    saved_origin = state["config"].get("model", {}).get("pretrained_origin")
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained_origin=saved_origin))
+    check_resume(state, cfg, run_dir)
+    return dataclasses.replace(cfg, output_dir=str(run_dir))
+
+
+def build_run(cfg: Config, device: torch.device, train_set, val_set, run_dir: Path, resuming: bool,
+              log) -> TrainingRun:
+    """Everything an epoch needs, in the order the random states require: the split file, the seeds, the
+    skip log, the memory plan, the model, optimizer and method, the loaders and the schedule."""
+    if distributed.is_main() and isinstance(train_set, ImageDataset):
+        write_split(run_dir / SPLIT_FILE, cfg.data.root, train_set, val_set)
+    generator = seed_everything(cfg.train.seed)
+    skips = build_skip_log(cfg, train_set, val_set, log)
+    first = first_item(train_set)
+    lazy = isinstance(first, LazyImage)
+    image_shape = item_shape(first)
+    if cfg.method == "patchgd" and cfg.model.patch_size > min(image_shape[1:]):
+        raise ValueError(f"model.patch_size={cfg.model.patch_size} is larger than the "
+                         f"{'x'.join(map(str, image_shape[1:]))} images of {origin_of(train_set)}; "
+                         f"expected at most {min(image_shape[1:])} px (a smaller patch, or no data.image_size downscaling)")
+    if cfg.memory.budget is not None and not resuming:
+        cfg = plan_run(cfg, train_set, image_shape, lazy, device, log)
+
+    model = build_training_model(cfg, device, resuming, log)
+    # The patch-parallel fill has every process work on the same images, hence the same random draws.
+    shared = cfg.method == "patchgd" and cfg.patchgd.parallel_fill and distributed.world_size() > 1
+    if shared and lazy:
+        raise ValueError(f"patchgd.parallel_fill=true splits the fill of in-memory images; {train_set.paths[0]} is "
+                         "read in pieces (a slide): leave parallel_fill off (each process fills its own slides)")
+    if distributed.world_size() > 1 and not shared:  # other images per process: other dropout and cells
+        generator = seed_everything(cfg.train.seed + 1_000_003 * distributed.rank())
+    if cfg.method == "patchgd":
+        # A slide's B * k over its whole grid could be thousands of patches: its evaluation fills one grid
+        # row of every image per call (the model's default) unless fill_batch_size is set.
+        model.fill_batch_size = cfg.patchgd.fill_batch_size or (None if lazy else patches_per_step(cfg, image_shape))
+        if lazy and cfg.patchgd.patches_per_step is None:
+            log(f"patchgd.sampling={cfg.patchgd.sampling} is a share of each slide's tissue cells: the patches that "
+                "carry gradients, most of a step's memory, grow with the slides; patchgd.patches_per_step "
+                "(e.g. 16) keeps memory the same for any slide")
+    optimizer = build_optimizer(cfg, model)
+    method = build_method(cfg, model, optimizer, generator)
+    if shared:
+        method.fill = functools.partial(distributed.parallel_fill, model)
+    distributed.wrap(method)
+
+    sampler = distributed.train_sampler(train_set, cfg.train.seed, shared=shared)
+    loader_generator = torch.Generator()
+    drop_last = train_loader_drops_last(len(sampler) if sampler is not None else len(train_set),
+                                        cfg.train.batch_size)
+    if drop_last:
+        log(f"{len(train_set)} training images in batches of {cfg.train.batch_size} would leave a last batch "
+            "of one image: it is dropped (a different image each epoch)")
+    if isinstance(train_set, ImageDataset):
+        train_set.transform = build_augmentation(cfg)
+    train_loader = build_train_loader(cfg, train_set, loader_generator, sampler, drop_last)
+    if len(train_loader) == 0:
+        raise ValueError(f"{origin_of(train_set)}: {len(train_set)} training item(s); expected at least 2")
+    val_loader = DataLoader(distributed.eval_shard(val_set),
+                            batch_size=cfg.train.eval_batch_size or cfg.train.batch_size,
+                            num_workers=cfg.data.num_workers, collate_fn=collate_images)
+    scheduler = build_scheduler(cfg, optimizer, len(train_loader))  # batches per process = global steps
+    return TrainingRun(cfg, device, model, method, optimizer, scheduler, train_set, val_set, train_loader,
+                       val_loader, sampler, loader_generator, generator, skips, image_shape)
+
+
+def build_skip_log(cfg: Config, train_set, val_set, log) -> SkipLog | None:
+    """With ``data.on_error: skip``, the log of unreadable images (those left out while building the data
+    sets already in it); None otherwise."""
+    if cfg.data.on_error != "skip":
+        return None
+    if cfg.train.sync_batchnorm:
+        raise ValueError("data.on_error=skip and train.sync_batchnorm=true cannot be combined: a step run "
+                         "again without an unreadable image would repeat SyncBatchNorm's all-reduces on one "
+                         "process only; choose one")
+    skips = SkipLog(cfg.data.max_skipped, getattr(train_set, "excluded", []) + getattr(val_set, "excluded", []),
+                    log=log)
+    skips.check_data(len(train_set) + len(val_set))
+    return skips
+
+
+def plan_run(cfg: Config, train_set, image_shape: tuple[int, ...], lazy: bool, device: torch.device,
+             log) -> Config:
+    """``cfg`` with the batch (and sampling) that ``memory.budget`` allows, measured by the planner."""
+    if lazy:
+        raise ValueError(f"memory.budget={cfg.memory.budget!r}: the planner measures trial steps on whole "
+                         f"images in memory, which a {image_shape[1]}x{image_shape[2]} slide of "
+                         f"{train_set.paths[0]} must not be; set train.batch_size and patchgd.sampling instead")
+    # One process plans its own batch; all take its choice, so every process steps on equal batches.
+    plan = plan_budget(cfg, image_shape, device, log=log) if distributed.is_main() else None
+    plan = distributed.broadcast_object(plan)
+    log(plan.describe())
+    return plan.apply(cfg)
+
+
+def build_training_model(cfg: Config, device: torch.device, resuming: bool, log) -> nn.Module:
+    """The model on ``device``: its weights (a new run), the backbone's App. C start, SyncBatchNorm."""
+    model = build_model(cfg, weights=not resuming)
+    log(describe_normalization(cfg, model))
+    if cfg.model.init_backbone is not None and not resuming:
+        loaded = init_backbone(model, cfg.model.init_backbone)
+        log(f"backbone initialised from {cfg.model.init_backbone}: {loaded} tensors")
+    if cfg.train.sync_batchnorm:
+        if cfg.patchgd.parallel_fill and cfg.method == "patchgd":
+            # SyncBatchNorm all-reduces per chunk, and the parallel fill gives processes unequal chunk counts.
+            raise ValueError("train.sync_batchnorm=true and patchgd.parallel_fill=true cannot be combined: the "
+                             "processes would encode different numbers of fill chunks; choose one")
+        model = distributed.convert_sync_batchnorm(model, device)
+    model = model.to(device)
+    if cfg.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def resume_run(run: TrainingRun, state: dict, run_dir: Path, log) -> RunProgress:
+    """Load the checkpoint's model, optimizer, schedule and random states into ``run``; where it stood."""
+    if state["steps_per_epoch"] != len(run.train_loader):
+        raise ValueError(f"--resume {run_dir}: the training set gives {len(run.train_loader)} batches per epoch "
+                         f"({len(run.train_set)} images) but gave {state['steps_per_epoch']} when the run "
+                         "started; the learning-rate schedule depends on it. Start a new run")
+    restore_training_state(state, run.model, run.optimizer, run.scheduler, run.method.scaler)
+    per_rank = state.get("rng_ranks") or [state["rng"]]
+    if len(per_rank) == distributed.world_size():
+        restore_rng_states(per_rank[distributed.rank()], run.generator)
+    else:
+        log(f"warning: {run_dir / 'last.pt'} was written by {len(per_rank)} process(es), this run has "
+            f"{distributed.world_size()}: random states start afresh, so the run continues but will not "
+            "repeat an uninterrupted one")
+    if distributed.is_main():
+        restore_run_files(run_dir, state)
+    progress = RunProgress(history=state["metrics"], best_accuracy=state["best_accuracy"],
+                           best_epoch=state["best_epoch"])
+    log(f"resuming {run_dir} at epoch {state['epoch'] + 1}")
+    return progress
+
+
+def start_run(run: TrainingRun, run_dir: Path, log) -> None:
+    """Write the run's resolved ``config.yaml`` and say what trains on what."""
+    cfg = run.cfg
+    if distributed.is_main():
+        save_config(cfg, run_dir / "config.yaml")
+    world = distributed.world_size()
+    log(f"{cfg.method} on {run.device}{f' x {world} processes' if world > 1 else ''}: {len(run.train_set)} train / "
+        f"{len(run.val_set)} val images of shape {'x'.join(map(str, run.image_shape))}, "
+        f"{distributed.batch_note(cfg.train.batch_size)}, {cfg.train.epochs} epochs")
+
+
+def run_epoch(run: TrainingRun, epoch: int, run_dir: Path, logger: RunLogger) -> tuple[dict, dict]:
+    """Train one epoch, then evaluate: the training statistics and the evaluation results.
+
+    Raises:
+        DivergenceError: A non-finite loss, parameter or validation output, naming the checkpoint kept.
+    """
+    cfg = run.cfg
+    run.loader_generator.manual_seed(cfg.train.seed * 1_000_003 + epoch)  # a resumed epoch shuffles alike
+    if run.sampler is not None:
+        run.sampler.set_epoch(epoch)
+    try:
+        train_stats = train_one_epoch(run.method, run.train_loader, run.scheduler, epoch,
+                                      measure_step=min(1, len(run.train_loader) - 1), logger=logger,
+                                      global_step=(epoch - 1) * len(run.train_loader), skips=run.skips)
+        distributed.broadcast_buffers(run.model)  # evaluate what rank 0 saves: its BatchNorm statistics
+        results = evaluate(run.model, run.val_loader, run.device, cfg.data.num_classes, cfg.train.amp,
+                           logger=logger, skips=run.skips, epoch=epoch)
+        if run.skips is not None:  # the list first, so that a run stopped by the threshold leaves it
+            run.skips.write(run_dir / SKIPPED_FILE)
+            run.skips.end_epoch(epoch, train_stats["train_images"])
+        if results["non_finite"]:
+            raise DivergenceError(f"epoch {epoch}: {results['non_finite']} of {len(run.val_set)} validation "
+                                  "images got non-finite logits (lower train.lr, or check the data: "
+                                  "data.verify=full finds non-finite pixels)")
+    except (DivergenceError, distributed.RankFailure) as err:
+        kept = (f"the checkpoints in {run_dir} keep epoch {epoch - 1}, the last with finite weights"
+                if epoch > 1 else "no checkpoint was written")
+        raise DivergenceError(f"training diverged: {err}; {kept}") from None
+    return train_stats, results
+
+
+def write_epoch_files(run: TrainingRun, progress: RunProgress, results: dict, run_dir: Path,
+                      logger: RunLogger) -> None:
+    """The epoch's files (rank 0): ``last.pt``, ``best.pt``, ``metrics.csv``, ``eval.json``, the learning
+    curves and, every ``train.heatmap_every`` epochs, the validation heatmaps."""
+    cfg, epoch = run.cfg, progress.history[-1]["epoch"]
+    rngs = distributed.gather_objects(rng_states(run.generator))  # every process takes part
+    if not distributed.is_main():
+        return
+    world = distributed.world_size()
+    state = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+             "scheduler": run.scheduler.state_dict(),
+             "scaler": run.method.scaler.state_dict() if run.method.scaler else None,
+             "epoch": epoch, "best_accuracy": progress.best_accuracy, "best_epoch": progress.best_epoch,
+             "config": config_to_dict(cfg), "rng": rngs[0], "rng_ranks": rngs if world > 1 else None,
+             "metrics": progress.history, "steps_per_epoch": len(run.train_loader)}
+    # last.pt first, then best.pt as its copy, then the metrics row: a kill at any point leaves a last.pt
+    # that the resume completes the rest from (see restore_run_files), never a row or a best.pt without
+    # its weights.
+    save_checkpoint(run_dir / "last.pt", state)
+    if progress.best_epoch == epoch:
+        copy_checkpoint(run_dir / "last.pt", run_dir / "best.pt")
+    write_metrics(run_dir / "metrics.csv", progress.history)
+    with atomic_file(run_dir / "eval.json") as tmp:
+        tmp.write_text(json.dumps({**results, "confusion": results["confusion"].tolist(), "epoch": epoch,
+                                   "classes": cfg.data.classes}, indent=2))
+    plot_learning_curves(run_dir / "metrics.csv", run_dir / "learning_curves.png", num_classes=cfg.data.num_classes)
+    if cfg.method == "patchgd" and cfg.train.heatmap_every and epoch % cfg.train.heatmap_every == 0:
+        try:
+            pictures = write_validation_heatmaps(run.model, run.val_set, cfg, run_dir / "heatmaps" / f"epoch{epoch:03d}")
+        except DataError as err:
+            if run.skips is None:
+                raise
+            logger.log(f"heatmaps of epoch {epoch} not drawn: {err}")
+            pictures = []
+        for png in pictures:
+            logger.image(f"heatmaps/{png.stem}", np.asarray(Image.open(png).convert("RGB")), epoch,
+                         dataformats="HWC")

@@ -1,0 +1,79 @@
+"""Methods by name: the one table behind :func:`create_model`, :func:`create_method` and the config."""
+
+from __future__ import annotations
+
+
+import torch
+import torch.nn as nn
+
+from ..model import GDClassifier, GDExtendedClassifier, PatchGDClassifier
+from .gd import GD
+from .patchgd import PatchGD
+
+
+METHODS = ("patchgd", "gd", "gd-extended")
+
+
+def create_model(method: str, backbone: str | nn.Module, num_classes: int, *, patch_size: int = 128,
+                 latent_dim: int = 256, in_chans: int = 3, pretrained: bool | str | dict | None = None,
+                 backbone_args: dict | None = None, freeze: str | int | None = None,
+                 grad_checkpointing: bool = False, head: str = "conv", head_width: int = 256,
+                 head_dropout: float = 0.2, head_depth: int = 2, head_heads: int = 4, pad_value: float = 0.0, image_size: int | None = None,
+                 channels_last: bool = False, mean: list[float] | None = None, std: list[float] | None = None,
+                 fill_workers: int = 0) -> nn.Module:
+    """Build the model a method trains.
+
+    Args:
+        method: ``"patchgd"``, ``"gd"`` or ``"gd-extended"``.
+        backbone: A timm model name or a module (see the model classes).
+        num_classes: Number of classes.
+        patch_size: PatchGD's patch side.
+        latent_dim: PatchGD's latent size ``s``.
+        in_chans: Image channels.
+        pretrained: Pretrained weights of a timm backbone: ``True``, a local file or snapshot folder, or an
+            origin record (:func:`patchgd.model.pretrained.resolve_encoder`).
+        backbone_args: Extra ``timm.create_model`` arguments.
+        freeze: None, ``"all"`` or the stem and first N stages/blocks of the encoder.
+        grad_checkpointing: Gradient checkpointing in the encoder.
+        head: PatchGD's head: ``"conv"`` (the paper's), ``"conv1d"`` (sequences), ``"transformer"`` or
+            ``"attention"`` (gated attention-MIL pooling).
+        head_width: Channels of the conv head (PatchGD, GD-extended); token width of the transformer head.
+        head_dropout: Dropout of the head.
+        head_depth: Encoder layers of the transformer head.
+        head_heads: Attention heads of the transformer head.
+        pad_value: PatchGD's padding value.
+        image_size: Input size of the whole image, for GD backbones built for one (ViTs).
+        channels_last: Channels-last memory format.
+        mean: Per-channel mean of the [0, 1]-scaled pixels (the model normalises on the device).
+        std: Per-channel standard deviation.
+        fill_workers: PatchGD's reader processes for disk-backed images while filling ``Z``.
+    """
+    encoder = dict(in_chans=in_chans, pretrained=pretrained, backbone_args=backbone_args, freeze=freeze,
+                   grad_checkpointing=grad_checkpointing, channels_last=channels_last, mean=mean, std=std)
+    if method == "patchgd":
+        return PatchGDClassifier(backbone, num_classes, patch_size, latent_dim, head, pad_value=pad_value,
+                                 head_width=head_width, head_dropout=head_dropout, head_depth=head_depth,
+                                 head_heads=head_heads, fill_workers=fill_workers, **encoder)
+    if head != "conv":
+        raise ValueError(f"head={head!r} is PatchGD's; the {method} baseline has its own classifier or conv head")
+    common = dict(img_size=image_size, **encoder)
+    if method == "gd":
+        return GDClassifier(backbone, num_classes, **common)
+    if method == "gd-extended":
+        return GDExtendedClassifier(backbone, num_classes, head_width=head_width, head_dropout=head_dropout,
+                                    **common)
+    raise ValueError(f"unknown method {method!r}: expected one of {', '.join(METHODS)}")
+
+
+def create_method(method: str, model: nn.Module, optimizer: torch.optim.Optimizer, *, amp: str | None = None,
+                  micro_batch_size: int | None = None, **patchgd_options) -> PatchGD | GD:
+    """The step object for ``method``; ``patchgd_options`` go to :class:`PatchGD` (ignored by GD), and
+    ``micro_batch_size`` to :class:`GD` (PatchGD bounds its memory with ``sampling`` instead)."""
+    if method == "patchgd":
+        if micro_batch_size is not None:
+            raise ValueError("train.micro_batch_size splits the batches of gd and gd-extended; PatchGD bounds its "
+                             "memory with patchgd.sampling or patchgd.patches_per_step instead")
+        return PatchGD(model, optimizer, amp=amp, **patchgd_options)
+    if method in ("gd", "gd-extended"):
+        return GD(model, optimizer, amp=amp, micro_batch_size=micro_batch_size)
+    raise ValueError(f"unknown method {method!r}: expected one of {', '.join(METHODS)}")
