@@ -1,7 +1,9 @@
 """Run configuration: nested dataclasses, YAML files and ``--set dotted.key=value`` overrides.
 
-The dataclasses below are the one home of the schema. Their type annotations drive the type checks and
-their field metadata holds the range checks, so no list of keys is restated anywhere else.
+The dataclasses below are the one home of the schema. Their type annotations drive the type checks, their
+field metadata holds the range checks and each key's meaning, so no list of keys is restated anywhere else:
+the configuration reference (``docs/configuration.md``) is generated from them (:func:`reference`;
+``python -m patchgd.config`` prints it).
 
 Example:
     >>> cfg = load_config("configs/demo.yaml", ["train.lr=3e-4", "model.pretrained=null"])
@@ -41,218 +43,234 @@ _CHECKS = {
 }
 
 
-def _field(default: Any, **checks: Any) -> Any:
-    """A dataclass field whose loaded value must pass ``checks`` (keys of ``_CHECKS``; None skips them)."""
-    return field(default=default, metadata=checks)
+def _field(default: Any = dataclasses.MISSING, *, help: str, factory: Any = dataclasses.MISSING,
+           **checks: Any) -> Any:
+    """A dataclass field: its default (or ``factory``), what it means (``help``, the configuration reference's
+    text) and the checks its loaded value must pass (keys of ``_CHECKS``; None skips them)."""
+    return field(default=default, default_factory=factory, metadata={"help": help, "checks": checks})
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The classifier: a timm backbone ``backbone`` (or ``conv1d`` for sequences) encoding ``patch_size``
-    patches to ``latent_dim``, and a ``head``: ``conv`` (the paper's), ``conv1d`` (sequences),
-    ``transformer`` or ``attention`` (gated attention-MIL pooling over the cells), ``head_width`` wide with
-    ``head_dropout`` (the transformer's ``head_depth`` layers of ``head_heads`` attention heads).
+    """The classifier: backbone, patch and latent size, head, pretrained weights and fine-tuning.
 
-    Pretrained encoders: ``backbone`` is a timm name (``resnet50``, ``resnet50.a1_in1k`` for one tag) or
-    ``hf-hub:ORG/NAME`` (a timm model on the Hugging Face Hub, optionally ``@REVISION``); ``pretrained``
-    is ``true`` (the name's default tag, or the hub repository), a local weights file or snapshot folder
-    (``config.json`` + ``model.safetensors``), or ``false``; null means true for a hub name and false
-    otherwise. Downloads go to the Hugging Face cache (``HF_HOME``; ``HF_HUB_OFFLINE=1`` uses only the
-    cache). ``backbone_args`` are extra ``timm.create_model`` arguments (layer classes as
-    ``timm.layers.NAME`` / ``torch.nn.NAME``). ``pretrained_origin`` is filled in when a run starts (the
-    architecture, weights file, sha256, repository and revision, mean/std): never set it by hand. The
-    weights' mean and std become the model's normalisation unless ``data.mean``/``data.std`` are set.
-    ``freeze``: null (train everything), ``all`` (the whole encoder; its projection to ``latent_dim`` and
-    the head train) or N (the stem and the first N stages or blocks, by timm's ``group_matcher``).
-    ``grad_checkpointing`` recomputes the encoder's activations in backward (timm's
-    ``set_grad_checkpointing``): less memory, the same update.
-    ``init_backbone`` (App. C of the paper) starts the backbone from a checkpoint (``best.pt``/``last.pt``
-    of a GD, GD-extended or PatchGD run), a plain state-dict file, or a hub name (``hf-hub:ORG/NAME``)."""
+    Every key's meaning is its field's ``help``: :func:`reference` lists them all."""
 
-    backbone: str = "resnet18"
-    patch_size: int = _field(128, ge=1)
-    latent_dim: int = _field(256, ge=1)
-    pretrained: bool | str | None = None
-    in_chans: int = _field(3, ge=1)
-    head_width: int = _field(256, ge=1)
-    head_dropout: float = _field(0.2, ge=0, lt=1)
-    channels_last: bool = False
-    init_backbone: str | None = None
-    head: Literal["conv", "conv1d", "transformer", "attention"] = "conv"
-    head_depth: int = _field(2, ge=1)
-    head_heads: int = _field(4, ge=1)
-    backbone_args: dict[str, Any] | None = None
-    freeze: int | Literal["all"] | None = None
-    grad_checkpointing: bool = False
-    pretrained_origin: dict[str, Any] | None = None
+    backbone: str = _field("resnet18",
+        help='a timm model name (`resnet50`, `resnet50.a1_in1k` for one tag), `hf-hub:ORG/NAME[@REVISION]`, or '
+             '`conv1d` (sequences)')
+    patch_size: int = _field(128, ge=1, help='patch side `p` in pixels (chunk length for sequences)')
+    latent_dim: int = _field(256, ge=1, help='latent size `s` of each cell of `Z`')
+    pretrained: bool | str | None = _field(None,
+        help="`true`: the backbone name's default pretrained tag (or the `hf-hub:` repository's weights), downloaded "
+             'once into the Hugging Face cache; a local weights file or snapshot folder (`config.json` + '
+             '`model.safetensors`); `false`: random; null: true for an `hf-hub:` name, else false')
+    in_chans: int = _field(3, ge=1, help='image channels (1 for grayscale)')
+    head_width: int = _field(256, ge=1,
+        help='channels of the conv head, token width of the transformer head or width of the attention head')
+    head_dropout: float = _field(0.2, ge=0, lt=1, help='dropout of the head')
+    channels_last: bool = _field(False, help='channels-last memory format')
+    init_backbone: str | None = _field(None,
+        help="start the backbone from a run's checkpoint, a state dict or an `hf-hub:` repository (the paper's App. C "
+             'initialisation, e.g. from a low-resolution GD run)')
+    head: Literal["conv", "conv1d", "transformer", "attention"] = _field("conv",
+        help="`conv` (the paper's head), `conv1d` (the same head for sequences), `transformer` or `attention` (gated "
+             'attention-MIL pooling over the cells)')
+    head_depth: int = _field(2, ge=1, help='encoder layers of the transformer head')
+    head_heads: int = _field(4, ge=1, help='attention heads of the transformer head')
+    backbone_args: dict[str, Any] | None = _field(None,
+        help="extra `timm.create_model` arguments (a model card's `timm_kwargs`; layer classes as `timm.layers.NAME` /"
+             ' `torch.nn.NAME`)')
+    freeze: int | Literal["all"] | None = _field(None,
+        help='`all`: the whole encoder (its projection to `s` and the head train), or N: its stem and first N stages '
+             '(CNN) or blocks (ViT); frozen parameters get no gradients, no optimizer state, and frozen BatchNorm '
+             'keeps its statistics')
+    grad_checkpointing: bool = _field(False,
+        help="recompute the encoder's activations in backward (timm's `set_grad_checkpointing`): less memory, the same"
+             ' update')
+    pretrained_origin: dict[str, Any] | None = _field(None,
+        help='filled in when a run starts: architecture, weights file, sha256, repository and revision, mean/std; '
+             'never set by hand')
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Where the images and labels live (paths relative to ``root``) and how their pixels are read.
+    """Where the images and labels live, how validation is split off, and how pixels are read.
 
-    Layouts: a train CSV (``train_csv``, columns ``id_column`` and ``label_column``; labels are integers or
-    class names) with its image folder ``train_dir``, or, when ``root`` holds no ``train_csv``, one
-    subfolder per class (in ``train_dir`` if it exists, else in ``root``). Validation: fold ``fold`` of
-    the CSV's kfold column, else ``val_csv`` (or a ``val_dir`` of class folders) when it exists, else a
-    stratified, seeded ``val_fraction`` of the training images (recorded in the run's ``split.csv``).
-    ``num_classes`` and ``classes`` are inferred from the labels when null (class names sort
-    alphabetically); a value given that disagrees with the labels is an error. ``label_column: null``
-    auto-detects it; ``image_size`` resizes to a square (the low-resolution GD baseline).
+    Every key's meaning is its field's ``help``: :func:`reference` lists them all."""
 
-    Pixels: integer images scale by their dtype's range (``bit_depth`` bits instead, e.g. 12 for 12-bit
-    data in uint16); ``intensity: unit`` requires float images to lie in [0, 1], ``range`` maps
-    ``intensity_range`` [low, high] to [0, 1] (values outside are clipped: a window), ``percentile``
-    stretches each image's ``percentiles`` [low, high] to [0, 1]. ``mean``/``std``
-    configure the model's normalisation (saved in its checkpoints); ``pad_value`` is a pixel value in the
-    images' own units. Whole-slide images: ``level`` or ``mpp`` chooses the resolution, ``tissue: otsu``
-    skips cells whose tissue fraction is below ``tissue_fraction``. A file's resolution outside
-    0.02-50 um/px (a placeholder such as libvips' 1 px/mm, or 72 dpi) or without a unit counts as unknown;
-    ``slide_mpp`` gives every slide's level-0 microns per pixel instead, and a CSV column ``mpp`` one
-    slide's (an empty cell: ``slide_mpp`` or the file's).
-    ``on_error: skip`` lets a run go on past an image that cannot be opened or a tile that cannot be
-    decoded: the image leaves the epoch (or the data set, when it cannot even be opened), and the file,
-    level, cell and the decoder's message go to the run log and ``skipped.csv``; more than
-    ``max_skipped`` (a fraction) of an epoch's images skipped stops the run. ``stop`` (the default) stops
-    at the first such image.
-    ``verify``: when the data set is built, ``header`` reads every image's header (size, channels, pixel
-    type), ``full`` decodes every image whole (a pass over the data, which also finds corrupt pixel data,
-    non-finite pixels and values the intensity options refuse before the first epoch); a slide is opened
-    at its level, never decoded whole.
-    ``kind: sequences`` reads ``(C, L)`` sequences from ``root/train.npz`` and ``root/val.npz`` instead
-    (``patchgd prepare aeon`` writes them).
-    ``group_column`` (a CSV column such as a patient or case id) keeps every group on one side of the
-    validation split: ``val_fraction`` splits by group (stratified), and a ``fold`` or validation CSV that
-    puts a group on both sides is an error naming it; ``split.csv`` records each image's group.
-    """
-
-    root: str | None = None
-    train_csv: str = "train.csv"
-    val_csv: str | None = "val.csv"
-    train_dir: str = "train"
-    val_dir: str = "val"
-    id_column: str = "image_id"
-    label_column: str | None = None
-    fold: int | None = _field(None, ge=0)
-    val_fraction: float = _field(0.2, gt=0, lt=1)
-    num_classes: int | None = _field(None, ge=2)
-    classes: list[str] | None = None
-    image_size: int | None = _field(None, ge=1)
-    mean: list[float] | None = None
-    std: list[float] | None = None
-    pad_value: float = 0.0
-    num_workers: int = _field(0, ge=0)
-    level: int | None = _field(None, ge=0)
-    mpp: float | None = _field(None, gt=0)
-    slide_mpp: float | None = _field(None, gt=0)
-    on_error: Literal["stop", "skip"] = "stop"
-    max_skipped: float = _field(0.05, ge=0, le=1)
-    tissue: Literal["otsu", "none"] = "otsu"
-    tissue_fraction: float = _field(0.1, ge=0, le=1)
-    bit_depth: int | None = _field(None, ge=1, le=32)
-    intensity: Literal["unit", "range", "percentile"] = "unit"
-    intensity_range: list[float] | None = None
-    percentiles: list[float] = field(default_factory=lambda: [1.0, 99.0])
-    verify: Literal["header", "full"] = "header"
-    kind: Literal["images", "sequences"] = "images"
-    group_column: str | None = None
+    root: str | None = _field(None,
+        help='folder with class folders, or with `train.csv`/`val.csv` and `train/`, `val/`; for `kind: sequences`, '
+             'with `train.npz` and `val.npz`')
+    train_csv: str = _field("train.csv", help='training CSV, relative to `data.root`')
+    val_csv: str | None = _field("val.csv",
+        help='validation CSV, used when present (another name must exist); null: validate on `data.fold` or '
+             '`data.val_fraction`')
+    train_dir: str = _field("train", help="folder of the training CSV's images, relative to `data.root`")
+    val_dir: str = _field("val", help="folder of the validation CSV's images, relative to `data.root`")
+    id_column: str = _field("image_id", help='CSV column of image file names (with or without extension)')
+    label_column: str | None = _field(None,
+        help='CSV column of labels, integers or class names; null: `label`, then `isup_grade` (PANDA)')
+    fold: int | None = _field(None, ge=0, help="validate on this fold of the training CSV's `kfold` column")
+    val_fraction: float = _field(0.2, gt=0, lt=1,
+        help='share of each class held out for validation when there is no validation CSV, folder or fold (seeded by '
+             '`train.seed`; listed in `split.csv`)')
+    num_classes: int | None = _field(None, ge=2, help='inferred from the labels; a value given must agree with them')
+    classes: list[str] | None = _field(None,
+        help='class names in index order; null: the sorted names found (class folders, or name labels)')
+    image_size: int | None = _field(None, ge=1, help='resize to a square (e.g. the low-resolution GD baseline)')
+    mean: list[float] | None = _field(None,
+        help="per-channel mean of the [0, 1]-scaled pixels (`patchgd stats`); null: the pretrained weights' own "
+             "(timm's `pretrained_cfg`), else none; applied by the model on the device and saved in its checkpoints")
+    std: list[float] | None = _field(None, help='per-channel standard deviation, as `data.mean`')
+    pad_value: float = _field(0.0,
+        help="pixel value, in the images' own units (0-255 for 8-bit), of the padding beyond the bottom/right edge and"
+             ' of the blank patch whose code fills background cells (the glass colour, e.g. `242`, for slides)')
+    num_workers: int = _field(0, ge=0,
+        help="DataLoader workers: for the batches, and for reading a slide's tiles while the backbone fills `Z`")
+    level: int | None = _field(None, ge=0, help='pyramid level to read (0 = full resolution)')
+    mpp: float | None = _field(None, gt=0,
+        help='read the coarsest level of at most this many microns per pixel (a slide of unknown resolution is an '
+             'error)')
+    slide_mpp: float | None = _field(None, gt=0,
+        help="every slide's microns per pixel at level 0, instead of its metadata (a CSV column `mpp` gives one "
+             "slide's)")
+    on_error: Literal["stop", "skip"] = _field("stop",
+        help='`stop`: an image that cannot be opened or decoded stops the run; `skip`: it leaves the data set or the '
+             'epoch and is listed in `skipped.csv`')
+    max_skipped: float = _field(0.05, ge=0, le=1,
+        help="with `on_error: skip`, more than this share of an epoch's images skipped stops the run")
+    tissue: Literal["otsu", "none"] = _field("otsu",
+        help='`otsu`: cells of a slide (any file read in pieces) whose tissue fraction is below `data.tissue_fraction`'
+             ' are background, never sampled nor encoded; `none`: every cell')
+    tissue_fraction: float = _field(0.1, ge=0, le=1, help='least tissue fraction of an encoded cell')
+    bit_depth: int | None = _field(None, ge=1, le=32,
+        help="significant bits of integer images (e.g. 12 for 12-bit data in uint16); null: the dtype's range")
+    intensity: Literal["unit", "range", "percentile"] = _field("unit",
+        help='float images: `unit` (must lie in [0, 1], else refused), `range` (map `intensity_range` to [0, 1]), '
+             "`percentile` (stretch each image's `percentiles`)")
+    intensity_range: list[float] | None = _field(None,
+        help='`[low, high]` of `intensity: range`, e.g. `[0, 4000]`; values outside are clipped')
+    percentiles: list[float] = _field(factory=lambda: [1.0, 99.0],
+        help='`[low, high]` percentiles of `intensity: percentile`')
+    verify: Literal["header", "full"] = _field("header",
+        help='checks of every image when the data set is built: `header` reads each header (size, channels, pixel '
+             'type), `full` also decodes every PNG/JPEG whole (finds corrupt pixel data and NaN/inf pixels before the '
+             'first epoch); TIFFs and slides are opened at the chosen level, never decoded whole')
+    kind: Literal["images", "sequences"] = _field("images",
+        help="`images`, or `sequences`: `(C, L)` sequences from `data.root`'s `train.npz`/`val.npz` (`patchgd prepare "
+             'aeon`)')
+    group_column: str | None = _field(None,
+        help="a CSV column of groups (patient or case ids): `data.val_fraction` splits by group (scikit-learn's "
+             '`StratifiedGroupKFold`), a fold or validation CSV that puts a group on both sides is an error naming it')
 
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """Training-time augmentation, drawn per image and step, of images in memory and slides read in pieces
-    alike (:mod:`patchgd.data.augment`), so the patch grid and Z stay aligned with the image: ``flip``
-    (left-right and up-down, each with probability 1/2), ``rotate90`` (a random multiple of 90 degrees;
-    images whose grid is not square only by 180), and colour jitter for stained (H&E) or natural images:
-    ``brightness``, ``contrast`` (about mid-grey), ``saturation``, ``hue`` (torchvision's) and ``hed``, the
-    strength of a stain jitter in haematoxylin-eosin-DAB space (0.05 is "HED-light" of Tellez et al.;
-    0 = off)."""
+    """Random augmentation of each training image, applied alike to the image and its patch grid.
 
-    flip: bool = False
-    rotate90: bool = False
-    brightness: float = _field(0.0, ge=0)
-    contrast: float = _field(0.0, ge=0)
-    saturation: float = _field(0.0, ge=0)
-    hue: float = _field(0.0, ge=0, le=0.5)
-    hed: float = _field(0.0, ge=0, le=1)
+    Every key's meaning is its field's ``help``: :func:`reference` lists them all."""
+
+    flip: bool = _field(False, help='random flips of each training image (slides too)')
+    rotate90: bool = _field(False,
+        help='random quarter turns of each training image (slides too; non-square grids turn by half turns)')
+    brightness: float = _field(0.0, ge=0, help='colour jitter: brightness (0 = off)')
+    contrast: float = _field(0.0, ge=0, help='colour jitter: contrast (0 = off)')
+    saturation: float = _field(0.0, ge=0, help='colour jitter: saturation (0 = off; needs `model.in_chans: 3`)')
+    hue: float = _field(0.0, ge=0, le=0.5, help='colour jitter: hue (0 = off; needs `model.in_chans: 3`)')
+    hed: float = _field(0.0, ge=0, le=1, help='HED stain jitter strength (0 = off; needs `model.in_chans: 3`)')
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """The optimisation loop. ``schedule: paper`` warms up linearly from 0 over ``warmup_epochs``, then
-    decays linearly to half the peak ``lr`` at the last step. ``batch_size`` is per process: under
-    ``torchrun`` the global batch is ``batch_size`` times the processes. ``sync_batchnorm`` makes BatchNorm
-    use the statistics of every process's batch (CUDA only); without it they are per process. Every
-    ``heatmap_every`` epochs (0: never) a PatchGD run writes occlusion heatmaps and ``Z`` pictures of
-    ``heatmap_images`` validation images. ``log_every`` batches between progress lines when output is not
-    a terminal; ``threads`` sets torch's CPU threads (null: torch's default); ``tensorboard`` writes event
-    files into the run directory; ``patience`` stops after that many epochs without a better validation
-    accuracy; ``balanced_sampler`` draws training images with probability inversely proportional to their
-    class's frequency. ``micro_batch_size`` (GD and GD-extended) splits each batch into micro-batches whose
-    gradients accumulate into one update; with ``memory.budget`` the planner keeps ``batch_size`` and picks
-    the largest micro-batch that fits. ``backbone_lr`` is the peak rate of the pretrained encoder's
-    parameters (default ``lr``; the projection, the head and a GD classifier keep ``lr``), and
-    ``layer_decay`` scales it down layer by layer towards the stem (BEiT/timm style: the encoder's last
-    group gets ``backbone_lr``, each group below it ``layer_decay`` times the one above)."""
+    """Optimisation, schedule, device, logging and what each epoch writes.
 
-    epochs: int = _field(10, ge=1)
-    batch_size: int = _field(8, ge=1)
-    lr: float = _field(1e-3, gt=0)
-    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
-    weight_decay: float = _field(0.0, ge=0)
-    momentum: float = _field(0.9, ge=0)
-    schedule: Literal["paper", "constant"] = "paper"
-    warmup_epochs: float = _field(2.0, ge=0)
-    amp: Literal["bf16", "fp16"] | None = None
-    seed: int = _field(0, ge=0)
-    device: str = _field("auto", pattern=r"auto|cpu|cuda(:\d+)?")
-    eval_batch_size: int | None = _field(None, ge=1)
-    log_every: int = _field(10, ge=1)
-    sync_batchnorm: bool = False
-    heatmap_every: int = _field(0, ge=0)
-    heatmap_images: int = _field(4, ge=1)
-    threads: int | None = _field(None, ge=1)
-    tensorboard: bool = False
-    patience: int | None = _field(None, ge=1)
-    balanced_sampler: bool = False
-    micro_batch_size: int | None = _field(None, ge=1)
-    backbone_lr: float | None = _field(None, gt=0)
-    layer_decay: float | None = _field(None, gt=0, le=1)
+    Every key's meaning is its field's ``help``: :func:`reference` lists them all."""
+
+    epochs: int = _field(10, ge=1, help='epochs to train')
+    batch_size: int = _field(8, ge=1, help='images per step (per process under `torchrun`)')
+    lr: float = _field(1e-3, gt=0, help='peak learning rate')
+    optimizer: Literal["adam", "adamw", "sgd"] = _field("adam", help='`adam`, `adamw` or `sgd`')
+    weight_decay: float = _field(0.0, ge=0, help='weight decay of the optimizer')
+    momentum: float = _field(0.9, ge=0, help='momentum of SGD')
+    schedule: Literal["paper", "constant"] = _field("paper",
+        help='`paper`: linear warm-up from 0, then linear decay to half the peak at the last step, stepped per batch; '
+             '`constant`')
+    warmup_epochs: float = _field(2.0, ge=0, help='epochs of linear warm-up of the `paper` schedule')
+    amp: Literal["bf16", "fp16"] | None = _field(None,
+        help='mixed precision: `bf16` (CPU and CUDA) or `fp16` (CUDA, with a gradient scaler)')
+    seed: int = _field(0, ge=0, help='seed of the data order, the sampled cells and the weights')
+    device: str = _field("auto", pattern=r"auto|cpu|cuda(:\d+)?", help='`auto`, `cpu`, `cuda` or `cuda:N`')
+    eval_batch_size: int | None = _field(None, ge=1, help='batch size of evaluation (default `train.batch_size`)')
+    log_every: int = _field(10, ge=1,
+        help="batches between progress lines when output is not a terminal (and TensorBoard's step loss)")
+    sync_batchnorm: bool = _field(False,
+        help="under `torchrun`, BatchNorm with the statistics of every process's batch (SyncBatchNorm; CUDA only); "
+             'without it they are per process')
+    heatmap_every: int = _field(0, ge=0,
+        help='every N epochs (0: never) write occlusion heatmaps and `Z` pictures of fixed validation images into '
+             '`RUN_DIR/heatmaps/epochNNN/`')
+    heatmap_images: int = _field(4, ge=1, help='how many validation images `heatmap_every` explains')
+    threads: int | None = _field(None, ge=1, help="CPU threads of torch (null: torch's default)")
+    tensorboard: bool = _field(False,
+        help="write TensorBoard events to `RUN_DIR/tensorboard` (`pip install 'patchgd[tensorboard]'`)")
+    patience: int | None = _field(None, ge=1, help='stop after this many epochs without a better validation accuracy')
+    balanced_sampler: bool = _field(False, help="draw training images inversely to their class's frequency")
+    micro_batch_size: int | None = _field(None, ge=1,
+        help='GD and GD-extended: split each batch into micro-batches of this many images and accumulate their '
+             'gradients into one update; with `memory.budget` the planner picks the largest that fits')
+    backbone_lr: float | None = _field(None, gt=0,
+        help='peak learning rate of the pretrained encoder (default `train.lr`; the projection, the head and a GD '
+             'classifier keep `train.lr`)')
+    layer_decay: float | None = _field(None, gt=0, le=1,
+        help="layer-wise decay of the encoder's rate: its last layer group gets `backbone_lr`, each group below it "
+             "`layer_decay` times the one above (timm's `group_matcher`)")
 
 
 @dataclass(frozen=True)
 class PatchGDConfig:
-    """Algorithm 1: the fraction ``sampling`` of patches per inner iteration (or an absolute
-    ``patches_per_step`` k per image, which keeps memory fixed as images grow), ``max_sampled`` of them
-    per batch; ``inner_iterations`` (ζ) and ``grad_accum_steps`` (ε) are derived from those when null.
-    ``parallel_fill`` (under ``torchrun``) has all processes work on the same batch and split the fill of
-    its cells among them: for images whose fill dominates a step."""
+    """PatchGD's own settings: which cells carry gradients, how often it updates, how ``Z`` is filled.
 
-    sampling: float = _field(0.25, gt=0, le=1)
-    patches_per_step: int | None = _field(None, ge=1)
-    max_sampled: float = _field(1.0, gt=0)
-    inner_iterations: int | None = _field(None, ge=1)
-    grad_accum_steps: int | None = _field(None, ge=1)
-    fill_mode: Literal["train", "eval"] = "train"
-    fill_batch_size: int | None = _field(None, ge=1)
-    parallel_fill: bool = False
+    Every key's meaning is its field's ``help``: :func:`reference` lists them all."""
+
+    sampling: float = _field(0.25, gt=0, le=1,
+        help='fraction of cells per inner iteration: `k = ceil(sampling * m * n)` (memory grows with the image)')
+    patches_per_step: int | None = _field(None, ge=1,
+        help='`k` as a number of cells per image instead (memory fixed as images grow; `ζ` grows)')
+    max_sampled: float = _field(1.0, gt=0, help='fraction of cells per batch: `ζ = ceil(max_sampled / sampling)`')
+    inner_iterations: int | None = _field(None, ge=1, help='`ζ` directly')
+    grad_accum_steps: int | None = _field(None, ge=1,
+        help='`ε`: inner iterations per update (null: `ζ`, one update per batch)')
+    fill_mode: Literal["train", "eval"] = _field("train",
+        help="backbone mode while filling `Z` in training: `train` (the paper's code: BatchNorm on batch statistics) "
+             'or `eval` (running statistics)')
+    fill_batch_size: int | None = _field(None, ge=1,
+        help='patches per backbone call in the fill (default: in training those of one inner step, `B * k`; in '
+             'evaluate and predict one grid row of every image)')
+    parallel_fill: bool = _field(False,
+        help='under `torchrun`, all processes train on the same batch and split the fill of its cells among them (for '
+             'images whose fill dominates a step)')
 
 
 @dataclass(frozen=True)
 class MemoryConfig:
-    """A memory budget such as ``"4GB"``, or null for none. It bounds the training step's peak: on CUDA
-    the device peak of the caching allocator (the allocator is capped at it), on the CPU the step's
-    tensor peak (the process's RSS, reported beside it, also holds the interpreter and libraries)."""
+    """A memory budget for the training step, and how it is measured.
 
-    budget: str | None = None
+    Every key's meaning is its field's ``help``: :func:`reference` lists them all."""
+
+    budget: str | None = _field(None,
+        help='e.g. `4GB`: the planner picks the batch size (and `k`) whose measured peak fits: the device peak on '
+             'CUDA, the tensor peak on the CPU')
 
 
 @dataclass(frozen=True)
 class Config:
     """A whole run: the method, where it writes, and one section per concern."""
 
-    method: Literal["patchgd", "gd", "gd-extended"] = "patchgd"
-    output_dir: str = "runs/patchgd"
+    method: Literal["patchgd", "gd", "gd-extended"] = _field("patchgd",
+        help='`patchgd`, `gd` (the backbone with its own classifier on the whole image) or `gd-extended` (its unpooled'
+             " feature map and a head like PatchGD's)")
+    output_dir: str = _field("runs/patchgd", help='the run directory')
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -344,7 +362,7 @@ def _build(cls: type, raw: Any, prefix: str, where: str | None) -> Any:
             value = _coerce(value, hints[name])
         except TypeError:
             raise _error(where, key, value, _describe(hints[name])) from None
-        checks = fields[name].metadata
+        checks = fields[name].metadata["checks"]
         if value is not None and not all(_CHECKS[check][0](value, bound) for check, bound in checks.items()):
             raise _error(where, key, value, " and ".join(_CHECKS[c][1].format(b) for c, b in checks.items()))
         kwargs[name] = value
@@ -476,3 +494,46 @@ def check_paths(config: Config) -> None:
     if init is not None and not init.startswith("hf-hub:") and not Path(init).is_file():
         raise FileNotFoundError(f"model.init_backbone {init} does not exist; expected a patchgd checkpoint "
                                 "(best.pt) or a state-dict file, or hf-hub:ORG/NAME")
+
+
+REFERENCE_INTRO = """# Configuration reference
+
+A run is configured by one YAML file (`patchgd train --config FILE`) with `--set dotted.key=value`
+overrides on top; an unknown key, a value of the wrong type or one out of range is an error that names the
+file or the override, the key, the value and what was expected. Every run writes its resolved config to
+`RUN_DIR/config.yaml`. Configs are frozen: the code never changes one in place.
+
+This page is generated from the config dataclasses (`python -m patchgd.config > docs/configuration.md`);
+a test keeps it equal to them.
+"""
+
+
+def reference() -> str:
+    """The configuration reference as Markdown: per section, every key with its default, the values it
+    takes and what it means, from the dataclasses' fields."""
+    def rows(cls: type, prefix: str):
+        hints = get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            takes = _describe(hints[f.name]) + "".join(
+                f", {_CHECKS[c][1].format(b)}" for c, b in f.metadata["checks"].items())
+            shown = yaml.safe_dump(default, default_flow_style=True).removesuffix("...\n").strip()
+            yield (f"`{prefix}{f.name}`", f"`{shown}`", takes.replace("|", "\\|"),
+                   f.metadata["help"].replace("|", "\\|"))
+
+    sections = [("Top level", Config, "")] + [
+        (f"`{f.name}`", get_type_hints(Config)[f.name], f"{f.name}.") for f in dataclasses.fields(Config)
+        if dataclasses.is_dataclass(get_type_hints(Config)[f.name])]
+    parts = [REFERENCE_INTRO]
+    for title, cls, prefix in sections:
+        summary = (cls.__doc__ or "").split("\n\n")[0].strip()
+        table = ["| key | default | takes | meaning |", "|---|---|---|---|"]
+        table += ["| " + " | ".join(row) + " |" for row in rows(cls, prefix)]
+        parts.append(f"## {title}\n\n{summary}\n\n" + "\n".join(table) + "\n")
+    return "\n".join(parts)
+
+
+if __name__ == "__main__":
+    print(reference(), end="")

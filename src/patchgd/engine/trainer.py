@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +63,7 @@ def log_epoch(logger: RunLogger, epoch: int, lr: float, train_stats: dict, resul
                     "memory/process_peak_bytes": train_stats["peak_process_bytes"]}, epoch)
 
 
-def fit(cfg: Config, resume: str | Path | None = None, *, log=print) -> dict:
+def fit(cfg: Config, resume: str | Path | None = None, *, log: Callable[[str], None] = print) -> dict:
     """Train ``cfg`` (or resume the run in ``resume``), evaluating and checkpointing every epoch.
 
     The run directory (``cfg.output_dir``, or ``resume``) receives ``config.yaml`` (resolved: the classes

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -249,12 +250,15 @@ class GDClassifier(nn.Module):
         backbone: A timm model name, or any module mapping ``(B, C, H, W)`` to logits.
         num_classes: Number of classes.
         in_chans: Image channels (for a timm backbone).
-        pretrained, backbone_args, freeze, grad_checkpointing: Of a timm backbone, as for
-            :class:`PatchGDClassifier` (its classifier always trains).
+        pretrained: Pretrained weights of a timm backbone, as for :class:`PatchGDClassifier`.
+        backbone_args: Extra ``timm.create_model`` arguments.
+        freeze: None, ``"all"`` or the stem and first N stages/blocks (the classifier always trains).
+        grad_checkpointing: Gradient checkpointing in the backbone.
         img_size: Input size, for backbones built for one (ViTs).
         channels_last: Feed images in channels-last memory format.
-        mean, std: Per-channel normalisation of the [0, 1]-scaled pixels, done on the device (None: the
-            pretrained weights' own, else none).
+        mean: Per-channel mean of the [0, 1]-scaled pixels, subtracted on the device (None: the pretrained
+            weights' own, else none).
+        std: Per-channel standard deviation, as ``mean``.
     """
 
     def __init__(self, backbone: str | nn.Module, num_classes: int, *, in_chans: int = 3,
@@ -308,7 +312,7 @@ class GDExtendedClassifier(GDClassifier):
     """
 
     def __init__(self, backbone: str | nn.Module, num_classes: int, *, feature_dim: int | None = None,
-                 head: str | nn.Module = "conv", head_width: int = 256, head_dropout: float = 0.2, **encoder):
+                 head: str | nn.Module = "conv", head_width: int = 256, head_dropout: float = 0.2, **encoder: Any):
         if isinstance(backbone, str):
             # The unpooled map: no classifier, no pooling.
             super().__init__(backbone, 0, global_pool="", **encoder)
