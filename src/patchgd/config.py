@@ -29,6 +29,12 @@ import yaml
 from .io import atomic_file
 
 
+# The names a config may choose, each listed once: the schema's types below, the model and the method
+# registries read them from here (this module imports no torch, so it sits below them all).
+METHODS = ("patchgd", "gd", "gd-extended")
+HEADS = ("conv", "conv1d", "transformer", "attention")
+
+
 class ConfigError(ValueError):
     """A config file or override that does not fit the schema; the message says where, what and why."""
 
@@ -73,7 +79,7 @@ class ModelConfig:
     init_backbone: str | None = _field(None,
         help="start the backbone from a run's checkpoint, a state dict or an `hf-hub:` repository (the paper's App. C "
              'initialisation, e.g. from a low-resolution GD run)')
-    head: Literal["conv", "conv1d", "transformer", "attention"] = _field("conv",
+    head: Literal[HEADS] = _field("conv",
         help="`conv` (the paper's head), `conv1d` (the same head for sequences), `transformer` or `attention` (gated "
              'attention-MIL pooling over the cells)')
     head_depth: int = _field(2, ge=1, help='encoder layers of the transformer head')
@@ -267,7 +273,7 @@ class MemoryConfig:
 class Config:
     """A whole run: the method, where it writes, and one section per concern."""
 
-    method: Literal["patchgd", "gd", "gd-extended"] = _field("patchgd",
+    method: Literal[METHODS] = _field("patchgd",
         help='`patchgd`, `gd` (the backbone with its own classifier on the whole image) or `gd-extended` (its unpooled'
              " feature map and a head like PatchGD's)")
     output_dir: str = _field("runs/patchgd", help='the run directory')

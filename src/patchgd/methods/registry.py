@@ -1,17 +1,15 @@
-"""Methods by name: the one table behind :func:`create_model`, :func:`create_method` and the config."""
+"""Methods by name: :func:`create_model` and :func:`create_method` build what a method trains and steps
+(the names themselves are :data:`patchgd.config.METHODS`, which the config checks too)."""
 
 from __future__ import annotations
-
 
 import torch
 import torch.nn as nn
 
+from ..config import METHODS
 from ..model import GDClassifier, GDExtendedClassifier, PatchGDClassifier
 from .gd import GD
 from .patchgd import PatchGD
-
-
-METHODS = ("patchgd", "gd", "gd-extended")
 
 
 def create_model(method: str, backbone: str | nn.Module, num_classes: int, *, patch_size: int = 128,

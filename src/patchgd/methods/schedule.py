@@ -7,7 +7,6 @@ import math
 import torch
 
 
-
 def _ceil(x: float) -> int:
     """``ceil`` that ignores float noise: ``0.28 * 25`` is ``7.000000000000001``, meant as 7."""
     return math.ceil(round(x, 9))

@@ -9,13 +9,13 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..config import HEADS
 from ..grid import LazyImage, PatchGrid, SourceGrid, cell_mask
 from ..normalize import Normalize
 from .backbones import Conv1dEncoder, PatchEncoder, create_timm
 from .heads import AttentionMILHead, ConvHead, TransformerHead
 from .pretrained import encoder_normalization, resolve_encoder
 
-HEADS = ("conv", "conv1d", "transformer", "attention")
 
 __all__ = ["PatchGDClassifier", "GDClassifier", "GDExtendedClassifier"]
 
