@@ -45,8 +45,6 @@ def load_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> tu
     cfg = config_from_dict(state["config"], source=str(path))
     model = build_model(cfg, weights=False)  # the architecture alone: the weights are the checkpoint's
     model.load_state_dict(state["model"])
-    if cfg.method == "patchgd" and cfg.patchgd.fill_batch_size:
-        model.fill_batch_size = cfg.patchgd.fill_batch_size
     return model.to(device).eval(), cfg
 
 

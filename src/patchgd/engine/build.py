@@ -47,7 +47,8 @@ def resolve_weights(cfg: Config) -> Config:
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained_origin=origin))
 
 
-def build_model(cfg: Config, *, weights: bool = True) -> nn.Module:
+def build_model(cfg: Config, *, weights: bool = True, image_shape: tuple[int, ...] | None = None,
+                lazy: bool = False) -> nn.Module:
     """The model ``cfg.method`` trains, on the CPU.
 
     Args:
@@ -55,6 +56,9 @@ def build_model(cfg: Config, *, weights: bool = True) -> nn.Module:
             (:func:`resolve_weights`).
         weights: Load the pretrained weights; False builds the architecture alone, for a model whose state
             comes from a checkpoint (so rebuilding it never needs the hub or the weights file).
+        image_shape: One training item's shape, when the model is built to train (sets the fill chunk,
+            :func:`fill_chunk`).
+        lazy: The training items are read in pieces (slides).
     """
     m = cfg.model
     pretrained = m.pretrained_origin if weights else architecture_only(m.pretrained_origin)
@@ -70,7 +74,8 @@ def build_model(cfg: Config, *, weights: bool = True) -> nn.Module:
                         head_width=m.head_width, head_dropout=m.head_dropout, head_depth=m.head_depth,
                         head_heads=m.head_heads, pad_value=cfg.data.pad_value,
                         image_size=cfg.data.image_size, channels_last=m.channels_last, mean=cfg.data.mean,
-                        std=cfg.data.std, fill_workers=cfg.data.num_workers)
+                        std=cfg.data.std, fill_workers=cfg.data.num_workers,
+                        fill_batch_size=fill_chunk(cfg, image_shape, lazy))
 
 
 def init_backbone(model: nn.Module, path: str | Path) -> int:
@@ -197,6 +202,16 @@ def build_method(cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer
                          inner_iterations=p.inner_iterations,
                          grad_accum_steps=p.grad_accum_steps, fill_mode=p.fill_mode,
                          fill_batch_size=p.fill_batch_size, generator=generator)
+
+
+def fill_chunk(cfg: Config, image_shape: tuple[int, ...] | None = None, lazy: bool = False) -> int | None:
+    """PatchGD's fill chunk (patches per backbone call), decided here only: ``patchgd.fill_batch_size`` when
+    set; else, training on items in memory of ``image_shape``, the ``B * k`` patches an inner iteration
+    holds anyway; else None, the model's own default of one grid row of every image per call (a slide's
+    ``B * k`` over its whole grid could be thousands of patches; evaluation and prediction)."""
+    if cfg.method != "patchgd" or cfg.patchgd.fill_batch_size or image_shape is None or lazy:
+        return cfg.patchgd.fill_batch_size if cfg.method == "patchgd" else None
+    return patches_per_step(cfg, image_shape)
 
 
 def patches_per_step(cfg: Config, image_shape: tuple[int, ...]) -> int:

@@ -173,11 +173,9 @@ def _measure(cfg: Config, image_shape: tuple[int, ...], device: torch.device) ->
     everything built as :func:`~patchgd.engine.trainer.fit` builds it; ``(None, None, {})`` if a capped CUDA
     device ran out of memory."""
     torch.manual_seed(cfg.train.seed)  # every trial starts from the same weights and data
-    model = build_model(cfg, weights=False).to(device)  # weights change no memory
+    model = build_model(cfg, weights=False, image_shape=image_shape).to(device)  # weights change no memory
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if cfg.method == "patchgd":
-        model.fill_batch_size = cfg.patchgd.fill_batch_size or patches_per_step(cfg, image_shape)
     optimizer = build_optimizer(cfg, model)
     method = build_method(cfg, model, optimizer, torch.Generator().manual_seed(cfg.train.seed))
     # Batches stay on the CPU as the data loader yields them (uint8 pixels); the step moves them, as in training.

@@ -37,7 +37,7 @@ from ..rundir import hold_run_dir
 from ..runlog import RunLogger
 from ..skips import SKIPPED_FILE, SkipLog
 from .build import (build_method, build_model, build_optimizer, build_scheduler, describe_normalization,
-                    init_backbone, patches_per_step, resolve_device, resolve_weights)
+                    init_backbone, resolve_device, resolve_weights)
 from .data import (SPLIT_FILE, build_augmentation, build_datasets, build_train_loader, describe_data, first_item,
                    item_shape, origin_of, resolve_classes, train_loader_drops_last, write_split)
 from .loop import DivergenceError, evaluate, train_one_epoch, write_validation_heatmaps
@@ -209,7 +209,7 @@ def build_run(cfg: Config, device: torch.device, train_set, val_set, run_dir: Pa
     if cfg.memory.budget is not None and not resuming:
         cfg = plan_run(cfg, train_set, image_shape, lazy, device, log)
 
-    model = build_training_model(cfg, device, resuming, log)
+    model = build_training_model(cfg, device, resuming, image_shape, lazy, log)
     # The patch-parallel fill has every process work on the same images, hence the same random draws.
     shared = cfg.method == "patchgd" and cfg.patchgd.parallel_fill and distributed.world_size() > 1
     if shared and lazy:
@@ -217,14 +217,10 @@ def build_run(cfg: Config, device: torch.device, train_set, val_set, run_dir: Pa
                          "read in pieces (a slide): leave parallel_fill off (each process fills its own slides)")
     if distributed.world_size() > 1 and not shared:  # other images per process: other dropout and cells
         generator = seed_everything(cfg.train.seed + 1_000_003 * distributed.rank())
-    if cfg.method == "patchgd":
-        # A slide's B * k over its whole grid could be thousands of patches: its evaluation fills one grid
-        # row of every image per call (the model's default) unless fill_batch_size is set.
-        model.fill_batch_size = cfg.patchgd.fill_batch_size or (None if lazy else patches_per_step(cfg, image_shape))
-        if lazy and cfg.patchgd.patches_per_step is None:
-            log(f"patchgd.sampling={cfg.patchgd.sampling} is a share of each slide's tissue cells: the patches that "
-                "carry gradients, most of a step's memory, grow with the slides; patchgd.patches_per_step "
-                "(e.g. 16) keeps memory the same for any slide")
+    if cfg.method == "patchgd" and lazy and cfg.patchgd.patches_per_step is None:
+        log(f"patchgd.sampling={cfg.patchgd.sampling} is a share of each slide's tissue cells: the patches that "
+            "carry gradients, most of a step's memory, grow with the slides; patchgd.patches_per_step "
+            "(e.g. 16) keeps memory the same for any slide")
     optimizer = build_optimizer(cfg, model)
     method = build_method(cfg, model, optimizer, generator)
     if shared:
@@ -280,9 +276,11 @@ def plan_run(cfg: Config, train_set, image_shape: tuple[int, ...], lazy: bool, d
     return plan.apply(cfg)
 
 
-def build_training_model(cfg: Config, device: torch.device, resuming: bool, log) -> nn.Module:
-    """The model on ``device``: its weights (a new run), the backbone's App. C start, SyncBatchNorm."""
-    model = build_model(cfg, weights=not resuming)
+def build_training_model(cfg: Config, device: torch.device, resuming: bool, image_shape: tuple[int, ...],
+                         lazy: bool, log) -> nn.Module:
+    """The model on ``device``: its weights (a new run), its fill chunk for these items, the backbone's App. C
+    start, SyncBatchNorm."""
+    model = build_model(cfg, weights=not resuming, image_shape=image_shape, lazy=lazy)
     log(describe_normalization(cfg, model))
     if cfg.model.init_backbone is not None and not resuming:
         loaded = init_backbone(model, cfg.model.init_backbone)

@@ -18,7 +18,7 @@ def create_model(method: str, backbone: str | nn.Module, num_classes: int, *, pa
                  grad_checkpointing: bool = False, head: str = "conv", head_width: int = 256,
                  head_dropout: float = 0.2, head_depth: int = 2, head_heads: int = 4, pad_value: float = 0.0, image_size: int | None = None,
                  channels_last: bool = False, mean: list[float] | None = None, std: list[float] | None = None,
-                 fill_workers: int = 0) -> nn.Module:
+                 fill_workers: int = 0, fill_batch_size: int | None = None) -> nn.Module:
     """Build the model a method trains.
 
     Args:
@@ -45,13 +45,16 @@ def create_model(method: str, backbone: str | nn.Module, num_classes: int, *, pa
         mean: Per-channel mean of the [0, 1]-scaled pixels (the model normalises on the device).
         std: Per-channel standard deviation.
         fill_workers: PatchGD's reader processes for disk-backed images while filling ``Z``.
+        fill_batch_size: PatchGD's patches per backbone call while filling ``Z`` (None: one grid row of every
+            image per call).
     """
     encoder = dict(in_chans=in_chans, pretrained=pretrained, backbone_args=backbone_args, freeze=freeze,
                    grad_checkpointing=grad_checkpointing, channels_last=channels_last, mean=mean, std=std)
     if method == "patchgd":
         return PatchGDClassifier(backbone, num_classes, patch_size, latent_dim, head, pad_value=pad_value,
                                  head_width=head_width, head_dropout=head_dropout, head_depth=head_depth,
-                                 head_heads=head_heads, fill_workers=fill_workers, **encoder)
+                                 head_heads=head_heads, fill_workers=fill_workers, fill_batch_size=fill_batch_size,
+                                 **encoder)
     if head != "conv":
         raise ValueError(f"head={head!r} is PatchGD's; the {method} baseline has its own classifier or conv head")
     common = dict(img_size=image_size, **encoder)
