@@ -84,7 +84,9 @@ CASES = {"patchgd eps=1": 1, "patchgd eps=zeta": ZETA, "patchgd eps=2, partial l
          "patchgd parallel fill": 2}  # both processes hold the global batch and split its fill
 
 
-def _build(case):
+def _build(case, processes=False):
+    """The case's model and step; with ``processes``, built for the process group (DDP, and the parallel
+    fill in its case)."""
     torch.manual_seed(0)
     if case in ("gd", "gd micro-batches"):
         model = patchgd.GDClassifier(TinyEncoder(latent_dim=CLASSES), CLASSES)
@@ -95,9 +97,12 @@ def _build(case):
         model = patchgd.PatchGDClassifier(TinyEncoder(latent_dim=6), CLASSES, patch_size=P, latent_dim=6,
                                           head=TinyHead(6, CLASSES))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    parallel = processes and case == "patchgd parallel fill"
     method = patchgd.create_method(case.split()[0] if case.startswith("gd") else "patchgd", model, optimizer,
                                    micro_batch_size=1 if case == "gd micro-batches" else None,
-                                   inner_iterations=ZETA, grad_accum_steps=CASES[case], fill_batch_size=5)
+                                   inner_iterations=ZETA, grad_accum_steps=CASES[case], fill_batch_size=5,
+                                   wrap=distributed.ddp(torch.device("cpu")) if processes else None,
+                                   fill=functools.partial(distributed.parallel_fill, model) if parallel else None)
     return model, method
 
 
@@ -122,10 +127,7 @@ def _steps_worker(rank, out_dir):
     part = slice(rank * B // WORLD, (rank + 1) * B // WORLD)
     results = {}
     for case in CASES:
-        model, method = _build(case)
-        if case == "patchgd parallel fill":
-            method.fill = functools.partial(distributed.parallel_fill, model)
-        distributed.wrap(method)
+        model, method = _build(case, processes=True)
         calls = []
 
         def counting_allreduce(state, bucket):  # one call per gradient bucket that is all-reduced
@@ -385,8 +387,8 @@ def _nccl_entry(rank, port, out_dir):
         model, method = _build("patchgd eps=1")
         model.cuda()
         method = patchgd.create_method("patchgd", model, torch.optim.Adam(model.parameters(), lr=1e-2),
-                                       inner_iterations=ZETA, grad_accum_steps=1)
-        distributed.wrap(method)
+                                       inner_iterations=ZETA, grad_accum_steps=1,
+                                       wrap=distributed.ddp(torch.device("cuda", rank)))
         part = slice(rank * B // WORLD, (rank + 1) * B // WORLD)
         _train(method, "patchgd eps=1", [(i.cuda(), l.cuda(), [s.cuda() for s in sc]) for i, l, sc in _data()],
                part)

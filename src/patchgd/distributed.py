@@ -16,16 +16,19 @@ Example:
     >>> import patchgd
     >>> model = patchgd.PatchGDClassifier("test_resnet", num_classes=2, patch_size=32, latent_dim=8)
     >>> with process_group("auto"):                 # under torchrun, or alone
-    ...     model = model.to(local_device(torch.device("cpu")))
-    ...     method = patchgd.create_method("patchgd", model, torch.optim.Adam(model.parameters()))
-    ...     wrap(method)                            # DDP when there are several processes
+    ...     device = local_device(torch.device("cpu"))
+    ...     model = model.to(device)
+    ...     method = patchgd.create_method("patchgd", model, torch.optim.Adam(model.parameters()),
+    ...                                    wrap=ddp(device))  # DDP when there are several processes
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import os
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -33,7 +36,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset, DistributedSampler, Subset
 
-__all__ = ["process_group", "is_initialized", "rank", "world_size", "is_main", "local_device", "wrap",
+__all__ = ["process_group", "is_initialized", "rank", "world_size", "is_main", "local_device", "ddp",
            "convert_sync_batchnorm", "train_sampler", "eval_shard", "gather_in_order", "gather_objects",
            "broadcast_object", "broadcast_buffers", "mean_loss", "RankFailure", "parallel_fill", "barrier",
            "batch_note"]
@@ -107,19 +110,19 @@ def _backend_device() -> torch.device:
     return torch.device("cpu")
 
 
-def wrap(method) -> None:
-    """Put ``method``'s forward module under DistributedDataParallel when there are several processes.
+def ddp(device: torch.device) -> Callable[[nn.Module], nn.Module] | None:
+    """What puts a step's forward module under DistributedDataParallel on ``device`` when there are several
+    processes (the ``wrap`` of :func:`patchgd.create_method`); None alone.
 
     Buffers are not broadcast on every forward (BatchNorm running statistics are per process, like its
     batch statistics); :func:`broadcast_buffers` makes them rank 0's before evaluating and saving.
     """
     if world_size() == 1:
-        return
-    device = method.device
+        return None
     # Newer PyTorch renamed broadcast_buffers (and warns about the old name); both keep the sync at init.
     option = "forward_sync_buffers" if "forward_sync_buffers" in _DDP_OPTIONS else "broadcast_buffers"
-    method.forward_module = DistributedDataParallel(
-        method.forward_module, device_ids=[device] if device.type == "cuda" else None, **{option: False})
+    return functools.partial(DistributedDataParallel, device_ids=[device] if device.type == "cuda" else None,
+                             **{option: False})
 
 
 def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:

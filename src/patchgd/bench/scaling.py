@@ -38,17 +38,16 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def _trainer(args: argparse.Namespace, device: torch.device):
+def _trainer(args: argparse.Namespace, device: torch.device, wrap=None):
     model = build_model(args.method, args, device)
     return create_method(args.method, model, torch.optim.Adam(model.parameters(), lr=1e-4), amp=args.amp,
-                         sampling=args.sampling)
+                         sampling=args.sampling, wrap=wrap)
 
 
 def measure(args: argparse.Namespace, size: int, device: torch.device) -> dict:
     """Time a training step alone and together (and PatchGD's fill) on ``size`` x ``size`` images."""
     world = distributed.world_size()
-    alone, together = _trainer(args, device), _trainer(args, device)
-    distributed.wrap(together)
+    alone, together = _trainer(args, device), _trainer(args, device, wrap=distributed.ddp(device))
     torch.manual_seed(args.seed + distributed.rank())  # each process its own images, as in training
     images = torch.randn(args.batch_size, 3, size, size, device=device)
     labels = torch.randint(0, args.num_classes, (args.batch_size,), device=device)

@@ -222,10 +222,8 @@ def build_run(cfg: Config, device: torch.device, train_set, val_set, run_dir: Pa
             "carry gradients, most of a step's memory, grow with the slides; patchgd.patches_per_step "
             "(e.g. 16) keeps memory the same for any slide")
     optimizer = build_optimizer(cfg, model)
-    method = build_method(cfg, model, optimizer, generator)
-    if shared:
-        method.fill = functools.partial(distributed.parallel_fill, model)
-    distributed.wrap(method)
+    method = build_method(cfg, model, optimizer, generator, wrap=distributed.ddp(device),
+                          fill=functools.partial(distributed.parallel_fill, model) if shared else None)
 
     sampler = distributed.train_sampler(train_set, cfg.train.seed, shared=shared)
     loader_generator = torch.Generator()

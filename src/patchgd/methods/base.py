@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -36,17 +36,18 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
 class Step:
     """What every method shares: device, mixed precision, label checks and the optimizer update.
 
-    ``forward_module`` is the module whose forward carries gradients; :func:`patchgd.distributed.wrap`
-    puts it under DistributedDataParallel, and :meth:`gradient_sync` says when its backward all-reduces.
+    ``forward_module`` is the module whose forward carries gradients (the model, or a subclass's own);
+    ``wrap``, when given, is applied to it once here (:func:`patchgd.distributed.ddp` puts it under
+    DistributedDataParallel), and :meth:`gradient_sync` says when its backward all-reduces.
     """
 
-    forward_module: nn.Module
-
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, amp: str | None = None):
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, amp: str | None = None, *,
+                 forward_module: nn.Module | None = None, wrap: Callable[[nn.Module], nn.Module] | None = None):
         if amp not in AMP_DTYPES:
             raise ValueError(f"amp must be one of None, 'bf16', 'fp16'; got {amp!r}")
         self.model = model
-        self.forward_module = model
+        forward_module = model if forward_module is None else forward_module
+        self.forward_module = forward_module if wrap is None else wrap(forward_module)
         self.optimizer = optimizer
         self.device = next(model.parameters()).device
         if amp == "fp16" and self.device.type != "cuda":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -24,11 +25,13 @@ class GD(Step):
         optimizer: Optimizer over the model's parameters.
         amp: ``None``, ``"bf16"`` or ``"fp16"`` (CUDA).
         micro_batch_size: Images per forward/backward; None: the whole batch at once.
+        wrap: Applied once to the model as the module whose forward carries gradients (DDP under
+            ``torchrun``: :func:`patchgd.distributed.ddp`).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, amp: str | None = None,
-                 micro_batch_size: int | None = None):
-        super().__init__(model, optimizer, amp)
+                 micro_batch_size: int | None = None, *, wrap: Callable[[nn.Module], nn.Module] | None = None):
+        super().__init__(model, optimizer, amp, wrap=wrap)
         if micro_batch_size is not None and micro_batch_size < 1:
             raise ValueError(f"micro_batch_size={micro_batch_size}; expected at least 1 image")
         self.micro_batch_size = micro_batch_size

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -62,8 +62,9 @@ class PatchGD(Step):
                  max_sampled: float = 1.0, inner_iterations: int | None = None,
                  grad_accum_steps: int | None = None, *, patches_per_step: int | None = None,
                  fill_mode: str = "train", fill_batch_size: int | None = None, amp: str | None = None,
-                 generator: torch.Generator | None = None):
-        super().__init__(model, optimizer, amp)
+                 generator: torch.Generator | None = None, fill: Callable | None = None,
+                 wrap: Callable[[nn.Module], nn.Module] | None = None):
+        super().__init__(model, optimizer, amp, forward_module=InnerIteration(model), wrap=wrap)
         if not 0 < sampling <= 1:
             raise ValueError(f"sampling must be a fraction in (0, 1], got {sampling}")
         if not max_sampled > 0:
@@ -82,9 +83,7 @@ class PatchGD(Step):
         self.fill_mode = fill_mode
         self.fill_batch_size = fill_batch_size
         self.generator = generator
-        self.forward_module = InnerIteration(model)
-        # How Z is filled; distributed.parallel_fill replaces it to split one batch's cells over processes.
-        self.fill = model.fill_z
+        self.fill = fill or model.fill_z
 
     def schedule_for(self, grid: PatchGrid | SourceGrid,
                      schedule: Sequence[torch.Tensor] | None) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.nn as nn
 
@@ -67,14 +70,16 @@ def create_model(method: str, backbone: str | nn.Module, num_classes: int, *, pa
 
 
 def create_method(method: str, model: nn.Module, optimizer: torch.optim.Optimizer, *, amp: str | None = None,
-                  micro_batch_size: int | None = None, **patchgd_options) -> PatchGD | GD:
-    """The step object for ``method``; ``patchgd_options`` go to :class:`PatchGD` (ignored by GD), and
-    ``micro_batch_size`` to :class:`GD` (PatchGD bounds its memory with ``sampling`` instead)."""
+                  micro_batch_size: int | None = None, wrap: Callable[[nn.Module], nn.Module] | None = None,
+                  **patchgd_options: Any) -> PatchGD | GD:
+    """The step object for ``method``; ``patchgd_options`` go to :class:`PatchGD` (ignored by GD),
+    ``micro_batch_size`` to :class:`GD` (PatchGD bounds its memory with ``sampling`` instead), ``wrap`` (DDP)
+    to both."""
     if method == "patchgd":
         if micro_batch_size is not None:
             raise ValueError("train.micro_batch_size splits the batches of gd and gd-extended; PatchGD bounds its "
                              "memory with patchgd.sampling or patchgd.patches_per_step instead")
-        return PatchGD(model, optimizer, amp=amp, **patchgd_options)
+        return PatchGD(model, optimizer, amp=amp, wrap=wrap, **patchgd_options)
     if method in ("gd", "gd-extended"):
-        return GD(model, optimizer, amp=amp, micro_batch_size=micro_batch_size)
+        return GD(model, optimizer, amp=amp, micro_batch_size=micro_batch_size, wrap=wrap)
     raise ValueError(f"unknown method {method!r}: expected one of {', '.join(METHODS)}")
