@@ -177,9 +177,14 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     return optimizer(groups, lr=t.lr, weight_decay=t.weight_decay)
 
 
-def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
+def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int, steps_done: int = 0):
     """The paper's schedule (App. C), stepped once per batch: linear warm-up from 0 over
-    ``warmup_epochs``, then linear decay reaching half the peak at the last step; or a constant rate."""
+    ``warmup_epochs``, then linear decay reaching half the peak at the last step; or a constant rate.
+
+    Every group's rate is its peak (``initial_lr``, as torch's schedulers keep it in the optimizer's state)
+    times the same factor, so a run resumes from the step count alone: ``steps_done`` after the optimizer's
+    state is loaded gives the rate of that step, of the schedule as now configured (a raised
+    ``train.epochs`` stretches it)."""
     total = cfg.train.epochs * steps_per_epoch
     warmup = min(round(cfg.train.warmup_epochs * steps_per_epoch), total - 1)
 
@@ -190,7 +195,7 @@ def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epo
             return step / warmup
         return 1.0 - 0.5 * (step - warmup) / max(total - 1 - warmup, 1)
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=steps_done - 1)
 
 
 def build_method(cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer,

@@ -48,16 +48,11 @@ def restore_rng_states(states: dict, generator: torch.Generator) -> None:
         torch.cuda.set_rng_state_all([state.cpu() for state in states["cuda"]])
 
 
-def restore_training_state(state: dict, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
-                           scaler) -> None:
-    """Load a checkpoint's model, optimizer, scheduler and gradient scaler states."""
+def restore_training_state(state: dict, model: nn.Module, optimizer: torch.optim.Optimizer, scaler) -> None:
+    """Load a checkpoint's model, optimizer and gradient scaler states (the schedule needs only the step
+    count: :func:`patchgd.engine.build.build_scheduler`)."""
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    # Recompute the current rate from the schedule as it is now built: the same value when nothing
-    # changed, the stretched schedule's value at this step when train.epochs was raised.
-    scheduler.last_epoch -= 1
-    scheduler.step()
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
 

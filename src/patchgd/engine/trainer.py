@@ -301,7 +301,9 @@ def resume_run(run: TrainingRun, state: dict, run_dir: Path, log) -> RunProgress
         raise ValueError(f"--resume {run_dir}: the training set gives {len(run.train_loader)} batches per epoch "
                          f"({len(run.train_set)} images) but gave {state['steps_per_epoch']} when the run "
                          "started; the learning-rate schedule depends on it. Start a new run")
-    restore_training_state(state, run.model, run.optimizer, run.scheduler, run.method.scaler)
+    restore_training_state(state, run.model, run.optimizer, run.method.scaler)
+    run.scheduler = build_scheduler(run.cfg, run.optimizer, len(run.train_loader),
+                                    steps_done=state["epoch"] * len(run.train_loader))
     per_rank = state.get("rng_ranks") or [state["rng"]]
     if len(per_rank) == distributed.world_size():
         restore_rng_states(per_rank[distributed.rank()], run.generator)
