@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import patchgd
 from patchgd.config import AugmentConfig
 from patchgd.data.augment import Augment, ColourJitter, hed_jitter
-from patchgd.data.sources import ArraySource, open_source
+from patchgd.data.readers import ArraySource, open_source
 from patchgd.grid import LazyImage, Orientation, PatchGrid, SourceGrid
 from patchgd.model.heads import ConvHead
 from patchgd.normalize import to_unit_range

@@ -15,7 +15,7 @@ import patchgd
 from patchgd.cli import main
 from patchgd.data.datasets import ImageCSVDataset
 from patchgd.data.errors import DataError, Skipped
-from patchgd.data.sources import open_source
+from patchgd.data.readers import open_source
 from patchgd.grid import LazyImage
 from patchgd.skips import SkipLog, drop_skipped, run_skipping
 
@@ -110,7 +110,7 @@ def test_drop_skipped_restacks_images_in_memory_and_errors_naming_no_image_propa
 
 
 def open_source_array():
-    from patchgd.data.sources import ArraySource
+    from patchgd.data.readers import ArraySource
 
     return ArraySource(np.zeros((3, 64, 64), np.uint8), path="fine.tif")
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 import patchgd
-from patchgd.data.sources import ArraySource, open_source
+from patchgd.data.readers import ArraySource, open_source
 from patchgd.grid import LazyImage, SourceGrid
 from patchgd.model.heads import ConvHead
 from patchgd.methods import sample_schedule

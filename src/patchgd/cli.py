@@ -237,7 +237,7 @@ def cmd_predict(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from .data.sources import open_source
+    from .data.readers import open_source
     from .data.tissue import tissue_cells
     from .plots import plot_slide_grid
 

@@ -209,7 +209,7 @@ class Orientation:
 
 @dataclass(eq=False)
 class LazyImage:
-    """One image read in pieces: a :class:`~patchgd.data.sources.PatchSource` and the tissue cells of its grid,
+    """One image read in pieces: a :class:`~patchgd.data.readers.PatchSource` and the tissue cells of its grid,
     seen through an augmentation drawn for one training step.
 
     The augmented image is the source padded to its grid of ``p``-pixel cells, then flipped and turned by

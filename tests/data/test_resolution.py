@@ -9,7 +9,7 @@ import tifffile
 from patchgd.cli import main
 from patchgd.data.datasets import ImageCSVDataset
 from patchgd.data.errors import DataError
-from patchgd.data.sources import open_source
+from patchgd.data.readers import open_source
 
 from slide_files import he_tile
 

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from patchgd.data.errors import DataError
-from patchgd.data.sources import (
+from patchgd.data.readers import (
     ArraySource,
     ImageFileSource,
     OpenSlideSource,

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from patchgd.data.sources import OpenSlideSource, TiffSource, open_source
+from patchgd.data.readers import OpenSlideSource, TiffSource, open_source
 from patchgd.data.synthetic import write_synthetic_slide
 from patchgd.data.tissue import tissue_mask
 

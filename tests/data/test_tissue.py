@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from patchgd.data.sources import ArraySource, open_source
+from patchgd.data.readers import ArraySource, open_source
 from patchgd.data.tissue import cell_fractions, hsv_saturation, tissue_mask, tissue_pixels
 from slide_files import he_tile, write_pyramid_tiff
 

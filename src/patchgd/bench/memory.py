@@ -21,7 +21,7 @@ from pathlib import Path
 import tifffile
 import torch
 
-from ..data.sources import open_source
+from ..data.readers import open_source
 from ..grid import LazyImage, grid_shape
 from ..io import atomic_file
 from ..memory import PeakMemory, format_size

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from patchgd.data.errors import DataError, Skipped
 from patchgd.data.images import IMAGE_EXTENSIONS, check_images
 from patchgd.data.intensity import Intensity, prepare_pixels
-from patchgd.data.sources import SLIDE_EXTENSIONS, ArraySource, open_source
+from patchgd.data.readers import SLIDE_EXTENSIONS, ArraySource, open_source
 from patchgd.grid import LazyImage
 from patchgd.runlog import Progress
 from patchgd.normalize import to_unit_range

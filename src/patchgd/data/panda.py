@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from patchgd.io import atomic_directory
 from patchgd.data.datasets import ImageCSVDataset
-from patchgd.data.sources import open_source
+from patchgd.data.readers import open_source
 
 ISUP_GRADES = 6
 WHITE = (255, 255, 255)  # slide background: padding with it adds no tissue-like content
@@ -108,7 +108,7 @@ def read_slide(path: str | Path, size: int) -> Image.Image:
     """Read a slide as RGB with its long side at most ``size``, never decoding a whole large level.
 
     The smallest pyramid level whose long side is at least ``size`` (level 0 if none is) is read in
-    strips, each shrunk as it is read (see :meth:`patchgd.data.sources.PatchSource.thumbnail`), so memory
+    strips, each shrunk as it is read (see :meth:`patchgd.data.readers.PatchSource.thumbnail`), so memory
     stays near that of the result. Levels are what OpenSlide or tifffile find: SubIFDs, reduced pages or,
     as in PANDA's files, further pages holding downsampled copies.
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from patchgd.data.sources import PatchSource
+from patchgd.data.readers import PatchSource
 
 __all__ = ["cell_fractions", "hsv_saturation", "tissue_cells", "tissue_mask", "tissue_pixels"]
 
