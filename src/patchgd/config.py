@@ -33,6 +33,8 @@ from .io import atomic_file
 # registries read them from here (this module imports no torch, so it sits below them all).
 METHODS = ("patchgd", "gd", "gd-extended")
 HEADS = ("conv", "conv1d", "transformer", "attention")
+TISSUE_METHODS = ("otsu", "none")
+ON_ERROR = ("stop", "skip")  # what a data set does with a file it cannot read
 
 
 class ConfigError(ValueError):
@@ -141,12 +143,12 @@ class DataConfig:
     slide_mpp: float | None = _field(None, gt=0,
         help="every slide's microns per pixel at level 0, instead of its metadata (a CSV column `mpp` gives one "
              "slide's)")
-    on_error: Literal["stop", "skip"] = _field("stop",
+    on_error: Literal[ON_ERROR] = _field("stop",
         help='`stop`: an image that cannot be opened or decoded stops the run; `skip`: it leaves the data set or the '
              'epoch and is listed in `skipped.csv`')
     max_skipped: float = _field(0.05, ge=0, le=1,
         help="with `on_error: skip`, more than this share of an epoch's images skipped stops the run")
-    tissue: Literal["otsu", "none"] = _field("otsu",
+    tissue: Literal[TISSUE_METHODS] = _field("otsu",
         help='`otsu`: cells of a slide (any file read in pieces) whose tissue fraction is below `data.tissue_fraction`'
              ' are background, never sampled nor encoded; `none`: every cell')
     tissue_fraction: float = _field(0.1, ge=0, le=1, help='least tissue fraction of an encoded cell')

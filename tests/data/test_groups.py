@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from patchgd.config import load_config
-from patchgd.data.datasets import ImageCSVDataset, check_groups_apart, grouped_folds, stratified_split
+from patchgd.data.datasets import ImageCSVDataset
+from patchgd.data.layouts import check_groups_apart, grouped_folds, stratified_split
 from patchgd.data.errors import DataError
 from patchgd.engine.data import build_datasets, write_split
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from patchgd.data.datasets import ImageCSVDataset, ImageFolderDataset, stratified_split
+from patchgd.data.datasets import ImageCSVDataset, ImageFolderDataset
+from patchgd.data.layouts import stratified_split
 from patchgd.data.errors import DataError
 
 

@@ -1,14 +1,10 @@
-"""Datasets of images: listed in a CSV file (UltraMNIST's ``image_id,label``, PANDA's
-``image_id,isup_grade[,kfold]``, labels as integers or class names) or sorted into class folders,
-whole-slide files among them; the stratified validation split; the collate that batches them; and the
-per-channel statistics that ``data.mean``/``data.std`` take."""
+"""Datasets of images: listed in a CSV file or sorted into class folders (the layouts:
+:mod:`patchgd.data.layouts`), whole-slide files among them; loading an item, the collate that batches
+them, and the per-channel statistics that ``data.mean``/``data.std`` take."""
 
 from __future__ import annotations
 
-import csv
 import functools
-import math
-import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -19,22 +15,21 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from patchgd.config import ON_ERROR, TISSUE_METHODS
 from patchgd.data.errors import DataError, Skipped
-from patchgd.data.images import IMAGE_EXTENSIONS, check_images
+from patchgd.data.images import check_images
 from patchgd.data.intensity import Intensity, prepare_pixels
-from patchgd.data.readers import SLIDE_EXTENSIONS, ArraySource, open_source
+from patchgd.data.layouts import (EXTENSIONS, FOLD_COLUMN, MPP_COLUMN, check_unique, class_folders, encode_labels,
+                                  find_images, list_images, mpp_column, pick_label_column, read_csv, require_column,
+                                  resolve_image_dir, select_fold)
+from patchgd.data.readers import ArraySource, open_source
 from patchgd.grid import LazyImage
-from patchgd.runlog import Progress
 from patchgd.normalize import to_unit_range
+from patchgd.runlog import Progress
 
-LABEL_COLUMNS = ("label", "isup_grade")  # auto-detected in this order
-FOLD_COLUMN = "kfold"
-MPP_COLUMN = "mpp"  # optional: each slide's microns per pixel at level 0, where its file's is missing or wrong
+
 SPLITS = ("train", "val")
-TISSUE_METHODS = ("otsu", "none")
-ON_ERROR = ("stop", "skip")  # what a dataset does with a file it cannot read
-# Every file a dataset accepts; PNG and JPEG are always decoded whole, so they are not opened up front.
-EXTENSIONS = tuple(dict.fromkeys(IMAGE_EXTENSIONS + SLIDE_EXTENSIONS))
+# PNG and JPEG are always decoded whole, so they are not opened up front.
 _WHOLE_ONLY = (".png", ".jpg", ".jpeg")
 _THUMBNAIL_SIDE = 2048  # the picture of a slide that its statistics are computed from
 
@@ -255,23 +250,23 @@ class ImageCSVDataset(ImageDataset):
         if split is not None and split not in SPLITS:
             raise ValueError(f"split={split!r}; expected one of {SPLITS}")
         self.csv_path = Path(csv_path)
-        self.image_dir = _resolve_image_dir(self.csv_path, image_dir)
+        self.image_dir = resolve_image_dir(self.csv_path, image_dir)
 
-        rows, columns = _read_csv(self.csv_path)
-        self.label_column = _pick_label_column(self.csv_path, columns, label_column)
-        _require_column(self.csv_path, columns, id_column, "image id")
-        _check_unique(self.csv_path, rows, id_column, self.label_column)
+        rows, columns = read_csv(self.csv_path)
+        self.label_column = pick_label_column(self.csv_path, columns, label_column)
+        require_column(self.csv_path, columns, id_column, "image id")
+        check_unique(self.csv_path, rows, id_column, self.label_column)
         if group_column is not None:
-            _require_column(self.csv_path, columns, group_column, "group")
+            require_column(self.csv_path, columns, group_column, "group")
         if fold is not None:
-            _require_column(self.csv_path, columns, FOLD_COLUMN, "fold")
-            rows = _select_fold(self.csv_path, rows, fold, split)
+            require_column(self.csv_path, columns, FOLD_COLUMN, "fold")
+            rows = select_fold(self.csv_path, rows, fold, split)
         self.image_ids = [row[id_column] for _, row in rows]
-        labels, classes = _encode_labels(self.csv_path, [(line, row[id_column], row[self.label_column])
+        labels, classes = encode_labels(self.csv_path, [(line, row[id_column], row[self.label_column])
                                                          for line, row in rows], classes, num_classes)
         groups = None if group_column is None else [row[group_column].strip() for _, row in rows]
-        slide_mpps = _mpp_column(self.csv_path, rows) if MPP_COLUMN in columns else None
-        super().__init__(_find_images(self.image_dir, self.image_ids), labels, classes=classes,
+        slide_mpps = mpp_column(self.csv_path, rows) if MPP_COLUMN in columns else None
+        super().__init__(find_images(self.image_dir, self.image_ids), labels, classes=classes,
                          origin=self.csv_path, groups=groups, slide_mpps=slide_mpps, **read)
 
 
@@ -316,96 +311,6 @@ class ImageFolderDataset(ImageDataset):
             paths += found[name]
             labels += [index[name]] * len(found[name])
         super().__init__(paths, labels, classes=classes, origin=self.folder, **read)
-
-
-def class_folders(folder: Path) -> dict[str, list[Path]]:
-    """``{class name: its image files}`` for the subfolders of ``folder`` that hold images."""
-    if not folder.is_dir():
-        raise FileNotFoundError(f"image folder {folder} does not exist")
-    found = {}
-    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
-        files = sorted(p for p in sub.rglob("*") if p.suffix.lower() in EXTENSIONS and p.is_file())
-        if files:
-            found[sub.name] = files
-    return found
-
-
-def stratified_split(dataset: ImageDataset, fraction: float, seed: int) -> tuple[ImageDataset, ImageDataset]:
-    """Hold out ``fraction`` of ``dataset`` for validation, stratified by class, reproducibly from ``seed``.
-
-    A dataset with ``groups`` (patients) is split by group: every group's images land on one side, the
-    held-out side being the first fold of scikit-learn's ``StratifiedGroupKFold`` with
-    ``round(1 / fraction)`` folds (so ``fraction`` is met as closely as whole groups allow).
-
-    Args:
-        dataset: The images to split.
-        fraction: Share of the images held out, in (0, 1).
-        seed: Seed of the split (scikit-learn's ``train_test_split``, or the group folds' shuffle).
-
-    Returns:
-        ``(train, val)`` datasets.
-
-    Raises:
-        DataError: A class has too few images (or groups) to appear on both sides.
-    """
-    if dataset.groups is not None:
-        folds = grouped_folds(dataset.labels, dataset.groups, max(2, round(1 / fraction)), seed, dataset.origin)
-        val_idx = [i for i, fold in enumerate(folds) if fold == 0]
-        train_idx = [i for i, fold in enumerate(folds) if fold != 0]
-        return dataset.subset(train_idx), dataset.subset(val_idx)
-    from sklearn.model_selection import train_test_split
-
-    counts = np.bincount(dataset.labels)
-    rare = [i for i, c in enumerate(counts) if 0 < c < 2]
-    if rare:
-        name = dataset.classes[rare[0]] if dataset.classes else rare[0]
-        raise DataError(f"{dataset.origin}: class {name!r} has 1 image; a stratified validation split needs at "
-                        "least 2 per class (add images, or give a validation CSV or folder)")
-    try:
-        train_idx, val_idx = train_test_split(np.arange(len(dataset)), test_size=fraction, random_state=seed,
-                                              stratify=dataset.labels)
-    except ValueError as err:  # e.g. fewer held-out images than classes
-        raise DataError(f"{dataset.origin}: cannot hold out data.val_fraction={fraction} of {len(dataset)} "
-                        f"images stratified by class ({err})") from None
-    return dataset.subset(sorted(train_idx)), dataset.subset(sorted(val_idx))
-
-
-def grouped_folds(labels: Sequence[int], groups: Sequence[str], folds: int, seed: int,
-                  origin: str | Path = "") -> list[int]:
-    """A fold index per item: ``folds`` folds stratified by label with every group in one fold
-    (scikit-learn's ``StratifiedGroupKFold``, shuffled by ``seed``).
-
-    Example:
-        >>> grouped_folds([0, 0, 1, 1, 0, 1], ["a", "a", "b", "b", "c", "d"], folds=2, seed=0)
-        [1, 1, 0, 0, 0, 1]
-    """
-    from sklearn.model_selection import StratifiedGroupKFold
-
-    distinct = len(set(groups))
-    if distinct < folds:
-        raise DataError(f"{origin}: {distinct} group(s) cannot fill {folds} folds (each group stays in one); "
-                        "expected at least as many groups (patients) as folds")
-    assignment = [0] * len(labels)
-    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
-    for fold, (_, held_out) in enumerate(splitter.split(np.zeros(len(labels)), labels, groups)):
-        for i in held_out:
-            assignment[i] = fold
-    return assignment
-
-
-def check_groups_apart(train: ImageDataset, val: ImageDataset) -> None:
-    """Refuse a validation split that shares a group (a patient) with its training set.
-
-    Raises:
-        DataError: Naming a group found on both sides and how many there are.
-    """
-    if train.groups is None or val.groups is None:
-        return
-    shared = sorted(set(train.groups) & set(val.groups))
-    if shared:
-        raise DataError(f"{val.origin}: group {shared[0]!r} ({len(shared)} group(s) in all) has images in training "
-                        f"({train.origin}) and in validation; expected every group on one side (a patient's "
-                        "slides together), e.g. data.val_fraction or a kfold column made by group")
 
 
 _tissue_masks: dict[tuple, torch.Tensor] = {}  # per process: a mask is computed once per file and grid
@@ -558,195 +463,7 @@ def _image_loader(
         if in_chans not in (None, source.in_chans):
             raise ValueError(f"in_chans={in_chans} but the dataset has in_chans={source.in_chans}")
         return len(source), source.load_image
-    paths = _list_images(Path(source))
+    paths = list_images(Path(source))
     channels = 1 if in_chans is None else in_chans
     # patch_size only marks slides as lazy: their statistics come from a thumbnail, not a whole level.
     return len(paths), lambda i: load_image(paths[i], channels, patch_size=1, tissue="none", intensity=intensity)
-
-
-def _resolve_image_dir(csv_path: Path, image_dir: str | Path | None) -> Path:
-    if image_dir is not None:
-        folder = Path(image_dir)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"image folder {folder} does not exist")
-        return folder
-    candidates = [csv_path.with_suffix(""), csv_path.parent / f"{csv_path.stem}_images"]
-    for folder in candidates:
-        if folder.is_dir():
-            return folder
-    raise FileNotFoundError(
-        f"no image folder for {csv_path}; expected {candidates[0]} or {candidates[1]}, or pass image_dir"
-    )
-
-
-def _mpp_column(path: Path, rows: list[tuple[int, dict[str, str]]]) -> list[float | None]:
-    """The ``mpp`` column's values: positive floats, or None for an empty cell."""
-    values = []
-    for line, row in rows:
-        text = (row[MPP_COLUMN] or "").strip()
-        try:
-            value = float(text) if text else None
-        except ValueError:
-            value = -1.0
-        if value is not None and not (math.isfinite(value) and value > 0):
-            raise DataError(f"{path}, line {line}: {MPP_COLUMN}={text!r}; expected a positive number of microns per "
-                            "pixel at level 0, or an empty cell")
-        values.append(value)
-    return values
-
-
-def _read_csv(path: Path) -> tuple[list[tuple[int, dict[str, str]]], list[str]]:
-    if not path.is_file():
-        raise FileNotFoundError(f"CSV file {path} does not exist")
-    # utf-8-sig: spreadsheets often prepend a byte-order mark that would otherwise rename the first column.
-    try:
-        with path.open(newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            columns = [c.strip() for c in reader.fieldnames or []]
-            reader.fieldnames = columns
-            rows = [(reader.line_num, row) for row in reader]
-    except UnicodeDecodeError as err:
-        utf16 = path.read_bytes()[:2] in (b"\xff\xfe", b"\xfe\xff")
-        raise DataError(f"{path}: not UTF-8 text ({'a UTF-16 file' if utf16 else f'byte {err.start}'}); "
-                        "expected a UTF-8 CSV (save it as 'CSV UTF-8')") from None
-    for line, row in rows:
-        # DictReader files surplus fields under None and fills missing ones with None.
-        if None in row or None in row.values():
-            found = len(columns) + len(row.get(None, ())) - list(row.values()).count(None)
-            raise DataError(f"{path}, line {line}: {found} fields; expected {len(columns)} (the header's "
-                            f"{','.join(columns)})")
-    if not columns:
-        raise DataError(f"{path}: empty file; expected a header line such as image_id,label")
-    if not rows:
-        raise DataError(f"{path}: no rows after the header")
-    return rows, columns
-
-
-def _check_unique(path: Path, rows: list[tuple[int, dict[str, str]]], id_column: str, label_column: str) -> None:
-    """Each image listed once: a repeated row would weigh its image twice, two labels contradict."""
-    first: dict[str, tuple[int, str]] = {}
-    for line, row in rows:
-        image_id, label = row[id_column], row[label_column]
-        if image_id not in first:
-            first[image_id] = (line, label)
-            continue
-        seen_line, seen_label = first[image_id]
-        if seen_label != label:
-            raise DataError(f"{path}, lines {seen_line} and {line}: image {image_id!r} has two labels "
-                            f"({seen_label!r} and {label!r}); expected one row per image")
-        raise DataError(f"{path}, lines {seen_line} and {line}: image {image_id!r} is listed twice; expected "
-                        "one row per image")
-
-
-def _pick_label_column(path: Path, columns: list[str], label_column: str | None) -> str:
-    if label_column is not None:
-        _require_column(path, columns, label_column, "label")
-        return label_column
-    for name in LABEL_COLUMNS:
-        if name in columns:
-            return name
-    raise DataError(
-        f"{path}: no label column; expected one of {list(LABEL_COLUMNS)}, found columns {columns}"
-    )
-
-
-def _require_column(path: Path, columns: list[str], name: str, role: str) -> None:
-    if name not in columns:
-        raise DataError(f"{path}: no {role} column {name!r}; found columns {columns}")
-
-
-def _select_fold(
-    path: Path, rows: list[tuple[int, dict[str, str]]], fold: int, split: str
-) -> list[tuple[int, dict[str, str]]]:
-    folds = [_parse_int(path, line, FOLD_COLUMN, row[FOLD_COLUMN]) for line, row in rows]
-    if fold not in folds:
-        raise DataError(
-            f"{path}: fold={fold} not in the {FOLD_COLUMN} column; folds found: {sorted(set(folds))}"
-        )
-    keep_val = split == "val"
-    return [r for r, k in zip(rows, folds) if (k == fold) == keep_val]
-
-
-def _encode_labels(path: Path, rows: list[tuple[int, str, str]], classes: Sequence[str] | None,
-                   num_classes: int | None) -> tuple[list[int], list[str] | None]:
-    """Class indices of ``(line, image id, label)`` rows, and the class names when labels are names.
-
-    Integer labels (every one, unless ``classes`` is given) are indices checked against ``num_classes``;
-    otherwise each label is a class name, looked up in ``classes`` (given, or the sorted names found).
-    """
-    if classes is None and all(_is_integer(value) for _, _, value in rows):
-        return [_parse_label(path, line, image_id, value, num_classes) for line, image_id, value in rows], None
-    names = [value.strip() for _, _, value in rows]
-    classes = list(classes) if classes is not None else sorted(set(names))
-    index = {name: i for i, name in enumerate(classes)}
-    for (line, image_id, _), name in zip(rows, names):
-        if name not in index:
-            raise DataError(f"{path}, line {line}: label {name!r} of image {image_id!r} is not a known class; "
-                            f"expected one of {classes} (the training set's classes, or data.classes)")
-    return [index[name] for name in names], classes
-
-
-def _is_integer(value: str | None) -> bool:
-    try:
-        return float(value).is_integer()  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return False
-
-
-def _parse_label(path: Path, line: int, image_id: str, value: str, num_classes: int | None) -> int:
-    label = _parse_int(path, line, f"label of {image_id!r}", value)
-    if label < 0 or (num_classes is not None and label >= num_classes):
-        expected = f"[0, {num_classes})" if num_classes is not None else "a non-negative integer"
-        raise DataError(
-            f"{path}, line {line}: label {label} of image {image_id!r} is out of range; expected {expected}"
-        )
-    return label
-
-
-def _parse_int(path: Path, line: int, what: str, value: str | None) -> int:
-    try:
-        number = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        number = math.nan
-    if not number.is_integer():
-        raise DataError(f"{path}, line {line}: {what} is {value!r}; expected an integer")
-    return int(number)
-
-
-def _find_images(image_dir: Path, image_ids: list[str]) -> list[Path]:
-    # One directory listing instead of a stat per row and extension: fast on large (network) folders.
-    names = {entry.name for entry in os.scandir(image_dir)}
-    by_stem: dict[tuple[str, str], str] = {}
-    for name in sorted(names):
-        stem, ext = os.path.splitext(name)
-        if ext.lower() in EXTENSIONS:
-            by_stem.setdefault((stem, ext.lower()), name)
-    paths, missing = [], []
-    for image_id in image_ids:
-        name = _match(image_id, names, by_stem)
-        if name is None:
-            missing.append(image_id)
-        else:
-            paths.append(image_dir / name)
-    if missing:
-        shown = ", ".join(repr(m) for m in missing[:5]) + (", ..." if len(missing) > 5 else "")
-        raise FileNotFoundError(
-            f"{len(missing)} image(s) missing from {image_dir}: {shown}; "
-            f"expected files named by image_id with an extension among {' '.join(EXTENSIONS)}"
-        )
-    return paths
-
-
-def _match(image_id: str, names: set[str], by_stem: dict[tuple[str, str], str]) -> str | None:
-    if image_id in names and os.path.splitext(image_id)[1].lower() in EXTENSIONS:
-        return image_id
-    for ext in EXTENSIONS:
-        if (image_id, ext) in by_stem:
-            return by_stem[(image_id, ext)]
-    return None
-
-
-def _list_images(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        raise FileNotFoundError(f"image folder {folder} does not exist")
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in EXTENSIONS and p.is_file())

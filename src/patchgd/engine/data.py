@@ -14,8 +14,8 @@ from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from ..config import Config, ConfigError, check_paths
 from ..data.augment import Augment
-from ..data.datasets import (ImageCSVDataset, ImageDataset, ImageFolderDataset, check_groups_apart, class_folders,
-                             collate_images, stratified_split)
+from ..data.datasets import ImageCSVDataset, ImageDataset, ImageFolderDataset, collate_images
+from ..data.layouts import check_groups_apart, class_folders, stratified_split
 from ..data.errors import DataError, Skipped
 from ..data.images import require_one_size
 from ..data.intensity import Intensity
