@@ -1,0 +1,54 @@
+"""The ``patchgd`` command: generate, prepare, train, evaluate, predict, inspect, plan, sweep, stats, demo
+and bench.
+
+Only the standard library, PyYAML and the config schema are imported here; every command imports what
+it needs (torch among it) when it runs, so that ``patchgd --help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from ..bench import parse_with_benchmarks
+from ..config import ConfigError
+from . import data, training, use
+from .common import PACKAGED_CONFIGS
+
+__all__ = ["PACKAGED_CONFIGS", "build_parser", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="patchgd", description=(
+        "Train image classifiers end-to-end on very large images with Patch Gradient Descent "
+        "(Gupta et al., TMLR 2024)."))
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    for group in (data, training, use):
+        group.register(sub)
+
+    bench = sub.add_parser("bench", help="speed, memory and accuracy benchmarks")
+    bench_sub = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+    from ..bench import register_all
+
+    register_all(bench_sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_with_benchmarks(build_parser(), argv)
+    # Under torchrun every process prints its own error; the rank says which one failed first.
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    who = f"patchgd {args.command}" + (f" (rank {os.environ.get('RANK')} of {world})" if world > 1 else "")
+    try:
+        return args.func(args)
+    except (ConfigError, ValueError, OSError, RuntimeError) as err:
+        # One line: an error from deep inside a library can span several (torch's safe-loader advice).
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"{who}: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

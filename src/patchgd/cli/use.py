@@ -1,0 +1,143 @@
+"""``patchgd evaluate`` and ``predict``: a trained model on labelled data and on new images."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from ..config import Config
+from .common import require
+
+
+def evaluation_set(args, cfg: Config):
+    """The labelled images ``patchgd evaluate`` scores: a CSV file, a folder holding ``--csv``, or a folder of
+    class folders; labels are read with the checkpoint's classes."""
+    from ..data.datasets import ImageCSVDataset, ImageFolderDataset
+    from ..engine.data import read_options
+
+    data = Path(args.data)
+    if cfg.data.kind == "sequences":
+        from ..data.sequences import SequenceDataset
+
+        return SequenceDataset(data if data.suffix == ".npz" else data / "val.npz", cfg.data.num_classes,
+                               cfg.model.in_chans)
+    read = read_options(cfg)
+    csv_path = data if data.suffix == ".csv" else data / args.csv
+    if csv_path.is_file() or data.suffix == ".csv":
+        return ImageCSVDataset(csv_path, args.image_dir, num_classes=cfg.data.num_classes,
+                               classes=cfg.data.classes, label_column=cfg.data.label_column,
+                               id_column=cfg.data.id_column, **read)
+    return ImageFolderDataset(data, classes=cfg.data.classes, **read)
+
+
+def cmd_evaluate(args) -> int:
+    require(args.checkpoint, what="checkpoint")
+    import torch
+
+    from ..data.datasets import collate_images
+    from ..data.images import require_one_size
+    from ..engine.build import resolve_device
+    from ..engine.data import class_name
+    from ..engine.loop import evaluate
+    from ..inference import load_model
+
+    device = resolve_device(args.device)
+    model, cfg = load_model(args.checkpoint, device)
+    dataset = evaluation_set(args, cfg)
+    if cfg.data.kind != "sequences" and cfg.data.image_size is None and args.batch_size > 1 \
+            and cfg.method != "patchgd":
+        require_one_size(dataset.paths, dataset.image_sizes)  # PatchGD gives each image its own grid
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate_images)
+    results = evaluate(model, loader, device, cfg.data.num_classes, cfg.train.amp)  # as the run evaluated
+    results["confusion"] = results["confusion"].tolist()
+    results["classes"] = [class_name(cfg, c) for c in range(cfg.data.num_classes)]
+    if results["non_finite"]:
+        print(f"warning: {results['non_finite']} of {len(dataset)} images got non-finite logits (a diverged "
+              "checkpoint?); they count as wrong and are left out of the kappa and the confusion matrix",
+              file=sys.stderr)
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    print(f"{len(dataset)} images: loss {results['loss']:.4f}  accuracy {results['accuracy']:.4f}  "
+          f"qwk {results['qwk']:.4f}")
+    width = max(8, *map(len, results["classes"]))
+    print(f"  {'class':<{width}}  precision  recall      f1  images")
+    per_class = results["per_class"]
+    for c, name in enumerate(results["classes"]):
+        print(f"  {name:<{width}}  {per_class['precision'][c]:9.4f}  {per_class['recall'][c]:6.4f}  "
+              f"{per_class['f1'][c]:6.4f}  {per_class['support'][c]:6d}")
+    print("confusion (rows = true class, columns = predicted):")
+    for name, row in zip(results["classes"], results["confusion"]):
+        print(f"  {name:<{width}}" + " ".join(f"{v:5d}" for v in row))
+    return 0
+
+
+def cmd_predict(args) -> int:
+    require(args.checkpoint, what="checkpoint")
+    from ..engine.build import resolve_device
+    from ..engine.data import class_name
+    from ..inference import load_input, load_model, predict, prediction
+
+    device = resolve_device(args.device)
+    model, cfg = load_model(args.checkpoint, device)
+    explaining = args.heatmap is not None or args.z_image is not None
+    if explaining and cfg.method != "patchgd":
+        raise ValueError(f"--heatmap and --z-image explain PatchGD's latent grid Z; {args.checkpoint} is a "
+                         f"{cfg.method} model")
+    if not explaining:
+        predictions = predict(model, cfg, args.images, device, progress=True)
+    else:
+        from ..explain import write_evidence
+
+        predictions, stems = [], set()
+        for path in args.images:
+            image, batch = load_input(path, cfg, device)
+            name = Path(path).stem
+            name = name if name not in stems else f"{name}-{len(predictions)}"
+            stems.add(name)
+            logits = write_evidence(model, batch, [image], [name], args.heatmap, args.z_image, args.heatmap_method,
+                                    [class_name(cfg, c) for c in range(cfg.data.num_classes)])[0].logits
+            predictions.append(prediction(cfg, path, logits))
+    if args.json:
+        print(json.dumps(predictions, indent=2))
+    else:
+        for p in predictions:
+            ranked = sorted(range(len(p["probabilities"])), key=lambda c: -p["probabilities"][c])
+            print(f"{p['image']}: {p['class_name']} (p={p['probabilities'][ranked[0]]:.3f})  "
+                  + "  ".join(f"{class_name(cfg, c)} {p['probabilities'][c]:.3f}" for c in ranked))
+    return 0
+
+
+def register(sub) -> None:
+    """Add ``evaluate`` and ``predict`` to the ``patchgd`` command's subparsers ``sub``."""
+    ev = sub.add_parser("evaluate", help="evaluate a checkpoint on a labelled data set")
+    ev.add_argument("checkpoint", help="best.pt or last.pt of a run")
+    ev.add_argument("--data", required=True,
+                    help="a CSV file, a folder holding --csv, or a folder of class folders; for a sequence model, "
+                         "a prepared folder (its val.npz) or an .npz file")
+    ev.add_argument("--csv", default="val.csv", help="CSV inside --data (default val.csv)")
+    ev.add_argument("--image-dir", default=None, help="image folder (default: beside the CSV, named like it)")
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--json", action="store_true", help="print the results as JSON")
+    ev.set_defaults(func=cmd_evaluate)
+
+    pred = sub.add_parser("predict", help="predict the class of images (or whole-slide images) with a checkpoint")
+    pred.add_argument("checkpoint", help="best.pt or last.pt of a run")
+    pred.add_argument("images", nargs="+", help="image or slide files, read as the run's config says "
+                      "(data.level/mpp, data.tissue)")
+    pred.add_argument("--device", default="auto")
+    pred.add_argument("--json", action="store_true",
+                      help="print the predictions (class index and name, probabilities) as JSON")
+    pred.add_argument("--heatmap", metavar="OUT_DIR", default=None,
+                      help="write per image NAME_heatmap.png (per-cell evidence for the predicted class over the "
+                           "image), NAME_heatmap.npy and NAME_heatmap.csv, and for a slide NAME.geojson (one QuPath tile "
+                           "per tissue cell, level-0 coordinates, the evidence as measurements) (PatchGD models)")
+    pred.add_argument("--heatmap-method", choices=("occlusion", "grad"), default="occlusion",
+                      help="occlusion: drop of the class logit when a cell of Z holds the blank-patch code "
+                           "(exact; default); grad: gradient x activation on Z")
+    pred.add_argument("--z-image", metavar="OUT_DIR", default=None,
+                      help="write per image NAME_z.png: Z's cells coloured by their first three principal "
+                           "components (Fig. 5 of the paper)")
+    pred.set_defaults(func=cmd_predict)
