@@ -9,7 +9,8 @@ import torch.nn as nn
 from sklearn.decomposition import PCA
 
 import patchgd
-from patchgd.explain import explain, save_heatmap, save_z_image, z_to_rgb
+from patchgd.explain import explain, z_to_rgb
+from patchgd.heatmaps import save_heatmap, save_z_image
 from patchgd.model.heads import ConvHead
 
 from helpers import TinyEncoder

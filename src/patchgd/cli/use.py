@@ -88,7 +88,7 @@ def cmd_predict(args) -> int:
     if not explaining:
         predictions = predict(model, cfg, args.images, device, progress=True)
     else:
-        from ..explain import write_evidence
+        from ..heatmaps import write_evidence
 
         predictions, stems = [], set()
         for path in args.images:

@@ -160,7 +160,7 @@ def write_validation_heatmaps(model: nn.Module, val_set, cfg: Config, out_dir: P
     The items are spread evenly over the validation set (a set sorted by class shows several classes).
     Returns the pictures written.
     """
-    from ..explain import write_evidence
+    from ..heatmaps import write_evidence
 
     count = min(cfg.train.heatmap_images, len(val_set))
     indices = np.linspace(0, len(val_set) - 1, count).round().astype(int)
