@@ -15,6 +15,7 @@ from pathlib import Path
 from .config import Config
 from .data.megapixel_mnist import BACKGROUND, cut_digit_cells
 from .engine.trainer import fit
+from .rundir import BEST_CHECKPOINT
 
 __all__ = ["pretrain_on_cells"]
 
@@ -45,4 +46,4 @@ def pretrain_on_cells(cfg: Config, data_dir: str | Path, cells_dir: str | Path, 
         memory=dataclasses.replace(cfg.memory, budget=None),
         train=dataclasses.replace(cfg.train, epochs=epochs, batch_size=batch_size, heatmap_every=0,
                                   warmup_epochs=0, backbone_lr=None))  # the whole classifier at lr
-    return Path(fit(pretrain)["run_dir"]) / "best.pt"
+    return Path(fit(pretrain)["run_dir"]) / BEST_CHECKPOINT

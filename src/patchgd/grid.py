@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -21,6 +21,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from .normalize import to_unit_range
+
+if TYPE_CHECKING:  # annotations only: the readers and augmentations build on the grid, not the other way
+    from .data.augment import ColourJitter
+    from .data.readers import PatchSource
 
 __all__ = ["PatchGrid", "SourceGrid", "LazyImage", "Orientation", "grid_shape", "cell_mask"]
 
@@ -224,10 +228,10 @@ class LazyImage:
         colour: A :class:`~patchgd.data.augment.ColourJitter` with this image's parameters (None: none).
     """
 
-    source: Any
+    source: PatchSource
     tissue: torch.Tensor | None = None
     orientation: Orientation | None = None
-    colour: Any = None
+    colour: ColourJitter | None = None
 
     @property
     def size(self) -> tuple[int, int]:

@@ -20,12 +20,22 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["LOCK_NAME", "RUN_FILES", "RunInUseError", "hold_run_dir"]
+__all__ = ["BEST_CHECKPOINT", "CONFIG_FILE", "CURVES_FILE", "EVAL_FILE", "LAST_CHECKPOINT", "LOCK_NAME", "METRICS_FILE",
+           "RUN_FILES", "RunInUseError", "SKIPPED_FILE", "SPLIT_FILE", "hold_run_dir"]
 
 LOCK_NAME = ".patchgd.lock"
 # What a run writes after its first epoch; config.yaml alone (a run that never finished an epoch) is no
 # run to protect and is simply rewritten.
-RUN_FILES = ("last.pt", "best.pt", "metrics.csv", "eval.json", "learning_curves.png")
+# The files of a run directory, named here only.
+CONFIG_FILE = "config.yaml"  # the resolved config
+SPLIT_FILE = "split.csv"  # which image trained and which validated
+LAST_CHECKPOINT = "last.pt"
+BEST_CHECKPOINT = "best.pt"
+METRICS_FILE = "metrics.csv"  # one row per epoch
+EVAL_FILE = "eval.json"  # the last evaluation, with its confusion matrix
+CURVES_FILE = "learning_curves.png"
+SKIPPED_FILE = "skipped.csv"  # images left out with data.on_error: skip
+RUN_FILES = (LAST_CHECKPOINT, BEST_CHECKPOINT, METRICS_FILE, EVAL_FILE, CURVES_FILE)
 
 
 class RunInUseError(RuntimeError):

@@ -33,10 +33,10 @@ from .data.datasets import collate_images
 from .data.errors import DataError, Skipped
 from .grid import LazyImage
 from .io import atomic_file
+from .rundir import SKIPPED_FILE
 
-__all__ = ["SKIPPED_FILE", "SkipLog", "drop_skipped", "run_skipping"]
+__all__ = ["SkipLog", "drop_skipped", "run_skipping"]
 
-SKIPPED_FILE = "skipped.csv"
 _CELLS = re.compile(r"grid row \d+, columns \d+\.\.\d+")  # where PatchSource.read_cells says it failed
 
 

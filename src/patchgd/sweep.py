@@ -42,6 +42,7 @@ import yaml
 
 from .config import ConfigError, load_config, read_yaml
 from .io import atomic_file
+from .rundir import LAST_CHECKPOINT, METRICS_FILE
 
 __all__ = ["Point", "read_spec", "run_sweep"]
 
@@ -120,7 +121,7 @@ def _run_point(base: Path, common: list[str], point: Point, out: Path, slot: str
     else:
         env["OMP_NUM_THREADS"] = str(threads)
     command = [sys.executable, "-m", "patchgd", "train"]
-    if (run_dir / "last.pt").is_file():  # killed after an epoch: continue it, under the config it started with
+    if (run_dir / LAST_CHECKPOINT).is_file():  # killed after an epoch: continue it, under the config it started with
         command += ["--resume", str(run_dir)]
     else:
         where = ["train.device=cuda"] if slot.startswith("cuda") else ["train.device=cpu", f"train.threads={threads}"]
@@ -155,7 +156,7 @@ def _summary(point: Point, status: dict | None, out: Path) -> dict:
     """A point's row of the results table, from its status and its run's metrics.csv."""
     row = {**point.overrides, "point": point.name, "status": (status or {}).get("status", "not run"),
            "wall_time_s": (status or {}).get("wall_time_s"), "run_dir": str(out / "runs" / point.name)}
-    metrics = out / "runs" / point.name / "metrics.csv"
+    metrics = out / "runs" / point.name / METRICS_FILE
     if metrics.is_file():
         with metrics.open(newline="") as f:
             epochs = list(csv.DictReader(f))

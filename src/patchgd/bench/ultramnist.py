@@ -31,6 +31,7 @@ from ..memory import format_size, parse_size
 from ..engine.plan import plan_budget
 from ..engine.trainer import fit
 from ._common import format_table, machine, write_json
+from ..rundir import BEST_CHECKPOINT, METRICS_FILE
 
 SHARED_MNIST = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "mnist"
 METHODS = ("gd", "gd-extended", "patchgd")
@@ -131,7 +132,7 @@ def train_run(cfg: Config, name: str, budget_name: str) -> dict:
     summary = fit(cfg)
     wall = time.perf_counter() - started
     used = summary["config"]
-    rows = list(csv.DictReader((Path(summary["run_dir"]) / "metrics.csv").open()))
+    rows = list(csv.DictReader((Path(summary["run_dir"]) / METRICS_FILE).open()))
     accuracy = [float(r["val_accuracy"]) for r in rows]
     qwk = [float(r["val_qwk"]) for r in rows]
     best = max(range(len(accuracy)), key=accuracy.__getitem__)
@@ -155,7 +156,7 @@ def ablation_settings(main: dict) -> list[tuple[str, dict, dict]]:
     return [("patchgd s=0.5 max=1", {"sampling": 0.5}, {}),
             ("patchgd s=0.25 max=0.5", {"max_sampled": 0.5}, {}),
             ("patchgd eps=1", {"grad_accum_steps": 1}, {}),
-            ("patchgd init from gd", {}, {"init_backbone": str(Path(main["run_dir"]) / "best.pt")})]
+            ("patchgd init from gd", {}, {"init_backbone": str(Path(main["run_dir"]) / BEST_CHECKPOINT)})]
 
 
 def table(records: list[dict]) -> tuple[list[str], list[list]]:

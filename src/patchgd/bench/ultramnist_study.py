@@ -44,6 +44,7 @@ from ..memory import format_size, parse_size
 from ..engine.plan import BudgetError, plan_budget
 from ._common import format_table, machine, write_json
 from .ultramnist import PAPER_4GB, SHARED_MNIST, base_config, gd_peaks, markdown, prepare, train_run, variant
+from ..rundir import BEST_CHECKPOINT
 
 QUICK = dict(train=16, val=8, image_size=128, grid=2, epochs=1, max_batch=4, size_step=16)
 ARMS = ("patchgd", "gd full-res accum", "gd low-res", "patchgd init low-res gd")
@@ -210,7 +211,7 @@ def run(args: argparse.Namespace) -> int:
               ", ".join(f"{s} px -> batch {b}" for s, b in sorted(tried.items())) + ")", flush=True)
         low = arm("gd low-res", gd, method="gd", train={"batch_size": batch}, data={"image_size": side})
     records += [low, arm("patchgd init low-res gd", cfg, method="patchgd",
-                         model={"init_backbone": str(Path(low["run_dir"]) / "best.pt")}) if low["fits"] else
+                         model={"init_backbone": str(Path(low["run_dir"]) / BEST_CHECKPOINT)}) if low["fits"] else
                 not_fitting("patchgd init low-res gd", args.image_size, "no low-resolution GD backbone")]
 
     wall = time.perf_counter() - started

@@ -9,13 +9,14 @@ from pathlib import Path
 
 from ..config import ConfigError, check_paths, load_config
 from .common import PACKAGED_CONFIGS, add_config_options, config_from_args
+from ..rundir import CONFIG_FILE
 
 
 def cmd_train(args) -> int:
     if args.resume:
         # The resumed run's config: --config, or the run's own config.yaml, with --set on top; fit()
         # refuses it if it differs from the checkpoint's in anything but a larger train.epochs.
-        saved = Path(args.resume) / "config.yaml"
+        saved = Path(args.resume) / CONFIG_FILE
         if args.config is None and not saved.is_file():
             raise FileNotFoundError(f"{saved} not found: --resume expects a run directory made by patchgd train")
         cfg = load_config(args.config or saved, args.set)

@@ -24,7 +24,6 @@ from ..grid import LazyImage
 from ..io import atomic_file
 
 
-SPLIT_FILE = "split.csv"
 DEFAULT_VAL_CSV = "val.csv"  # used when present; another name must exist
 
 

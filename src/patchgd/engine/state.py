@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from ..config import Config, ConfigError, config_differences, config_from_dict, config_to_dict
 from ..io import atomic_file
+from ..rundir import BEST_CHECKPOINT, LAST_CHECKPOINT, METRICS_FILE
 
 
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "val_loss", "val_accuracy", "val_qwk", "peak_memory_bytes",
@@ -86,9 +87,9 @@ def restore_run_files(run_dir: Path, state: dict) -> None:
     row not yet written is added), and ``best.pt`` is copied from ``last.pt`` when the checkpoint's own
     epoch was the best.
     """
-    write_metrics(run_dir / "metrics.csv", state["metrics"])
+    write_metrics(run_dir / METRICS_FILE, state["metrics"])
     if state["best_epoch"] == state["epoch"]:
-        copy_checkpoint(run_dir / "last.pt", run_dir / "best.pt")
+        copy_checkpoint(run_dir / LAST_CHECKPOINT, run_dir / BEST_CHECKPOINT)
 
 
 def check_resume(state: dict, cfg: Config, run_dir: Path) -> None:

@@ -33,12 +33,13 @@ from ..io import atomic_file
 from ..memory import format_size
 from ..plots import plot_learning_curves
 from ..model.pretrained import describe_origin
-from ..rundir import hold_run_dir
+from ..rundir import (BEST_CHECKPOINT, CONFIG_FILE, CURVES_FILE, EVAL_FILE, LAST_CHECKPOINT, METRICS_FILE,
+                      SKIPPED_FILE, SPLIT_FILE, hold_run_dir)
 from ..runlog import RunLogger
-from ..skips import SKIPPED_FILE, SkipLog
+from ..skips import SkipLog
 from .build import (build_method, build_model, build_optimizer, build_scheduler, describe_normalization,
                     init_backbone, resolve_device, resolve_weights)
-from .data import (SPLIT_FILE, build_augmentation, build_datasets, build_train_loader, describe_data, first_item,
+from .data import (build_augmentation, build_datasets, build_train_loader, describe_data, first_item,
                    item_shape, origin_of, resolve_classes, train_loader_drops_last, write_split)
 from .loop import DivergenceError, evaluate, train_one_epoch, write_validation_heatmaps
 from .plan import plan_budget
@@ -176,10 +177,10 @@ def build_data(cfg: Config, resuming: bool, log) -> tuple[Config, ImageDataset |
 
 def load_resume_state(run_dir: Path, device: torch.device) -> dict:
     """The checkpoint ``--resume`` continues from: the run's ``last.pt``."""
-    if not (run_dir / "last.pt").is_file():
+    if not (run_dir / LAST_CHECKPOINT).is_file():
         raise FileNotFoundError(f"{run_dir} has no last.pt to resume from (its first epoch never finished); "
                                 "start the run again without --resume")
-    return load_checkpoint(run_dir / "last.pt", map_location=device)
+    return load_checkpoint(run_dir / LAST_CHECKPOINT, map_location=device)
 
 
 def config_for_resume(cfg: Config, state: dict, run_dir: Path) -> Config:
@@ -323,7 +324,7 @@ def start_run(run: TrainingRun, run_dir: Path, log) -> None:
     """Write the run's resolved ``config.yaml`` and say what trains on what."""
     cfg = run.cfg
     if distributed.is_main():
-        save_config(cfg, run_dir / "config.yaml")
+        save_config(cfg, run_dir / CONFIG_FILE)
     world = distributed.world_size()
     log(f"{cfg.method} on {run.device}{f' x {world} processes' if world > 1 else ''}: {len(run.train_set)} train / "
         f"{len(run.val_set)} val images of shape {'x'.join(map(str, run.image_shape))}, "
@@ -379,14 +380,14 @@ def write_epoch_files(run: TrainingRun, progress: RunProgress, results: dict, ru
     # last.pt first, then best.pt as its copy, then the metrics row: a kill at any point leaves a last.pt
     # that the resume completes the rest from (see restore_run_files), never a row or a best.pt without
     # its weights.
-    save_checkpoint(run_dir / "last.pt", state)
+    save_checkpoint(run_dir / LAST_CHECKPOINT, state)
     if progress.best_epoch == epoch:
-        copy_checkpoint(run_dir / "last.pt", run_dir / "best.pt")
-    write_metrics(run_dir / "metrics.csv", progress.history)
-    with atomic_file(run_dir / "eval.json") as tmp:
+        copy_checkpoint(run_dir / LAST_CHECKPOINT, run_dir / BEST_CHECKPOINT)
+    write_metrics(run_dir / METRICS_FILE, progress.history)
+    with atomic_file(run_dir / EVAL_FILE) as tmp:
         tmp.write_text(json.dumps({**results, "confusion": results["confusion"].tolist(), "epoch": epoch,
                                    "classes": cfg.data.classes}, indent=2))
-    plot_learning_curves(run_dir / "metrics.csv", run_dir / "learning_curves.png", num_classes=cfg.data.num_classes)
+    plot_learning_curves(run_dir / METRICS_FILE, run_dir / CURVES_FILE, num_classes=cfg.data.num_classes)
     if cfg.method == "patchgd" and cfg.train.heatmap_every and epoch % cfg.train.heatmap_every == 0:
         try:
             pictures = write_validation_heatmaps(run.model, run.val_set, cfg, run_dir / "heatmaps" / f"epoch{epoch:03d}")
