@@ -149,20 +149,32 @@ def _hwc_shape(shape: tuple[int, ...], path: Path) -> tuple[int, int, int]:
     return shape
 
 
-def _to_chw(pixels: np.ndarray, in_chans: int) -> np.ndarray:
-    """Scaled ``(H, W[, C])`` pixels (a layout :func:`_hwc_shape` accepted) as ``(in_chans, H, W)`` float32."""
+def to_channels(pixels: np.ndarray, channels: int) -> np.ndarray:
+    """``(H, W[, samples])`` pixels as ``(H, W, channels)`` in their own type: the one channel conversion of
+    whole images and of regions read from slides alike.
+
+    Two or four samples carry alpha last; it is dropped, as PIL does when converting to L or RGB. RGB becomes
+    grey by ITU-R 601 luma (rounded for integer pixels), grey is repeated into RGB.
+    """
     if pixels.ndim == 2:
         pixels = pixels[:, :, None]
-    elif pixels.shape[0] in (1, 3, 4) and pixels.shape[2] > 4:
-        pixels = pixels.transpose(1, 2, 0)  # a planar TIFF stores channels first
-    # Two or four channels carry alpha last; it is dropped, as PIL does when converting to L or RGB.
     if pixels.shape[2] in (2, 4):
         pixels = pixels[:, :, :-1]
-    if pixels.shape[2] == 3 and in_chans == 1:
-        pixels = (pixels @ _LUMA)[:, :, None]
-    elif pixels.shape[2] == 1 and in_chans == 3:
-        pixels = np.repeat(pixels, 3, axis=2)
-    return np.ascontiguousarray(pixels.transpose(2, 0, 1), dtype=np.float32)
+    if pixels.shape[2] == 3 and channels == 1:
+        luma = pixels.astype(np.float32) @ _LUMA
+        if np.issubdtype(pixels.dtype, np.integer):
+            luma = np.rint(luma)
+        return luma[:, :, None].astype(pixels.dtype)
+    if pixels.shape[2] == 1 and channels == 3:
+        return np.repeat(pixels, 3, axis=2)
+    return pixels
+
+
+def _to_chw(pixels: np.ndarray, in_chans: int) -> np.ndarray:
+    """Scaled ``(H, W[, C])`` pixels (a layout :func:`_hwc_shape` accepted) as ``(in_chans, H, W)`` float32."""
+    if pixels.ndim == 3 and pixels.shape[0] in (1, 3, 4) and pixels.shape[2] > 4:
+        pixels = pixels.transpose(1, 2, 0)  # a planar TIFF stores channels first
+    return np.ascontiguousarray(to_channels(pixels, in_chans).transpose(2, 0, 1), dtype=np.float32)
 
 
 def _check_pixel_type(dtype: np.dtype, path: Path) -> None:

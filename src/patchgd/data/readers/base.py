@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from patchgd.data.errors import DataError
-from patchgd.data.images import _LUMA
+from patchgd.data.images import to_channels
 
 
 
@@ -327,18 +327,7 @@ class PatchSource(abc.ABC):
 
     def _to_channels(self, region: np.ndarray) -> np.ndarray:
         """``(h, w, samples)`` as stored -> ``(h, w, channels)`` of ``dtype`` (alpha dropped)."""
-        if region.ndim == 2:
-            region = region[:, :, None]
-        if region.shape[2] in (2, 4):
-            region = region[:, :, :-1]
-        if region.shape[2] == 3 and self.channels == 1:
-            luma = region.astype(np.float32) @ _LUMA
-            if np.issubdtype(self.dtype, np.integer):
-                luma = np.rint(luma)
-            return luma[:, :, None].astype(self.dtype)
-        if region.shape[2] == 1 and self.channels == 3:
-            return np.repeat(region, 3, axis=2)
-        return region
+        return to_channels(region.astype(self.dtype, copy=False), self.channels)
 
 
 def select_level_by_mpp(level_mpps: Sequence[float], target: float) -> int:
