@@ -3,7 +3,8 @@
 The dataclasses below are the one home of the schema. Their type annotations drive the type checks, their
 field metadata holds the range checks and each key's meaning, so no list of keys is restated anywhere else:
 the configuration reference (``docs/configuration.md``) is generated from them (:func:`reference`;
-``python -m patchgd.config`` prints it).
+``python -m patchgd.config`` prints it). The module is long because each of the schema's keys carries
+its meaning here, and nowhere else.
 
 Example:
     >>> cfg = load_config("configs/demo.yaml", ["train.lr=3e-4", "model.pretrained=null"])

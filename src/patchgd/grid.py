@@ -5,7 +5,9 @@ cut by the same code, so Algorithms 1 and 2 serve both without a second copy.
 
 This module is the one home of the facts "which pixels make cell ``i``" and "how a side that is not a
 multiple of the patch size is handled". Models and methods ask a :class:`PatchGrid` for the patches at
-some cells and never slice images themselves, so a lazy, disk-backed grid can stand in later.
+some cells and never slice images themselves, so a lazy, disk-backed grid (:class:`SourceGrid` over
+:class:`LazyImage`) stands in for slides; both grids live here, over 400 lines, so that the cell geometry
+and the turns of an augmented slide have one home.
 """
 
 from __future__ import annotations

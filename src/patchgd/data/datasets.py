@@ -1,6 +1,7 @@
 """Datasets of images: listed in a CSV file or sorted into class folders (the layouts:
 :mod:`patchgd.data.layouts`), whole-slide files among them; loading an item, the collate that batches
-them, and the per-channel statistics that ``data.mean``/``data.std`` take."""
+them, and the per-channel statistics that ``data.mean``/``data.std`` take. Over 400 lines because every
+layout reads its items through :class:`ImageDataset`'s one path (verification, levels, tissue, skips)."""
 
 from __future__ import annotations
 
