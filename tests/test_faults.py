@@ -91,6 +91,8 @@ def test_sigkill_at_several_points_then_resume_gives_identical_weights(tmp_path,
     # live holder of a folder): a second run into its folder fails at once, naming it.
     straight = tmp_path / "straight" / "run"
     config = write_config(tmp_path / "straight", data)
+    import patchgd.engine.trainer  # noqa: F401 - the second run must reach the lock in moments, not after its imports
+
     proc = start(config, straight)
     assert wait_for(proc, lambda: f"pid {proc.pid} " in _read(straight / LOCK_NAME)), "ended before its lock was seen"
     assert main(["train", "--config", str(config)]) == 2

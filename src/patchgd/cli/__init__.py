@@ -49,6 +49,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{who}: error: {message}", file=sys.stderr)
         return 2
 
-
-if __name__ == "__main__":
-    sys.exit(main())
