@@ -17,7 +17,7 @@ import yaml
 
 from patchgd.checkpoint import load_checkpoint
 from patchgd.cli import main
-from patchgd.rundir import LOCK_NAME
+from patchgd.rundir import HOLDER_NAME
 
 EPOCHS = 3
 
@@ -94,7 +94,7 @@ def test_sigkill_at_several_points_then_resume_gives_identical_weights(tmp_path,
     import patchgd.engine.trainer  # noqa: F401 - the second run must reach the lock in moments, not after its imports
 
     proc = start(config, straight)
-    assert wait_for(proc, lambda: f"pid {proc.pid} " in _read(straight / LOCK_NAME)), "ended before its lock was seen"
+    assert wait_for(proc, lambda: f"pid {proc.pid} " in _read(straight / HOLDER_NAME)), "ended before its lock was seen"
     assert main(["train", "--config", str(config)]) == 2
     assert proc.poll() is None, "the first run ended before the second started: nothing was tested"
     assert f"{straight} is in use by another patchgd run (pid {proc.pid} on host" in capsys.readouterr().err

@@ -21,7 +21,7 @@ import patchgd.engine.state
 import patchgd.engine.trainer
 from patchgd.checkpoint import CheckpointError, load_checkpoint
 from patchgd.cli import main
-from patchgd.rundir import LOCK_NAME, hold_run_dir
+from patchgd.rundir import HOLDER_NAME, hold_run_dir
 
 from helpers import write_config
 
@@ -266,7 +266,7 @@ def test_a_fresh_run_never_writes_into_an_old_runs_files(tmp_path, data, capsys)
 def test_a_held_run_directory_refuses_a_second_run_naming_the_holder(tmp_path, data, capsys):
     config = write_config(tmp_path, data)
     with hold_run_dir(tmp_path / "run", fresh=True):
-        holder = (tmp_path / "run" / LOCK_NAME).read_text()
+        holder = (tmp_path / "run" / HOLDER_NAME).read_text()
         assert holder.startswith(f"pid {os.getpid()} on host ") and "started" in holder
         assert main(["train", "--config", str(config)]) == 2
         assert f"is in use by another patchgd run ({holder.strip()})" in capsys.readouterr().err

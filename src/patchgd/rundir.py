@@ -1,29 +1,34 @@
 """A run directory held by one run at a time, without leftovers of interrupted writes.
 
-:func:`hold_run_dir` creates the folder (with clear errors when it cannot), takes an exclusive
-``fcntl.flock`` on its lock file for the life of the run (the kernel releases it when the process ends,
-however it ends), writes the holder's pid, host and start time into that file so that a second run can
-name it, refuses to start a fresh run over an old run's files, and removes the temporary files that
-:func:`patchgd.io.atomic_file` leaves when a process is killed mid-write.
+:func:`hold_run_dir` creates the folder (with clear errors when it cannot), takes an exclusive lock on its
+lock file for the life of the run (``filelock``: ``flock`` on Unix, ``msvcrt`` locking on Windows; the
+operating system releases it when the process ends, however it ends), writes the holder's pid, host and
+start time into a holder file beside it so that a second run can name it, refuses to start a fresh run
+over an old run's files, and removes the temporary files that :func:`patchgd.io.atomic_file` leaves when a
+process is killed mid-write.
 
-``flock`` is advisory and local to one machine's kernel: it keeps two runs on one host apart; on a network
-file system shared by several hosts it may not (NFS emulates it per host).
+The lock is advisory and local to one machine's kernel: it keeps two runs on one host apart; on a network
+file system shared by several hosts it may not (NFS emulates ``flock`` per host).
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["BEST_CHECKPOINT", "CONFIG_FILE", "CURVES_FILE", "EVAL_FILE", "LAST_CHECKPOINT", "LOCK_NAME", "METRICS_FILE",
+import filelock
+
+__all__ = ["BEST_CHECKPOINT", "CONFIG_FILE", "CURVES_FILE", "EVAL_FILE", "HOLDER_NAME", "LAST_CHECKPOINT", "LOCK_NAME",
+           "METRICS_FILE",
            "RUN_FILES", "RunInUseError", "SKIPPED_FILE", "SPLIT_FILE", "hold_run_dir"]
 
 LOCK_NAME = ".patchgd.lock"
+# Who holds the lock (pid, host, start), beside the lock file: a locked file cannot be written on Windows.
+HOLDER_NAME = ".patchgd.holder"
 # What a run writes after its first epoch; config.yaml alone (a run that never finished an epoch) is no
 # run to protect and is simply rewritten.
 # The files of a run directory, named here only.
@@ -59,20 +64,22 @@ def hold_run_dir(run_dir: str | Path, *, fresh: bool, log=print) -> Iterator[Pat
     """
     run_dir = Path(run_dir)
     _make_dir(run_dir)
+    lock_path = run_dir / LOCK_NAME
+    lock = filelock.FileLock(lock_path)
     try:
-        fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        try:
+            holder = (run_dir / HOLDER_NAME).read_text(errors="replace").strip()
+        except OSError:
+            holder = ""
+        raise RunInUseError(f"{run_dir} is in use by another patchgd run ({holder or 'holder unknown'}); wait for "
+                            "it to end or choose another output_dir") from None
     except OSError as err:
         raise PermissionError(f"output_dir {run_dir} is not writable ({err.strerror})") from None
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 1024, 0).decode(errors="replace").strip() or "holder unknown"
-            raise RunInUseError(f"{run_dir} is in use by another patchgd run ({holder}); wait for it to end "
-                                "or choose another output_dir") from None
         started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}, started {started}\n".encode(), 0)
+        (run_dir / HOLDER_NAME).write_text(f"pid {os.getpid()} on host {socket.gethostname()}, started {started}\n")
         if fresh:
             existing = [name for name in RUN_FILES if (run_dir / name).exists()]
             if existing:
@@ -84,7 +91,8 @@ def hold_run_dir(run_dir: str | Path, *, fresh: bool, log=print) -> Iterator[Pat
             log(f"removed {tmp}, left by an interrupted write")
         yield run_dir
     finally:
-        os.close(fd)  # releases the lock
+        (run_dir / HOLDER_NAME).unlink(missing_ok=True)
+        lock.release()
 
 
 def _make_dir(run_dir: Path) -> None:
