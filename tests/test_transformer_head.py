@@ -130,5 +130,5 @@ def test_bench_heads_compares_both_heads_on_the_same_run(tmp_path, capsys):
     expected = {"conv": ConvHead(8, 10, width=8), "transformer": TransformerHead(8, 10, width=16, depth=2, heads=2)}
     for head, module in expected.items():
         assert row[head]["head_parameters"] == sum(p.numel() for p in module.parameters())
-        assert row[head]["peak_bytes"] > 0 and row[head]["step_s"] > 0
+        assert row[head]["peak_bytes"] > 0 and row[head]["step_s"] > 0 and 0 < row[head]["head_s"] < row[head]["step_s"]
     assert row["ratio_peak"] == row["transformer"]["peak_bytes"] / row["conv"]["peak_bytes"]

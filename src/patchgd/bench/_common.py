@@ -19,7 +19,7 @@ from ..io import atomic_file
 from ..methods import autocast, create_model, sync
 
 __all__ = ["add_common_arguments", "resolve_device", "build_model", "autocast", "sync", "timed",
-           "interleaved", "median", "machine", "format_table", "write_json"]
+           "interleaved", "median", "small_call_seconds", "machine", "format_table", "write_json"]
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, *, image_sizes: list[int], batch_size: int = 1,
@@ -114,6 +114,16 @@ def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int,
             if round_ >= warmup:
                 samples[name].append(sample)
     return samples
+
+
+def small_call_seconds(fn: Callable[[], Any], min_run_time: float = 0.2) -> float:
+    """Median seconds of one call of a small ``fn`` (a head's forward and backward), by
+    ``torch.utils.benchmark``: it runs ``fn`` in blocks long enough for the clock (synchronising CUDA) and
+    reports the median over blocks, where timing single calls would measure the timer."""
+    from torch.utils import benchmark
+
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time).median
 
 
 def median(values: list[float]) -> float:

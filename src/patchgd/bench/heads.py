@@ -1,9 +1,10 @@
 """The conv head against the transformer head: PatchGD step time, head time and peak memory on the same run.
 
 Both models share the backbone (same weights, from the same seed), the images, the batch and the schedule;
-only the head differs. Per image size: the whole ``PatchGD.step`` and the head alone (a forward and
-backward on a filled ``Z``), timed in turns (conv, transformer, conv, ...) and reported as medians, and
-the peak memory of one step after a warm-up step (model, optimizer and input counted as baseline).
+only the head differs. Per image size: the whole ``PatchGD.step``, timed in turns (conv, transformer,
+conv, ...) and reported as the median; the head alone (a forward and backward on a filled ``Z``, a small
+call) by ``torch.utils.benchmark``'s blocked timer and its median; and the peak memory of one step after a
+warm-up step (model, optimizer and input counted as baseline).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import torch
 
 from ..memory import PeakMemory, format_size
 from ..methods import PatchGD, classification_loss, create_model
-from ._common import add_common_arguments, format_table, interleaved, median, resolve_device, write_json
+from ._common import (add_common_arguments, format_table, interleaved, median, resolve_device, small_call_seconds,
+                      write_json)
 
 HEADS = ("conv", "transformer")
 
@@ -66,18 +68,16 @@ def run(args: argparse.Namespace) -> int:
         labels = torch.randint(0, args.num_classes, (args.batch_size,), device=device)
         with torch.no_grad():
             z = trainers["conv"].model.fill_z(images)
-        contenders = {}
-        for head, trainer in trainers.items():
-            contenders[f"{head} step"] = lambda t=trainer: t.step(images, labels)
-            contenders[f"{head} head"] = head_pass(trainer, z, labels)
-        samples = interleaved(contenders, args.repeats, args.warmup, device)
+        steps = {head: lambda t=trainer: t.step(images, labels) for head, trainer in trainers.items()}
+        samples = interleaved(steps, args.repeats, args.warmup, device)
+        head_seconds = {head: small_call_seconds(head_pass(trainer, z, labels)) for head, trainer in trainers.items()}
         row = {"image_size": size, "grid": list(z.shape[2:])}
         for head, trainer in trainers.items():
             trainer.step(images, labels)  # warm: Adam's state exists
             with PeakMemory(device, baseline=(trainer.model, trainer.optimizer, images)) as meter:
                 trainer.step(images, labels)
-            row[head] = {"step_s": median([s for s, _ in samples[f"{head} step"]]),
-                         "head_s": median([s for s, _ in samples[f"{head} head"]]),
+            row[head] = {"step_s": median([s for s, _ in samples[head]]),
+                         "head_s": head_seconds[head],
                          "peak_bytes": meter.peak_bytes,
                          "head_parameters": sum(p.numel() for p in trainer.model.head.parameters())}
         row["ratio_step"] = row["transformer"]["step_s"] / row["conv"]["step_s"]
@@ -86,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
         results.append(row)
 
     print(f"conv head vs transformer head: {args.backbone}, {args.patch_size} px patches, batch {args.batch_size}, "
-          f"sampling {args.sampling}, {device}, median of {args.repeats}; transformer width "
+          f"sampling {args.sampling}, {device}, steps: median of {args.repeats} interleaved, head alone: "
+          f"torch.utils.benchmark's median; transformer width "
           f"{args.transformer_width}, depth {args.transformer_depth}, {args.transformer_heads} heads")
     table = []
     for r in results:
