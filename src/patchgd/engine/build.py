@@ -217,8 +217,10 @@ def fill_chunk(cfg: Config, image_shape: tuple[int, ...] | None = None, lazy: bo
     set; else, training on items in memory of ``image_shape``, the ``B * k`` patches an inner iteration
     holds anyway; else None, the model's own default of one grid row of every image per call (a slide's
     ``B * k`` over its whole grid could be thousands of patches; evaluation and prediction)."""
-    if cfg.method != "patchgd" or cfg.patchgd.fill_batch_size or image_shape is None or lazy:
-        return cfg.patchgd.fill_batch_size if cfg.method == "patchgd" else None
+    if cfg.method != "patchgd":
+        return None
+    if cfg.patchgd.fill_batch_size or image_shape is None or lazy:
+        return cfg.patchgd.fill_batch_size
     return patches_per_step(cfg, image_shape)
 
 
