@@ -16,22 +16,45 @@ import torch.nn as nn
 __all__ = ["Normalize", "to_unit_range"]
 
 
-def to_unit_range(pixels: torch.Tensor) -> torch.Tensor:
-    """Integer pixels scaled by their dtype's range to floats in [0, 1]; float pixels are returned as they are.
+def to_unit_range(pixels: torch.Tensor, bit_depth: int | None = None,
+                  value_range: tuple[float, float] | None = None) -> torch.Tensor:
+    """Pixels mapped to floats in [0, 1] by a fixed rule of their type: the one home of pixel scaling, used
+    by the model's input step (on the device) and by the readers alike.
+
+    With ``value_range`` ``(low, high)``: ``(x - low) / (high - low)``, clipped to [0, 1]. Otherwise
+    integers divide by ``2**bit_depth - 1``, or map their dtype's range onto [0, 1] (unsigned: ``x / max``;
+    signed: ``(x - min) / (max - min)``), booleans become 0 and 1, and floats (already in the model's input
+    range) are returned as they are.
 
     Args:
-        pixels: A tensor of any shape; unsigned (uint8, uint16) or signed integers, or floats already in
-            the model's input range.
+        pixels: A tensor of any shape and numeric or boolean dtype.
+        bit_depth: Significant bits of integer pixels (12 for 12-bit data stored in uint16); None for the
+            dtype's.
+        value_range: Bounds mapped to 0 and 1.
 
     Example:
         >>> to_unit_range(torch.tensor([0, 51, 255], dtype=torch.uint8))
         tensor([0.0000, 0.2000, 1.0000])
+        >>> to_unit_range(torch.tensor([-128, 127], dtype=torch.int8))
+        tensor([0., 1.])
+        >>> to_unit_range(torch.tensor([0, 2048, 4095], dtype=torch.int16), bit_depth=12)
+        tensor([0.0000, 0.5001, 1.0000])
     """
-    if pixels.dtype == torch.bool:
-        return pixels.to(torch.get_default_dtype())
+    dtype = torch.get_default_dtype()
+    if value_range is not None:
+        low, high = value_range
+        return ((pixels.to(dtype) - low) / (high - low)).clamp_(0.0, 1.0)
     if pixels.dtype.is_floating_point:
         return pixels
-    return pixels.to(torch.get_default_dtype()) / torch.iinfo(pixels.dtype).max
+    if pixels.dtype == torch.bool:
+        return pixels.to(dtype)
+    if bit_depth is not None:
+        return pixels.to(dtype) / (2**bit_depth - 1)
+    info = torch.iinfo(pixels.dtype)
+    if info.min == 0:
+        return pixels.to(dtype) / info.max
+    # Signed: shifted in float64, where every int32 is exact, so -min..max maps onto 0..1 without rounding.
+    return (pixels.to(torch.float64) - info.min).div_(info.max - info.min).to(dtype)
 
 
 def _per_channel(values: Sequence[float] | None, default: float, channels: int, name: str) -> torch.Tensor:

@@ -3,11 +3,12 @@
 import numpy as np
 import pytest
 import tifffile
+import torch
 
 from patchgd.data.datasets import compute_normalization, load_image
 from patchgd.data.errors import DataError
-from patchgd.data.intensity import Intensity
-from patchgd.normalize import to_unit_range
+from patchgd.data.intensity import Intensity, scale_pixels
+from patchgd.normalize import Normalize, to_unit_range
 
 
 def read(path, intensity=None):
@@ -81,3 +82,31 @@ def test_stats_reads_as_training_does(float_tiff):
     mean, std = compute_normalization(float_tiff.parent, intensity=Intensity("range", value_range=(0.0, 4000.0)))
     values = np.linspace(0, 4000, 64) / 4000
     assert mean[0] == pytest.approx(values.mean(), abs=1e-6) and std[0] == pytest.approx(values.std(), abs=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int8, np.int16, np.int32])
+def test_one_scaling_rule_for_reader_and_model(dtype):
+    """The model's input step and the reader scale every integer type by the same rule, exactly: the dtype's
+    range onto [0, 1] (signed integers shifted by their minimum, not divided by their maximum)."""
+    info = np.iinfo(dtype)
+    values = np.array([info.min, info.min + 1, -1 if info.min else 1, 0, 1, info.max // 3, info.max - 1, info.max],
+                      dtype)
+    expected = ((values.astype(np.float64) - info.min) / (float(info.max) - info.min)).astype(np.float32)
+    read_scaled = scale_pixels(values, "x.tif", Intensity())
+    model_scaled = Normalize(1)(torch.from_numpy(values).view(1, 1, 1, -1)).flatten().numpy()
+    assert read_scaled.dtype == np.float32
+    np.testing.assert_array_equal(read_scaled, expected)
+    np.testing.assert_array_equal(model_scaled, expected)
+    assert read_scaled.min() == 0.0 and read_scaled.max() == 1.0
+
+
+def test_scaling_of_bits_windows_booleans_and_floats():
+    twelve = to_unit_range(torch.tensor([0, 4095], dtype=torch.int16), bit_depth=12)
+    assert torch.equal(twelve, torch.tensor([0.0, 1.0]))
+    hounsfield = torch.tensor([-2000, -1000, 0, 1000, 3000], dtype=torch.int16)
+    window = to_unit_range(hounsfield, value_range=(-1000.0, 1000.0))
+    assert torch.equal(window, torch.tensor([0.0, 0.0, 0.5, 1.0, 1.0]))
+    assert torch.equal(to_unit_range(torch.tensor([True, False])), torch.tensor([1.0, 0.0]))
+    half = torch.tensor([0.25], dtype=torch.float16)
+    assert to_unit_range(half) is half  # floats are already the model's input: kept, dtype and all
+    assert scale_pixels(np.array([0.25], np.float64), "x.tif", Intensity()).dtype == np.float32

@@ -9,11 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import tifffile
-import torch
 from PIL import Image, UnidentifiedImageError
 
 from patchgd.data.errors import DataError
-from patchgd.data.intensity import Intensity, check_pixels, to_unit_range
+from patchgd.data.intensity import Intensity, scale_pixels
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 _TIFF_EXTENSIONS = (".tif", ".tiff")
@@ -69,9 +68,7 @@ def read_image(path: str | Path, in_chans: int, intensity: Intensity | None = No
     array = decode_image(path, in_chans)
     _hwc_shape(array.shape, path)
     _check_pixel_type(array.dtype, path)
-    intensity = intensity or Intensity()
-    checked = np.require(check_pixels(array, path, intensity), requirements="W")  # PIL's arrays are read-only
-    return _to_chw(to_unit_range(torch.from_numpy(checked), **intensity.scaling).numpy(), in_chans)
+    return _to_chw(scale_pixels(array, path, intensity or Intensity()), in_chans)
 
 
 def read_image_header(path: str | Path) -> tuple[int, int]:

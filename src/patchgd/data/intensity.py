@@ -2,10 +2,10 @@
 
 Two kinds of step, kept apart because they belong to different places:
 
-* :func:`to_unit_range` is a fixed map of the pixel type (an integer dtype's range, or ``bit_depth``
-  bits) or of given bounds (``value_range``). It needs nothing from the image, so it can run wherever
-  pixels are scaled (today when an image is read; it is meant to become a parameter of the model's input
-  step, on the device).
+* :func:`~patchgd.normalize.to_unit_range` is a fixed map of the pixel type (an integer dtype's range,
+  or ``bit_depth`` bits) or of given bounds (``value_range``). It needs nothing from the image, so it
+  runs wherever pixels are scaled: by the model's input step for unsigned integers under the default
+  options, else when an image is read (:func:`scale_pixels`).
 * :func:`check_pixels` needs the image itself: it refuses values the chosen scaling cannot represent
   (floats outside [0, 1] under ``unit``, integers above ``bit_depth``), naming the file and the range
   found, and computes the per-image percentile stretch. Nothing is clipped without the user asking for
@@ -14,9 +14,8 @@ Two kinds of step, kept apart because they belong to different places:
 Example:
     >>> import numpy as np
     >>> intensity = Intensity("range", value_range=(0.0, 4000.0))
-    >>> pixels = check_pixels(np.array([[0.0, 2000.0, 4000.0]], np.float32), "cells.tif", intensity)
-    >>> to_unit_range(torch.from_numpy(pixels), **intensity.scaling)
-    tensor([[0.0000, 0.5000, 1.0000]])
+    >>> scale_pixels(np.array([[0.0, 2000.0, 4000.0]], np.float32), "cells.tif", intensity)
+    array([[0. , 0.5, 1. ]], dtype=float32)
 """
 
 from __future__ import annotations
@@ -28,8 +27,9 @@ import numpy as np
 import torch
 
 from patchgd.data.errors import DataError
+from patchgd.normalize import to_unit_range
 
-__all__ = ["Intensity", "check_pixels", "prepare_pixels", "to_unit_range"]
+__all__ = ["Intensity", "check_pixels", "prepare_pixels", "scale_pixels"]
 
 MODES = ("unit", "range", "percentile")
 
@@ -84,7 +84,7 @@ class Intensity:
 
     @property
     def scaling(self) -> dict:
-        """The keyword arguments of :func:`to_unit_range` (the image-independent part)."""
+        """The keyword arguments of :func:`~patchgd.normalize.to_unit_range` (the image-independent part)."""
         return {"bit_depth": self.bit_depth, "value_range": self.value_range if self.mode == "range" else None}
 
 
@@ -128,45 +128,26 @@ def check_pixels(array: np.ndarray, path: str | Path, intensity: Intensity) -> n
     return array
 
 
-def prepare_pixels(array: np.ndarray, path: str | Path, intensity: Intensity) -> np.ndarray:
-    """Pixels as they travel to the model: unsigned integers under the default options as they are (the
-    model scales them by their dtype's range, on the device); anything else checked (:func:`check_pixels`)
-    and scaled here (:func:`to_unit_range`) to float32 in [0, 1].
+def scale_pixels(array: np.ndarray, path: str | Path, intensity: Intensity) -> np.ndarray:
+    """``array`` checked (:func:`check_pixels`) and scaled (:func:`~patchgd.normalize.to_unit_range`) to
+    float32 in [0, 1].
 
     Args:
         array: The pixels as stored.
         path: The file, named in errors.
         intensity: The options.
     """
-    if intensity.model_scales(array.dtype):
-        return array
-    checked = np.require(check_pixels(array, path, intensity), requirements="W")
-    return to_unit_range(torch.from_numpy(checked), **intensity.scaling).numpy()
+    checked = np.require(check_pixels(array, path, intensity), requirements="W")  # PIL's arrays are read-only
+    return to_unit_range(torch.from_numpy(checked), **intensity.scaling).to(torch.float32).numpy()
 
 
-def to_unit_range(pixels: torch.Tensor, bit_depth: int | None = None,
-                  value_range: tuple[float, float] | None = None) -> torch.Tensor:
-    """Pixels mapped to floats in [0, 1] by a fixed rule.
-
-    With ``value_range`` ``(low, high)``: ``(x - low) / (high - low)``, clipped to [0, 1]. Otherwise
-    integers divide by ``2**bit_depth - 1``, or by their dtype's range (unsigned: ``x / max``; signed:
-    ``(x - min) / (max - min)``), and floats (already checked or stretched) are returned as they are.
+def prepare_pixels(array: np.ndarray, path: str | Path, intensity: Intensity) -> np.ndarray:
+    """Pixels as they travel to the model: unsigned integers under the default options as they are (the
+    model scales them by their dtype's range, on the device); anything else as :func:`scale_pixels` gives it.
 
     Args:
-        pixels: A tensor of any shape and numeric or boolean dtype.
-        bit_depth: Significant bits of integer pixels; None for the dtype's.
-        value_range: Bounds mapped to 0 and 1.
-
-    Example:
-        >>> to_unit_range(torch.tensor([0, 2048, 4095], dtype=torch.int16), bit_depth=12)
-        tensor([0.0000, 0.5001, 1.0000])
+        array: The pixels as stored.
+        path: The file, named in errors.
+        intensity: The options.
     """
-    if value_range is not None:
-        low, high = value_range
-        return ((pixels.to(torch.float32) - low) / (high - low)).clamp_(0.0, 1.0)
-    if pixels.dtype == torch.bool or pixels.dtype.is_floating_point:
-        return pixels.to(torch.float32)
-    if bit_depth is not None:
-        return pixels.to(torch.float32) / (2**bit_depth - 1)
-    info = torch.iinfo(pixels.dtype)
-    return (pixels.to(torch.float64) - info.min).div_(info.max - info.min).to(torch.float32)
+    return array if intensity.model_scales(array.dtype) else scale_pixels(array, path, intensity)
