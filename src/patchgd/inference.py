@@ -95,7 +95,7 @@ def patch_progress(model: nn.Module, image: torch.Tensor | LazyImage, desc: str)
     _, height, width = shape
     cells = grid_shape(height, width, model.patch_size)
     total = cells[0] * cells[1]
-    if total <= (model.fill_batch_size or cells[1]):
+    if total <= model.default_fill_chunk(1, cells[1], isinstance(image, LazyImage)):
         return contextlib.nullcontext()
 
     @contextlib.contextmanager

@@ -167,8 +167,7 @@ class PatchGDClassifier(nn.Module):
         Args:
             images: ``(B, C, H, W)`` images or ``(B, C, L)`` sequences, one item per image (see :meth:`grid`),
                 or their grid.
-            batch_size: Patches per backbone call (default: ``self.fill_batch_size``, else one grid row of
-                every image, at most ``SOURCE_FILL_CHUNK`` = 64 patches on a :class:`SourceGrid`).
+            batch_size: Patches per backbone call (default: :meth:`default_fill_chunk`).
             shard: ``(i, n)``: encode only the chunks ``i, i + n, ...`` and leave the other cells unset
                 (:func:`patchgd.distributed.parallel_fill` splits a fill over processes with it); in-memory
                 batches only.
@@ -178,31 +177,49 @@ class PatchGDClassifier(nn.Module):
             under mixed precision too), cells in row-major order.
         """
         grid = images if isinstance(images, (PatchGrid, SourceGrid)) else self.grid(images)
-        batch, cells = grid.batch_size, grid.num_cells
-        chunk = batch_size or self.fill_batch_size or batch * grid.cols
-        if isinstance(grid, SourceGrid) and not (batch_size or self.fill_batch_size):
-            chunk = min(chunk, SOURCE_FILL_CHUNK)
-        device = grid.device
-        index, shards = shard
-        if isinstance(grid, SourceGrid) and shards != 1:
+        streamed = isinstance(grid, SourceGrid)
+        if streamed and shard[1] != 1:
             raise ValueError("a fill split over processes (patchgd.parallel_fill) needs in-memory images of one "
                              "size; a batch read in pieces (slides) or of mixed sizes fills on each process")
+        chunk = batch_size or self.default_fill_chunk(grid.batch_size, grid.cols, streamed)
         with torch.no_grad():
-            if isinstance(grid, PatchGrid):
-                z = torch.empty(batch, self.latent_dim, cells, device=device)
-                for start in range(index * chunk, batch * cells, shards * chunk):
-                    stop = min(start + chunk, batch * cells)
-                    flat = torch.arange(start, stop, device=device)
-                    z[flat // cells, :, flat % cells] = self.encode(grid.patch_range(start, stop)).to(z.dtype)
-            else:
-                z = torch.zeros(batch, self.latent_dim, cells, device=device)
-                image_idx, cell_idx = grid.encoded_cells()
-                for image_c, cell_c, patches in grid.stream(image_idx, cell_idx, chunk, self.fill_workers):
-                    z[image_c.to(device), :, cell_c.to(device)] = self.encode(grid.deliver(image_c, patches)).to(z.dtype)
-                image_idx, cell_idx = grid.background_cells()
-                if image_idx.numel():
-                    z[image_idx.to(device), :, cell_idx.to(device)] = self.background_code(grid).to(z.dtype)
-        return z.view(batch, self.latent_dim, *grid.shape)
+            z = self._fill_streamed(grid, chunk) if streamed else self._fill_in_memory(grid, chunk, shard)
+        return z.view(grid.batch_size, self.latent_dim, *grid.shape)
+
+    def default_fill_chunk(self, batch: int, cols: int, streamed: bool) -> int:
+        """Patches per backbone call of a fill that names none: ``fill_batch_size`` when set, else one grid
+        row of every image (``batch * cols``), at most ``SOURCE_FILL_CHUNK`` when the patches are read in
+        pieces (``streamed``: a slide's row can be thousands of patches)."""
+        if self.fill_batch_size:
+            return self.fill_batch_size
+        return min(batch * cols, SOURCE_FILL_CHUNK) if streamed else batch * cols
+
+    def _fill_in_memory(self, grid: PatchGrid, chunk: int, shard: tuple[int, int]) -> torch.Tensor:
+        """``Z`` as ``(B, s, cells)``: the row-major (image, cell) sequence cut into chunks of ``chunk``
+        patches, the chunks ``i, i + n, ...`` of ``shard`` ``(i, n)`` encoded."""
+        cells = grid.num_cells
+        total = grid.batch_size * cells
+        z = torch.empty(grid.batch_size, self.latent_dim, cells, device=grid.device)
+        index, shards = shard
+        for start in range(index * chunk, total, shards * chunk):
+            stop = min(start + chunk, total)
+            flat = torch.arange(start, stop, device=grid.device)
+            z[flat // cells, :, flat % cells] = self.encode(grid.patch_range(start, stop)).to(z.dtype)
+        return z
+
+    def _fill_streamed(self, grid: SourceGrid, chunk: int) -> torch.Tensor:
+        """``Z`` as ``(B, s, cells)`` of a batch read in pieces: the encoded cells streamed in chunks (read by
+        ``fill_workers`` while the backbone runs), every background cell the background code, and the
+        cells that only pad a smaller image to the batch's grid 0."""
+        device = grid.device
+        z = torch.zeros(grid.batch_size, self.latent_dim, grid.num_cells, device=device)
+        image_idx, cell_idx = grid.encoded_cells()
+        for image_c, cell_c, patches in grid.stream(image_idx, cell_idx, chunk, self.fill_workers):
+            z[image_c.to(device), :, cell_c.to(device)] = self.encode(grid.deliver(image_c, patches)).to(z.dtype)
+        image_idx, cell_idx = grid.background_cells()
+        if image_idx.numel():
+            z[image_idx.to(device), :, cell_idx.to(device)] = self.background_code(grid).to(z.dtype)
+        return z
 
     def background_code(self, grid: PatchGrid | SourceGrid) -> torch.Tensor:
         """The code of every background cell: the encoding of one blank patch (all ``pad_value``), shaped
