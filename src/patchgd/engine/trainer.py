@@ -139,7 +139,7 @@ def _fit(cfg: Config, run_dir: Path, resuming: bool, logger: RunLogger) -> dict:
     if resuming:
         state = load_resume_state(run_dir, device)
         cfg = config_for_resume(cfg, state, run_dir)
-    run = build_run(cfg, device, train_set, val_set, run_dir, resuming, log)
+    run = build_run(cfg, device, train_set, val_set, run_dir, state, log)
     progress = resume_run(run, state, run_dir, log) if state is not None else RunProgress()
     start_run(run, run_dir, log)
     results, epoch = {}, progress.next_epoch - 1
@@ -192,10 +192,12 @@ def config_for_resume(cfg: Config, state: dict, run_dir: Path) -> Config:
     return dataclasses.replace(cfg, output_dir=str(run_dir))
 
 
-def build_run(cfg: Config, device: torch.device, train_set, val_set, run_dir: Path, resuming: bool,
+def build_run(cfg: Config, device: torch.device, train_set, val_set, run_dir: Path, state: dict | None,
               log) -> TrainingRun:
     """Everything an epoch needs, in the order the random states require: the split file, the seeds, the
-    skip log, the memory plan, the model, optimizer and method, the loaders and the schedule."""
+    skip log, the memory plan, the model, optimizer and method, the loaders; then, resuming from the
+    checkpoint ``state``, its weights and optimizer; last the schedule, at the step count the run stands at."""
+    resuming = state is not None
     if distributed.is_main() and isinstance(train_set, ImageDataset):
         write_split(run_dir / SPLIT_FILE, cfg.data.root, train_set, val_set)
     generator = seed_everything(cfg.train.seed)
@@ -241,7 +243,11 @@ def build_run(cfg: Config, device: torch.device, train_set, val_set, run_dir: Pa
     val_loader = DataLoader(distributed.eval_shard(val_set),
                             batch_size=cfg.train.eval_batch_size or cfg.train.batch_size,
                             num_workers=cfg.data.num_workers, collate_fn=collate_images)
-    scheduler = build_scheduler(cfg, optimizer, len(train_loader))  # batches per process = global steps
+    steps_done = 0
+    if resuming:
+        steps_done = restore_training(state, run_dir, model, optimizer, method, len(train_loader), len(train_set))
+    # batches per process = global steps
+    scheduler = build_scheduler(cfg, optimizer, len(train_loader), steps_done=steps_done)
     return TrainingRun(cfg, device, model, method, optimizer, scheduler, train_set, val_set, train_loader,
                        val_loader, sampler, loader_generator, generator, skips, image_shape)
 
@@ -296,15 +302,20 @@ def build_training_model(cfg: Config, device: torch.device, resuming: bool, imag
     return model
 
 
-def resume_run(run: TrainingRun, state: dict, run_dir: Path, log) -> RunProgress:
-    """Load the checkpoint's model, optimizer, schedule and random states into ``run``; where it stood."""
-    if state["steps_per_epoch"] != len(run.train_loader):
-        raise ValueError(f"--resume {run_dir}: the training set gives {len(run.train_loader)} batches per epoch "
-                         f"({len(run.train_set)} images) but gave {state['steps_per_epoch']} when the run "
+def restore_training(state: dict, run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, method,
+                     steps_per_epoch: int, images: int) -> int:
+    """Load the checkpoint's model, optimizer and gradient scaler states; the optimizer steps taken."""
+    if state["steps_per_epoch"] != steps_per_epoch:
+        raise ValueError(f"--resume {run_dir}: the training set gives {steps_per_epoch} batches per epoch "
+                         f"({images} images) but gave {state['steps_per_epoch']} when the run "
                          "started; the learning-rate schedule depends on it. Start a new run")
-    restore_training_state(state, run.model, run.optimizer, run.method.scaler)
-    run.scheduler = build_scheduler(run.cfg, run.optimizer, len(run.train_loader),
-                                    steps_done=state["epoch"] * len(run.train_loader))
+    restore_training_state(state, model, optimizer, method.scaler)
+    return state["epoch"] * steps_per_epoch
+
+
+def resume_run(run: TrainingRun, state: dict, run_dir: Path, log) -> RunProgress:
+    """Restore the checkpoint's random states and run files (its weights are in ``run`` already, see
+    :func:`build_run`); where the run stood."""
     per_rank = state.get("rng_ranks") or [state["rng"]]
     if len(per_rank) == distributed.world_size():
         restore_rng_states(per_rank[distributed.rank()], run.generator)
