@@ -12,9 +12,11 @@ import torch.nn.functional as F
 
 import patchgd
 from patchgd.config import AugmentConfig
-from patchgd.data.augment import Augment, ColourJitter, hed_jitter
+from patchgd.data.augment import Augment
+from patchgd.data.colour import ColourJitter, hed_jitter
 from patchgd.data.readers import ArraySource, open_source
-from patchgd.grid import LazyImage, Orientation, PatchGrid, SourceGrid
+from patchgd.data.lazy import LazyImage, SourceGrid
+from patchgd.grid import Orientation, PatchGrid
 from patchgd.model.heads import ConvHead
 from patchgd.normalize import to_unit_range
 

@@ -16,7 +16,7 @@ from patchgd.cli import main
 from patchgd.data.datasets import ImageCSVDataset
 from patchgd.data.errors import DataError, Skipped
 from patchgd.data.readers import open_source
-from patchgd.grid import LazyImage
+from patchgd.data.lazy import LazyImage
 from patchgd.skips import SkipLog, drop_skipped, run_skipping
 
 from helpers import TinyEncoder

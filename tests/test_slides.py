@@ -12,7 +12,7 @@ import torch.nn as nn
 
 import patchgd
 from patchgd.data.readers import ArraySource, open_source
-from patchgd.grid import LazyImage, SourceGrid
+from patchgd.data.lazy import LazyImage, SourceGrid
 from patchgd.model.heads import ConvHead
 from patchgd.methods import sample_schedule
 

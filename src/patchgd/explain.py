@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .grid import cell_mask
+from .data.lazy import cell_mask
 from .model import PatchGDClassifier
 
 __all__ = ["METHODS", "Evidence", "occlusion_scores", "gradient_scores", "explain", "z_to_rgb"]
@@ -133,7 +133,7 @@ def explain(model: PatchGDClassifier, images: torch.Tensor | Sequence, method: s
     Args:
         model: A :class:`~patchgd.PatchGDClassifier`; put in eval mode for the call and restored after.
         images: ``(B, C, H, W)`` images or ``(B, C, L)`` sequences, or one item per image (tensors of any
-            sizes, :class:`~patchgd.grid.LazyImage` slides), as the model takes them.
+            sizes, :class:`~patchgd.data.lazy.LazyImage` slides), as the model takes them.
         method: ``"occlusion"`` (default; cells replaced by the background code) or ``"grad"``.
         target: Optional ``(B,)`` class per image to explain instead of the prediction.
 

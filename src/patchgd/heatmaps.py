@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .explain import Evidence, explain, z_to_rgb
-from .grid import LazyImage
+from .data.lazy import LazyImage
 from .io import atomic_file
 from .model import PatchGDClassifier
 
@@ -189,7 +189,7 @@ def write_evidence(model: PatchGDClassifier, images: torch.Tensor | Sequence, it
         model: The classifier.
         images: The batch as the model takes it (a tensor, or one item per image).
         items: Per image, the data set's item: a ``(C, H, W)`` pixel tensor, a
-            :class:`~patchgd.grid.LazyImage` (drawn as its thumbnail) or a ``(C, L)`` sequence.
+            :class:`~patchgd.data.lazy.LazyImage` (drawn as its thumbnail) or a ``(C, L)`` sequence.
         names: Per image, the file stem.
         heatmap_dir: Where :func:`save_heatmap` writes (None: no heatmaps).
         z_dir: Where :func:`save_z_image` writes (None: no ``Z`` pictures).

@@ -22,7 +22,8 @@ from .config import Config, config_from_dict
 from .data.datasets import load_image
 from .engine.build import build_model
 from .engine.data import class_name, item_shape, read_options
-from .grid import LazyImage, grid_shape
+from .data.lazy import LazyImage
+from .grid import grid_shape
 from .runlog import Progress
 
 __all__ = ["load_input", "load_model", "predict", "prediction"]
@@ -50,7 +51,7 @@ def load_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> tu
 
 def load_input(path: str | Path, cfg: Config, device: str | torch.device = "cpu"):
     """An image (or slide, or sequence) read as the run read its data: ``(item, batch of one)``; a slide stays
-    a :class:`~patchgd.grid.LazyImage` that the model reads in pieces."""
+    a :class:`~patchgd.data.lazy.LazyImage` that the model reads in pieces."""
     item = load_image(path, **read_options(cfg))
     return item, (item[None].to(device) if isinstance(item, torch.Tensor) else [item])
 

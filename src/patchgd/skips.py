@@ -31,7 +31,7 @@ import torch
 from . import distributed
 from .data.datasets import collate_images
 from .data.errors import DataError, Skipped
-from .grid import LazyImage
+from .data.lazy import LazyImage
 from .io import atomic_file
 from .rundir import SKIPPED_FILE
 

@@ -10,7 +10,7 @@ from PIL import Image
 
 from patchgd.config import load_config
 from patchgd.data.datasets import ImageCSVDataset
-from patchgd.data.layouts import check_groups_apart, grouped_folds, stratified_split
+from patchgd.data.splits import check_groups_apart, grouped_folds, stratified_split
 from patchgd.data.errors import DataError
 from patchgd.engine.data import build_datasets, write_split
 

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from patchgd.data.datasets import ImageCSVDataset, ImageFolderDataset
-from patchgd.data.layouts import stratified_split
+from patchgd.data.splits import stratified_split
 from patchgd.data.errors import DataError
 
 

@@ -22,7 +22,8 @@ import tifffile
 import torch
 
 from ..data.readers import open_source
-from ..grid import LazyImage, grid_shape
+from ..data.lazy import LazyImage
+from ..grid import grid_shape
 from ..io import atomic_file
 from ..memory import PeakMemory, format_size
 from ..methods import GD, PatchGD, sample_schedule

@@ -94,7 +94,7 @@ def _predict(args: argparse.Namespace, path: str) -> dict:
 
 
 def _step(args: argparse.Namespace, path: str) -> dict:
-    from ..grid import SourceGrid
+    from ..data.lazy import SourceGrid
     from ..methods import PatchGD, sample_schedule
 
     if args.threads:
@@ -138,7 +138,7 @@ def throughput(args: argparse.Namespace, path: str, device: torch.device) -> dic
     import dataclasses
 
     from ..config import AugmentConfig
-    from ..data.augment import ColourJitter
+    from ..data.colour import ColourJitter
 
     model = _model(args).to(device).eval()
     image = _open(args, path)

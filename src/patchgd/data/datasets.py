@@ -24,7 +24,7 @@ from patchgd.data.layouts import (EXTENSIONS, FOLD_COLUMN, MPP_COLUMN, check_uni
                                   find_images, list_images, mpp_column, pick_label_column, read_csv, require_column,
                                   resolve_image_dir, select_fold)
 from patchgd.data.readers import ArraySource, open_source
-from patchgd.grid import LazyImage
+from patchgd.data.lazy import LazyImage
 from patchgd.normalize import to_unit_range
 from patchgd.runlog import Progress
 
@@ -44,7 +44,7 @@ class ImageDataset(Dataset):
     ``mean``/``std`` are the model's first step, on the device - or float32 in [0, 1] when ``intensity``
     asks for more than the dtype's range (floats, signed integers, a bit depth, a window, a stretch). With
     ``patch_size`` (PatchGD), a file that can be read in pieces (a whole-slide image, a tiled TIFF) is a
-    :class:`~patchgd.grid.LazyImage`. Batch items with :func:`collate_images`.
+    :class:`~patchgd.data.lazy.LazyImage`. Batch items with :func:`collate_images`.
 
     Args:
         paths: The image files.
@@ -324,7 +324,7 @@ def load_image(path: str | Path, in_chans: int, image_size: int | None = None, *
     """Read an image the one way training, evaluation and prediction do.
 
     A file that can be read in pieces (OpenSlide formats, tiled TIFF) becomes, given ``patch_size`` and no
-    ``image_size``, a :class:`~patchgd.grid.LazyImage`: its source plus, with ``tissue="otsu"``, the mask of
+    ``image_size``, a :class:`~patchgd.data.lazy.LazyImage`: its source plus, with ``tissue="otsu"``, the mask of
     its grid cells whose tissue fraction is at least ``tissue_fraction``. Anything else is decoded whole,
     at the chosen level, as an integer ``(in_chans, H, W)`` tensor (uint8 for 8-bit data), and resized to
     ``image_size x image_size`` if that is set.

@@ -16,7 +16,7 @@ import csv
 from collections import Counter
 from pathlib import Path
 
-from patchgd.data.layouts import grouped_folds
+from patchgd.data.splits import grouped_folds
 from patchgd.data.errors import DataError
 from patchgd.io import atomic_directory
 

@@ -15,12 +15,13 @@ from torch.utils.data import DataLoader, WeightedRandomSampler
 from ..config import Config, ConfigError, check_paths
 from ..data.augment import Augment
 from ..data.datasets import ImageCSVDataset, ImageDataset, ImageFolderDataset, collate_images
-from ..data.layouts import check_groups_apart, class_folders, stratified_split
 from ..data.errors import DataError, Skipped
 from ..data.images import require_one_size
 from ..data.intensity import Intensity
+from ..data.layouts import class_folders
+from ..data.lazy import LazyImage
 from ..data.sequences import SequenceDataset
-from ..grid import LazyImage
+from ..data.splits import check_groups_apart, stratified_split
 from ..io import atomic_file
 
 
@@ -182,7 +183,7 @@ def first_item(dataset) -> torch.Tensor | LazyImage:
 
 
 def item_shape(image: torch.Tensor | LazyImage) -> tuple[int, int, int]:
-    """``(C, H, W)`` of a dataset item, read from a slide's header for a :class:`~patchgd.grid.LazyImage`."""
+    """``(C, H, W)`` of a dataset item, read from a slide's header for a :class:`~patchgd.data.lazy.LazyImage`."""
     if isinstance(image, LazyImage):
         return image.source.channels, image.source.height, image.source.width
     return tuple(image.shape)

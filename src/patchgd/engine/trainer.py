@@ -27,8 +27,8 @@ from ..checkpoint import load_checkpoint, save_checkpoint
 from ..config import Config, config_to_dict, save_config
 from ..data.datasets import ImageDataset, collate_images
 from ..data.errors import DataError
+from ..data.lazy import LazyImage
 from ..data.sequences import SequenceDataset
-from ..grid import LazyImage
 from ..io import atomic_file
 from ..memory import format_size
 from ..plots import plot_learning_curves

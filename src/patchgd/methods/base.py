@@ -83,7 +83,7 @@ class Step:
         """Move a batch to the model's device, checking the labels against the classes.
 
         ``images`` is a ``(B, C, H, W)`` tensor (``(B, C, L)`` for sequences), or a list with one ``(C, H, W)`` tensor or
-        :class:`~patchgd.grid.LazyImage` per image (images of different sizes, slides), which stays where
+        :class:`~patchgd.data.lazy.LazyImage` per image (images of different sizes, slides), which stays where
         it is: its patches travel to the device as they are read.
         """
         if isinstance(images, torch.Tensor):

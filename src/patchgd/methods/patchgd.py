@@ -8,7 +8,8 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn as nn
 
-from ..grid import PatchGrid, SourceGrid, cell_mask
+from ..data.lazy import SourceGrid, cell_mask
+from ..grid import PatchGrid
 from ..model import PatchGDClassifier
 from .base import Step, classification_loss
 from .schedule import default_inner_iterations, patches_per_iteration, sample_schedule
@@ -90,7 +91,7 @@ class PatchGD(Step):
         """The cells of each inner iteration as ``(image, cell)`` index pairs, image-major.
 
         Sampled per image among its sampleable cells (all of them, or the tissue cells of a
-        :class:`~patchgd.grid.SourceGrid` under a tissue mask), ``k_i = ceil(sampling * T_i)`` of image
+        :class:`~patchgd.data.lazy.SourceGrid` under a tissue mask), ``k_i = ceil(sampling * T_i)`` of image
         ``i``'s ``T_i`` sampleable cells per inner iteration; or the given schedule, checked.
         """
         cells = grid.num_cells
@@ -145,7 +146,7 @@ class PatchGD(Step):
 
         Args:
             images: ``(B, C, H, W)`` images, or one ``(C, H, W)`` tensor or
-                :class:`~patchgd.grid.LazyImage` per image (see :meth:`PatchGDClassifier.grid`).
+                :class:`~patchgd.data.lazy.LazyImage` per image (see :meth:`PatchGDClassifier.grid`).
             labels: ``(B,)`` class indices.
             schedule: Optional cells per inner iteration: flat row-major indices, ``(k,)`` (the same cells
                 in every image) or ``(B, k)`` per image.

@@ -10,7 +10,8 @@ import torch
 import torch.nn as nn
 
 from ..config import HEADS
-from ..grid import LazyImage, PatchGrid, SourceGrid, cell_mask
+from ..data.lazy import LazyImage, SourceGrid, cell_mask
+from ..grid import PatchGrid
 from ..normalize import Normalize
 from .backbones import Conv1dEncoder, PatchEncoder, create_timm
 from .heads import AttentionMILHead, ConvHead, TransformerHead
@@ -135,7 +136,7 @@ class PatchGDClassifier(nn.Module):
 
         Args:
             images: A ``(B, C, H, W)`` tensor (a view of it is cut; ``(B, C, L)`` sequences too), or one
-                item per image: ``(C, H, W)`` tensors and :class:`~patchgd.grid.LazyImage` s (read in
+                item per image: ``(C, H, W)`` tensors and :class:`~patchgd.data.lazy.LazyImage` s (read in
                 pieces), of any sizes.
         """
         if isinstance(images, torch.Tensor):
