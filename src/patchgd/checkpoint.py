@@ -6,8 +6,9 @@ scheduler state, the resolved config, the RNG states, the metrics so far), so th
 an arbitrary object can run code, and checkpoints travel between labs.
 
 Example:
-    >>> save_checkpoint("runs/demo/last.pt", {"model": model.state_dict(), "epoch": 3})  # doctest: +SKIP
-    >>> load_checkpoint("runs/demo/last.pt")["epoch"]  # doctest: +SKIP
+    >>> model = torch.nn.Linear(4, 2)
+    >>> save_checkpoint("runs/demo/last.pt", {"model": model.state_dict(), "epoch": 3})
+    >>> load_checkpoint("runs/demo/last.pt")["epoch"]
     3
 """
 

@@ -24,8 +24,10 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
         path: The file to produce; its folder is created if needed.
 
     Example:
-        >>> with atomic_file("runs/demo/last.pt") as tmp:  # doctest: +SKIP
-        ...     torch.save(state, tmp)
+        >>> with atomic_file("runs/demo/notes.txt") as tmp:
+        ...     _ = tmp.write_text("epoch 3")
+        >>> Path("runs/demo/notes.txt").read_text()
+        'epoch 3'
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -67,8 +69,10 @@ def atomic_directory(out_dir: str | Path, *, overwrite: bool = False) -> Iterato
         FileExistsError: ``out_dir`` is a file, or a non-empty directory and ``overwrite`` is false.
 
     Example:
-        >>> with atomic_directory("out/set") as tmp:  # doctest: +SKIP
-        ...     (tmp / "train.csv").write_text("image_id,label\\n")
+        >>> with atomic_directory("out/set") as tmp:
+        ...     _ = (tmp / "train.csv").write_text("image_id,label\\n")
+        >>> sorted(p.name for p in Path("out/set").iterdir())
+        ['train.csv']
     """
     out = Path(out_dir)
     _check_target(out, overwrite)

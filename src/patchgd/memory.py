@@ -18,8 +18,8 @@ Example:
     >>> model = torch.nn.Linear(1000, 1000)
     >>> with PeakMemory("cpu", baseline=[model]) as pm:
     ...     model(torch.randn(64, 1000)).sum().backward()
-    >>> pm.baseline_bytes, pm.peak_new_bytes  # doctest: +SKIP
-    (4004000, 4516260)
+    >>> pm.baseline_bytes, pm.peak_new_bytes > 64 * 1000 * 4  # the weights; more than the output alone
+    (4004000, True)
 """
 
 from __future__ import annotations

@@ -6,10 +6,11 @@ that a process that must stay quiet (a non-zero rank under ``torchrun``) is sile
 batch job) it is one plain line every ``every`` steps, without carriage returns.
 
 Example:
-    >>> logger = RunLogger("runs/demo", tensorboard=True)  # doctest: +SKIP
-    >>> logger.log("epoch 1 done")  # doctest: +SKIP
-    >>> logger.scalars({"loss/train": 0.7, "lr": 1e-3}, step=1)  # doctest: +SKIP
-    >>> logger.close()  # doctest: +SKIP
+    >>> logger = RunLogger("runs/demo", tensorboard=True, echo=print)
+    >>> logger.log("epoch 1 done")
+    epoch 1 done
+    >>> logger.scalars({"loss/train": 0.7, "lr": 1e-3}, step=1)
+    >>> logger.close()
 """
 
 from __future__ import annotations
