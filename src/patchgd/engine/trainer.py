@@ -3,6 +3,8 @@
 Build the data, maybe resume, build the run (:class:`TrainingRun`), then per epoch train and evaluate
 (:func:`run_epoch`) and write the epoch's files (:func:`write_epoch_files`); each step below is one named
 call in that order. Every method (``patchgd``, ``gd``, ``gd-extended``) goes through the same loop.
+The module is a little over 400 lines because those steps stand here in the order ``fit`` calls them, so
+that a reader follows a run in one file; the builders they call live in :mod:`patchgd.engine.build`.
 """
 
 from __future__ import annotations
