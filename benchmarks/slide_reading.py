@@ -44,7 +44,7 @@ def main() -> None:
 
 
 def _write(out: Path, size: int) -> dict:
-    code = ("import sys; from patchgd.data.synthetic import write_synthetic_slide; "
+    code = ("import sys; from patchgd.data.prepare.synthetic import write_synthetic_slide; "
             "write_synthetic_slide(sys.argv[1], size=int(sys.argv[2]))")
     started = time.perf_counter()
     subprocess.run([sys.executable, "-c", code, str(out), str(size)], check=True)

@@ -129,7 +129,7 @@ def test_cuda_without_a_gpu_is_a_clear_error(tmp_path):
 
 def test_diagnose_records_inner_losses_gradient_norms_and_batchnorm_statistics(tmp_path):
     from patchgd.cli import PACKAGED_CONFIGS
-    from patchgd.data.megapixel_mnist import generate_megapixel_mnist
+    from patchgd.data.prepare.megapixel_mnist import generate_megapixel_mnist
 
     data = generate_megapixel_mnist(tmp_path / "data", train=8, val=4, image_size=128, noise=2, progress=False)
     assert main(["diagnose", "--config", str(PACKAGED_CONFIGS / "demo.yaml"), "--set", f"data.root={data}",

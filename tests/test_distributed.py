@@ -23,7 +23,7 @@ import patchgd
 from patchgd import distributed
 from patchgd.checkpoint import load_checkpoint
 from patchgd.config import config_from_dict
-from patchgd.data.ultramnist import generate_ultramnist
+from patchgd.data.prepare.ultramnist import generate_ultramnist
 from patchgd.engine.loop import evaluate
 
 from helpers import TinyEncoder

@@ -2,7 +2,7 @@
 
 A Megapixel MNIST data set knows where each digit lies (``meta.json``), so its training images can be cut
 into PatchGD's cells, each labelled by the digit mostly inside it or as background
-(:func:`patchgd.data.megapixel_mnist.cut_digit_cells`), and the backbone trained as a GD classifier of
+(:func:`patchgd.data.prepare.megapixel_mnist.cut_digit_cells`), and the backbone trained as a GD classifier of
 those cells. ``patchgd demo`` starts PatchGD from it; ``bench ultramnist_study --pretrain-cells`` starts
 every arm from it.
 """
@@ -13,7 +13,7 @@ import dataclasses
 from pathlib import Path
 
 from .config import Config
-from .data.megapixel_mnist import BACKGROUND, cut_digit_cells
+from .data.prepare.megapixel_mnist import BACKGROUND, cut_digit_cells
 from .engine.trainer import fit
 from .rundir import BEST_CHECKPOINT
 
@@ -27,7 +27,7 @@ def pretrain_on_cells(cfg: Config, data_dir: str | Path, cells_dir: str | Path, 
 
     Args:
         cfg: The PatchGD config whose backbone, patch size, seed and learning rate are used.
-        data_dir: A folder written by :func:`patchgd.data.megapixel_mnist.generate_megapixel_mnist`.
+        data_dir: A folder written by :func:`patchgd.data.prepare.megapixel_mnist.generate_megapixel_mnist`.
         cells_dir: Where the cells are written (reused if already there).
         output_dir: The pretraining's run directory.
         epochs: Epochs of pretraining.

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from patchgd.data.digits import load_digits_source, load_mnist, load_sklearn_digits, read_idx, split_pools
+from patchgd.data.prepare.digits import load_digits_source, load_mnist, load_sklearn_digits, read_idx, split_pools
 from patchgd.data.errors import DataError
 
 # Published class counts of the MNIST test set.

@@ -10,8 +10,9 @@ from PIL import Image
 
 from patchgd.cli import main
 from patchgd.data.datasets import ImageCSVDataset
-from patchgd.data.digits import load_digits_source, split_pools
-from patchgd.data.megapixel_mnist import BACKGROUND, PRESETS, cut_digit_cells, generate_megapixel_mnist, scribbles
+from patchgd.data.prepare.digits import load_digits_source, split_pools
+from patchgd.data.prepare.megapixel_mnist import (BACKGROUND, PRESETS, cut_digit_cells, generate_megapixel_mnist,
+                                                  scribbles)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import tifffile
 from PIL import Image
 
 from patchgd.data.errors import DataError
-from patchgd.data.panda import prepare_panda, read_slide
+from patchgd.data.prepare.panda import prepare_panda, read_slide
 
 GRADES = [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
 LEVEL_VALUES = (40, 80, 120)  # level k of a pyramid is filled with LEVEL_VALUES[k]

@@ -3,7 +3,7 @@ import pytest
 import tifffile
 
 from patchgd.data.readers import OpenSlideSource, TiffSource, open_source
-from patchgd.data.synthetic import write_synthetic_slide
+from patchgd.data.prepare.synthetic import write_synthetic_slide
 from patchgd.data.tissue import tissue_mask
 
 GREEN = (20, 180, 0)

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from patchgd.data import ultramnist
-from patchgd.data.digits import load_sklearn_digits
-from patchgd.data.ultramnist import (
+from patchgd.data.prepare import ultramnist
+from patchgd.data.prepare.digits import load_sklearn_digits
+from patchgd.data.prepare.ultramnist import (
     default_max_scale,
     generate_ultramnist,
     preset_options,

@@ -1,7 +1,7 @@
 """Whole-slide images: train and predict on synthetic slides with sparse tissue, read in pieces.
 
 For each ``--image-sizes`` side, a synthetic tiled pyramidal JPEG TIFF (libvips, streamed:
-:func:`patchgd.data.synthetic.write_synthetic_slide`) is written to a temporary folder (or ``--slide``
+:func:`patchgd.data.prepare.synthetic.write_synthetic_slide`) is written to a temporary folder (or ``--slide``
 is reused), then, each in a fresh process so that its peak resident memory (RSS) is its own:
 
 * predict: open the slide, its tissue mask, fill ``Z`` (every tissue cell read from the slide, chunks
@@ -179,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
             if args.slide:
                 path, written_s = args.slide, None
             else:
-                from ..data.synthetic import write_synthetic_slide
+                from ..data.prepare.synthetic import write_synthetic_slide
 
                 path = str(Path(folder) / f"synthetic-{size}.tif")
                 started = time.perf_counter()

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from ..config import Config, DataConfig, MemoryConfig, ModelConfig, PatchGDConfig, TrainConfig
-from ..data.ultramnist import generate_ultramnist
+from ..data.prepare.ultramnist import generate_ultramnist
 from ..io import atomic_file
 from ..memory import format_size, parse_size
 from ..engine.plan import plan_budget

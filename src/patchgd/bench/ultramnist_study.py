@@ -36,8 +36,8 @@ from pathlib import Path
 import torch
 
 from ..cells import pretrain_on_cells
-from ..data.megapixel_mnist import generate_megapixel_mnist
-from ..data.ultramnist import default_max_scale
+from ..data.prepare.megapixel_mnist import generate_megapixel_mnist
+from ..data.prepare.ultramnist import default_max_scale
 from ..config import Config
 from ..io import atomic_file
 from ..memory import format_size, parse_size

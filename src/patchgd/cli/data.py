@@ -11,8 +11,8 @@ from .common import add_config_options, config_from_args
 
 
 def cmd_generate(args) -> int:
-    from ..data.digits import load_digits_source
-    from ..data.ultramnist import generate_ultramnist, preset_options
+    from ..data.prepare.digits import load_digits_source
+    from ..data.prepare.ultramnist import generate_ultramnist, preset_options
 
     source = load_digits_source(args.digits)
     print(f"digits: {source.description}")
@@ -26,8 +26,8 @@ def cmd_generate(args) -> int:
 
 
 def cmd_generate_megapixel(args) -> int:
-    from ..data.digits import load_digits_source
-    from ..data.megapixel_mnist import PRESETS, generate_megapixel_mnist
+    from ..data.prepare.digits import load_digits_source
+    from ..data.prepare.megapixel_mnist import PRESETS, generate_megapixel_mnist
 
     source = load_digits_source(args.digits)
     print(f"digits: {source.description}")
@@ -42,7 +42,7 @@ def cmd_generate_megapixel(args) -> int:
 
 
 def cmd_prepare(args) -> int:
-    from ..data.panda import prepare_panda
+    from ..data.prepare.panda import prepare_panda
 
     out = prepare_panda(args.src, args.out, size=args.size, folds=args.folds, seed=args.seed,
                         workers=args.workers, overwrite=args.overwrite)
@@ -51,7 +51,7 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_prepare_aeon(args) -> int:
-    from ..data.sequences import prepare_aeon
+    from ..data.prepare.aeon import prepare_aeon
 
     out = prepare_aeon(args.name, args.out, overwrite=args.overwrite)
     meta = json.loads((out / "meta.json").read_text())
@@ -62,7 +62,7 @@ def cmd_prepare_aeon(args) -> int:
 
 
 def cmd_prepare_tcga(args) -> int:
-    from ..data.tcga import describe, prepare_tcga
+    from ..data.prepare.tcga import describe, prepare_tcga
 
     sheet = Path(args.sample_sheet)
     out = prepare_tcga(sheet, args.slides or sheet.parent, args.out, projects=args.projects,

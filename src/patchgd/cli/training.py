@@ -61,8 +61,8 @@ def cmd_sweep(args) -> int:
 
 def cmd_demo(args) -> int:
     from ..cells import pretrain_on_cells
-    from ..data.digits import load_digits_source
-    from ..data.megapixel_mnist import PRESETS, generate_megapixel_mnist
+    from ..data.prepare.digits import load_digits_source
+    from ..data.prepare.megapixel_mnist import PRESETS, generate_megapixel_mnist
     from ..memory import format_size
     from ..engine.trainer import fit
 

@@ -9,7 +9,7 @@ Layout written to ``OUT``::
     OUT/meta.json               options, seed, digit source and every placed digit (class, source index, box)
 
 Train images take their digits only from the train pool and validation images only from the val pool
-(:func:`patchgd.data.digits.split_pools`), so no digit instance is seen in both.
+(:func:`patchgd.data.prepare.digits.split_pools`), so no digit instance is seen in both.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from patchgd.io import atomic_directory
-from patchgd.data.digits import DigitSource, load_digits_source, split_pools
+from patchgd.data.prepare.digits import DigitSource, load_digits_source, split_pools
 
 MNIST_PX = 28
 MAX_SCALE = 9  # digits are 1..9 times the MNIST size at 512 px and above

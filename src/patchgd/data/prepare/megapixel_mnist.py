@@ -6,14 +6,14 @@ strokes. The class can be read only at full resolution: downscaled to a budget, 
 The ``original`` preset is the paper's (1500 x 1500 px, 50 scribbles, 5,000 training and 1,000 test
 images; attention sampling, IPS and DPS report on it); ``scaled`` keeps its digit size and scribble
 density on a 500 px canvas with 1,000 / 200 images, for a CPU. The layout is UltraMNIST's
-(:mod:`patchgd.data.ultramnist`), so ``patchgd train`` reads it as it is::
+(:mod:`patchgd.data.prepare.ultramnist`), so ``patchgd train`` reads it as it is::
 
     OUT/train/<image_id>.png, OUT/val/<image_id>.png   grayscale 8-bit
     OUT/train.csv, OUT/val.csv                        header ``image_id,label`` (label: the digit class)
     OUT/meta.json                                     options, seed, digit source, every digit and scribble
 
 Train images take their digits only from the train pool and validation images only from the val pool
-(:func:`patchgd.data.digits.split_pools`): with the MNIST test set as the source (what this machine has),
+(:func:`patchgd.data.prepare.digits.split_pools`): with the MNIST test set as the source (what this machine has),
 no digit instance is seen in both.
 """
 
@@ -27,8 +27,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from patchgd.data.digits import DigitSource, load_digits_source, split_pools
-from patchgd.data.ultramnist import MNIST_PX, _check_pool, _write_csv
+from patchgd.data.prepare.digits import DigitSource, load_digits_source, split_pools
+from patchgd.data.prepare.ultramnist import MNIST_PX, _check_pool, _write_csv
 from patchgd.io import atomic_directory
 
 __all__ = ["BACKGROUND", "PRESETS", "cut_digit_cells", "generate_megapixel_mnist", "scribbles"]
