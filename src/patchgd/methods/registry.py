@@ -19,8 +19,8 @@ def create_model(method: str, backbone: str | nn.Module, num_classes: int, *, pa
                  latent_dim: int = 256, in_chans: int = 3, pretrained: bool | str | dict | None = None,
                  backbone_args: dict | None = None, freeze: str | int | None = None,
                  grad_checkpointing: bool = False, head: str = "conv", head_width: int = 256,
-                 head_dropout: float = 0.2, head_depth: int = 2, head_heads: int = 4, pad_value: float = 0.0, image_size: int | None = None,
-                 channels_last: bool = False, mean: list[float] | None = None, std: list[float] | None = None,
+                 head_dropout: float = 0.2, head_depth: int = 2, head_heads: int = 4, pad_value: float = 0.0,
+                 image_size: int | None = None, channels_last: bool = False, mean: list[float] | None = None, std: list[float] | None = None,
                  fill_workers: int = 0, fill_batch_size: int | None = None) -> nn.Module:
     """Build the model a method trains.
 
@@ -48,8 +48,8 @@ def create_model(method: str, backbone: str | nn.Module, num_classes: int, *, pa
         mean: Per-channel mean of the [0, 1]-scaled pixels (the model normalises on the device).
         std: Per-channel standard deviation.
         fill_workers: PatchGD's reader processes for disk-backed images while filling ``Z``.
-        fill_batch_size: PatchGD's patches per backbone call while filling ``Z`` (None: one grid row of every
-            image per call).
+        fill_batch_size: PatchGD's patches per backbone call while filling ``Z`` outside a training step
+            (None: :meth:`~patchgd.PatchGDClassifier.default_fill_chunk`'s one grid row of every image).
     """
     encoder = dict(in_chans=in_chans, pretrained=pretrained, backbone_args=backbone_args, freeze=freeze,
                    grad_checkpointing=grad_checkpointing, channels_last=channels_last, mean=mean, std=std)

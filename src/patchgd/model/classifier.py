@@ -62,8 +62,9 @@ class PatchGDClassifier(nn.Module):
             are not multiples of ``patch_size``; a patch of it is the "blank patch" whose code fills the
             background cells of a tissue mask.
         fill_batch_size: Default number of patches per backbone call in :meth:`fill_z`; None (the default)
-            encodes one grid row of every image per call (``B * n`` patches), which on the CPU is faster and
-            smaller than larger chunks (benchmarks/RESULTS.md, "inference").
+            encodes one grid row of every image per call (``B * n`` patches, at most 64 of a slide read in
+            pieces), which on the CPU is faster and smaller than larger chunks (benchmarks/RESULTS.md,
+            "inference"); see :meth:`default_fill_chunk`.
         head_width: Channels of the conv head; token width of the transformer head; width of the attention head.
         head_dropout: Dropout probability of the head.
         head_depth: Encoder layers of the transformer head.
