@@ -5,7 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from patchgd.data.prepare.digits import load_digits_source, load_mnist, load_sklearn_digits, read_idx, split_pools
+from patchgd.data.prepare.digits import (DigitSource, digit_pools, load_digits_source, load_mnist, load_sklearn_digits,
+                                        read_idx, split_pools)
 from patchgd.data.errors import DataError
 
 # Published class counts of the MNIST test set.
@@ -121,3 +122,14 @@ def test_split_pools():
     for bad in (0.0, 1.0, -0.1, 1e-6):
         with pytest.raises(ValueError, match="val_fraction"):
             split_pools(source, bad)
+
+
+def test_digit_pools_hold_every_digit_or_name_the_missing_ones():
+    source = load_sklearn_digits()
+    same, pools = digit_pools(source, 0.2)
+    assert same is source and pools["val"].tolist() == list(range(1438, 1797))
+    sevens_last = np.argsort(source.labels == 7, kind="stable")  # every 7 at the end: the val pool is all 7s
+    skewed = DigitSource(source.images[sevens_last], source.labels[sevens_last], "skewed digits")
+    missing = r"the val digit pool of skewed digits lacks digits \[0, 1, 2, 3, 4, 5, 6, 8, 9\]"
+    with pytest.raises(ValueError, match=missing):
+        digit_pools(skewed, 0.05)

@@ -15,6 +15,8 @@ from PIL import Image
 
 from patchgd.data.errors import DataError
 
+MNIST_PX = 28  # the side of every digit image
+
 # IDX magic numbers: two zero bytes, the type code 0x08 (unsigned byte) and the number of dimensions.
 _IDX_UBYTE = 0x08
 _MNIST_PREFIXES = ("train", "t10k")
@@ -89,8 +91,9 @@ def load_mnist(path: str | Path) -> DigitSource:
         )
     images = read_idx(images_file, ndim=3)
     labels = read_idx(labels_file, ndim=1)
-    if images.shape[1:] != (28, 28):
-        raise DataError(f"{images_file}: images are {images.shape[1]}x{images.shape[2]}; expected 28x28")
+    if images.shape[1:] != (MNIST_PX, MNIST_PX):
+        raise DataError(f"{images_file}: images are {images.shape[1]}x{images.shape[2]}; expected "
+                        f"{MNIST_PX}x{MNIST_PX}")
     if len(images) != len(labels):
         raise DataError(
             f"{images_file} holds {len(images)} images but {labels_file} holds {len(labels)} labels"
@@ -146,7 +149,7 @@ def load_sklearn_digits() -> DigitSource:
 
     bunch = load_digits()
     small = np.clip(bunch.images * (255.0 / 16.0), 0, 255).round().astype(np.uint8)
-    lo = (28 - _SKLEARN_DIGIT_PX) // 2
+    lo = (MNIST_PX - _SKLEARN_DIGIT_PX) // 2
     hi = lo + _SKLEARN_DIGIT_PX
     images = np.zeros((len(small), 28, 28), dtype=np.uint8)
     for i, digit in enumerate(small):
@@ -179,6 +182,28 @@ def split_pools(source: DigitSource, val_fraction: float = 0.2) -> tuple[np.ndar
         raise ValueError(f"val_fraction={val_fraction} of {n} digits leaves a pool empty")
     indices = np.arange(n, dtype=np.int64)
     return indices[: n - n_val], indices[n - n_val :]
+
+
+def digit_pools(digits: str | Path | DigitSource | None, val_fraction: float
+                ) -> tuple[DigitSource, dict[str, np.ndarray]]:
+    """The digits a generator draws from, and their disjoint ``"train"`` and ``"val"`` pools
+    (:func:`split_pools`), each checked to hold all ten digits.
+
+    Args:
+        digits: An MNIST folder, a loaded :class:`DigitSource`, or None for scikit-learn's digits.
+        val_fraction: The share of the digits reserved for validation images.
+
+    Raises:
+        ValueError: A pool lacks some digit class.
+    """
+    source = digits if isinstance(digits, DigitSource) else load_digits_source(digits)
+    pools = dict(zip(("train", "val"), split_pools(source, val_fraction)))
+    for split, pool in pools.items():
+        missing = sorted(set(range(10)) - set(np.unique(source.labels[pool]).tolist()))
+        if missing:
+            raise ValueError(f"the {split} digit pool of {source.description} lacks digits {missing}; "
+                             "expected all of 0..9")
+    return source, pools
 
 
 def _resolve_mnist_folder(path: Path) -> Path:

@@ -27,8 +27,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from patchgd.data.prepare.digits import DigitSource, load_digits_source, split_pools
-from patchgd.data.prepare.ultramnist import MNIST_PX, _check_pool, _write_csv
+from patchgd.data.prepare.digits import MNIST_PX, DigitSource, digit_pools
+from patchgd.data.prepare.ultramnist import _write_csv
 from patchgd.io import atomic_directory
 
 __all__ = ["BACKGROUND", "PRESETS", "cut_digit_cells", "generate_megapixel_mnist", "scribbles"]
@@ -118,10 +118,7 @@ def generate_megapixel_mnist(
     if image_size < 3 * MNIST_PX or noise < 0:
         raise ValueError(f"image_size={image_size}, noise={noise}; expected image_size >= {3 * MNIST_PX} "
                          "and noise >= 0")
-    source = digits if isinstance(digits, DigitSource) else load_digits_source(digits)
-    pools = dict(zip(("train", "val"), split_pools(source, val_fraction)))
-    for split, pool in pools.items():
-        _check_pool(source, pool, split)
+    source, pools = digit_pools(digits, val_fraction)
     options = {"image_size": image_size, "noise": noise, "digits": DIGITS, "positives": POSITIVES,
                "val_fraction": val_fraction, "train": train, "val": val}
     meta: dict[str, Any] = {"format": "megapixel-mnist", "seed": seed, "options": options,

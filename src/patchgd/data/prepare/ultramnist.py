@@ -25,9 +25,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from patchgd.io import atomic_directory
-from patchgd.data.prepare.digits import DigitSource, load_digits_source, split_pools
+from patchgd.data.prepare.digits import MNIST_PX, DigitSource, digit_pools
 
-MNIST_PX = 28
 MAX_SCALE = 9  # digits are 1..9 times the MNIST size at 512 px and above
 REFERENCE_SIZE = 512  # the image size at which the full 1..9 range is used
 _PLACEMENT_TRIES = 50  # random positions tried per digit before the sizes are redrawn
@@ -222,10 +221,7 @@ def generate_ultramnist(
     """
     max_scale = default_max_scale(image_size) if max_scale is None else max_scale
     _check_options(train, val, image_size, num_classes, min_digits, max_digits, max_scale)
-    source = digits if isinstance(digits, DigitSource) else load_digits_source(digits)
-    pools = dict(zip(("train", "val"), split_pools(source, val_fraction)))
-    for split, pool in pools.items():
-        _check_pool(source, pool, split)
+    source, pools = digit_pools(digits, val_fraction)
     options = {
         "image_size": image_size,
         "num_classes": num_classes,
@@ -314,14 +310,6 @@ def _check_options(
         raise ValueError(
             f"max_scale={max_scale} makes digits of {max_scale * MNIST_PX} px; expected 1.."
             f"{image_size // MNIST_PX} for {image_size} px images"
-        )
-
-
-def _check_pool(source: DigitSource, pool: np.ndarray, split: str) -> None:
-    missing = sorted(set(range(10)) - set(np.unique(source.labels[pool]).tolist()))
-    if missing:
-        raise ValueError(
-            f"the {split} digit pool of {source.description} lacks digits {missing}; expected all of 0..9"
         )
 
 
