@@ -20,9 +20,9 @@ import torch.nn as nn
 from .checkpoint import load_checkpoint
 from .config import Config, config_from_dict
 from .data.datasets import load_image
+from .data.lazy import LazyImage
 from .engine.build import build_model
 from .engine.data import class_name, item_shape, read_options
-from .data.lazy import LazyImage
 from .grid import grid_shape
 from .runlog import Progress
 
