@@ -9,10 +9,12 @@ import shutil
 from pathlib import Path
 
 import huggingface_hub.constants
+import numpy as np
 import pytest
 import timm
 import torch
 import yaml
+from PIL import Image
 from timm.models import save_for_hf
 from safetensors.torch import load_file
 
@@ -352,3 +354,70 @@ def test_layer_decay_leaves_a_gd_classifier_at_the_head_rate_and_ranks_the_encod
                                                        1e-4, 1e-3])
     assert {id(p) for p in groups[-1]["params"]} == {id(p) for p in model.backbone.fc.parameters()}
     assert {id(p) for p in groups[-2]["params"]} == {id(p) for p in model.backbone.layer4.parameters()}
+
+
+def write_class_folders(root: Path, channels: int) -> None:
+    """``root/{train,val}/{dark,light}/*.png``: 64 px images, grey or RGB, 3 + 2 per class and split."""
+    rng = np.random.default_rng(channels)
+    for split, count in (("train", 3), ("val", 2)):
+        for name, level in (("dark", 70), ("light", 180)):
+            (root / split / name).mkdir(parents=True)
+            for i in range(count):
+                shape = (64, 64) if channels == 1 else (64, 64, 3)
+                pixels = np.clip(level + rng.normal(0, 30, shape), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(root / split / name / f"{name}{i}.png")
+
+
+def weights_origin(kind: str, tmp_path: Path, hub: dict) -> tuple[dict, Path, tuple]:
+    """The config's model keys for pretrained weights of ``kind``, the folder that deleting takes them away
+    with, and the mean/std (3 channels) the weights were trained with."""
+    if kind == "hub":
+        return {"backbone": f"hf-hub:{REPO}"}, hub["cache"], (MEAN, STD)
+    # A registry name's weights (its default tag from the cache, or a bare file) come with timm's own
+    # pretrained config for the name, which gives their mean/std.
+    registry = timm.models.get_pretrained_cfg("test_resnet")
+    if kind == "cache":  # pretrained: true, timm's default tag found in the Hugging Face cache
+        lay_out_hub_repo(hub["cache"], "timm/test_resnet.r160_in1k", "test_resnet")
+        return {"backbone": "test_resnet", "pretrained": True}, hub["cache"], (registry.mean, registry.std)
+    folder = tmp_path / "snapshot"
+    save_snapshot(folder)
+    if kind == "folder":
+        return {"backbone": "test_resnet", "pretrained": str(folder)}, folder, (MEAN, STD)
+    return ({"backbone": "test_resnet", "pretrained": str(folder / "model.safetensors")}, folder,
+            (registry.mean, registry.std))
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("kind", ["cache", "folder", "file", "hub"])
+def test_a_model_trained_from_pretrained_weights_predicts_evaluates_and_resumes_without_them(
+        tmp_path, hub, capsys, kind, channels):
+    """The normalisation a run took from its pretrained weights (their own mean/std, data.mean/std left
+    unset) travels in the checkpoint: with the weights gone, ``evaluate`` reproduces the run's own
+    validation loss, ``predict`` its predictions, and ``--resume`` continues."""
+    data = tmp_path / "data"
+    write_class_folders(data, channels)
+    model_keys, weights_home, (mean, std) = weights_origin(kind, tmp_path, hub)
+    if channels == 1:  # timm sums an RGB stem into one channel; the statistics are averaged the same way
+        mean, std = [sum(mean) / 3], [sum(std) / 3]
+    config = write_config(tmp_path, data, model__in_chans=channels, data__num_classes=None,
+                          train__batch_size=2, **{f"model__{k}": v for k, v in model_keys.items()})
+    assert main(["train", "--config", str(config)]) == 0
+    run = tmp_path / "run"
+    trained = json.loads((run / "eval.json").read_text())
+
+    shutil.rmtree(weights_home)
+    model, _ = patchgd.load_model(run / "best.pt")
+    assert model.normalize.mean.flatten().tolist() == pytest.approx(mean)
+    assert model.normalize.std.flatten().tolist() == pytest.approx(std)
+    capsys.readouterr()
+    assert main(["evaluate", str(run / "best.pt"), "--data", str(data / "val"), "--json"]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    assert scored["loss"] == pytest.approx(trained["loss"], abs=1e-6)
+    assert scored["confusion"] == trained["confusion"]
+    images = sorted((data / "val" / "light").glob("*.png"))
+    assert main(["predict", str(run / "best.pt"), *map(str, images), "--json"]) == 0
+    predicted = [p["class_name"] for p in json.loads(capsys.readouterr().out)]
+    assert predicted.count("light") == trained["confusion"][1][1]
+    assert main(["train", "--resume", str(run), "--set", "train.epochs=2"]) == 0
+    resumed = [line for line in (run / "train.log").read_text().splitlines() if "normalisation:" in line][-1]
+    assert f"mean {[round(v, 4) for v in mean]}, std {[round(v, 4) for v in std]}" in resumed

@@ -83,6 +83,7 @@ class Normalize(nn.Module):
 
     def __init__(self, channels: int, mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
         super().__init__()
+        self.channels = channels
         if mean is None and std is None:
             channels = 1  # broadcasts over any channel count, as a backbone module of its own may expect
         std_t = _per_channel(std, 1.0, channels, "std")
@@ -90,6 +91,17 @@ class Normalize(nn.Module):
             raise ValueError(f"std={list(std)}; expected positive values")
         self.register_buffer("mean", _per_channel(mean, 0.0, channels, "mean"))
         self.register_buffer("std", std_t)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
+        # The statistics a checkpoint holds are the model's, whatever the config rebuilding it says: a model
+        # trained on pretrained weights normalised with the weights' own mean/std, which a rebuild without the
+        # weights file cannot know; it takes the saved ones, for one channel or for each.
+        for name in ("mean", "std"):
+            saved = state_dict.get(prefix + name)
+            current = getattr(self, name)
+            if saved is not None and saved.shape != current.shape and saved.shape in ((1, 1, 1), (self.channels, 1, 1)):
+                setattr(self, name, torch.empty(saved.shape, dtype=current.dtype, device=current.device))
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """``(N, C, H, W)`` pixels or ``(N, C, L)`` sequences (integer or float) -> normalised floats of the same

@@ -248,6 +248,7 @@ def build_run(cfg: Config, device: torch.device, train_set, val_set, run_dir: Pa
     steps_done = 0
     if resuming:
         steps_done = restore_training(state, run_dir, model, optimizer, method, len(train_loader), len(train_set))
+    log(describe_normalization(cfg, model))  # after a resume's restore: the statistics are the checkpoint's
     # batches per process = global steps
     scheduler = build_scheduler(cfg, optimizer, len(train_loader), steps_done=steps_done)
     return TrainingRun(cfg, device, model, method, optimizer, scheduler, train_set, val_set, train_loader,
@@ -288,7 +289,6 @@ def build_training_model(cfg: Config, device: torch.device, resuming: bool, imag
     """The model on ``device``: its weights (a new run), its fill chunk for these items, the backbone's App. C
     start, SyncBatchNorm."""
     model = build_model(cfg, weights=not resuming, image_shape=image_shape, lazy=lazy)
-    log(describe_normalization(cfg, model))
     if cfg.model.init_backbone is not None and not resuming:
         loaded = init_backbone(model, cfg.model.init_backbone)
         log(f"backbone initialised from {cfg.model.init_backbone}: {loaded} tensors")
