@@ -35,9 +35,33 @@ class SafeBatchNorm1d(_SafeBatchNorm, nn.BatchNorm1d):
     """``nn.BatchNorm1d`` that survives a single value per channel (see :class:`_SafeBatchNorm`)."""
 
 
+class _OneCellConv:
+    """A padded 3 x 3 convolution that runs at stride 1 on a grid of one cell, whose single output cell is the
+    same at any stride.
+
+    PyTorch's bfloat16 CPU kernel for the weight gradient of a strided convolution over one cell leaves the
+    taps that only see padding unset: about one call in a hundred gave non-finite gradients (torch 2.14.1,
+    measured), which stopped bf16 runs as "diverged" once the head had reduced a small grid to 1 x 1.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if all(size == 1 for size in x.shape[2:]):
+            conv = F.conv1d if x.dim() == 3 else F.conv2d
+            return conv(x, self.weight, self.bias, 1, self.padding)
+        return super().forward(x)
+
+
+class _Conv1d(_OneCellConv, nn.Conv1d):
+    pass
+
+
+class _Conv2d(_OneCellConv, nn.Conv2d):
+    pass
+
+
 # The layers of the conv head in 1-D (sequences) and 2-D (images).
-_LAYERS = {1: (nn.Conv1d, SafeBatchNorm1d, nn.Dropout1d, nn.AdaptiveAvgPool1d),
-           2: (nn.Conv2d, SafeBatchNorm2d, nn.Dropout2d, nn.AdaptiveAvgPool2d)}
+_LAYERS = {1: (_Conv1d, SafeBatchNorm1d, nn.Dropout1d, nn.AdaptiveAvgPool1d),
+           2: (_Conv2d, SafeBatchNorm2d, nn.Dropout2d, nn.AdaptiveAvgPool2d)}
 
 
 def _block(in_channels: int, out_channels: int, stride: int, dropout: float, dims: int = 2) -> nn.Sequential:
