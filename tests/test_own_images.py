@@ -2,6 +2,7 @@
 logs, TensorBoard events, augmentation, balanced sampling, early stopping and intensity options."""
 
 import csv
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -77,10 +78,21 @@ def test_class_folders_of_two_sizes_train_and_predict_names(tmp_path, folders, c
         name = line.split(": ", 1)[1].split(" ")[0]
         assert line.startswith(str(image)) and name in CLASSES and "benign" in line and "malignant" in line
 
+    # The README's evaluate on the run's own folder scores the 3 images it held out, as the run scored them.
     assert main(["evaluate", str(run / "best.pt"), "--data", str(folders), "--batch-size", "1"]) == 0
-    out = capsys.readouterr().out
-    assert out.startswith("12 images") and "precision" in out
-    assert out.count("benign") == 2 and out.count("malignant") == 2  # per-class row and confusion row
+    captured = capsys.readouterr()
+    assert captured.out.startswith("scored 3 images: the run's validation set") and "precision" in captured.out
+    assert captured.out.count("benign") == 2 and captured.out.count("malignant") == 2  # per-class, confusion rows
+    assert "warning" not in captured.err
+    assert main(["evaluate", str(run / "last.pt"), "--data", str(folders), "--json"]) == 0  # eval.json's epoch
+    scored = json.loads(capsys.readouterr().out)
+    assert scored["scored"]["images"] == 3 and scored["scored"]["training_images"] == 0
+    assert scored["confusion"] == json.loads((run / "eval.json").read_text())["confusion"]
+    # --all: every image, and a warning that 9 of them trained the model
+    assert main(["evaluate", str(run / "best.pt"), "--data", str(folders), "--all"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith(f"scored 12 images: every image of {folders}")
+    assert "warning: 9 of the 12 images scored trained this model" in captured.err
 
 
 def test_num_classes_that_disagrees_with_the_labels_is_an_error(tmp_path, folders, capsys):

@@ -11,24 +11,46 @@ from .common import require
 
 
 def evaluation_set(args, cfg: Config):
-    """The labelled images ``patchgd evaluate`` scores: a CSV file, a folder holding ``--csv``, or a folder of
-    class folders; labels are read with the checkpoint's classes."""
+    """The labelled images ``patchgd evaluate`` scores and what they are, in words: the run's own validation set
+    when ``--data`` is the run's ``data.root`` (unless ``--all``); else a CSV file, a folder holding ``--csv``,
+    or a folder of class folders, read with the checkpoint's classes."""
     from ..data.datasets import ImageCSVDataset, ImageFolderDataset
-    from ..engine.data import read_options
+    from ..engine.data import build_datasets, read_options
 
     data = Path(args.data)
     if cfg.data.kind == "sequences":
         from ..data.sequences import SequenceDataset
 
-        return SequenceDataset(data if data.suffix == ".npz" else data / "val.npz", cfg.data.num_classes,
-                               cfg.model.in_chans)
+        path = data if data.suffix == ".npz" else data / "val.npz"
+        return SequenceDataset(path, cfg.data.num_classes, cfg.model.in_chans), f"every sequence of {path}"
+    if not args.all and cfg.data.root is not None and data.resolve() == Path(cfg.data.root).resolve():
+        # The run's own folder holds its training images too: score what it held out, split as it was.
+        held_out = build_datasets(cfg)[1]
+        return held_out, (f"the run's validation set ({held_out.origin}), held out from training as the run "
+                          "split its data (split.csv); --all scores every image")
     read = read_options(cfg)
     csv_path = data if data.suffix == ".csv" else data / args.csv
     if csv_path.is_file() or data.suffix == ".csv":
-        return ImageCSVDataset(csv_path, args.image_dir, num_classes=cfg.data.num_classes,
-                               classes=cfg.data.classes, label_column=cfg.data.label_column,
-                               id_column=cfg.data.id_column, **read)
-    return ImageFolderDataset(data, classes=cfg.data.classes, **read)
+        dataset = ImageCSVDataset(csv_path, args.image_dir, num_classes=cfg.data.num_classes,
+                                  classes=cfg.data.classes, label_column=cfg.data.label_column,
+                                  id_column=cfg.data.id_column, **read)
+        return dataset, f"every image of {csv_path}"
+    return ImageFolderDataset(data, classes=cfg.data.classes, **read), f"every image of {data}"
+
+
+def trained_on(checkpoint: str | Path, cfg: Config, paths) -> int:
+    """How many of ``paths`` trained the checkpoint's model, by the run's ``split.csv`` beside it (0 without)."""
+    import csv
+
+    from ..rundir import SPLIT_FILE
+
+    split = Path(checkpoint).parent / SPLIT_FILE
+    if not split.is_file() or cfg.data.root is None:
+        return 0
+    root = Path(cfg.data.root).resolve()  # split.csv names images relative to it
+    with split.open(newline="") as f:
+        training = {(root / row["image"]).resolve() for row in csv.DictReader(f) if row["split"] == "train"}
+    return sum(Path(p).resolve() in training for p in paths)
 
 
 def cmd_evaluate(args) -> int:
@@ -44,7 +66,12 @@ def cmd_evaluate(args) -> int:
 
     device = resolve_device(args.device)
     model, cfg = load_model(args.checkpoint, device)
-    dataset = evaluation_set(args, cfg)
+    dataset, scored = evaluation_set(args, cfg)
+    seen = trained_on(args.checkpoint, cfg, getattr(dataset, "paths", []))
+    if seen:
+        print(f"warning: {seen} of the {len(dataset)} images scored trained this model ({Path(args.checkpoint).parent} "
+              "/ split.csv): the scores are optimistic; score held-out images (--data with the run's data.root "
+              "scores its validation set)", file=sys.stderr)
     if cfg.data.kind != "sequences" and cfg.data.image_size is None and args.batch_size > 1 \
             and cfg.method != "patchgd":
         require_one_size(dataset.paths, dataset.image_sizes)  # PatchGD gives each image its own grid
@@ -52,6 +79,7 @@ def cmd_evaluate(args) -> int:
     results = evaluate(model, loader, device, cfg.data.num_classes, cfg.train.amp)  # as the run evaluated
     results["confusion"] = results["confusion"].tolist()
     results["classes"] = [class_name(cfg, c) for c in range(cfg.data.num_classes)]
+    results["scored"] = {"images": len(dataset), "set": scored, "training_images": seen}
     if results["non_finite"]:
         print(f"warning: {results['non_finite']} of {len(dataset)} images got non-finite logits (a diverged "
               "checkpoint?); they count as wrong and are left out of the kappa and the confusion matrix",
@@ -59,7 +87,8 @@ def cmd_evaluate(args) -> int:
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
-    print(f"{len(dataset)} images: loss {results['loss']:.4f}  accuracy {results['accuracy']:.4f}  "
+    print(f"scored {len(dataset)} images: {scored}")
+    print(f"loss {results['loss']:.4f}  accuracy {results['accuracy']:.4f}  "
           f"qwk {results['qwk']:.4f}")
     width = max(8, *map(len, results["classes"]))
     print(f"  {'class':<{width}}  precision  recall      f1  images")
@@ -114,9 +143,13 @@ def register(sub) -> None:
     ev = sub.add_parser("evaluate", help="evaluate a checkpoint on a labelled data set")
     ev.add_argument("checkpoint", help="best.pt or last.pt of a run")
     ev.add_argument("--data", required=True,
-                    help="a CSV file, a folder holding --csv, or a folder of class folders; for a sequence model, "
+                    help="the run's own data.root (its validation set is scored: the images split.csv held out), "
+                         "a CSV file, a folder holding --csv, or a folder of class folders; for a sequence model, "
                          "a prepared folder (its val.npz) or an .npz file")
     ev.add_argument("--csv", default="val.csv", help="CSV inside --data (default val.csv)")
+    ev.add_argument("--all", action="store_true",
+                    help="with --data the run's own data.root: score every image in it, training images "
+                         "included, instead of the validation set the run held out")
     ev.add_argument("--image-dir", default=None, help="image folder (default: beside the CSV, named like it)")
     ev.add_argument("--batch-size", type=int, default=8)
     ev.add_argument("--device", default="auto")
