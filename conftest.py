@@ -1,7 +1,6 @@
 """Settings for every test, the suite's and the package's docstring examples alike."""
 
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,8 +15,8 @@ torch.set_num_threads(1)
 
 @pytest.fixture(autouse=True)
 def _docstring_examples_in_a_scratch_folder(request, tmp_path, monkeypatch):
-    """Docstring examples write where a user would (``runs/demo/...``): here, a temporary folder that sees
-    the repository's ``configs/``, so no example leaves files in the working tree."""
+    """Docstring examples write where a user would (``runs/demo/...``): here, a temporary folder outside the
+    repository (recipes are found by name, as after ``pip install``), so no example leaves files in the
+    working tree."""
     if isinstance(request.node, pytest.DoctestItem):
-        (tmp_path / "configs").symlink_to(Path(__file__).resolve().parent / "configs")
         monkeypatch.chdir(tmp_path)

@@ -7,7 +7,7 @@ the configuration reference (``docs/configuration.md``) is generated from them (
 its meaning here, and nowhere else.
 
 Example:
-    >>> cfg = load_config("configs/demo.yaml", ["train.lr=3e-4", "model.pretrained=null"])
+    >>> cfg = load_config("demo", ["train.lr=3e-4", "model.pretrained=null"])  # a packaged recipe
     >>> cfg.train.lr
     0.0003
     >>> save_config(cfg, "runs/demo/config.yaml")
@@ -40,6 +40,38 @@ ON_ERROR = ("stop", "skip")  # what a data set does with a file it cannot read
 
 class ConfigError(ValueError):
     """A config file or override that does not fit the schema; the message says where, what and why."""
+
+
+# The recipes shipped inside the package (the repository's configs/ links here), found by name after
+# pip install: ``patchgd train --config slides``.
+PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+def packaged_configs() -> dict[str, Path]:
+    """``{name: file}`` of the shipped recipes: ``slides``, ``sweeps/panda_sampling_ablation``, ..."""
+    return {p.relative_to(PACKAGED_CONFIGS).with_suffix("").as_posix(): p
+            for p in sorted(PACKAGED_CONFIGS.rglob("*.yaml"))}
+
+
+def find_config(name: str | Path) -> Path:
+    """The config file ``name`` stands for: the file itself when it exists, else the shipped recipe of that
+    name (``slides``, ``slides.yaml``, or the repository's path ``configs/slides.yaml`` outside a checkout).
+
+    Raises:
+        ConfigError: Neither a file nor a recipe; the message lists the recipes.
+    """
+    path = Path(name)
+    if path.exists():
+        return path
+    parts = path.with_suffix("").parts if path.suffix == ".yaml" else path.parts
+    key = "/".join(parts[1:] if parts[:1] == ("configs",) else parts)
+    recipes = packaged_configs()
+    if key in recipes:
+        return recipes[key]
+    close = difflib.get_close_matches(key, list(recipes), n=1)
+    raise ConfigError(f"{name}: no such config file, and no packaged recipe of that name"
+                      f"{f' (did you mean {close[0]!r}?)' if close else ''}; expected a YAML file or one of the "
+                      "recipes `patchgd configs` lists")
 
 
 # Checks a field may carry in its metadata: name -> (test, how the expectation reads in an error).
@@ -453,7 +485,8 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     """Read a YAML config (or start from defaults), apply ``--set`` overrides in order, and validate.
 
     Args:
-        path: YAML file; None or an empty file means all defaults.
+        path: YAML file, or the name of a packaged recipe (:func:`find_config`); None or an empty file means
+            all defaults.
         overrides: ``dotted.key=value`` strings, the value parsed as YAML (``null``, ``[0.5]``, ``3e-4``).
 
     Returns:
@@ -464,8 +497,9 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     """
     raw, where = {}, None
     if path is not None:
+        path = find_config(path)
         where = str(path)
-        raw = read_yaml(Path(path))
+        raw = read_yaml(path)
         raw = {} if raw is None else raw
     config = config_from_dict(raw, source=where)  # errors in the file name the file, before any override
     for item in overrides:

@@ -2,7 +2,7 @@
 
 A spec (YAML)::
 
-    base: ../src/patchgd/configs/panda_2048_patchgd.yaml   # relative to the spec's folder
+    base: panda_2048_patchgd          # a file relative to the spec's folder, or a packaged recipe's name
     set: [train.epochs=20]                                 # overrides for every point
     grid:                                                  # every combination of these values
       patchgd.sampling: [0.1, 0.2, 0.3]
@@ -40,7 +40,7 @@ from typing import Any
 
 import yaml
 
-from .config import ConfigError, load_config, read_yaml
+from .config import ConfigError, find_config, load_config, read_yaml
 from .io import atomic_file
 from .rundir import LAST_CHECKPOINT, METRICS_FILE
 
@@ -78,14 +78,15 @@ def read_spec(path: str | Path) -> tuple[Path, list[str], list[Point]]:
         ConfigError: The spec (an unknown key, no points, a grid that is no mapping of lists) or a
             point's config (naming the point) does not validate.
     """
-    path = Path(path)
+    path = find_config(path)
     spec = read_yaml(path) or {}
     if not isinstance(spec, dict) or "base" not in spec:
         raise ConfigError(f"{path}: expected a sweep spec with 'base' (a config file) and 'grid' and/or 'points'")
     unknown = sorted(set(spec) - set(SPEC_KEYS))
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {unknown}; expected {', '.join(SPEC_KEYS)}")
-    base = (path.parent / spec["base"]).resolve()
+    base = path.parent / str(spec["base"])  # relative to the spec, or a packaged recipe's name
+    base = (base if base.exists() else find_config(spec["base"])).resolve()
     common = [str(item) for item in spec.get("set") or []]
     grid = spec.get("grid") or {}
     if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):

@@ -7,8 +7,8 @@ import sys
 import time
 from pathlib import Path
 
-from ..config import ConfigError, check_paths, load_config
-from .common import PACKAGED_CONFIGS, add_config_options, config_from_args
+from ..config import ConfigError, check_paths, find_config, load_config, packaged_configs
+from .common import add_config_options, config_from_args
 from ..rundir import CONFIG_FILE
 
 
@@ -66,7 +66,7 @@ def cmd_demo(args) -> int:
     from ..memory import format_size
     from ..engine.trainer import fit
 
-    cfg = load_config(PACKAGED_CONFIGS / "demo.yaml", args.set)
+    cfg = load_config("demo", args.set)
     out = Path(args.out)
     source = load_digits_source(args.digits)
     started = time.perf_counter()
@@ -114,8 +114,34 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def describe_recipe(path: Path) -> str:
+    """A recipe's first comment line: what it trains."""
+    first = next((line for line in path.read_text(encoding="utf-8").splitlines() if line.startswith("#")), "# ")
+    text = first.lstrip("# ").strip()
+    return text if text.endswith(".") else f"{text} ..."
+
+
+def cmd_configs(args) -> int:
+    recipes = packaged_configs()
+    if args.name is None:
+        width = max(map(len, recipes))
+        for name, path in recipes.items():
+            print(f"{name:<{width}}  {describe_recipe(path)}")
+        print("\nuse one by name (patchgd train --config slides), or copy one to edit: "
+              "patchgd configs show NAME > my.yaml")
+        return 0
+    print(find_config(args.name).read_text(encoding="utf-8"), end="")
+    return 0
+
+
 def register(sub) -> None:
-    """Add ``train``, ``plan``, ``sweep`` and ``demo`` to the ``patchgd`` command's subparsers ``sub``."""
+    """Add ``train``, ``plan``, ``sweep``, ``demo`` and ``configs`` to the ``patchgd`` command's subparsers
+    ``sub``."""
+    configs = sub.add_parser("configs", help="list the packaged recipes; 'configs show NAME' prints one to copy")
+    configs.add_argument("show", nargs="?", choices=["show"], help="print the recipe NAME")
+    configs.add_argument("name", nargs="?", help="a recipe's name, e.g. slides")
+    configs.set_defaults(func=cmd_configs)
+
     train = sub.add_parser("train", help="train a model from a YAML config")
     add_config_options(train, required=False)
     train.add_argument("--resume", metavar="RUN_DIR", help=(
@@ -133,7 +159,8 @@ def register(sub) -> None:
 
     sweep = sub.add_parser("sweep", help="run a grid of config overrides, queued over devices, with a results "
                            "table (resumable)")
-    sweep.add_argument("spec", help="sweep spec (YAML): base config, set, grid and/or points")
+    sweep.add_argument("spec", help="sweep spec (YAML, or a packaged one's name such as "
+                       "sweeps/panda_sampling_ablation): base config, set, grid and/or points")
     sweep.add_argument("--out", help="sweep folder (default runs/<spec name>): runs/, logs/, status/, results.csv/.md")
     sweep.add_argument("--devices", nargs="+", metavar="DEVICE",
                        help="cuda:0 cuda:1 ... (one run per GPU at a time) or cpu (default: every GPU, else cpu)")
@@ -152,5 +179,5 @@ def register(sub) -> None:
     demo.add_argument("--pretrain-epochs", type=int, default=2,
                       help="epochs of backbone pretraining on single cells before PatchGD (default 2; 0: none)")
     demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                      help="override a key of the demo config (configs/demo.yaml)")
+                      help="override a key of the demo config (patchgd configs show demo)")
     demo.set_defaults(func=cmd_demo)

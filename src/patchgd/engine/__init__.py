@@ -7,7 +7,7 @@ the epoch loop and evaluation (:mod:`~patchgd.engine.loop`), resume and run file
 Example:
     >>> from patchgd.config import load_config
     >>> from patchgd.engine import fit
-    >>> summary = fit(load_config("configs/demo.yaml"))  # doctest: +SKIP
+    >>> summary = fit(load_config("demo"))  # doctest: +SKIP
 """
 
 from .trainer import fit
