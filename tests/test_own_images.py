@@ -13,6 +13,7 @@ import torch
 import yaml
 from PIL import Image
 
+import patchgd.data.errors
 import patchgd.engine.data
 import patchgd.engine.loop
 import patchgd.engine.trainer
@@ -142,6 +143,38 @@ def test_csv_with_class_names_and_custom_columns(tmp_path):
     resolved = patchgd.engine.data.resolve_classes(cfg, train_set, val_set)
     assert (resolved.data.num_classes, resolved.data.classes) == (2, ["noise", "signal"])
     assert Counter(val_set.labels) == {0: 2, 1: 2} and len(train_set) == 4
+
+
+def test_data_classes_name_integer_labels(tmp_path):
+    """``data.classes: [sparse, dense]`` names the integer labels 0 and 1 of a CSV (item 4 of issue 30)."""
+    root = tmp_path / "csvdata"
+    (root / "train").mkdir(parents=True)
+    rows = ["image_id,label"]
+    for i in range(8):
+        Image.fromarray(np.full((32, 32), 30 * i, np.uint8)).save(root / "train" / f"s{i}.png")
+        rows.append(f"s{i},{i % 2}")
+    (root / "train.csv").write_text("\n".join(rows) + "\n")
+    cfg = config_from_dict({"data": {"root": str(root), "classes": ["sparse", "dense"], "val_fraction": 0.5},
+                            "model": {"in_chans": 1}})
+    train_set, val_set = patchgd.engine.data.build_datasets(cfg)
+    resolved = patchgd.engine.data.resolve_classes(cfg, train_set, val_set)
+    assert (resolved.data.num_classes, resolved.data.classes) == (2, ["sparse", "dense"])
+    labels = dict(zip((p.stem for p in train_set.paths + val_set.paths), train_set.labels + val_set.labels))
+    assert labels == {f"s{i}": i % 2 for i in range(8)}
+    # an integer beyond the named classes is an error naming the line; names still work as names
+    (root / "train.csv").write_text("image_id,label\ns0,0\ns1,2\n")
+    with pytest.raises(patchgd.data.errors.DataError, match="line 3: label 2 of image 's1' is out of range; "
+                                                             r"expected \[0, 2\)"):
+        patchgd.engine.data.build_datasets(cfg)
+
+
+def test_the_classes_order_keeps_the_held_out_images(tmp_path, folders):
+    """The same seed holds out the same images whatever order ``data.classes`` gives the classes."""
+    held_out = {}
+    for classes in (None, ["malignant", "benign"]):
+        cfg = config_from_dict({"data": {"root": str(folders), "classes": classes}, "train": {"seed": 3}})
+        held_out[str(classes)] = sorted(map(str, patchgd.engine.data.build_datasets(cfg)[1].paths))
+    assert held_out["None"] == held_out["['malignant', 'benign']"]
 
 
 def test_progress_off_a_terminal_is_plain_lines():

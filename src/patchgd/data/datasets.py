@@ -201,16 +201,17 @@ class ImageCSVDataset(ImageDataset):
     """Images in a folder, listed with their labels (integers or class names) in a CSV file.
 
     The CSV is validated when the dataset is built (columns, labels, folds and that every image file
-    exists), so bad data fails before training starts. Labels that are all integers are class indices;
-    otherwise they are class names, indexed in ``classes`` (given, or the sorted names found).
+    exists), so bad data fails before training starts. Labels that are all integers are class indices
+    (into ``classes`` when given: ``[sparse, dense]`` names 0 and 1); otherwise they are class names,
+    indexed in ``classes`` (given, or the sorted names found).
 
     Args:
         csv_path: The CSV file, with an id column and a label column.
         image_dir: The image folder. None looks beside the CSV for a folder named like it
             (``train.csv`` -> ``train/``), then for ``<stem>_images/`` (``train_images/``, as PANDA).
         num_classes: When given, every integer label must lie in ``[0, num_classes)``.
-        classes: Class names in index order; every label must be one of them (None: the sorted names
-            found, or integer labels).
+        classes: Class names in index order; every label must be one of them, or an index into them
+            (None: the sorted names found, or integer labels).
         label_column: The label column; None picks the first of ``label``, ``isup_grade`` present.
         id_column: The image id column. An id is a file name, with or without one of the extensions of
             :data:`EXTENSIONS` (``.png .jpg .jpeg .tif .tiff`` and the slide formats).

@@ -139,14 +139,18 @@ def select_fold(
 
 def encode_labels(path: Path, rows: list[tuple[int, str, str]], classes: Sequence[str] | None,
                    num_classes: int | None) -> tuple[list[int], list[str] | None]:
-    """Class indices of ``(line, image id, label)`` rows, and the class names when labels are names.
+    """Class indices of ``(line, image id, label)`` rows, and the class names when there are any.
 
-    Integer labels (every one, unless ``classes`` is given) are indices checked against ``num_classes``;
-    otherwise each label is a class name, looked up in ``classes`` (given, or the sorted names found).
+    Integer labels (every one) are indices, checked against ``num_classes``; with ``classes`` given they are
+    indices into it (``[sparse, dense]`` names labels 0 and 1), unless every label is one of its names.
+    Otherwise each label is a class name, looked up in ``classes`` (given, or the sorted names found).
     """
-    if classes is None and all(_is_integer(value) for _, _, value in rows):
-        return [_parse_label(path, line, image_id, value, num_classes) for line, image_id, value in rows], None
     names = [value.strip() for _, _, value in rows]
+    integers = all(_is_integer(value) for _, _, value in rows)
+    if integers and (classes is None or not set(names) <= set(classes)):
+        count = num_classes if classes is None else len(classes)
+        labels = [_parse_label(path, line, image_id, value, count) for line, image_id, value in rows]
+        return labels, (list(classes) if classes is not None else None)
     classes = list(classes) if classes is not None else sorted(set(names))
     index = {name: i for i, name in enumerate(classes)}
     for (line, image_id, _), name in zip(rows, names):

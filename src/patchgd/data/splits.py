@@ -32,8 +32,11 @@ def stratified_split(dataset: ImageDataset, fraction: float, seed: int) -> tuple
     Raises:
         DataError: A class has too few images (or groups) to appear on both sides.
     """
+    # Stratified by class name where there are names, so that data.classes' order (the indices) does not
+    # change which images are held out for a seed.
+    strata = [dataset.classes[label] for label in dataset.labels] if dataset.classes else dataset.labels
     if dataset.groups is not None:
-        folds = grouped_folds(dataset.labels, dataset.groups, max(2, round(1 / fraction)), seed, dataset.origin)
+        folds = grouped_folds(strata, dataset.groups, max(2, round(1 / fraction)), seed, dataset.origin)
         val_idx = [i for i, fold in enumerate(folds) if fold == 0]
         train_idx = [i for i, fold in enumerate(folds) if fold != 0]
         return dataset.subset(train_idx), dataset.subset(val_idx)
@@ -47,14 +50,14 @@ def stratified_split(dataset: ImageDataset, fraction: float, seed: int) -> tuple
                         "least 2 per class (add images, or give a validation CSV or folder)")
     try:
         train_idx, val_idx = train_test_split(np.arange(len(dataset)), test_size=fraction, random_state=seed,
-                                              stratify=dataset.labels)
+                                              stratify=strata)
     except ValueError as err:  # e.g. fewer held-out images than classes
         raise DataError(f"{dataset.origin}: cannot hold out data.val_fraction={fraction} of {len(dataset)} "
                         f"images stratified by class ({err})") from None
     return dataset.subset(sorted(train_idx)), dataset.subset(sorted(val_idx))
 
 
-def grouped_folds(labels: Sequence[int], groups: Sequence[str], folds: int, seed: int,
+def grouped_folds(labels: Sequence[int | str], groups: Sequence[str], folds: int, seed: int,
                   origin: str | Path = "") -> list[int]:
     """A fold index per item: ``folds`` folds stratified by label with every group in one fold
     (scikit-learn's ``StratifiedGroupKFold``, shuffled by ``seed``).
