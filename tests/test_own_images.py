@@ -14,6 +14,7 @@ import yaml
 from PIL import Image
 
 import patchgd.data.errors
+import patchgd.heatmaps
 import patchgd.engine.data
 import patchgd.engine.loop
 import patchgd.engine.trainer
@@ -51,7 +52,7 @@ def six_line_config(tmp_path, root, extra: str = "") -> Path:
     return path
 
 
-def test_class_folders_of_two_sizes_train_and_predict_names(tmp_path, folders, capsys):
+def test_class_folders_of_two_sizes_train_and_predict_names(tmp_path, folders, capsys, monkeypatch):
     assert main(["train", "--config", str(six_line_config(tmp_path, folders))]) == 0
     run = tmp_path / "run"
     saved = yaml.safe_load((run / "config.yaml").read_text())
@@ -66,6 +67,9 @@ def test_class_folders_of_two_sizes_train_and_predict_names(tmp_path, folders, c
     assert "epoch 2/2" in log and "tensor peak" in log and "process peak RSS" in log
     state = load_checkpoint(run / "best.pt")
     assert state["config"]["data"]["classes"] == ["benign", "malignant"]  # plain lists in the checkpoint
+    evaluated = json.loads((run / "eval.json").read_text())  # last.pt's epoch, and which one best.pt holds
+    assert (evaluated["epoch"], evaluated["checkpoint"]) == (2, "last.pt")
+    assert evaluated["best_epoch"] == state["epoch"] == state["best_epoch"]
     capsys.readouterr()
 
     images = [folders / "benign" / "benign0.png", folders / "malignant" / "malignant1.png"]
@@ -78,6 +82,20 @@ def test_class_folders_of_two_sizes_train_and_predict_names(tmp_path, folders, c
     for line, image in zip(lines, images):
         name = line.split(": ", 1)[1].split(" ")[0]
         assert line.startswith(str(image)) and name in CLASSES and "benign" in line and "malignant" in line
+
+    # The heatmap's title names the class as predict does (issue 30 item 12).
+    titles = []
+    drawn = patchgd.heatmaps.save_heatmap
+    monkeypatch.setattr(patchgd.heatmaps, "save_heatmap", lambda *a, **k: titles.append(a[5]) or drawn(*a, **k))
+    assert main(["predict", str(run / "best.pt"), str(images[0]), "--heatmap", str(tmp_path / "maps"), "--json"]) == 0
+    predicted = json.loads(capsys.readouterr().out)[0]
+    assert titles[0].startswith(f"benign0: {predicted['class_name']} (p=")
+
+    # An image smaller than one patch is refused, as training refuses it (issue 30 item 11).
+    tiny = tmp_path / "tiny.png"
+    Image.fromarray(np.zeros((10, 40, 3), np.uint8)).save(tiny)
+    assert main(["predict", str(run / "best.pt"), str(tiny)]) == 2
+    assert f"model.patch_size=16 is larger than the 10x40 images of {tiny}" in capsys.readouterr().err
 
     # The README's evaluate on the run's own folder scores the 3 images it held out, as the run scored them.
     assert main(["evaluate", str(run / "best.pt"), "--data", str(folders), "--batch-size", "1"]) == 0
@@ -175,6 +193,34 @@ def test_the_classes_order_keeps_the_held_out_images(tmp_path, folders):
         cfg = config_from_dict({"data": {"root": str(folders), "classes": classes}, "train": {"seed": 3}})
         held_out[str(classes)] = sorted(map(str, patchgd.engine.data.build_datasets(cfg)[1].paths))
     assert held_out["None"] == held_out["['malignant', 'benign']"]
+
+
+def test_strip_tiffs_in_class_folders_are_images_not_slides_of_unknown_resolution(tmp_path):
+    """96 px strip TIFFs (no tiles, no resolution tags) are decoded whole like PNGs: nothing to say about
+    microns per pixel, which is a slide's (issue 30 item 9)."""
+    rng = np.random.default_rng(0)
+    for name in ("plain", "spotted"):
+        (tmp_path / name).mkdir()
+        for i in range(3):
+            tifffile.imwrite(tmp_path / name / f"{name}{i}.tif", rng.integers(0, 256, (96, 96, 3), dtype=np.uint8))
+    cfg = config_from_dict({"data": {"root": str(tmp_path), "val_fraction": 0.34}, "model": {"in_chans": 3}})
+    train_set, val_set = patchgd.engine.data.build_datasets(cfg)
+    cfg = patchgd.engine.data.resolve_classes(cfg, train_set, val_set)
+    assert "microns per pixel" not in patchgd.engine.data.describe_data(cfg, train_set, val_set)
+    assert len(train_set) + len(val_set) == 6
+
+
+def test_stats_reads_rgb_images_as_rgb_and_grey_as_grey(tmp_path, folders, capsys):
+    pixels = np.concatenate([np.asarray(Image.open(p)).reshape(-1, 3) for p in sorted(folders.rglob("*.png"))]) / 255
+    assert main(["stats", str(folders)]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    np.testing.assert_allclose(stats["mean"], pixels.mean(axis=0), atol=1e-6)
+    np.testing.assert_allclose(stats["std"], pixels.std(axis=0), atol=1e-6)
+    grey = tmp_path / "grey" / "a"
+    grey.mkdir(parents=True)
+    Image.fromarray(np.full((8, 8), 51, np.uint8)).save(grey / "x.png")
+    assert main(["stats", str(tmp_path / "grey")]) == 0
+    assert json.loads(capsys.readouterr().out)["mean"] == [0.2]
 
 
 def test_progress_off_a_terminal_is_plain_lines():

@@ -111,6 +111,8 @@ def test_a_trained_checkpoint_loads_whole_with_the_safe_loader(tmp_path, data):
     (lambda p: shutil.copy(next(Path(__file__).parent.glob("*.py")), p), "is not a checkpoint"),
     (lambda p: None, "does not exist"),
     (lambda p: torch.save([1, 2], p), "not a patchgd checkpoint"),
+    (lambda p: (torch.save({"model": {"w": torch.zeros(1000)}}, p),  # a copy cut short
+                p.write_bytes(p.read_bytes()[:2000])), "is a truncated checkpoint (2000 bytes"),
 ])
 def test_bad_checkpoint_files_are_one_clear_line(tmp_path, data, capsys, make, expected):
     path = tmp_path / "x.pt"

@@ -123,7 +123,8 @@ def test_build_time_exclusions_are_listed_and_count_against_the_threshold(tmp_pa
     assert len(ds) == 3 and [s.path for s in ds.excluded] == [str(tmp_path / "train" / "junk0.tif")]
     logged = []
     skips = SkipLog(0.2, ds.excluded, log=logged.append)
-    with pytest.raises(DataError, match="1 of 4 images could not be opened, more than data.max_skipped=0.2"):
+    with pytest.raises(DataError, match=r"1 of 4 training images \(25.0%\) could not be opened, more than "
+                                        "data.max_skipped=0.2; the first: .*junk0.tif: no image data"):
         skips.check_data(len(ds))
     SkipLog(0.25, ds.excluded, log=logged.append).check_data(len(ds))
     assert logged[0].startswith(f"skipped {tmp_path / 'train' / 'junk0.tif'}: ") and "leaves the data set" in logged[0]
@@ -150,11 +151,13 @@ def test_a_run_over_a_cohort_with_two_broken_slides_finishes_and_names_them(tmp_
     for row in rows:
         by_file.setdefault(row["file"].rsplit("/", 1)[-1], []).append(row)
     assert set(by_file) == {"junk0.tif", "torn0.tif"}
-    assert [r["split"] for r in by_file["junk0.tif"]] == ["data"]  # cannot be opened: out of the data set
+    assert [(r["epoch"], r["split"]) for r in by_file["junk0.tif"]] == [("0", "train")]  # out of the data set
     assert [(r["epoch"], r["split"]) for r in by_file["torn0.tif"]] == [("1", "train"), ("2", "train")]
     assert all(r["level"] == "0" and "cannot decode" in r["message"] for r in by_file["torn0.tif"])
     if tissue == "none":
         assert all(r["cells"].startswith(("grid row 2, columns", "grid row 3, columns")) for r in by_file["torn0.tif"])
+    else:  # met reading the tissue mask's thumbnail, at level 0 of this small slide
+        assert all(r["cells"].endswith("(thumbnail)") for r in by_file["torn0.tif"])
     log = (tmp_path / "run" / "train.log").read_text()
     assert "skipped " in log and "torn0.tif" in log and "leaves epoch 1 (train)" in log
     metrics = list(csv.DictReader((tmp_path / "run" / "metrics.csv").open()))
@@ -167,10 +170,41 @@ def test_more_broken_slides_than_max_skipped_stop_the_run_with_the_list_written(
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cohort_config(tmp_path, max_skipped=0.2)))
     assert main(["train", "--config", str(tmp_path / "config.yaml")]) == 2
     err = capsys.readouterr().err
-    assert "epoch 1: 2 of 8 training images could not be read (25.0%), more than data.max_skipped=0.2" in err
+    assert "2 of 8 training images (25.0%) could not be read in epoch 1, more than data.max_skipped=0.2" in err
     assert "Traceback" not in err
     rows = list(csv.DictReader((tmp_path / "run" / "skipped.csv").open()))
     assert sorted(r["file"].rsplit("/", 1)[-1] for r in rows) == ["torn0.tif", "torn1.tif"]
+
+
+def test_the_threshold_counts_training_images_and_its_stop_leaves_the_list(tmp_path, capsys):
+    """One file of 6 training and 2 validation slides cannot be opened (tifffile warns about it): the share
+    is 1 of 6 training images, the list is written before the stop, and stderr has one line naming it once."""
+    write_cohort(tmp_path, good=5, broken_tile=0, not_a_slide=1)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cohort_config(tmp_path, max_skipped=0.05)))
+    capsys.readouterr()
+    assert main(["train", "--config", str(tmp_path / "config.yaml")]) == 2
+    err = capsys.readouterr().err
+    junk = tmp_path / "train" / "junk0.tif"
+    assert f"1 of 6 training images (16.7%) could not be opened, more than data.max_skipped=0.05; the first: {junk}: " \
+        in err and "skipped.csv" in err
+    lines = [line for line in err.splitlines() if "junk0" in line or "tifffile" in line]
+    assert len(lines) == 1 and lines[0].count(str(junk)) == 1, lines  # tifffile's own warnings in that line
+    rows = list(csv.DictReader((tmp_path / "run" / "skipped.csv").open()))
+    assert [(r["epoch"], r["split"], r["file"]) for r in rows] == [("0", "train", str(junk))]
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert f"skipped {junk}: no image data" in log  # the path once
+
+
+def test_a_torn_tile_is_listed_with_its_level_and_cells(tmp_path):
+    """The records of a skip carry the reader's level and cells as data, whether the thumbnail or a step met it."""
+    path = truncate_tile(write_slide(tmp_path / "torn.tif"))
+    with pytest.raises(DataError) as err:
+        open_source(path).read_cells([(2, 4)], P)
+    record = Skipped.of(path, err.value)
+    assert (record.level, record.cells) == (0, "grid row 2, columns 4..4")
+    with pytest.raises(DataError) as err:
+        open_source(path).thumbnail(1024)
+    assert (Skipped.of(path, err.value).level, Skipped.of(path, err.value).cells) == (0, "rows 0..256 (thumbnail)")
 
 
 def test_stop_is_the_default_and_names_the_file(tmp_path, capsys):
@@ -197,5 +231,5 @@ def test_two_processes_agree_on_the_skips_and_rank_zero_writes_them_all(tmp_path
     rows = list(csv.DictReader((tmp_path / "run" / "skipped.csv").open()))
     torn = [(r["epoch"], r["split"]) for r in rows if r["file"].endswith("torn0.tif")]
     assert torn == [("1", "train"), ("2", "train")]  # on whichever process drew it, once per epoch
-    assert [r["split"] for r in rows if r["file"].endswith("junk0.tif")] == ["data"]  # once, not per process
+    assert [r["split"] for r in rows if r["file"].endswith("junk0.tif")] == ["train"]  # once, not per process
     assert len(list(csv.DictReader((tmp_path / "run" / "metrics.csv").open()))) == 2

@@ -48,12 +48,16 @@ def test_model_normalises_integer_pixels_by_their_range_then_mean_std():
         torch.testing.assert_close(model.encode(wide.to(torch.uint16)), model.backbone(by_hand.float()))
     state = model.state_dict()
     assert torch.equal(state["normalize.mean"].flatten(), torch.tensor(mean))
-    fresh = make_model(seed=1, mean=None, std=None)
-    with pytest.raises(RuntimeError, match="normalize.mean"):  # a checkpoint carries its statistics
-        fresh.load_state_dict(state)
-    restored = make_model(seed=1, mean=[0, 0, 0], std=[1, 1, 1])
-    restored.load_state_dict(state)
-    assert torch.equal(restored.normalize.std.flatten(), torch.tensor(std))
+    # A checkpoint carries its statistics: a model built without them (a rebuild from the config alone) or
+    # with others takes the saved ones, per channel, and encodes as the saved model did.
+    for restored in (make_model(seed=1, mean=None, std=None), make_model(seed=1, mean=[0, 0, 0], std=[1, 1, 1])):
+        restored.load_state_dict(state)
+        assert torch.equal(restored.normalize.std.flatten(), torch.tensor(std))
+        with torch.no_grad():
+            torch.testing.assert_close(restored.eval().encode(patches), model.encode(patches))
+    state["normalize.mean"] = torch.zeros(2, 1, 1)  # statistics of another channel count are refused
+    with pytest.raises(RuntimeError, match="normalize.mean"):
+        make_model(seed=1, mean=None, std=None).load_state_dict(state)
 
 
 def test_z_of_a_slide_equals_z_of_its_pixels_in_memory(slide):

@@ -26,6 +26,7 @@ from .io import atomic_file
 __all__ = ["CheckpointError", "load_checkpoint", "save_checkpoint"]
 
 # The first bytes of a torch.save file: a zip archive, or (torch < 1.6) a pickle stream (protocol 2+).
+_ZIP_MAGIC = b"PK\x03\x04"
 _PICKLE_MAGIC = b"\x80"
 
 
@@ -64,9 +65,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device | None = 
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes); expected a file written by torch.save")
     with path.open("rb") as f:
-        magic = f.read(1)
-    if not zipfile.is_zipfile(path) and magic != _PICKLE_MAGIC:
-        raise CheckpointError(f"{path} is not a checkpoint: not a file written by torch.save")
+        magic = f.read(len(_ZIP_MAGIC))
+    if not zipfile.is_zipfile(path):
+        if magic == _ZIP_MAGIC:  # a zip's directory is at its end: a file cut short has none
+            raise CheckpointError(f"{path} is a truncated checkpoint ({path.stat().st_size} bytes, its end "
+                                  "missing: an interrupted copy or download?); copy it again")
+        if magic[:1] != _PICKLE_MAGIC:
+            raise CheckpointError(f"{path} is not a checkpoint: not a file written by torch.save")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:

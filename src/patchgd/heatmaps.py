@@ -194,7 +194,7 @@ def write_evidence(model: PatchGDClassifier, images: torch.Tensor | Sequence, it
         heatmap_dir: Where :func:`save_heatmap` writes (None: no heatmaps).
         z_dir: Where :func:`save_z_image` writes (None: no ``Z`` pictures).
         method: ``"occlusion"`` or ``"grad"``.
-        class_names: Name of each class, for the GeoJSON measurements.
+        class_names: Name of each class, for the pictures' titles and the GeoJSON measurements.
 
     Returns:
         The :class:`Evidence` of the batch, and the pictures written (heatmap, then ``Z``, per image).
@@ -210,7 +210,8 @@ def write_evidence(model: PatchGDClassifier, images: torch.Tensor | Sequence, it
             display = image_pixels(item)  # [0, 1] pixels (a slide's thumbnail), or the sequence as it is
             width = item.source.width if isinstance(item, LazyImage) else None
             cell = f"{model.patch_size}-step chunk" if display.dim() == 2 else f"{model.patch_size} px cell"
-            title = (f"{name}: class {label} (p={probabilities[b, label]:.3f})\n{method} evidence per {cell} "
+            said = class_names[label] if class_names is not None else f"class {label}"  # as predict names it
+            title = (f"{name}: {said} (p={probabilities[b, label]:.3f})\n{method} evidence per {cell} "
                      "(red supports the class)")
             grid = evidence.scores[b]
             if isinstance(images, list) and display.dim() == 3:  # this image's own cells of a padded batch

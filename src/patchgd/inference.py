@@ -22,7 +22,7 @@ from .config import Config, config_from_dict
 from .data.datasets import load_image
 from .data.lazy import LazyImage
 from .engine.build import build_model
-from .engine.data import class_name, item_shape, read_options
+from .engine.data import check_patch_fits, class_name, item_shape, read_options
 from .grid import grid_shape
 from .runlog import Progress
 
@@ -51,8 +51,13 @@ def load_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> tu
 
 def load_input(path: str | Path, cfg: Config, device: str | torch.device = "cpu"):
     """An image (or slide, or sequence) read as the run read its data: ``(item, batch of one)``; a slide stays
-    a :class:`~patchgd.data.lazy.LazyImage` that the model reads in pieces."""
+    a :class:`~patchgd.data.lazy.LazyImage` that the model reads in pieces.
+
+    Raises:
+        ValueError: The image is smaller than one patch, which training refuses too.
+    """
     item = load_image(path, **read_options(cfg))
+    check_patch_fits(cfg, item_shape(item), path)
     return item, (item[None].to(device) if isinstance(item, torch.Tensor) else [item])
 
 

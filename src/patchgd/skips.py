@@ -13,8 +13,9 @@ An image can fail at three points, each handled where it happens:
   dropped instead (under torchrun, where the processes' all-reduces would no longer pair up, the run
   stops).
 
-:class:`SkipLog` records each skip (file, level, grid cells, the decoder's message) in the run log and
-``skipped.csv``, and stops the run when more than ``data.max_skipped`` of an epoch's images were skipped.
+:class:`SkipLog` records each skip (epoch, 0 for a file left out of the data set; split; file, level, grid
+cells, the decoder's message) in the run log and ``skipped.csv``, and stops the run, the list written, when
+more than ``data.max_skipped`` of the training images were skipped.
 Under torchrun the records of all processes are gathered at the end of each epoch, so every process
 takes the same decision and rank 0 writes them all.
 """
@@ -33,7 +34,6 @@ from .data.datasets import collate_images
 from .data.errors import DataError, Skipped
 from .data.lazy import LazyImage
 from .io import atomic_file
-from .rundir import SKIPPED_FILE
 
 __all__ = ["SkipLog", "drop_skipped", "run_skipping"]
 
@@ -57,11 +57,10 @@ def drop_skipped(images: torch.Tensor | list, labels: torch.Tensor) -> tuple[tor
 
 
 def _failing(err: DataError, images: Sequence) -> int | None:
-    """Which image of ``images`` the error names (its file's path is in the message, also when a worker
-    process raised it), or None."""
-    message = str(err)
+    """Which image of ``images`` the error names (its ``path``; or in its message, all an error raised again
+    from a DataLoader worker keeps), or None."""
     for i, item in enumerate(images):
-        if isinstance(item, LazyImage) and str(item.source.path) in message:
+        if isinstance(item, LazyImage) and (str(item.source.path) == err.path or str(item.source.path) in str(err)):
             return i
     return None
 
@@ -107,7 +106,7 @@ def run_skipping(run: Callable, images: torch.Tensor | list, labels: torch.Tenso
                 raise
             item = images[index]
             note = f"; the step's first {len(steps)} update(s) were kept, its rest dropped" if steps else ""
-            skipped.append(Skipped(str(item.source.path), f"{err}{note}", item.source.level))
+            skipped.append(Skipped.of(item.source.path, err, item.source.level, note))
             if steps:
                 if distributed.world_size() > 1:  # the processes' all-reduces would no longer pair up
                     raise
@@ -141,28 +140,39 @@ def _restore_random_states(states: tuple, generator: torch.Generator | None) -> 
 class SkipLog:
     """Every image a run skipped: logged as it happens, checked and written at the end of each epoch.
 
+    ``data.max_skipped`` is a share of the training images: those that cannot be opened, and each epoch's
+    that cannot be read. Validation images are listed but not counted (they train nothing). Every check
+    writes the list before it stops a run.
+
     Args:
-        max_fraction: ``data.max_skipped``: the share of an epoch's images that may be skipped.
-        excluded: Files that could not be opened when the data sets were built (skipped every epoch).
+        max_fraction: ``data.max_skipped``.
+        excluded: Training files that could not be opened when the data sets were built (skipped every
+            epoch).
+        excluded_val: Validation files that could not be opened.
+        path: The list, ``skipped.csv`` in the run directory.
         log: Where each skip is reported (the run log).
     """
 
-    def __init__(self, max_fraction: float, excluded: Sequence[Skipped] = (), log: Callable = print):
+    def __init__(self, max_fraction: float, excluded: Sequence[Skipped] = (), excluded_val: Sequence[Skipped] = (),
+                 *, path: Path | None = None, log: Callable = print):
         self.max_fraction = max_fraction
+        self.path = path
         self.log = log
         self.rows: list[dict] = []
         self.excluded = list({s.path: s for s in excluded}.values())
         self._epoch: list[Skipped] = []
         for item in self.excluded:
-            self._add(item, epoch=0, split="data")
+            self._add(item, epoch=0, split="train")
+        for item in {s.path: s for s in excluded_val if s.path not in {e.path for e in self.excluded}}.values():
+            self._add(item, epoch=0, split="val")
 
     def _add(self, item: Skipped, epoch: int, split: str) -> None:
-        cells = _CELLS.search(item.message)
+        cells = item.cells or (found.group(0) if (found := _CELLS.search(item.message)) else "")
         self.rows.append({"epoch": epoch, "split": split, "file": item.path,
-                          "level": "" if item.level is None else item.level,
-                          "cells": cells.group(0) if cells else "", "message": item.message})
-        left = "leaves the data set" if split == "data" else f"leaves epoch {epoch} ({split})"
-        self.log(f"skipped {item.path}: {item.message} - it {left}")
+                          "level": "" if item.level is None else item.level, "cells": cells, "message": item.message})
+        left = "leaves the data set" if epoch == 0 else f"leaves epoch {epoch} ({split})"
+        said = item.message.removeprefix(f"{item.path}: ")  # the reader's message names the file too
+        self.log(f"skipped {item.path}: {said} - it {left}")
 
     def record(self, items: Sequence[Skipped], epoch: int, split: str) -> None:
         """Log ``items`` skipped in ``epoch`` (``split``: ``"train"`` or ``"val"``)."""
@@ -172,13 +182,15 @@ class SkipLog:
                 self._epoch.append(item)
 
     def check_data(self, images: int) -> None:
-        """Stop before training when more than ``max_fraction`` of the data could not even be opened
-        (``images``: those that could)."""
-        total = images + len(self.excluded)
-        if total and len(self.excluded) / total > self.max_fraction:
-            raise DataError(f"{len(self.excluded)} of {total} images could not be opened, more than "
-                            f"data.max_skipped={self.max_fraction}; the first: {self.excluded[0].path}: "
-                            f"{self.excluded[0].message}")
+        """Stop before training when more than ``max_fraction`` of the training files could not even be
+        opened (``images``: those that could).
+
+        Raises:
+            DataError: Naming the count, the share and the first file; the list is written first.
+        """
+        first = self.excluded[0] if self.excluded else None
+        self._stop_if(len(self.excluded), images + len(self.excluded), "could not be opened",
+                      f"; the first: {first.path}: {first.message.removeprefix(f'{first.path}: ')}" if first else "")
 
     def end_epoch(self, epoch: int, images: int) -> None:
         """Check the epoch's training skips of every process against ``max_fraction`` and start the next
@@ -192,13 +204,18 @@ class SkipLog:
             DataError: More than ``max_fraction`` of the epoch's images were skipped (on every process).
         """
         counts = distributed.gather_objects((len({s.path for s in self._epoch}), images))
-        skipped = sum(c for c, _ in counts) + len(self.excluded)
-        total = sum(n for _, n in counts) + len(self.excluded)
         self._epoch = []
+        self._stop_if(sum(c for c, _ in counts) + len(self.excluded), sum(n for _, n in counts) + len(self.excluded),
+                      f"could not be read in epoch {epoch}")
+
+    def _stop_if(self, skipped: int, total: int, what: str, first: str = "") -> None:
+        """Write the list; then stop when ``skipped`` of ``total`` training images is too many."""
+        if self.path is not None:
+            self.write(self.path)
         if total and skipped / total > self.max_fraction:
-            raise DataError(f"epoch {epoch}: {skipped} of {total} training images could not be read "
-                            f"({skipped / total:.1%}), more than data.max_skipped={self.max_fraction}; "
-                            f"see {SKIPPED_FILE} in the run directory for the files and why")
+            listed = f"; every file and why: {self.path}" if self.path is not None else ""
+            raise DataError(f"{skipped} of {total} training images ({skipped / total:.1%}) {what}, more than "
+                            f"data.max_skipped={self.max_fraction}{first}{listed}")
 
     def write(self, path: Path) -> None:
         """Write every process's records so far into ``path`` (rank 0 writes; the others only send)."""

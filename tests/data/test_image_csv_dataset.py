@@ -243,7 +243,8 @@ def test_compute_normalization_matches_numpy(tmp_path):
     write_csv(tmp_path / "list.csv", "image_id,label\n0,0\n1,0\n2,0\n")
     ds = ImageCSVDataset(tmp_path / "list.csv", folder, in_chans=3)
     np.testing.assert_allclose(compute_normalization(ds)[0], pixels.mean(0), atol=1e-6)
-    gray_mean, gray_std = compute_normalization(folder)
+    assert compute_normalization(folder) == (mean, std)  # a folder is read as its images are: RGB here
+    gray_mean, gray_std = compute_normalization(folder, in_chans=1)
     assert len(gray_mean) == len(gray_std) == 1
     sub_mean, _ = compute_normalization(ds, max_images=1, seed=0)
     singles = [a.reshape(-1, 3).mean(0) / 255 for a in arrays]

@@ -75,3 +75,12 @@ def test_prepare_tcga_lists_missing_slides_and_exits_2(tmp_path, sheet, capsys):
     err = capsys.readouterr().err
     assert "1 of 12 slides" in err and gone.name in err
     assert not (tmp_path / "out").exists()
+    # --allow-missing goes on without it, and says which it left out
+    assert main(["prepare", "tcga", str(sheet), str(tmp_path / "out"), "--slides", str(tmp_path / "download"),
+                 "--projects", "TCGA-LUAD", "TCGA-LUSC", "--allow-missing"]) == 0
+    out = capsys.readouterr().out
+    assert "11 slides of 8 patients (LUAD 6, LUSC 5)" in out and f"1 slide(s) of the sheet not downloaded" in out
+    assert gone.name in out
+    rows = list(csv.DictReader((tmp_path / "out" / "train.csv").open()))
+    assert len(rows) == 11 and gone.name not in {r["image_id"] for r in rows}
+    assert [r["file_name"] for r in csv.DictReader((tmp_path / "out" / "missing.csv").open())] == [gone.name]

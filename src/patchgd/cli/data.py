@@ -17,8 +17,9 @@ def cmd_generate(args) -> int:
     source = load_digits_source(args.digits)
     print(f"digits: {source.description}")
     options = preset_options(args.preset) if args.preset else {}
-    if args.image_size is not None:
-        options["image_size"] = args.image_size
+    for key in ("image_size", "num_classes", "min_digits", "max_digits", "max_scale"):
+        if getattr(args, key) is not None:
+            options[key] = getattr(args, key)
     out = generate_ultramnist(args.out, train=args.train, val=args.val, digits=source, seed=args.seed,
                               overwrite=args.overwrite, **options)
     print(f"wrote {out} (train.csv, val.csv, train/, val/, meta.json)")
@@ -67,7 +68,7 @@ def cmd_prepare_tcga(args) -> int:
     sheet = Path(args.sample_sheet)
     out = prepare_tcga(sheet, args.slides or sheet.parent, args.out, projects=args.projects,
                        sample_types=None if args.all_sample_types else args.sample_types, folds=args.folds,
-                       seed=args.seed, overwrite=args.overwrite)
+                       seed=args.seed, overwrite=args.overwrite, allow_missing=args.allow_missing)
     print(f"wrote {out} (train.csv with case_id and kfold columns, slides/): {describe(out)}")
     return 0
 
@@ -136,6 +137,12 @@ def register(sub) -> None:
     um.add_argument("--train", type=int, required=True, help="number of training images")
     um.add_argument("--val", type=int, required=True, help="number of validation images")
     um.add_argument("--image-size", type=int, default=None, help="image side in pixels (default 512)")
+    um.add_argument("--num-classes", type=int, default=None,
+                    help="labels are the digit sums 0..N-1 (default 10; 2 with one digit: a '0' or a '1')")
+    um.add_argument("--min-digits", type=int, default=None, help="fewest digits per image (default 3)")
+    um.add_argument("--max-digits", type=int, default=None, help="most digits per image (default 5)")
+    um.add_argument("--max-scale", type=int, default=None,
+                    help="largest digit scale (x 28 px; default: by image size, as the paper's generator)")
     um.add_argument("--digits", default=None,
                     help="MNIST folder in IDX format (default: scikit-learn's bundled digits)")
     um.add_argument("--preset", choices=["default", "original"], default=None,
@@ -190,14 +197,17 @@ def register(sub) -> None:
     tcga.add_argument("--folds", type=int, default=5, help="folds of the kfold column (default 5)")
     tcga.add_argument("--seed", type=int, default=42)
     tcga.add_argument("--overwrite", action="store_true")
+    tcga.add_argument("--allow-missing", action="store_true",
+                      help="go on without the sheet's slides that are not downloaded (a partial download), listing "
+                           "them in OUT/missing.csv")
     tcga.set_defaults(func=cmd_prepare_tcga)
 
     stats = sub.add_parser("stats", help="per-channel mean and std of a data set, for data.mean/data.std")
     stats.add_argument("folder", nargs="?", help="folder of images (its subfolders too); default: the training "
                        "images of --config")
     add_config_options(stats, required=False)
-    stats.add_argument("--in-chans", type=int, default=1,
-                       help="without --config: 1 (grayscale, default) or 3 (RGB)")
+    stats.add_argument("--in-chans", type=int, default=None, choices=(1, 3),
+                       help="without --config: 1 (grayscale) or 3 (RGB); default: as the images are")
     stats.add_argument("--max-images", type=int, default=None, help="use a random subset of this size")
     stats.set_defaults(func=cmd_stats)
 

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from patchgd.config import ON_ERROR, TISSUE_METHODS
 from patchgd.data.errors import DataError, Skipped
-from patchgd.data.images import check_images
+from patchgd.data.images import check_images, image_channels
 from patchgd.data.intensity import Intensity, prepare_pixels
 from patchgd.data.layouts import (EXTENSIONS, FOLD_COLUMN, MPP_COLUMN, check_unique, class_folders, encode_labels,
                                   find_images, list_images, mpp_column, pick_label_column, read_csv, require_column,
@@ -137,12 +137,12 @@ class ImageDataset(Dataset):
                                      slide_mpp=slide_mpp) as source:
                         sizes.append((source.height, source.width))
                         known, why = source.resolution()
-                        if known is None:
+                        if known is None and source.tiled:  # a slide; a strip TIFF, decoded whole, has no mpp to know
                             self.unknown_mpp.append((path, why))
             except DataError as err:
                 if self.on_error == "stop":
                     raise
-                self.excluded.append(Skipped(str(path), str(err), level))
+                self.excluded.append(Skipped.of(path, err, level))
                 continue
             kept.append(i)
         if self.excluded:
@@ -166,7 +166,7 @@ class ImageDataset(Dataset):
         except DataError as err:
             if self.on_error == "stop":
                 raise
-            return Skipped(str(self.paths[index]), str(err), self.read_options["level"]), self.labels[index]
+            return Skipped.of(self.paths[index], err, self.read_options["level"]), self.labels[index]
         if self.transform is not None:
             image = self.transform(image)
         return image, self.labels[index]
@@ -422,7 +422,8 @@ def compute_normalization(
     Args:
         source: A dataset (its resized images, read with its own options) or a folder of images (its
             subfolders too, so a folder of class folders works).
-        in_chans: 1 or 3; for a dataset, None or its own ``in_chans``; for a folder, None means 1.
+        in_chans: 1 or 3; for a dataset, None or its own ``in_chans``; for a folder, None reads the images
+            as their first is (:func:`~patchgd.data.images.image_channels`: RGB as 3, grey as 1).
         intensity: For a folder, how pixel values map to [0, 1], as training reads them.
         max_images: Use a random subset of this many images (drawn with ``seed``); None for all.
         seed: The seed of the subset.
@@ -466,6 +467,6 @@ def _image_loader(
             raise ValueError(f"in_chans={in_chans} but the dataset has in_chans={source.in_chans}")
         return len(source), source.load_image
     paths = list_images(Path(source))
-    channels = 1 if in_chans is None else in_chans
+    channels = image_channels(paths[0]) if in_chans is None and paths else in_chans or 1
     # patch_size only marks slides as lazy: their statistics come from a thumbnail, not a whole level.
     return len(paths), lambda i: load_image(paths[i], channels, patch_size=1, tissue="none", intensity=intensity)

@@ -11,7 +11,7 @@ import numpy as np
 import tifffile
 from PIL import Image, UnidentifiedImageError
 
-from patchgd.data.errors import DataError
+from patchgd.data.errors import DataError, keeps_tifffile_warnings
 from patchgd.data.intensity import Intensity, scale_pixels
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
@@ -26,6 +26,7 @@ _PIL_DTYPES = {"I;16": np.uint16, "I;16L": np.uint16, "I;16B": np.uint16, "I;16N
                "F": np.float32}
 
 
+@keeps_tifffile_warnings
 def decode_image(path: str | Path, in_chans: int) -> np.ndarray:
     """The pixels of an image file as decoded, whole: tifffile for TIFFs (their first, full-resolution
     image), Pillow otherwise, converting its 8-bit modes to L or RGB; 16-bit and float data keep their type.
@@ -71,6 +72,7 @@ def read_image(path: str | Path, in_chans: int, intensity: Intensity | None = No
     return _to_chw(scale_pixels(array, path, intensity or Intensity()), in_chans)
 
 
+@keeps_tifffile_warnings
 def read_image_header(path: str | Path) -> tuple[int, int]:
     """The ``(height, width)`` of an image, from its header only; its channels and pixel type are checked.
 
@@ -131,6 +133,29 @@ def require_one_size(paths: Sequence[Path], sizes: Sequence[tuple[int, int]]) ->
                 f"{path}: image is {size[0]}x{size[1]} px but {paths[0]} is {sizes[0][0]}x{sizes[0][1]}; "
                 "images in a batch must share a size: set data.image_size to resize every image to a "
                 "square, or resize them to one size beforehand")
+
+
+@keeps_tifffile_warnings
+def image_channels(path: str | Path) -> int:
+    """1 for a grey image (with or without alpha), 3 for a colour one, from the file's header; a
+    whole-slide file (any other extension) is colour.
+
+    Raises:
+        DataError: The header cannot be decoded.
+    """
+    path = Path(path)
+    if path.suffix.lower() not in IMAGE_EXTENSIONS:
+        return 3
+    try:
+        if path.suffix.lower() in _TIFF_EXTENSIONS:
+            with tifffile.TiffFile(path) as tif:
+                samples = _hwc_shape(tif.pages[0].shape if len(tif.pages) else (0,), path)[2]
+        else:
+            with Image.open(path) as image:
+                samples = len(image.getbands()) if image.mode != "P" else len(image.convert("RGBA").getbands())
+    except _DECODE_ERRORS as err:
+        raise DataError(f"{path}: cannot decode image header ({err})") from err
+    return 1 if samples in (1, 2) else 3  # alpha (the 2nd or 4th sample) is dropped when read
 
 
 def _hwc_shape(shape: tuple[int, ...], path: Path) -> tuple[int, int, int]:

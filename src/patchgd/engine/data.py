@@ -189,6 +189,15 @@ def item_shape(image: torch.Tensor | LazyImage) -> tuple[int, int, int]:
     return tuple(image.shape)
 
 
+def check_patch_fits(cfg: Config, shape: tuple[int, ...], where) -> None:
+    """Refuse PatchGD on an image smaller than one patch (``shape``: its ``(C, H, W)``, read from ``where``):
+    its grid would be all padding. Training and prediction alike."""
+    if cfg.method == "patchgd" and len(shape) == 3 and cfg.model.patch_size > min(shape[1:]):
+        raise ValueError(f"model.patch_size={cfg.model.patch_size} is larger than the "
+                         f"{'x'.join(map(str, shape[1:]))} images of {where}; expected at most {min(shape[1:])} px "
+                         "(a smaller patch, or no data.image_size downscaling)")
+
+
 def train_loader_drops_last(num_images: int, batch_size: int) -> bool:
     """Whether the training loader drops its last batch: when it would hold a single image.
 

@@ -40,9 +40,9 @@ from ..rundir import (BEST_CHECKPOINT, CONFIG_FILE, CURVES_FILE, EVAL_FILE, LAST
 from ..runlog import RunLogger
 from ..skips import SkipLog
 from .build import (build_method, build_model, build_optimizer, build_scheduler, describe_normalization,
-                    init_backbone, resolve_device, resolve_weights)
-from .data import (build_augmentation, build_datasets, build_train_loader, describe_data, first_item,
-                   item_shape, origin_of, resolve_classes, train_loader_drops_last, write_split)
+                    init_backbone, patches_per_step, resolve_device, resolve_weights)
+from .data import (build_augmentation, build_datasets, build_train_loader, check_patch_fits, describe_data,
+                   first_item, item_shape, origin_of, resolve_classes, train_loader_drops_last, write_split)
 from .loop import DivergenceError, evaluate, train_one_epoch, write_validation_heatmaps
 from .plan import plan_budget
 from .state import (RunProgress, check_resume, copy_checkpoint, epoch_record, restore_rng_states, restore_run_files,
@@ -71,9 +71,10 @@ def fit(cfg: Config, resume: str | Path | None = None, *, log: Callable[[str], N
 
     The run directory (``cfg.output_dir``, or ``resume``) receives ``config.yaml`` (resolved: the classes
     found included), ``split.csv`` (which image trained and which validated), ``train.log``,
-    ``metrics.csv``, ``last.pt``, ``best.pt``, ``eval.json`` (the last evaluation with its confusion
-    matrix and per-class scores), ``learning_curves.png``, with ``train.tensorboard`` ``tensorboard/``, and,
-    every ``train.heatmap_every`` epochs, ``heatmaps/epochNNN/`` (validation heatmaps and ``Z`` pictures).
+    ``metrics.csv``, ``last.pt``, ``best.pt``, ``eval.json`` (the last epoch's evaluation, that of
+    ``last.pt``, with its confusion matrix and per-class scores; ``best_epoch`` names best.pt's epoch),
+    ``learning_curves.png``, with ``train.tensorboard`` ``tensorboard/``, and, every
+    ``train.heatmap_every`` epochs, ``heatmaps/epochNNN/`` (validation heatmaps and ``Z`` pictures).
     It is locked for the life of the run
     (:func:`patchgd.rundir.hold_run_dir`). Each epoch writes ``last.pt``, then ``best.pt``, then its metrics row.
 
@@ -203,14 +204,11 @@ def build_run(cfg: Config, device: torch.device, train_set, val_set, run_dir: Pa
     if distributed.is_main() and isinstance(train_set, ImageDataset):
         write_split(run_dir / SPLIT_FILE, cfg.data.root, train_set, val_set)
     generator = seed_everything(cfg.train.seed)
-    skips = build_skip_log(cfg, train_set, val_set, log)
+    skips = build_skip_log(cfg, train_set, val_set, run_dir, log)
     first = first_item(train_set)
     lazy = isinstance(first, LazyImage)
     image_shape = item_shape(first)
-    if cfg.method == "patchgd" and cfg.model.patch_size > min(image_shape[1:]):
-        raise ValueError(f"model.patch_size={cfg.model.patch_size} is larger than the "
-                         f"{'x'.join(map(str, image_shape[1:]))} images of {origin_of(train_set)}; "
-                         f"expected at most {min(image_shape[1:])} px (a smaller patch, or no data.image_size downscaling)")
+    check_patch_fits(cfg, image_shape, origin_of(train_set))
     if cfg.memory.budget is not None and not resuming:
         cfg = plan_run(cfg, train_set, image_shape, lazy, device, log)
 
@@ -226,6 +224,14 @@ def build_run(cfg: Config, device: torch.device, train_set, val_set, run_dir: Pa
         log(f"patchgd.sampling={cfg.patchgd.sampling} is a share of each slide's tissue cells: the patches that "
             "carry gradients, most of a step's memory, grow with the slides; patchgd.patches_per_step "
             "(e.g. 16) keeps memory the same for any slide")
+    if cfg.method == "patchgd" and patches_per_step(cfg, image_shape) == 1 and any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None and m.weight.requires_grad
+            for m in model.backbone.modules()):
+        raise ValueError(f"train.batch_size={cfg.train.batch_size} image(s) x 1 sampled patch per inner iteration "
+                         f"(patchgd.sampling={cfg.patchgd.sampling} of the {'x'.join(map(str, image_shape[1:]))} "
+                         f"images of {origin_of(train_set)}) gives the backbone's BatchNorm a single value per "
+                         "channel, which it cannot normalise in training; raise train.batch_size, "
+                         "patchgd.sampling or patchgd.patches_per_step")
     optimizer = build_optimizer(cfg, model)
     method = build_method(cfg, model, optimizer, generator, wrap=distributed.ddp(device),
                           fill=functools.partial(distributed.parallel_fill, model) if shared else None)
@@ -255,7 +261,7 @@ def build_run(cfg: Config, device: torch.device, train_set, val_set, run_dir: Pa
                        val_loader, sampler, loader_generator, generator, skips, image_shape)
 
 
-def build_skip_log(cfg: Config, train_set, val_set, log) -> SkipLog | None:
+def build_skip_log(cfg: Config, train_set, val_set, run_dir: Path, log) -> SkipLog | None:
     """With ``data.on_error: skip``, the log of unreadable images (those left out while building the data
     sets already in it); None otherwise."""
     if cfg.data.on_error != "skip":
@@ -264,9 +270,9 @@ def build_skip_log(cfg: Config, train_set, val_set, log) -> SkipLog | None:
         raise ValueError("data.on_error=skip and train.sync_batchnorm=true cannot be combined: a step run "
                          "again without an unreadable image would repeat SyncBatchNorm's all-reduces on one "
                          "process only; choose one")
-    skips = SkipLog(cfg.data.max_skipped, getattr(train_set, "excluded", []) + getattr(val_set, "excluded", []),
-                    log=log)
-    skips.check_data(len(train_set) + len(val_set))
+    skips = SkipLog(cfg.data.max_skipped, getattr(train_set, "excluded", []), getattr(val_set, "excluded", []),
+                    path=run_dir / SKIPPED_FILE, log=log)
+    skips.check_data(len(train_set))
     return skips
 
 
@@ -361,8 +367,7 @@ def run_epoch(run: TrainingRun, epoch: int, run_dir: Path, logger: RunLogger) ->
         distributed.broadcast_buffers(run.model)  # evaluate what rank 0 saves: its BatchNorm statistics
         results = evaluate(run.model, run.val_loader, run.device, cfg.data.num_classes, cfg.train.amp,
                            logger=logger, skips=run.skips, epoch=epoch)
-        if run.skips is not None:  # the list first, so that a run stopped by the threshold leaves it
-            run.skips.write(run_dir / SKIPPED_FILE)
+        if run.skips is not None:  # writes the list, also when the threshold stops the run
             run.skips.end_epoch(epoch, train_stats["train_images"])
         if results["non_finite"]:
             raise DivergenceError(f"epoch {epoch}: {results['non_finite']} of {len(run.val_set)} validation "
@@ -398,7 +403,9 @@ def write_epoch_files(run: TrainingRun, progress: RunProgress, results: dict, ru
         copy_checkpoint(run_dir / LAST_CHECKPOINT, run_dir / BEST_CHECKPOINT)
     write_metrics(run_dir / METRICS_FILE, progress.history)
     with atomic_file(run_dir / EVAL_FILE) as tmp:
+        # The epoch of last.pt; best.pt may hold an earlier one, which "best_epoch" names.
         tmp.write_text(json.dumps({**results, "confusion": results["confusion"].tolist(), "epoch": epoch,
+                                   "checkpoint": LAST_CHECKPOINT, "best_epoch": progress.best_epoch,
                                    "classes": cfg.data.classes}, indent=2))
     plot_learning_curves(run_dir / METRICS_FILE, run_dir / CURVES_FILE, num_classes=cfg.data.num_classes)
     if cfg.method == "patchgd" and cfg.train.heatmap_every and epoch % cfg.train.heatmap_every == 0:

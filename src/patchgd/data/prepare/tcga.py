@@ -23,6 +23,7 @@ from patchgd.io import atomic_directory
 REQUIRED = ("File ID", "File Name", "Project ID", "Case ID")
 SLIDE_SUFFIX = ".svs"
 PRIMARY_TUMOUR = "Primary Tumor"
+MISSING_FILE = "missing.csv"  # the sheet's slides left out of a partial download (allow_missing)
 
 
 def _is_diagnostic(file_name: str) -> bool:
@@ -86,7 +87,7 @@ def _locate(slides_dir: Path, slide: dict[str, str]) -> Path | None:
 
 def prepare_tcga(sample_sheet: str | Path, slides_dir: str | Path, out: str | Path, *,
                  projects: list[str] | None = None, sample_types: list[str] | None = (PRIMARY_TUMOUR,),
-                 folds: int = 5, seed: int = 42, overwrite: bool = False) -> Path:
+                 folds: int = 5, seed: int = 42, overwrite: bool = False, allow_missing: bool = False) -> Path:
     """Write ``out/train.csv`` (patient-grouped, stratified ``kfold``) and ``out/slides/`` links, atomically.
 
     Args:
@@ -98,9 +99,12 @@ def prepare_tcga(sample_sheet: str | Path, slides_dir: str | Path, out: str | Pa
         folds: Folds of the ``kfold`` column (``StratifiedGroupKFold`` by project, grouped by case).
         seed: Fold shuffling seed.
         overwrite: Replace an existing non-empty ``out``.
+        allow_missing: Leave out the slides of the sheet that are not in ``slides_dir`` (a partial download)
+            and list them in ``out/missing.csv``, instead of stopping.
 
     Raises:
-        FileNotFoundError: Listing the slides of the sheet that are not in ``slides_dir``.
+        FileNotFoundError: Listing the slides of the sheet that are not in ``slides_dir`` (without
+            ``allow_missing``).
         DataError: See :func:`read_sample_sheet`; too few patients for the folds.
     """
     slides_dir = Path(slides_dir)
@@ -109,12 +113,15 @@ def prepare_tcga(sample_sheet: str | Path, slides_dir: str | Path, out: str | Pa
                                 "downloaded the sample sheet's files into")
     slides = read_sample_sheet(sample_sheet, projects=projects, sample_types=sample_types)
     located = [_locate(slides_dir, s) for s in slides]
-    missing = [s["file_name"] for s, p in zip(slides, located) if p is None]
-    if missing:
-        shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+    missing = [s for s, p in zip(slides, located) if p is None]
+    if missing and not allow_missing:
+        shown = ", ".join(s["file_name"] for s in missing[:5]) + (", ..." if len(missing) > 5 else "")
         raise FileNotFoundError(f"{len(missing)} of {len(slides)} slides of {sample_sheet} are not in {slides_dir} "
                                 f"(as <File ID>/<File Name> or <File Name>): {shown}; download them with "
-                                "gdc-client and the portal's manifest, or leave their rows out of the sheet")
+                                "gdc-client and the portal's manifest, or go on without them (--allow-missing)")
+    slides, located = [s for s, p in zip(slides, located) if p is not None], [p for p in located if p is not None]
+    if not slides:
+        raise FileNotFoundError(f"none of the slides of {sample_sheet} is in {slides_dir}")
     labels = sorted({s["project"] for s in slides})
     index = {name: i for i, name in enumerate(labels)}
     fold_of = grouped_folds([index[s["project"]] for s in slides], [s["case_id"] for s in slides], folds, seed,
@@ -127,13 +134,24 @@ def prepare_tcga(sample_sheet: str | Path, slides_dir: str | Path, out: str | Pa
             for slide, path, fold in zip(slides, located, fold_of):
                 (tmp / "slides" / slide["file_name"]).symlink_to(path)
                 writer.writerow([slide["file_name"], slide["project"].removeprefix("TCGA-"), slide["case_id"], fold])
+        if missing:
+            with (tmp / MISSING_FILE).open("w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(missing[0]), lineterminator="\n")
+                writer.writeheader()
+                writer.writerows(missing)
     return Path(out)
 
 
 def describe(out: Path) -> str:
-    """One line on a prepared folder: slides, patients and slides per class."""
+    """One line on a prepared folder: slides, patients and slides per class, and the slides left out."""
     with (out / "train.csv").open(newline="") as f:
         rows = list(csv.DictReader(f))
     per_class = Counter(r["label"] for r in rows)
-    return (f"{len(rows)} slides of {len({r['case_id'] for r in rows})} patients ("
+    line = (f"{len(rows)} slides of {len({r['case_id'] for r in rows})} patients ("
             + ", ".join(f"{name} {n}" for name, n in sorted(per_class.items())) + ")")
+    if (out / MISSING_FILE).is_file():
+        with (out / MISSING_FILE).open(newline="") as f:
+            names = [r["file_name"] for r in csv.DictReader(f)]
+        line += (f"; {len(names)} slide(s) of the sheet not downloaded were left out ({out / MISSING_FILE}): "
+                 + ", ".join(names[:5]) + (", ..." if len(names) > 5 else ""))
+    return line

@@ -157,10 +157,10 @@ class PatchSource(abc.ABC):
             except DataError:
                 raise
             except Exception as err:  # each backend has its own decoder errors (OpenSlide, imagecodecs, zarr)
-                raise DataError(
-                    f"{self.path}: cannot decode level {self.level} region y={y0}..{y1}, x={x0}..{x1} "
-                    f"({type(err).__name__}: {err})"
-                ) from err
+                region = f"y={y0}..{y1}, x={x0}..{x1}"
+                raise DataError(f"{self.path}: cannot decode level {self.level} region {region} "
+                                f"({type(err).__name__}: {err})", path=str(self.path), level=self.level,
+                                cells=f"region {region}") from err
             out[:, y0 - y : y1 - y, x0 - x : x1 - x] = self._to_channels(region).transpose(2, 0, 1)
         return out
 
@@ -203,7 +203,9 @@ class PatchSource(abc.ABC):
             try:
                 strip = self.read(row * p, c0 * p, p, (c1 - c0 + 1) * p, fill)
             except DataError as err:
-                raise DataError(f"{err}; grid row {row}, columns {c0}..{c1} of {p} px patches") from err
+                cells = f"grid row {row}, columns {c0}..{c1}"
+                raise DataError(f"{err}; {cells} of {p} px patches", path=err.path, level=err.level,
+                                cells=cells) from err
             for i in range(start, end):
                 offset = (int(cols[i]) - c0) * p
                 out[order[i]] = strip[:, :, offset : offset + p]
@@ -237,7 +239,9 @@ class PatchSource(abc.ABC):
             try:
                 region = self._region(level, y, 0, h, width)
             except Exception as err:
-                raise DataError(f"{self.path}: cannot decode level {level} rows {y}..{y + h} ({err})") from err
+                raise DataError(f"{self.path}: cannot decode level {level} rows {y}..{y + h} ({err})",
+                                path=str(self.path), level=level,
+                                cells=f"rows {y}..{y + h} (thumbnail)") from err
             pieces.append(_from_pil(_to_pil(_to_uint8(self._to_channels(region))).reduce(factor)))
         picture = _to_pil(np.concatenate(pieces, axis=0))
         if picture.size != size:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
-from patchgd.data.errors import DataError
+from patchgd.data.errors import DataError, keeps_tifffile_warnings, tifffile_warnings
 
 from .base import PatchSource
 
@@ -56,6 +56,7 @@ class TiffSource(PatchSource):
     def _handle_attributes(self) -> tuple[str, ...]:
         return ("_tif", "_arrays")
 
+    @keeps_tifffile_warnings
     def _open(self) -> None:
         import zarr  # imported here: only tiled TIFFs need it
 
@@ -135,8 +136,9 @@ def _yxs_index(axes: str, shape: tuple[int, ...], path: str) -> tuple[tuple, str
 
 
 def is_tiled_tiff(path: Path) -> bool:
+    # A file tifffile warns about here is read again, and its warnings told with its error, by the reader.
     try:
-        with tifffile.TiffFile(path) as tif:
+        with tifffile_warnings(), tifffile.TiffFile(path) as tif:
             return bool(tif.series) and tif.series[0].keyframe.is_tiled
     except (OSError, ValueError, tifffile.TiffFileError):
         return False
