@@ -32,3 +32,12 @@ def test_readme_is_a_front_door():
     first = [line.split("#")[0].strip() for line in readme.splitlines()[:6] if line.startswith("pip install")]
     assert first == ["pip install . && patchgd demo", "pip install -e '.[test]' && pytest -q"]
     assert first[1] in (ROOT / ".ci" / "run").read_text().splitlines()
+
+
+def test_no_page_repeats_a_word():
+    """A doubled word ("and and" across a line break, as docs/cli.md had) is a slip a reader trips over."""
+    import re
+
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        doubled = re.findall(r"\b(and|the|a|of|to|is|in|on|for)\s+\1\b", page.read_text(), flags=re.I)
+        assert not doubled, f"{page.name}: {doubled}"
