@@ -147,14 +147,20 @@ def test_a_float_tiff_up_to_4000_is_refused_or_read_with_the_chosen_range(tmp_pa
                  "--set", "data.intensity_range=[0, 4000]"]) == 0
 
 
-def test_csv_with_class_names_and_custom_columns(tmp_path):
+def csv_data(tmp_path, header: str, label) -> Path:
+    """``csvdata/train.csv`` listing 8 grey 32 px images ``s0..s7`` of ``csvdata/train/``, labelled ``label(i)``."""
     root = tmp_path / "csvdata"
     (root / "train").mkdir(parents=True)
-    rows = ["file,diagnosis"]
+    rows = [header]
     for i in range(8):
         Image.fromarray(np.full((32, 32), 30 * i, np.uint8)).save(root / "train" / f"s{i}.png")
-        rows.append(f"s{i},{'noise' if i % 2 else 'signal'}")
+        rows.append(f"s{i},{label(i)}")
     (root / "train.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def test_csv_with_class_names_and_custom_columns(tmp_path):
+    root = csv_data(tmp_path, "file,diagnosis", lambda i: "noise" if i % 2 else "signal")
     cfg = config_from_dict({"data": {"root": str(root), "id_column": "file", "label_column": "diagnosis",
                                      "val_fraction": 0.5}, "model": {"in_chans": 1}})
     train_set, val_set = patchgd.engine.data.build_datasets(cfg)
@@ -165,13 +171,7 @@ def test_csv_with_class_names_and_custom_columns(tmp_path):
 
 def test_data_classes_name_integer_labels(tmp_path):
     """``data.classes: [sparse, dense]`` names the integer labels 0 and 1 of a CSV (item 4 of issue 30)."""
-    root = tmp_path / "csvdata"
-    (root / "train").mkdir(parents=True)
-    rows = ["image_id,label"]
-    for i in range(8):
-        Image.fromarray(np.full((32, 32), 30 * i, np.uint8)).save(root / "train" / f"s{i}.png")
-        rows.append(f"s{i},{i % 2}")
-    (root / "train.csv").write_text("\n".join(rows) + "\n")
+    root = csv_data(tmp_path, "image_id,label", lambda i: i % 2)
     cfg = config_from_dict({"data": {"root": str(root), "classes": ["sparse", "dense"], "val_fraction": 0.5},
                             "model": {"in_chans": 1}})
     train_set, val_set = patchgd.engine.data.build_datasets(cfg)
