@@ -20,6 +20,7 @@ LAYERS = [
     {"engine"},
     {"inference", "cells"},
     {"sweep"},
+    {"cv"},
     {"bench"},
     {"cli", "__main__"},
 ]

@@ -4,8 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from patchgd.metrics import (accuracy, confusion_matrix, evaluate_predictions, per_class_scores,
-                             quadratic_weighted_kappa)
+from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
+
+from patchgd.metrics import (accuracy, auroc, bootstrap_intervals, confusion_matrix, evaluate_predictions,
+                             per_class_scores, probabilities, quadratic_weighted_kappa)
 
 # A 3-class example, worked by hand (rows = true class):
 #   targets 0 0 1 1 2 2
@@ -99,7 +101,8 @@ def test_evaluate_predictions_from_logits():
         [[5.0, 0.0, 0.0], [0.0, 5.0, 0.0], [0.0, 5.0, 0.0], [0.0, 0.0, 5.0], [0.0, 0.0, 5.0], [5.0, 0.0, 0.0]]
     )  # argmax = PREDS
     result = evaluate_predictions(logits, torch.tensor(TARGETS), num_classes=3)
-    assert set(result) == {"accuracy", "qwk", "confusion", "per_class", "non_finite"} and result["non_finite"] == 0
+    assert set(result) == {"accuracy", "balanced_accuracy", "macro_f1", "auroc", "auroc_per_class", "auroc_note", "qwk",
+                           "confusion", "per_class", "non_finite"} and result["non_finite"] == 0
     assert result["accuracy"] == pytest.approx(0.5)
     assert result["qwk"] == pytest.approx(0.25)
     np.testing.assert_array_equal(result["confusion"], [[1, 1, 0], [0, 1, 1], [1, 0, 1]])
@@ -160,3 +163,106 @@ def test_non_finite_logits_count_as_wrong_and_are_left_out_of_kappa_and_confusio
     np.testing.assert_array_equal(result["confusion"], expected_confusion)
     all_nan = evaluate_predictions(torch.full((3, 3), nan), torch.tensor([0, 0, 0]), num_classes=3)
     assert all_nan["accuracy"] == 0.0 and all_nan["non_finite"] == 3 and np.isnan(all_nan["qwk"])
+
+
+# A binary set whose AUROC is known by hand: positives score 0.9 0.8 0.7 0.4, negatives 0.6 0.5 0.3 0.2 0.1 0.05;
+# of the 4 x 6 = 24 (positive, negative) pairs, the positive ranks higher in all but 0.4 < 0.6 and 0.4 < 0.5:
+# AUROC = 22 / 24. Predicted class: score > 0.5 (class 1's logit log(p / (1 - p)) > 0).
+POSITIVE, NEGATIVE = [0.9, 0.8, 0.7, 0.4], [0.6, 0.5, 0.3, 0.2, 0.1, 0.05]
+
+
+def binary_case():
+    p1 = torch.tensor(POSITIVE + NEGATIVE, dtype=torch.float64)
+    logits = torch.stack([torch.zeros_like(p1), torch.log(p1 / (1 - p1))], dim=1)  # softmax gives p1 back
+    return logits, torch.tensor([1] * 4 + [0] * 6)
+
+
+def naive_auroc(pos, neg):
+    return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a in pos for b in neg) / (len(pos) * len(neg))
+
+
+def naive_balanced_accuracy(preds, targets):
+    classes = sorted(set(targets))
+    return sum(sum(p == t == c for p, t in zip(preds, targets)) / targets.count(c) for c in classes) / len(classes)
+
+
+def test_binary_auroc_and_balanced_accuracy_match_the_hand_case_and_scikit_learn():
+    logits, targets = binary_case()
+    result = evaluate_predictions(logits, targets, 2)
+    assert result["auroc"] == pytest.approx(22 / 24) == naive_auroc(POSITIVE, NEGATIVE)
+    assert result["auroc"] == pytest.approx(roc_auc_score(targets.numpy(), probabilities(logits)[:, 1]))
+    # predictions (score > 0.5): positives 1 1 1 0, negatives 1 0 0 0 0 0 (0.5 is a tie: argmax picks class 0)
+    preds = [1, 1, 1, 0, 1, 0, 0, 0, 0, 0]
+    assert result["balanced_accuracy"] == pytest.approx((3 / 4 + 5 / 6) / 2)
+    assert result["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(targets.numpy(), preds))
+    assert result["macro_f1"] == pytest.approx(f1_score(targets.numpy(), preds, average="macro"))
+
+
+def test_bootstrap_intervals_equal_a_bootstrap_written_here():
+    """The resampling protocol: resample r draws rng.integers(0, N, N) of numpy's default_rng(seed); metrics
+    computed here by hand; the interval is the 2.5th and 97.5th percentile over the resamples that define it."""
+    logits, targets = binary_case()
+    ours = bootstrap_intervals(logits, targets, 2, resamples=300, seed=7)
+    scores = probabilities(logits)[:, 1].tolist()
+    preds = [int(s > 0.5) for s in scores]
+    rng = np.random.default_rng(7)
+    aurocs, balanced = [], []
+    for _ in range(300):
+        idx = rng.integers(0, 10, 10)
+        t, s, p = [int(targets[i]) for i in idx], [scores[i] for i in idx], [preds[i] for i in idx]
+        balanced.append(naive_balanced_accuracy(p, t))
+        if len(set(t)) == 2:
+            aurocs.append(naive_auroc([x for x, y in zip(s, t) if y == 1], [x for x, y in zip(s, t) if y == 0]))
+    assert ours["auroc"] == pytest.approx(np.percentile(aurocs, [2.5, 97.5]).tolist())
+    assert ours["balanced_accuracy"] == pytest.approx(np.percentile(balanced, [2.5, 97.5]).tolist())
+    assert ours["resamples_used"]["auroc"] == len(aurocs) < 300 == ours["resamples_used"]["balanced_accuracy"]
+    assert ours["auroc"][0] < 22 / 24 <= ours["auroc"][1]
+    assert bootstrap_intervals(logits, targets, 2, resamples=300, seed=7) == ours  # seeded
+
+
+def test_bootstrap_by_group_resamples_whole_groups():
+    """Two patients, each with every image of one class: a resample draws whole patients, so it holds one
+    class in about half the resamples (AUROC undefined there), which a resampling of images would not."""
+    logits, targets = binary_case()
+    groups = ["a"] * 4 + ["b"] * 6
+    by_group = bootstrap_intervals(logits, targets, 2, groups=groups, resamples=400, seed=0)
+    assert by_group["by"] == "group" and 150 < by_group["resamples_used"]["auroc"] < 250
+    assert bootstrap_intervals(logits, targets, 2, resamples=400, seed=0)["resamples_used"]["auroc"] > 390
+
+
+def test_multiclass_auroc_is_the_one_vs_rest_macro_and_an_absent_class_is_named():
+    rng = np.random.default_rng(0)
+    logits = torch.tensor(rng.normal(size=(30, 3)))
+    targets = torch.tensor(rng.integers(0, 3, 30))
+    logits[torch.arange(30), targets] += 1.0
+    result = evaluate_predictions(logits, targets, 3)
+    expected = roc_auc_score(targets.numpy(), probabilities(logits), multi_class="ovr", average="macro")
+    assert result["auroc"] == pytest.approx(expected) and result["auroc_note"] is None
+    # class 2 absent: no ROC curve for it, said so, and the macro mean over classes 0 and 1
+    kept = targets != 2
+    absent = auroc(probabilities(logits[kept]), targets[kept], 3)
+    assert absent["auroc_per_class"][2] is None and "class(es) [2] without images in the set" in absent["auroc_note"]
+    assert absent["auroc"] == pytest.approx(np.mean(absent["auroc_per_class"][:2]))
+    one = auroc(probabilities(logits[targets == 0]), targets[targets == 0], 3)
+    assert one["auroc"] is None and "fewer than two classes" in one["auroc_note"]
+
+
+@pytest.mark.parametrize("num_classes", [2, 4])
+def test_the_resampled_metrics_equal_scikit_learns_on_the_resample(num_classes):
+    """The bootstrap's vectorized metrics on a resample (counts per image) equal scikit-learn's on that
+    resample written out, with tied scores and a non-finite row."""
+    from patchgd.metrics import _point_metrics, _Resampler
+
+    rng = np.random.default_rng(num_classes)
+    logits = np.round(rng.normal(size=(40, num_classes)), 1)  # rounded: tied scores
+    logits[3] = np.nan
+    targets = rng.integers(0, num_classes, 40)
+    finite = np.isfinite(logits).all(axis=1)
+    scores = probabilities(np.where(finite[:, None], logits, 0.0))
+    resampled = _Resampler(scores, logits.argmax(axis=1), targets, finite, num_classes)
+    for _ in range(5):
+        idx = rng.integers(0, 40, 40)
+        ours = resampled(np.bincount(idx, minlength=40).astype(float))
+        theirs = _point_metrics(scores[idx], logits.argmax(axis=1)[idx], targets[idx], finite[idx], num_classes)
+        for name in ("accuracy", "balanced_accuracy", "macro_f1", "auroc"):
+            assert ours[name] == pytest.approx(theirs[name], abs=1e-12), name

@@ -36,6 +36,8 @@ METHODS = ("patchgd", "gd", "gd-extended")
 HEADS = ("conv", "conv1d", "transformer", "attention")
 TISSUE_METHODS = ("otsu", "none")
 ON_ERROR = ("stop", "skip")  # what a data set does with a file it cannot read
+# The validation metrics that may pick best.pt (train.monitor), and whether larger is better.
+MONITORS = {"accuracy": True, "balanced_accuracy": True, "auroc": True, "qwk": True, "loss": False}
 
 
 class ConfigError(ValueError):
@@ -153,6 +155,14 @@ class DataConfig:
     label_column: str | None = _field(None,
         help='CSV column of labels, integers or class names; null: `label`, then `isup_grade` (PANDA)')
     fold: int | None = _field(None, ge=0, help="validate on this fold of the training CSV's `kfold` column")
+    test_csv: str = _field("test.csv",
+        help='test CSV (images in `data.test_dir`), used when present: held out from training and model selection, '
+             'scored once by `best.pt` at the end of the run (`test.json`)')
+    test_dir: str = _field("test",
+        help="folder of the test CSV's images; for class folders, the test folder beside `train/` and `val/`")
+    test_fold: int | None = _field(None, ge=0,
+        help="hold out this fold of the training CSV's `kfold` column as the test set (with `data.fold` for "
+             'validation, the other folds train)')
     val_fraction: float = _field(0.2, gt=0, lt=1,
         help='share of each class held out for validation when there is no validation CSV, folder or fold (seeded by '
              '`train.seed`; listed in `split.csv`)')
@@ -255,7 +265,14 @@ class TrainConfig:
     threads: int | None = _field(None, ge=1, help="CPU threads of torch (null: torch's default)")
     tensorboard: bool = _field(False,
         help="write TensorBoard events to `RUN_DIR/tensorboard` (`pip install 'patchgd[tensorboard]'`)")
-    patience: int | None = _field(None, ge=1, help='stop after this many epochs without a better validation accuracy')
+    patience: int | None = _field(None, ge=1,
+        help='stop after this many epochs without a better validation `train.monitor`')
+    monitor: Literal[tuple(MONITORS)] = _field("accuracy",
+        help='the validation metric that picks `best.pt` and drives `train.patience`: `accuracy`, '
+             '`balanced_accuracy`, `auroc`, `qwk` (larger is better) or `loss` (smaller)')
+    bootstrap: int = _field(1000, ge=0,
+        help='bootstrap resamples of the 95 % intervals of `test.json` and `patchgd evaluate` (by group where '
+             '`data.group_column` is set; 0: none)')
     balanced_sampler: bool = _field(False, help="draw training images inversely to their class's frequency")
     micro_batch_size: int | None = _field(None, ge=1,
         help='GD and GD-extended: split each batch into micro-batches of this many images and accumulate their '

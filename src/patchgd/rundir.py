@@ -24,7 +24,8 @@ import filelock
 
 __all__ = ["BEST_CHECKPOINT", "CONFIG_FILE", "CURVES_FILE", "EVAL_FILE", "HOLDER_NAME", "LAST_CHECKPOINT", "LOCK_NAME",
            "METRICS_FILE",
-           "RUN_FILES", "RunInUseError", "SKIPPED_FILE", "SPLIT_FILE", "hold_run_dir"]
+           "RUN_FILES", "ROC_FILE", "CONFUSION_FILE", "RunInUseError", "SKIPPED_FILE", "SPLIT_FILE", "TEST_FILE",
+           "TEST_PREDICTIONS_FILE", "hold_run_dir"]
 
 LOCK_NAME = ".patchgd.lock"
 # Who holds the lock (pid, host, start), beside the lock file: a locked file cannot be written on Windows.
@@ -40,6 +41,10 @@ METRICS_FILE = "metrics.csv"  # one row per epoch
 EVAL_FILE = "eval.json"  # the last epoch's evaluation (last.pt's), with its confusion matrix and best.pt's epoch
 CURVES_FILE = "learning_curves.png"
 SKIPPED_FILE = "skipped.csv"  # images left out with data.on_error: skip
+ROC_FILE = "roc.png"  # of eval.json's evaluation; "test_" + it of test.json's
+CONFUSION_FILE = "confusion.png"  # likewise
+TEST_FILE = "test.json"  # best.pt on the test set, at the end of the run, with intervals
+TEST_PREDICTIONS_FILE = "test_predictions.csv"  # its one row per image
 RUN_FILES = (LAST_CHECKPOINT, BEST_CHECKPOINT, METRICS_FILE, EVAL_FILE, CURVES_FILE)
 
 

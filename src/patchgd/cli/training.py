@@ -59,6 +59,16 @@ def cmd_sweep(args) -> int:
     return 0 if all(r["status"] == "done" for r in rows) else 1
 
 
+def cmd_cv(args) -> int:
+    from ..cv import run_cv
+
+    out = args.out or str(Path("runs") / f"cv-{Path(args.config).stem}")
+    report = run_cv(args.config, out, overrides=args.set, devices=args.devices, slots=args.slots,
+                    log=lambda line: print(line, flush=True))
+    print((Path(out) / "cv.md").read_text(), end="")
+    return 0 if all(f["status"] == "done" for f in report["folds"]) else 1
+
+
 def cmd_demo(args) -> int:
     from ..cells import pretrain_on_cells
     from ..data.prepare.digits import load_digits_source
@@ -135,8 +145,8 @@ def cmd_configs(args) -> int:
 
 
 def register(sub) -> None:
-    """Add ``train``, ``plan``, ``sweep``, ``demo`` and ``configs`` to the ``patchgd`` command's subparsers
-    ``sub``."""
+    """Add ``train``, ``plan``, ``sweep``, ``cv``, ``demo`` and ``configs`` to the ``patchgd`` command's
+    subparsers ``sub``."""
     configs = sub.add_parser("configs", help="list the packaged recipes; 'configs show NAME' prints one to copy")
     configs.add_argument("show", nargs="?", choices=["show"], help="print the recipe NAME")
     configs.add_argument("name", nargs="?", help="a recipe's name, e.g. slides")
@@ -167,6 +177,16 @@ def register(sub) -> None:
     sweep.add_argument("--slots", type=int, default=1,
                        help="runs side by side on the CPU, its threads split between them (default 1)")
     sweep.set_defaults(func=cmd_sweep)
+
+    cv = sub.add_parser("cv", help="cross-validation: train every fold of the CSV's kfold column (resumable), then "
+                        "per-fold, mean ± std and pooled out-of-fold metrics with intervals (cv.md)")
+    add_config_options(cv)
+    cv.add_argument("--out", help="folder (default runs/cv-<config name>): runs/, logs/, status/, cv.csv, cv.md, "
+                    "cv.json, cv_roc.png")
+    cv.add_argument("--devices", nargs="+", metavar="DEVICE",
+                    help="cuda:0 cuda:1 ... (one fold per GPU at a time) or cpu (default: every GPU, else cpu)")
+    cv.add_argument("--slots", type=int, default=1, help="folds side by side on the CPU (default 1)")
+    cv.set_defaults(func=cmd_cv)
 
     demo = sub.add_parser("demo", help="generate a small Megapixel MNIST set and train PatchGD on it (CPU, minutes)")
     demo.add_argument("--digits", default=None,

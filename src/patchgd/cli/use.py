@@ -15,6 +15,7 @@ def evaluation_set(args, cfg: Config):
     when ``--data`` is the run's ``data.root`` (unless ``--all``); else a CSV file, a folder holding ``--csv``,
     or a folder of class folders, read with the checkpoint's classes."""
     from ..data.datasets import ImageCSVDataset, ImageFolderDataset
+    from ..data.layouts import read_csv
     from ..engine.data import build_datasets, read_options
 
     data = Path(args.data)
@@ -31,9 +32,11 @@ def evaluation_set(args, cfg: Config):
     read = read_options(cfg)
     csv_path = data if data.suffix == ".csv" else data / args.csv
     if csv_path.is_file() or data.suffix == ".csv":
+        group = cfg.data.group_column  # patients, for intervals by patient, where the CSV names them
+        grouped = group is not None and csv_path.is_file() and group in read_csv(csv_path)[1]
         dataset = ImageCSVDataset(csv_path, args.image_dir, num_classes=cfg.data.num_classes,
                                   classes=cfg.data.classes, label_column=cfg.data.label_column,
-                                  id_column=cfg.data.id_column, **read)
+                                  id_column=cfg.data.id_column, group_column=group if grouped else None, **read)
         return dataset, f"every image of {csv_path}"
     return ImageFolderDataset(data, classes=cfg.data.classes, **read), f"every image of {data}"
 
@@ -62,7 +65,9 @@ def cmd_evaluate(args) -> int:
     from ..engine.build import resolve_device
     from ..engine.data import class_name
     from ..engine.loop import evaluate
+    from ..engine.report import scores, write_pictures, write_predictions
     from ..inference import load_model
+    from ..metrics import probabilities
 
     device = resolve_device(args.device)
     model, cfg = load_model(args.checkpoint, device)
@@ -77,29 +82,51 @@ def cmd_evaluate(args) -> int:
         require_one_size(dataset.paths, dataset.image_sizes)  # PatchGD gives each image its own grid
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate_images)
     results = evaluate(model, loader, device, cfg.data.num_classes, cfg.train.amp)  # as the run evaluated
-    results["confusion"] = results["confusion"].tolist()
-    results["classes"] = [class_name(cfg, c) for c in range(cfg.data.num_classes)]
-    results["scored"] = {"images": len(dataset), "set": scored, "training_images": seen}
-    if results["non_finite"]:
-        print(f"warning: {results['non_finite']} of {len(dataset)} images got non-finite logits (a diverged "
+    classes = [class_name(cfg, c) for c in range(cfg.data.num_classes)]
+    resamples = cfg.train.bootstrap if args.bootstrap is None else args.bootstrap
+    out = scores(results, classes, resamples=resamples, seed=cfg.train.seed, groups=getattr(dataset, "groups", None))
+    out["scored"] = {"images": len(dataset), "set": scored, "training_images": seen}
+    images = [str(p) for p in getattr(dataset, "paths", range(len(dataset)))]
+    if args.predictions:
+        write_predictions(args.predictions, images, probabilities(results["logits"]), classes, results["labels"])
+    if args.pictures:
+        Path(args.pictures).mkdir(parents=True, exist_ok=True)
+        write_pictures(args.pictures, "", results, classes, f"{Path(args.checkpoint).name} on {len(dataset)} images")
+    if out["non_finite"]:
+        print(f"warning: {out['non_finite']} of {len(dataset)} images got non-finite logits (a diverged "
               "checkpoint?); they count as wrong and are left out of the kappa and the confusion matrix",
               file=sys.stderr)
     if args.json:
-        print(json.dumps(results, indent=2))
+        print(json.dumps(out, indent=2))
         return 0
     print(f"scored {len(dataset)} images: {scored}")
-    print(f"loss {results['loss']:.4f}  accuracy {results['accuracy']:.4f}  "
-          f"qwk {results['qwk']:.4f}")
-    width = max(8, *map(len, results["classes"]))
-    print(f"  {'class':<{width}}  precision  recall      f1  images")
-    per_class = results["per_class"]
-    for c, name in enumerate(results["classes"]):
+    print(scores_table(out))
+    width = max(8, *map(len, classes))
+    print(f"  {'class':<{width}}  precision  recall      f1   auroc  images")
+    per_class = out["per_class"]
+    for c, name in enumerate(classes):
+        auroc = out["auroc_per_class"][c]
         print(f"  {name:<{width}}  {per_class['precision'][c]:9.4f}  {per_class['recall'][c]:6.4f}  "
-              f"{per_class['f1'][c]:6.4f}  {per_class['support'][c]:6d}")
+              f"{per_class['f1'][c]:6.4f}  {'     -' if auroc is None else f'{auroc:6.4f}'}  {per_class['support'][c]:6d}")
     print("confusion (rows = true class, columns = predicted):")
-    for name, row in zip(results["classes"], results["confusion"]):
+    for name, row in zip(classes, out["confusion"]):
         print(f"  {name:<{width}}" + " ".join(f"{v:5d}" for v in row))
     return 0
+
+
+def scores_table(scored: dict) -> str:
+    """The metrics of :func:`patchgd.engine.report.scores`, one per line, with their intervals."""
+    intervals = scored.get("intervals") or {}
+    by = (f"  (95 % intervals: {intervals['resamples_used']['accuracy']} bootstrap resamples by {intervals['by']})"
+          if intervals else "")
+    lines = [f"loss {scored['loss']:.4f}{by}"]
+    for name in ("accuracy", "balanced_accuracy", "macro_f1", "auroc", "qwk"):
+        value, low_high = scored[name], intervals.get(name)
+        shown = "undefined" if value is None else f"{value:.4f}"
+        lines.append(f"  {name.replace('_', ' '):<18} {shown}" + (f"  [{low_high[0]:.4f}, {low_high[1]:.4f}]" if low_high else ""))
+    if scored.get("auroc_note"):
+        lines.append(f"  ({scored['auroc_note']})")
+    return "\n".join(lines)
 
 
 def cmd_predict(args) -> int:
@@ -128,6 +155,11 @@ def cmd_predict(args) -> int:
             logits = write_evidence(model, batch, [image], [name], args.heatmap, args.z_image, args.heatmap_method,
                                     [class_name(cfg, c) for c in range(cfg.data.num_classes)])[0].logits
             predictions.append(prediction(cfg, path, logits))
+    if args.predictions:
+        from ..engine.report import write_predictions
+
+        write_predictions(args.predictions, [p["image"] for p in predictions],
+                          [p["probabilities"] for p in predictions], [class_name(cfg, c) for c in range(cfg.data.num_classes)])
     if args.json:
         print(json.dumps(predictions, indent=2))
     else:
@@ -154,6 +186,12 @@ def register(sub) -> None:
     ev.add_argument("--batch-size", type=int, default=8)
     ev.add_argument("--device", default="auto")
     ev.add_argument("--json", action="store_true", help="print the results as JSON")
+    ev.add_argument("--bootstrap", type=int, default=None, metavar="N",
+                    help="bootstrap resamples of the 95 %% intervals (default: train.bootstrap of the run, 1000; 0: "
+                         "none); by patient where the data has data.group_column")
+    ev.add_argument("--predictions", metavar="CSV", default=None,
+                    help="write one row per image: image, label, predicted class, each class's probability")
+    ev.add_argument("--pictures", metavar="DIR", default=None, help="write roc.png and confusion.png into DIR")
     ev.set_defaults(func=cmd_evaluate)
 
     pred = sub.add_parser("predict", help="predict the class of images (or whole-slide images) with a checkpoint")
@@ -163,6 +201,8 @@ def register(sub) -> None:
     pred.add_argument("--device", default="auto")
     pred.add_argument("--json", action="store_true",
                       help="print the predictions (class index and name, probabilities) as JSON")
+    pred.add_argument("--predictions", metavar="CSV", default=None,
+                      help="write one row per image: image, predicted class, each class's probability")
     pred.add_argument("--heatmap", metavar="OUT_DIR", default=None,
                       help="write per image NAME_heatmap.png (per-cell evidence for the predicted class over the "
                            "image), NAME_heatmap.npy and NAME_heatmap.csv, and for a slide NAME.geojson (one QuPath tile "

@@ -220,6 +220,7 @@ class ImageCSVDataset(ImageDataset):
             ``kfold == fold``.
         group_column: A column naming each image's group (a patient or case id), kept on one side of
             every validation split.
+        exclude_fold: With a ``kfold`` column, a fold left out altogether (the test fold), before ``fold``.
         **read: How images are read: ``in_chans``, ``image_size``, ``level``, ``mpp``, ``patch_size``,
             ``tissue``, ``tissue_fraction``, ``intensity``, ``transform`` (see :class:`ImageDataset`).
 
@@ -245,6 +246,7 @@ class ImageCSVDataset(ImageDataset):
         fold: int | None = None,
         split: str | None = None,
         group_column: str | None = None,
+        exclude_fold: int | None = None,
         **read,
     ) -> None:
         if (fold is None) != (split is None):
@@ -260,6 +262,9 @@ class ImageCSVDataset(ImageDataset):
         check_unique(self.csv_path, rows, id_column, self.label_column)
         if group_column is not None:
             require_column(self.csv_path, columns, group_column, "group")
+        if exclude_fold is not None:  # a test fold: out of the training and validation rows
+            require_column(self.csv_path, columns, FOLD_COLUMN, "fold")
+            rows = select_fold(self.csv_path, rows, exclude_fold, "train")
         if fold is not None:
             require_column(self.csv_path, columns, FOLD_COLUMN, "fold")
             rows = select_fold(self.csv_path, rows, fold, split)

@@ -18,7 +18,7 @@ from ..data.datasets import ImageCSVDataset, ImageDataset, ImageFolderDataset, c
 from ..data.errors import DataError, Skipped
 from ..data.images import require_one_size
 from ..data.intensity import Intensity
-from ..data.layouts import class_folders
+from ..data.layouts import class_folders, read_csv
 from ..data.lazy import LazyImage
 from ..data.sequences import SequenceDataset
 from ..data.splits import check_groups_apart, stratified_split
@@ -50,7 +50,7 @@ def _layout_datasets(cfg: Config) -> tuple[ImageDataset, ImageDataset]:
     train_csv = root / d.train_csv
     if train_csv.is_file():
         common = dict(num_classes=d.num_classes, label_column=d.label_column, id_column=d.id_column,
-                      group_column=d.group_column, **read)
+                      group_column=d.group_column, exclude_fold=d.test_fold, **read)
         if d.fold is not None:
             train = ImageCSVDataset(train_csv, root / d.train_dir, fold=d.fold, split="train", classes=d.classes,
                                     **common)
@@ -59,7 +59,8 @@ def _layout_datasets(cfg: Config) -> tuple[ImageDataset, ImageDataset]:
         train = ImageCSVDataset(train_csv, root / d.train_dir, classes=d.classes, **common)
         val_csv = root / d.val_csv if d.val_csv is not None else None
         if val_csv is not None and (val_csv.is_file() or d.val_csv != DEFAULT_VAL_CSV):
-            return train, ImageCSVDataset(val_csv, root / d.val_dir, classes=train.classes, **common)
+            return train, ImageCSVDataset(val_csv, root / d.val_dir, classes=train.classes,
+                                          **{**common, "exclude_fold": None})
     else:
         if d.group_column is not None:
             raise DataError(f"data.group_column={d.group_column!r} names a CSV column, but {root} has no "
@@ -72,6 +73,36 @@ def _layout_datasets(cfg: Config) -> tuple[ImageDataset, ImageDataset]:
         if folder != root and (root / d.val_dir).is_dir():
             return train, ImageFolderDataset(root / d.val_dir, classes=train.classes, **read)
     return stratified_split(train, d.val_fraction, cfg.train.seed)
+
+
+def build_test_set(cfg: Config, train_set: ImageDataset | SequenceDataset,
+                   val_set: ImageDataset | SequenceDataset) -> ImageDataset | None:
+    """The test set, held out from training and model selection: ``data.test_fold`` of the training CSV, or
+    ``data.test_csv`` beside it (images in ``data.test_dir``), or a ``data.test_dir`` folder of class folders
+    beside ``train/`` and ``val/``; None without one. Read with the training set's classes.
+
+    Raises:
+        DataError: The test set shares a group (a patient) with training or validation.
+    """
+    d = cfg.data
+    if d.kind == "sequences":
+        return None
+    root, read = Path(d.root), dict(read_options(cfg), verify=d.verify, on_error=d.on_error)
+    common = dict(num_classes=d.num_classes, label_column=d.label_column, id_column=d.id_column,
+                  group_column=d.group_column, classes=train_set.classes, **read)
+    if d.test_fold is not None:
+        test = ImageCSVDataset(root / d.train_csv, root / d.train_dir, fold=d.test_fold, split="val", **common)
+    elif (root / d.test_csv).is_file():
+        # Patients, for intervals by patient, where the test CSV names them (its images are none of training's).
+        named = d.group_column is not None and d.group_column in read_csv(root / d.test_csv)[1]
+        test = ImageCSVDataset(root / d.test_csv, root / d.test_dir, **{**common, "group_column": d.group_column if named else None})
+    elif not (root / d.train_csv).is_file() and (root / d.train_dir).is_dir() and (root / d.test_dir).is_dir():
+        test = ImageFolderDataset(root / d.test_dir, classes=train_set.classes, **read)
+    else:
+        return None
+    check_groups_apart(train_set, test)
+    check_groups_apart(val_set, test)
+    return test
 
 
 def labels_of(dataset: ImageDataset | SequenceDataset) -> list[int]:
@@ -110,23 +141,24 @@ def class_name(cfg: Config, index: int) -> str:
     return cfg.data.classes[index] if cfg.data.classes else str(index)
 
 
-def write_split(path: Path, root: str | Path, train_set: ImageDataset, val_set: ImageDataset) -> None:
-    """Record which image went to training and which to validation (``split.csv``: image, label, split, and
-    the image's group when the data has groups)."""
-    root = Path(root).resolve()
+def image_name(root: str | Path, path: str | Path) -> str:
+    """How run files name an image: relative to ``data.root`` when inside it, else its absolute path."""
+    root, path = Path(root).resolve(), Path(path).resolve()
+    return path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
 
-    def name(p: Path) -> str:
-        p = Path(p).resolve()
-        return p.relative_to(root).as_posix() if p.is_relative_to(root) else str(p)
 
+def write_split(path: Path, root: str | Path, train_set: ImageDataset, val_set: ImageDataset,
+                test_set: ImageDataset | None = None) -> None:
+    """Record which image went to training, which to validation and which to the test set (``split.csv``:
+    image, label, split, and the image's group when the data has groups)."""
     with atomic_file(path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.writer(f)
         grouped = train_set.groups is not None
         writer.writerow(["image", "label", "split", *(["group"] if grouped else [])])
-        for split, ds in (("train", train_set), ("val", val_set)):
-            for i, (p, label) in enumerate(zip(ds.paths, ds.labels)):
-                writer.writerow([name(p), ds.classes[label] if ds.classes else label, split,
-                                 *([ds.groups[i]] if grouped else [])])
+        for split, ds in (("train", train_set), ("val", val_set), ("test", test_set)):
+            for i, (p, label) in enumerate(zip(ds.paths, ds.labels) if ds is not None else ()):
+                writer.writerow([image_name(root, p), ds.classes[label] if ds.classes else label, split,
+                                 *([ds.groups[i] if ds.groups else ""] if grouped else [])])
 
 
 def build_augmentation(cfg: Config) -> Augment | None:

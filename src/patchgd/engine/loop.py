@@ -111,14 +111,15 @@ def train_one_epoch(method, loader: DataLoader, scheduler, epoch: int, measure_s
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, num_classes: int,
              amp: str | None = None, logger: RunLogger | None = None, skips: SkipLog | None = None,
-             epoch: int = 0) -> dict:
-    """Loss, accuracy, quadratic weighted kappa, confusion matrix and per-class precision, recall and F1 of
-    ``model`` on ``loader``.
+             epoch: int = 0, split: str = "val") -> dict:
+    """The metrics of ``model`` on ``loader`` (:func:`~patchgd.metrics.evaluate_predictions`: accuracy,
+    balanced accuracy, macro-F1, AUROC, kappa, confusion matrix, per-class scores), its loss, and the
+    ``logits`` and ``labels`` they come from (CPU tensors, in the set's order when nothing was skipped).
 
     PatchGD models infer as in Fig. 3b of the paper: fill ``Z`` in eval mode, then the head. With several
     processes, each ``loader`` holds a :func:`~patchgd.distributed.eval_shard`; the predictions of all are
     gathered in the set's order before the metrics, so every image counts exactly once. With ``skips``,
-    images that cannot be read are recorded (in ``epoch``) and left out of the metrics.
+    images that cannot be read are recorded (in ``epoch``, as of ``split``) and left out of the metrics.
     """
     model.eval()
     logger = logger or _stderr_logger()
@@ -136,7 +137,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, num_cla
         else:
             images, labels, dropped = drop_skipped(images, labels)
             logits, _, labels, failed = run_skipping(infer, images, labels, model)
-            skips.record(dropped + failed, epoch, "val")
+            skips.record(dropped + failed, epoch, split)
             if logits is None:
                 continue
         all_logits.append(logits)
@@ -150,7 +151,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, num_cla
         logits = torch.cat(distributed.gather_objects(logits))
         labels = torch.cat(distributed.gather_objects(labels))
     results = evaluate_predictions(logits, labels, num_classes)
-    results["loss"] = classification_loss(logits, labels).item()
+    results.update(loss=classification_loss(logits, labels).item(), logits=logits, labels=labels)
     return results
 
 

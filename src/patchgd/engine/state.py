@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import math
 import random
 import shutil
 from pathlib import Path
@@ -14,13 +15,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..config import Config, ConfigError, config_differences, config_from_dict, config_to_dict
+from ..config import MONITORS, Config, ConfigError, config_differences, config_from_dict, config_to_dict
 from ..io import atomic_file
 from ..rundir import BEST_CHECKPOINT, LAST_CHECKPOINT, METRICS_FILE
 
 
-METRIC_COLUMNS = ["epoch", "lr", "train_loss", "val_loss", "val_accuracy", "val_qwk", "peak_memory_bytes",
-                  "peak_process_bytes", "epoch_time_s"]
+METRIC_COLUMNS = ["epoch", "lr", "train_loss", "val_loss", "val_accuracy", "val_balanced_accuracy", "val_macro_f1",
+                  "val_auroc", "val_qwk", "peak_memory_bytes", "peak_process_bytes", "epoch_time_s"]
 
 
 def rng_states(generator: torch.Generator) -> dict:
@@ -116,27 +117,51 @@ def check_resume(state: dict, cfg: Config, run_dir: Path) -> None:
 
 @dataclasses.dataclass
 class RunProgress:
-    """Where a run stands between epochs: the epoch records so far (the rows of ``metrics.csv``) and the best."""
+    """Where a run stands between epochs: the epoch records so far (the rows of ``metrics.csv``) and the best
+    epoch by ``monitor`` (``train.monitor``; an epoch whose value is undefined, an AUROC over one class, is
+    never the best while another is defined; the first of equal values is)."""
 
+    monitor: str = "accuracy"
     history: list[dict] = dataclasses.field(default_factory=list)
-    best_accuracy: float = -1.0
     best_epoch: int = 0
     peak_memory_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        self.history, rows = [], self.history
+        for record in rows:
+            self.add(record)
 
     @property
     def next_epoch(self) -> int:
         return self.history[-1]["epoch"] + 1 if self.history else 1
 
+    @property
+    def best(self) -> dict:
+        """The best epoch's record."""
+        return self.history[self.best_epoch - self.history[0]["epoch"]]
+
+    @property
+    def best_value(self) -> float | None:
+        return self.best[f"val_{self.monitor}"]
+
     def add(self, record: dict) -> None:
         self.history = [*self.history, record]
         self.peak_memory_bytes = max(self.peak_memory_bytes, record["peak_memory_bytes"])
-        if record["val_accuracy"] > self.best_accuracy:
-            self.best_accuracy, self.best_epoch = record["val_accuracy"], record["epoch"]
+        value = record.get(f"val_{self.monitor}")
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            if not self.best_epoch:
+                self.best_epoch = record["epoch"]
+            return
+        best = self.best_value if len(self.history) > 1 else None
+        larger = MONITORS[self.monitor]
+        if best is None or (isinstance(best, float) and math.isnan(best)) or (value > best if larger else value < best):
+            self.best_epoch = record["epoch"]
 
 
 def epoch_record(epoch: int, lr: float, train_stats: dict, results: dict, elapsed: float) -> dict:
     """An epoch's row of ``metrics.csv`` (:data:`METRIC_COLUMNS`), also kept in the checkpoint."""
     return {"epoch": epoch, "lr": lr, "train_loss": train_stats["train_loss"], "val_loss": results["loss"],
-            "val_accuracy": results["accuracy"], "val_qwk": results["qwk"],
+            "val_accuracy": results["accuracy"], "val_balanced_accuracy": results["balanced_accuracy"],
+            "val_macro_f1": results["macro_f1"], "val_auroc": results["auroc"], "val_qwk": results["qwk"],
             "peak_memory_bytes": train_stats["peak_memory_bytes"],
             "peak_process_bytes": train_stats["peak_process_bytes"], "epoch_time_s": round(elapsed, 3)}

@@ -33,18 +33,21 @@ from ..data.lazy import LazyImage
 from ..data.sequences import SequenceDataset
 from ..io import atomic_file
 from ..memory import format_size
+from ..metrics import probabilities
 from ..plots import plot_learning_curves
 from ..model.pretrained import describe_origin
 from ..rundir import (BEST_CHECKPOINT, CONFIG_FILE, CURVES_FILE, EVAL_FILE, LAST_CHECKPOINT, METRICS_FILE,
-                      SKIPPED_FILE, SPLIT_FILE, hold_run_dir)
+                      SKIPPED_FILE, SPLIT_FILE, TEST_FILE, TEST_PREDICTIONS_FILE, hold_run_dir)
 from ..runlog import RunLogger
 from ..skips import SkipLog
 from .build import (build_method, build_model, build_optimizer, build_scheduler, describe_normalization,
                     init_backbone, patches_per_step, resolve_device, resolve_weights)
-from .data import (build_augmentation, build_datasets, build_train_loader, check_patch_fits, describe_data,
-                   first_item, item_shape, origin_of, resolve_classes, train_loader_drops_last, write_split)
+from .data import (build_augmentation, build_datasets, build_test_set, build_train_loader, check_patch_fits,
+                   class_name, describe_data, first_item, image_name, item_shape, origin_of, resolve_classes,
+                   train_loader_drops_last, write_split)
 from .loop import DivergenceError, evaluate, train_one_epoch, write_validation_heatmaps
 from .plan import plan_budget
+from .report import describe_scores, scores, write_pictures, write_predictions
 from .state import (RunProgress, check_resume, copy_checkpoint, epoch_record, restore_rng_states, restore_run_files,
                     restore_training_state, rng_states, seed_everything, write_metrics)
 
@@ -53,15 +56,19 @@ def epoch_summary(epoch: int, cfg: Config, train_stats: dict, results: dict, ela
     """The line logged after each epoch, memory peaks named as what they are."""
     process = (f", {train_stats['peak_process_name']} {format_size(train_stats['peak_process_bytes'])}"
                if train_stats["peak_process_name"] else "")
+    auroc = "-" if results["auroc"] is None else f"{results['auroc']:.4f}"
     return (f"epoch {epoch}/{cfg.train.epochs}  train loss {train_stats['train_loss']:.4f}  "
-            f"val loss {results['loss']:.4f}  val acc {results['accuracy']:.4f}  qwk {results['qwk']:.4f}  "
+            f"val loss {results['loss']:.4f}  val acc {results['accuracy']:.4f}  bal acc "
+            f"{results['balanced_accuracy']:.4f}  auroc {auroc}  qwk {results['qwk']:.4f}  "
             f"tensor peak {format_size(train_stats['peak_memory_bytes'])}{process}  {elapsed:.1f}s")
 
 
 def log_epoch(logger: RunLogger, epoch: int, lr: float, train_stats: dict, results: dict) -> None:
     """An epoch's numbers as TensorBoard scalars."""
     logger.scalars({"loss/train": train_stats["train_loss"], "loss/val": results["loss"],
-                    "accuracy/val": results["accuracy"], "qwk/val": results["qwk"], "lr": lr,
+                    "accuracy/val": results["accuracy"], "balanced_accuracy/val": results["balanced_accuracy"],
+                    "macro_f1/val": results["macro_f1"], "qwk/val": results["qwk"], "lr": lr,
+                    **({"auroc/val": results["auroc"]} if results["auroc"] is not None else {}),
                     "memory/tensor_peak_bytes": train_stats["peak_memory_bytes"],
                     "memory/process_peak_bytes": train_stats["peak_process_bytes"]}, epoch)
 
@@ -125,6 +132,7 @@ class TrainingRun:
     scheduler: Any
     train_set: ImageDataset | SequenceDataset
     val_set: ImageDataset | SequenceDataset
+    test_set: ImageDataset | None
     train_loader: DataLoader
     val_loader: DataLoader
     sampler: Any  # a DistributedSampler under torchrun, else None
@@ -137,13 +145,13 @@ class TrainingRun:
 def _fit(cfg: Config, run_dir: Path, resuming: bool, logger: RunLogger) -> dict:
     log = logger.log
     device = distributed.local_device(resolve_device(cfg.train.device))
-    cfg, train_set, val_set = build_data(cfg, resuming, log)
+    cfg, train_set, val_set, test_set = build_data(cfg, resuming, log)
     state = None
     if resuming:
         state = load_resume_state(run_dir, device)
         cfg = config_for_resume(cfg, state, run_dir)
-    run = build_run(cfg, device, train_set, val_set, run_dir, state, log)
-    progress = resume_run(run, state, run_dir, log) if state is not None else RunProgress()
+    run = build_run(cfg, device, train_set, val_set, test_set, run_dir, state, log)
+    progress = resume_run(run, state, run_dir, log) if state is not None else RunProgress(cfg.train.monitor)
     start_run(run, run_dir, log)
     results, epoch = {}, progress.next_epoch - 1
     for epoch in range(progress.next_epoch, cfg.train.epochs + 1):
@@ -156,26 +164,32 @@ def _fit(cfg: Config, run_dir: Path, resuming: bool, logger: RunLogger) -> dict:
         log(epoch_summary(epoch, cfg, train_stats, results, elapsed))
         log_epoch(logger, epoch, lr, train_stats, results)
         if cfg.train.patience is not None and epoch - progress.best_epoch >= cfg.train.patience:
-            log(f"early stop: no better validation accuracy for {cfg.train.patience} epochs "
-                f"(best {progress.best_accuracy:.4f} at epoch {progress.best_epoch})")
+            log(f"early stop: no better validation {cfg.train.monitor} for {cfg.train.patience} epochs "
+                f"(best {progress.best_value:.4f} at epoch {progress.best_epoch})")
             break
+    test = score_test_set(run, run_dir, progress, log) if run.test_set is not None else None
     distributed.barrier()  # when fit returns on any process, the run directory is complete
-    return {"run_dir": str(run_dir), "best_accuracy": progress.best_accuracy, "best_epoch": progress.best_epoch,
-            "final_accuracy": results.get("accuracy"), "epochs": epoch,
-            "peak_memory_bytes": progress.peak_memory_bytes, "config": run.cfg}
+    return {"run_dir": str(run_dir), "best_accuracy": progress.best["val_accuracy"], "best_epoch": progress.best_epoch,
+            "monitor": cfg.train.monitor, "best_value": progress.best_value, "final_accuracy": results.get("accuracy"),
+            "epochs": epoch, "peak_memory_bytes": progress.peak_memory_bytes, "test": test, "config": run.cfg}
 
 
 def build_data(cfg: Config, resuming: bool, log) -> tuple[Config, ImageDataset | SequenceDataset,
-                                                           ImageDataset | SequenceDataset]:
-    """The encoder's weights found (a new run), then the data sets and their classes; the config resolved."""
+                                                           ImageDataset | SequenceDataset, ImageDataset | None]:
+    """The encoder's weights found (a new run), then the data sets (the test set, if any) and their classes;
+    the config resolved."""
     if not resuming:  # before the data: a missing encoder is found in seconds, not after a pass over the data
         cfg = resolve_weights(cfg)
         if cfg.model.backbone != "conv1d":
             log(f"encoder: {describe_origin(cfg.model.pretrained_origin)}")
     train_set, val_set = build_datasets(cfg)
     cfg = resolve_classes(cfg, train_set, val_set)  # before check_resume: the saved config holds the classes
+    test_set = build_test_set(cfg, train_set, val_set)
     log(describe_data(cfg, train_set, val_set))
-    return cfg, train_set, val_set
+    if test_set is not None:
+        log(f"test: {len(test_set)} items from {origin_of(test_set)}, held out from training and model selection: "
+            f"best.pt scores them once, at the end")
+    return cfg, train_set, val_set, test_set
 
 
 def load_resume_state(run_dir: Path, device: torch.device) -> dict:
@@ -195,14 +209,14 @@ def config_for_resume(cfg: Config, state: dict, run_dir: Path) -> Config:
     return dataclasses.replace(cfg, output_dir=str(run_dir))
 
 
-def build_run(cfg: Config, device: torch.device, train_set, val_set, run_dir: Path, state: dict | None,
+def build_run(cfg: Config, device: torch.device, train_set, val_set, test_set, run_dir: Path, state: dict | None,
               log) -> TrainingRun:
     """Everything an epoch needs, in the order the random states require: the split file, the seeds, the
     skip log, the memory plan, the model, optimizer and method, the loaders; then, resuming from the
     checkpoint ``state``, its weights and optimizer; last the schedule, at the step count the run stands at."""
     resuming = state is not None
     if distributed.is_main() and isinstance(train_set, ImageDataset):
-        write_split(run_dir / SPLIT_FILE, cfg.data.root, train_set, val_set)
+        write_split(run_dir / SPLIT_FILE, cfg.data.root, train_set, val_set, test_set)
     generator = seed_everything(cfg.train.seed)
     skips = build_skip_log(cfg, train_set, val_set, run_dir, log)
     first = first_item(train_set)
@@ -257,8 +271,38 @@ def build_run(cfg: Config, device: torch.device, train_set, val_set, run_dir: Pa
     log(describe_normalization(cfg, model))  # after a resume's restore: the statistics are the checkpoint's
     # batches per process = global steps
     scheduler = build_scheduler(cfg, optimizer, len(train_loader), steps_done=steps_done)
-    return TrainingRun(cfg, device, model, method, optimizer, scheduler, train_set, val_set, train_loader,
+    return TrainingRun(cfg, device, model, method, optimizer, scheduler, train_set, val_set, test_set, train_loader,
                        val_loader, sampler, loader_generator, generator, skips, image_shape)
+
+
+def score_test_set(run: TrainingRun, run_dir: Path, progress: RunProgress, log) -> dict:
+    """``best.pt`` on the test set, once, at the end of the run (every process evaluates its shard; rank 0
+    writes): ``test.json`` (every metric with its bootstrap interval, by patient where there are groups),
+    ``test_predictions.csv`` (one row per image), ``test_roc.png`` and ``test_confusion.png``. Returns the
+    scores."""
+    cfg = run.cfg
+    distributed.barrier()  # rank 0 has written best.pt
+    state = load_checkpoint(run_dir / BEST_CHECKPOINT, map_location=run.device)
+    run.model.load_state_dict(state["model"])
+    loader = DataLoader(distributed.eval_shard(run.test_set), batch_size=cfg.train.eval_batch_size or cfg.train.batch_size,
+                        num_workers=cfg.data.num_workers, collate_fn=collate_images)
+    logger = RunLogger(None, echo=lambda line: None)
+    results = evaluate(run.model, loader, run.device, cfg.data.num_classes, cfg.train.amp, logger=logger,
+                       skips=run.skips, epoch=state["epoch"], split="test")
+    complete = len(results["labels"]) == len(run.test_set)  # else skipped images broke the order
+    classes = [class_name(cfg, c) for c in range(cfg.data.num_classes)]
+    out = {**scores(results, classes, resamples=cfg.train.bootstrap, seed=cfg.train.seed,
+                    groups=run.test_set.groups if complete else None),
+           "checkpoint": BEST_CHECKPOINT, "epoch": state["epoch"], "monitor": cfg.train.monitor}
+    if distributed.is_main():
+        with atomic_file(run_dir / TEST_FILE) as tmp:
+            tmp.write_text(json.dumps(out, indent=2))
+        if complete:
+            write_predictions(run_dir / TEST_PREDICTIONS_FILE, [image_name(cfg.data.root, p) for p in run.test_set.paths],
+                              probabilities(results["logits"]), classes, results["labels"], run.test_set.groups)
+        write_pictures(run_dir, "test_", results, classes, f"test, best.pt (epoch {state['epoch']})")
+    log(f"test (best.pt, epoch {state['epoch']}): {describe_scores(out)}")
+    return out
 
 
 def build_skip_log(cfg: Config, train_set, val_set, run_dir: Path, log) -> SkipLog | None:
@@ -333,8 +377,7 @@ def resume_run(run: TrainingRun, state: dict, run_dir: Path, log) -> RunProgress
             "repeat an uninterrupted one")
     if distributed.is_main():
         restore_run_files(run_dir, state)
-    progress = RunProgress(history=state["metrics"], best_accuracy=state["best_accuracy"],
-                           best_epoch=state["best_epoch"])
+    progress = RunProgress(run.cfg.train.monitor, history=state["metrics"])
     log(f"resuming {run_dir} at epoch {state['epoch'] + 1}")
     return progress
 
@@ -392,7 +435,7 @@ def write_epoch_files(run: TrainingRun, progress: RunProgress, results: dict, ru
     state = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
              "scheduler": run.scheduler.state_dict(),
              "scaler": run.method.scaler.state_dict() if run.method.scaler else None,
-             "epoch": epoch, "best_accuracy": progress.best_accuracy, "best_epoch": progress.best_epoch,
+             "epoch": epoch, "best_epoch": progress.best_epoch,
              "config": config_to_dict(cfg), "rng": rngs[0], "rng_ranks": rngs if world > 1 else None,
              "metrics": progress.history, "steps_per_epoch": len(run.train_loader)}
     # last.pt first, then best.pt as its copy, then the metrics row: a kill at any point leaves a last.pt
@@ -402,12 +445,14 @@ def write_epoch_files(run: TrainingRun, progress: RunProgress, results: dict, ru
     if progress.best_epoch == epoch:
         copy_checkpoint(run_dir / LAST_CHECKPOINT, run_dir / BEST_CHECKPOINT)
     write_metrics(run_dir / METRICS_FILE, progress.history)
+    classes = [class_name(cfg, c) for c in range(cfg.data.num_classes)]
     with atomic_file(run_dir / EVAL_FILE) as tmp:
         # The epoch of last.pt; best.pt may hold an earlier one, which "best_epoch" names.
-        tmp.write_text(json.dumps({**results, "confusion": results["confusion"].tolist(), "epoch": epoch,
-                                   "checkpoint": LAST_CHECKPOINT, "best_epoch": progress.best_epoch,
-                                   "classes": cfg.data.classes}, indent=2))
-    plot_learning_curves(run_dir / METRICS_FILE, run_dir / CURVES_FILE, num_classes=cfg.data.num_classes)
+        tmp.write_text(json.dumps({**scores(results, classes), "epoch": epoch, "checkpoint": LAST_CHECKPOINT,
+                                   "best_epoch": progress.best_epoch, "monitor": cfg.train.monitor}, indent=2))
+    write_pictures(run_dir, "", results, classes, f"validation, epoch {epoch}")
+    plot_learning_curves(run_dir / METRICS_FILE, run_dir / CURVES_FILE, num_classes=cfg.data.num_classes,
+                         best_epoch=progress.best_epoch)
     if cfg.method == "patchgd" and cfg.train.heatmap_every and epoch % cfg.train.heatmap_every == 0:
         try:
             pictures = write_validation_heatmaps(run.model, run.val_set, cfg, run_dir / "heatmaps" / f"epoch{epoch:03d}")
