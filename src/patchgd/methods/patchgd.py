@@ -12,6 +12,7 @@ from ..data.lazy import SourceGrid, cell_mask
 from ..grid import PatchGrid
 from ..model import PatchGDClassifier
 from .base import Step, classification_loss
+from .cached import CachedZ
 from .schedule import default_inner_iterations, patches_per_iteration, sample_schedule
 
 
@@ -25,9 +26,10 @@ class InnerIteration(nn.Module):
         self.model = model
 
     def forward(self, z: torch.Tensor, patches: torch.Tensor, image_idx: torch.Tensor, cell_idx: torch.Tensor,
-                cell_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        features = self.model.encode(patches)
-        z.view(z.shape[0], self.model.latent_dim, -1)[image_idx, :, cell_idx] = features.to(z.dtype)
+                cell_mask: torch.Tensor | None = None, from_features: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        # ``from_features``: the sampled cells' stored features of a frozen encoder, projected (cached fill).
+        codes = self.model.project(patches) if from_features else self.model.encode(patches)
+        z.view(z.shape[0], self.model.latent_dim, -1)[image_idx, :, cell_idx] = codes.to(z.dtype)
         return self.model.classify(z, cell_mask), z
 
 
@@ -52,6 +54,9 @@ class PatchGD(Step):
             iteration already holds, so a larger image never raises the peak through the fill).
         amp: ``None``, ``"bf16"`` (CPU or CUDA) or ``"fp16"`` (CUDA, with a gradient scaler).
         generator: Random generator for the sampler.
+        cache: A :class:`~patchgd.methods.cached.CachedZ`: ``Z`` persists across steps (``patchgd.fill:
+            cached``); :meth:`step` then needs each image's data set index (``labels`` of shape ``(B, 2)``:
+            class, index). None (the default) is Algorithm 1.
 
     Example:
         >>> model = PatchGDClassifier("test_resnet", num_classes=10, patch_size=32)
@@ -64,7 +69,7 @@ class PatchGD(Step):
                  grad_accum_steps: int | None = None, *, patches_per_step: int | None = None,
                  fill_mode: str = "train", fill_batch_size: int | None = None, amp: str | None = None,
                  generator: torch.Generator | None = None, fill: Callable | None = None,
-                 wrap: Callable[[nn.Module], nn.Module] | None = None):
+                 wrap: Callable[[nn.Module], nn.Module] | None = None, cache: CachedZ | None = None):
         super().__init__(model, optimizer, amp, forward_module=InnerIteration(model), wrap=wrap)
         if not 0 < sampling <= 1:
             raise ValueError(f"sampling must be a fraction in (0, 1], got {sampling}")
@@ -85,6 +90,8 @@ class PatchGD(Step):
         self.fill_batch_size = fill_batch_size
         self.generator = generator
         self.fill = fill or model.fill_z
+        self.cache = cache
+        self.steps = 0  # steps taken: when a cached code was made (the trainer sets it when a run resumes)
 
     def schedule_for(self, grid: PatchGrid | SourceGrid,
                      schedule: Sequence[torch.Tensor] | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -159,6 +166,12 @@ class PatchGD(Step):
         """
         start = time.perf_counter()
         model = self.model
+        keys = None
+        if self.cache is not None:
+            if labels.dim() != 2 or labels.shape[1] != 2:
+                raise ValueError("a cached fill needs each image's data set index: labels of shape (B, 2) (class, "
+                                 f"index), got shape {tuple(labels.shape)}")
+            labels, keys = labels[:, 0], labels[:, 1]
         images, labels = self.inputs(images, labels)
         grid = model.grid(images)
         schedule = self.schedule_for(grid, schedule)
@@ -170,26 +183,33 @@ class PatchGD(Step):
 
         if self.fill_mode == "eval":
             model.backbone.eval()
+        chunk = self.fill_batch_size or len(schedule[0][1])
         with self.autocast():
-            z = self.fill(grid, self.fill_batch_size or len(schedule[0][1]))
+            z = self.fill(grid, chunk) if self.cache is None else \
+                self.cache.fill(grid, images, keys, schedule, chunk, self.steps)
         model.backbone.train()
         self.sync()
         filled = time.perf_counter()
 
+        from_features = self.cache is not None and self.cache.features
         losses, updates = [], 0
         for j, (image_idx, cell_idx) in enumerate(schedule, start=1):
             group_len = min(eps, zeta - (j - 1) // eps * eps)
             updating = j % eps == 0 or j == zeta
             z = z.detach()  # earlier inner iterations stay in Z as values, not as graph
+            inputs = self.cache.features_of(image_idx, cell_idx) if from_features else grid.patches(cell_idx, image_idx)
             with self.gradient_sync(updating):  # under DDP, only the updating iteration all-reduces
                 with self.autocast():
-                    logits, z = self.forward_module(z, grid.patches(cell_idx, image_idx), image_idx, cell_idx, mask)
+                    logits, z = self.forward_module(z, inputs, image_idx, cell_idx, mask, from_features=from_features)
                 loss = classification_loss(logits, labels)
                 self.backward(loss / group_len)
             losses.append(loss.detach())
+            if self.cache is not None:
+                self.cache.write_back(grid, keys, image_idx, cell_idx, z, self.steps)
             if updating:
                 self.update()
                 updates += 1
+        self.steps += 1
         self.sync()
         end = time.perf_counter()
         inner_losses = torch.stack(losses).tolist()  # one device sync for all of them

@@ -144,20 +144,36 @@ class PatchGDClassifier(nn.Module):
             return PatchGrid(images, self.patch_size, self.pad_value)
         return SourceGrid(images, self.patch_size, self.pad_value, device=self.device)
 
+    def _prepare(self, patches: torch.Tensor) -> torch.Tensor:
+        patches = self.normalize(patches.to(self.device, non_blocking=True))
+        return patches.contiguous(memory_format=torch.channels_last) if self.channels_last else patches
+
     def encode(self, patches: torch.Tensor) -> torch.Tensor:
         """Normalise a batch of patches ``(N, C, p, p)`` or chunks ``(N, C, p)`` (integer pixels or floats) on
         the model's device and run the backbone -> ``(N, s)``."""
-        patches = self.normalize(patches.to(self.device, non_blocking=True))
-        if self.channels_last:
-            patches = patches.contiguous(memory_format=torch.channels_last)
+        patches = self._prepare(patches)
         out = self.backbone(patches)
         if out.shape != (patches.shape[0], self.latent_dim):
             raise ValueError(f"backbone returned shape {tuple(out.shape)} for {patches.shape[0]} patches; "
                              f"expected ({patches.shape[0]}, {self.latent_dim}) (N, latent_dim)")
         return out
 
+    @property
+    def feature_dim(self) -> int | None:
+        """Width of the timm encoder's pooled features, before the projection to ``s`` (None for a backbone
+        of one's own): what a persistent ``Z`` stores when the encoder is frozen."""
+        return self.backbone.features.num_features if isinstance(self.backbone, PatchEncoder) else None
+
+    def encode_features(self, patches: torch.Tensor) -> torch.Tensor:
+        """The timm encoder's pooled features of a batch of patches, before the projection: ``(N, D)``."""
+        return self.backbone.features(self._prepare(patches))
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """Codes ``(N, s)`` of encoder features ``(N, D)``: the trainable projection."""
+        return self.backbone.proj(features)
+
     def fill_z(self, images: torch.Tensor | Sequence | PatchGrid | SourceGrid, batch_size: int | None = None, *,
-               shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
+               shard: tuple[int, int] = (0, 1), features: bool = False) -> torch.Tensor:
         """Algorithm 2: encode every patch without gradients and place it in its cell of ``Z``.
 
         The backbone sees at most ``batch_size`` patches at a time, whatever the image size, so the
@@ -173,6 +189,8 @@ class PatchGDClassifier(nn.Module):
             shard: ``(i, n)``: encode only the chunks ``i, i + n, ...`` and leave the other cells unset
                 (:func:`patchgd.distributed.parallel_fill` splits a fill over processes with it); in-memory
                 batches only.
+            features: Fill with the encoder's features before the projection (:meth:`encode_features`,
+                width :attr:`feature_dim`) instead of the codes; background cells then hold 0.
 
         Returns:
             ``Z`` of shape ``(B, s, m, n)`` (``(B, s, n)`` for sequences) in the default dtype (float32
@@ -184,9 +202,11 @@ class PatchGDClassifier(nn.Module):
             raise ValueError("a fill split over processes (patchgd.parallel_fill) needs in-memory images of one "
                              "size; a batch read in pieces (slides) or of mixed sizes fills on each process")
         chunk = batch_size or self.default_fill_chunk(grid.batch_size, grid.cols, streamed)
+        encode, width = (self.encode_features, self.feature_dim) if features else (self.encode, self.latent_dim)
         with torch.no_grad():
-            z = self._fill_streamed(grid, chunk) if streamed else self._fill_in_memory(grid, chunk, shard)
-        return z.view(grid.batch_size, self.latent_dim, *grid.shape)
+            z = self._fill_streamed(grid, chunk, encode, width, not features) if streamed else \
+                self._fill_in_memory(grid, chunk, shard, encode, width)
+        return z.view(grid.batch_size, width, *grid.shape)
 
     def default_fill_chunk(self, batch: int, cols: int, streamed: bool) -> int:
         """Patches per backbone call of a fill that names none: ``fill_batch_size`` when set, else one grid
@@ -196,30 +216,30 @@ class PatchGDClassifier(nn.Module):
             return self.fill_batch_size
         return min(batch * cols, SOURCE_FILL_CHUNK) if streamed else batch * cols
 
-    def _fill_in_memory(self, grid: PatchGrid, chunk: int, shard: tuple[int, int]) -> torch.Tensor:
-        """``Z`` as ``(B, s, cells)``: the row-major (image, cell) sequence cut into chunks of ``chunk``
+    def _fill_in_memory(self, grid: PatchGrid, chunk: int, shard: tuple[int, int], encode, width: int) -> torch.Tensor:
+        """``Z`` as ``(B, width, cells)``: the row-major (image, cell) sequence cut into chunks of ``chunk``
         patches, the chunks ``i, i + n, ...`` of ``shard`` ``(i, n)`` encoded."""
         cells = grid.num_cells
         total = grid.batch_size * cells
-        z = torch.empty(grid.batch_size, self.latent_dim, cells, device=grid.device)
+        z = torch.empty(grid.batch_size, width, cells, device=grid.device)
         index, shards = shard
         for start in range(index * chunk, total, shards * chunk):
             stop = min(start + chunk, total)
             flat = torch.arange(start, stop, device=grid.device)
-            z[flat // cells, :, flat % cells] = self.encode(grid.patch_range(start, stop)).to(z.dtype)
+            z[flat // cells, :, flat % cells] = encode(grid.patch_range(start, stop)).to(z.dtype)
         return z
 
-    def _fill_streamed(self, grid: SourceGrid, chunk: int) -> torch.Tensor:
-        """``Z`` as ``(B, s, cells)`` of a batch read in pieces: the encoded cells streamed in chunks (read by
-        ``fill_workers`` while the backbone runs), every background cell the background code, and the
-        cells that only pad a smaller image to the batch's grid 0."""
+    def _fill_streamed(self, grid: SourceGrid, chunk: int, encode, width: int, background: bool) -> torch.Tensor:
+        """``Z`` as ``(B, width, cells)`` of a batch read in pieces: the encoded cells streamed in chunks (read
+        by ``fill_workers`` while the backbone runs), every background cell the background code (with
+        ``background``), and the cells that only pad a smaller image to the batch's grid 0."""
         device = grid.device
-        z = torch.zeros(grid.batch_size, self.latent_dim, grid.num_cells, device=device)
+        z = torch.zeros(grid.batch_size, width, grid.num_cells, device=device)
         image_idx, cell_idx = grid.encoded_cells()
         for image_c, cell_c, patches in grid.stream(image_idx, cell_idx, chunk, self.fill_workers):
-            z[image_c.to(device), :, cell_c.to(device)] = self.encode(grid.deliver(image_c, patches)).to(z.dtype)
+            z[image_c.to(device), :, cell_c.to(device)] = encode(grid.deliver(image_c, patches)).to(z.dtype)
         image_idx, cell_idx = grid.background_cells()
-        if image_idx.numel():
+        if background and image_idx.numel():
             z[image_idx.to(device), :, cell_idx.to(device)] = self.background_code(grid).to(z.dtype)
         return z
 

@@ -1,0 +1,129 @@
+"""PatchGD with a persistent Z (patchgd.fill: cached): the cases where it is Algorithm 1 exactly, what it
+encodes otherwise, and the store's consistency with the checkpoints."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import patchgd
+from patchgd.methods.cached import CachedZ
+from patchgd.zstore import ZStore
+
+from test_methods import make_model, naive_algorithm1, random_schedule
+
+
+def keyed(labels, keys):
+    return torch.stack([torch.as_tensor(labels), torch.as_tensor(keys)], dim=1)
+
+
+def test_refreshing_every_cell_is_algorithm1(float64):
+    """``refresh`` as large as the grid: every step fills every image whole with the current weights, which is
+    Algorithm 1 (the naive loop of DESIGN.md) to 1e-6, over batches that revisit images."""
+    zeta, k = 3, 4
+    ours = make_model()
+    theirs = copy.deepcopy(ours)
+    store = ZStore.create([12] * 3, width=6, dtype="float32")
+    trainer = patchgd.PatchGD(ours, torch.optim.Adam(ours.parameters(), lr=1e-2), grad_accum_steps=2,
+                              cache=CachedZ(ours, store, refresh=12))
+    naive_optimizer = torch.optim.Adam(list(theirs.backbone.parameters()) + list(theirs.head.parameters()), lr=1e-2)
+    generator = torch.Generator().manual_seed(1)
+    torch.manual_seed(0)
+    data = torch.randn(3, 3, 20, 30)  # three images of a 3 x 4 grid
+    for step, keys in enumerate([[0, 1], [1, 2], [2, 0]]):
+        images, labels = data[keys], torch.tensor([2, 0])
+        schedule = random_schedule(generator, zeta, k, 12, 2, per_image=True)
+        torch.manual_seed(step)
+        trainer.step(images, keyed(labels, keys), schedule=schedule)
+        torch.manual_seed(step)
+        naive_algorithm1(theirs.backbone, theirs.head, naive_optimizer, images, labels, schedule, 2)
+    for (name, a), b in zip(ours.named_parameters(), theirs.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=lambda d, name=name: f"{name}: {d}")
+    assert [store.stamps(i).max() for i in range(3)] == [2, 1, 2]  # every image stored at its last visit
+
+
+@pytest.mark.parametrize("freeze_grad_accum", [1, None])
+def test_a_frozen_encoder_with_a_float32_store_is_algorithm1_exactly(freeze_grad_accum):
+    """With ``model.freeze: all`` the store holds the encoder's features; later steps read them instead of
+    encoding, and every update equals the exact step's bit for bit."""
+    images = torch.randn(3, 3, 64, 96)  # 2 x 3 grids of 32 px
+    runs = {}
+    for fill in ("exact", "cached"):
+        torch.manual_seed(0)
+        model = patchgd.PatchGDClassifier("test_resnet", num_classes=3, patch_size=32, latent_dim=8, head_width=8,
+                                          freeze="all")
+        cache = None
+        if fill == "cached":
+            cache = CachedZ(model, ZStore.create([6] * 3, width=model.feature_dim, dtype="float32"), features=True)
+        trainer = patchgd.PatchGD(model, torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2),
+                                  sampling=0.5, grad_accum_steps=freeze_grad_accum, cache=cache,
+                                  generator=torch.Generator().manual_seed(3))
+        for step, keys in enumerate([[0, 1], [1, 2], [0, 1], [2, 0]]):
+            labels = torch.tensor([1, 2])
+            torch.manual_seed(step)
+            trainer.step(images[keys], labels if cache is None else keyed(labels, keys))
+        runs[fill] = model
+    for (name, a), b in zip(runs["exact"].state_dict().items(), runs["cached"].state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_a_cached_step_encodes_the_sampled_and_the_oldest_cells_only():
+    """After an image's first visit, a step encodes ``refresh`` of its cells without gradients (the oldest,
+    none of them sampled) and the ``k ζ`` sampled ones with; the codes they make are stored."""
+    model = make_model()
+    calls = {"grad": 0, "no_grad": 0}
+    model.backbone.register_forward_hook(
+        lambda m, inputs, out: calls.__setitem__("grad" if torch.is_grad_enabled() else "no_grad",
+                                                 calls["grad" if torch.is_grad_enabled() else "no_grad"] + len(out)))
+    store = ZStore.create([12, 12], width=6)
+    cache = CachedZ(model, store, refresh=2)
+    trainer = patchgd.PatchGD(model, torch.optim.SGD(model.parameters(), lr=0.1), sampling=0.25, max_sampled=0.5,
+                              cache=cache, generator=torch.Generator().manual_seed(0))
+    images = torch.randn(2, 3, 20, 30)
+    trainer.step(images, keyed([0, 1], [0, 1]))  # first visit: both filled whole
+    assert calls == {"grad": 2 * 3 * 2, "no_grad": 2 * 12}
+    first = store.stamps(0).copy()
+    calls.update(grad=0, no_grad=0)
+    trainer.step(images, keyed([0, 1], [0, 1]))  # k = 3, ζ = 2 with gradients; 2 refreshed without, per image
+    assert calls == {"grad": 2 * 3 * 2, "no_grad": 2 * 2}
+    stamps = store.stamps(0)
+    assert (stamps == 1).sum() == 3 * 2 + 2 and (stamps == 0).sum() == 12 - 8  # the 8 cells encoded at step 1
+    assert (first == 0).all()
+
+
+def test_a_refill_period_fills_every_image_whole_at_its_first_visit():
+    model = make_model()
+    store = ZStore.create([12], width=6)
+    cache = CachedZ(model, store, refresh=0)
+    trainer = patchgd.PatchGD(model, torch.optim.SGD(model.parameters(), lr=0.1), sampling=0.25, max_sampled=0.25,
+                              cache=cache, generator=torch.Generator().manual_seed(0))
+    image = torch.randn(1, 3, 20, 30)
+    for epoch in (1, 2, 3):
+        cache.begin_epoch(epoch, steps_per_epoch=1, refresh_epochs=2)
+        before = cache.encoded["whole"]
+        trainer.step(image, keyed([0], [0]))
+        assert cache.encoded["whole"] - before == (12 if epoch in (1, 3) else 0), epoch
+
+
+def test_a_store_on_disk_rewinds_to_its_checkpoint_after_a_kill(tmp_path):
+    """Writes after the checkpoint of epoch 1 are undone, newest first; a journal record cut short by the
+    kill (whose rows were never written) is ignored; epoch 1's own journal is dropped, its writes kept."""
+    store = ZStore.create([4, 4], width=2, folder=tmp_path / "z")
+    store.begin_epoch(1)
+    store.write(torch.tensor([0, 1]), torch.tensor([0, 3]), torch.ones(2, 2), step=0)
+    store.commit(1)  # last.pt of epoch 1 is written
+    checkpoint = (np.array(store.codes), store.stamps(0).copy(), store.stamps(1).copy())
+    store.begin_epoch(2)
+    store.write(torch.tensor([0, 0]), torch.tensor([0, 1]), torch.full((2, 2), 2.0), step=5)
+    store.write(torch.tensor([0]), torch.tensor([0]), torch.full((1, 2), 3.0), step=6)
+    journal = tmp_path / "z" / "journal-2-r0.bin"
+    with journal.open("ab") as f:  # a kill in the middle of a third record's journal entry
+        f.write(np.array([1, 2], np.int64).tobytes())
+    reopened = ZStore.open(tmp_path / "z", [4, 4], 2, "float16")
+    assert reopened.rewind(1) == 3
+    assert np.array_equal(np.array(reopened.codes), checkpoint[0])
+    assert (reopened.stamps(0) == checkpoint[1]).all() and (reopened.stamps(1) == checkpoint[2]).all()
+    assert not list((tmp_path / "z").glob("journal-*"))
+    with pytest.raises(ValueError, match="a Z store of another layout.*width"):
+        ZStore.open(tmp_path / "z", [4, 4], 3, "float16")
