@@ -2,12 +2,14 @@
 encodes otherwise, and the store's consistency with the checkpoints."""
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
 import torch
 
 import patchgd
+from patchgd.config import AugmentConfig, ConfigError
 from patchgd.methods.cached import CachedZ
 from patchgd.zstore import ZStore
 
@@ -127,3 +129,26 @@ def test_a_store_on_disk_rewinds_to_its_checkpoint_after_a_kill(tmp_path):
     assert not list((tmp_path / "z").glob("journal-*"))
     with pytest.raises(ValueError, match="a Z store of another layout.*width"):
         ZStore.open(tmp_path / "z", [4, 4], 3, "float16")
+
+
+def test_a_cached_run_evaluates_every_few_epochs_and_says_what_its_store_holds(tmp_path):
+    import csv
+
+    import patchgd.engine.trainer
+    from patchgd.checkpoint import load_checkpoint
+    from test_evaluation import csv_data, run_config
+
+    root = csv_data(tmp_path / "data", {"train": 8, "val": 4})
+    cfg = run_config(tmp_path, root, epochs=3, eval_every=2)
+    cfg = dataclasses.replace(cfg, patchgd=dataclasses.replace(cfg.patchgd, fill="cached", refresh=2))
+    lines = []
+    summary = patchgd.engine.trainer.fit(cfg, log=lines.append)
+    rows = list(csv.DictReader((tmp_path / "run" / "metrics.csv").open()))
+    assert [bool(r["val_accuracy"]) for r in rows] == [False, True, True]  # epochs 2 and 3 (the last)
+    assert summary["best_epoch"] in (2, 3) and load_checkpoint(tmp_path / "run" / "best.pt")["epoch"] in (2, 3)
+    assert any(line.startswith("epoch 1/3") and "not evaluated (train.eval_every=2)" in line for line in lines)
+    # 8 images of 3 x 3 cells of 16 px, 8 float16 values and a stamp each
+    assert "Z store: 8 images, 72 cells of 8 float16 (codes): 1.69 KiB in memory" in "\n".join(lines)
+    with pytest.raises(ConfigError, match="fill=cached with augmentation"):
+        patchgd.engine.trainer.fit(dataclasses.replace(cfg, output_dir=str(tmp_path / "run2"),
+                                                       augment=AugmentConfig(flip=True)), log=lambda line: None)

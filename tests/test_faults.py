@@ -30,14 +30,14 @@ def data(tmp_path_factory, mnist_dir):
     return out
 
 
-def write_config(folder: Path, root: Path) -> Path:
+def write_config(folder: Path, root: Path, train: dict | None = None, **patchgd) -> Path:
     # A wide head makes the checkpoint a few MB, so that its write lasts long enough to be caught.
     cfg = {"method": "patchgd", "output_dir": str(folder / "run"),
            "model": {"backbone": "test_resnet", "patch_size": 32, "latent_dim": 8, "in_chans": 1,
                      "head_width": 160},
            "data": {"root": str(root), "num_classes": 10},
-           "train": {"epochs": EPOCHS, "batch_size": 3, "device": "cpu", "warmup_epochs": 0.5},
-           "patchgd": {"sampling": 0.5}}
+           "train": {"epochs": EPOCHS, "batch_size": 3, "device": "cpu", "warmup_epochs": 0.5, **(train or {})},
+           "patchgd": {"sampling": 0.5, **patchgd}}
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.yaml").write_text(yaml.safe_dump(cfg))
     return folder / "config.yaml"
@@ -134,6 +134,41 @@ def test_sigkill_at_several_points_then_resume_gives_identical_weights(tmp_path,
     columns = ("epoch", "lr", "train_loss", "val_loss", "val_accuracy")
     assert [{k: r[k] for k in columns} for r in rows[0]] == [{k: r[k] for k in columns} for r in rows[1]]
     assert load_checkpoint(run / "best.pt")["epoch"] == load_checkpoint(straight / "best.pt")["epoch"]
+
+
+@pytest.mark.parametrize("store", ["memory", "disk"])
+def test_a_cached_run_killed_mid_epoch_resumes_bit_identical(tmp_path, data, store):
+    """A cached fill (refresh, a refill period) killed with SIGKILL in the middle of its second epoch, then
+    resumed: the same weights, and the same store, as the run that was never killed."""
+    options = {"fill": "cached", "refresh": 1, "refresh_epochs": 2, "store": store, "max_sampled": 0.5}
+    runs = {}
+    for name in ("straight", "killed"):
+        config = write_config(tmp_path / name, data, train={"log_every": 1}, **options)
+        run = tmp_path / name / "run"
+        if name == "killed":
+            proc = start(config, run)
+            # after the second of epoch 2's four steps (train.log says so): its writes are in the store
+            assert wait_for(proc, lambda: "epoch 2: 2/4 batch" in _read(run / "train.log")), "ended before the kill"
+            proc.send_signal(signal.SIGKILL)
+            proc.communicate()
+            assert load_checkpoint(run / "last.pt")["epoch"] == 1
+            if store == "disk":
+                assert (run / "zstore" / "journal-2-r0.bin").stat().st_size > 0  # writes to undo
+        finish(start(config, run))
+        runs[name] = run
+    a, b = (load_checkpoint(runs[name] / "last.pt") for name in ("straight", "killed"))
+    assert a["epoch"] == b["epoch"] == EPOCHS
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    if store == "disk":
+        import numpy as np
+
+        for name in ("codes.npy", "stamps.npy"):
+            assert np.array_equal(np.load(runs["straight"] / "zstore" / name), np.load(runs["killed"] / "zstore" / name))
+    else:
+        snapshots = [load_checkpoint(runs[name] / f"zstore-{EPOCHS}.pt") for name in ("straight", "killed")]
+        assert all(torch.equal(snapshots[0][k], snapshots[1][k]) for k in ("codes", "stamps"))
+        assert [p.name for p in runs["killed"].glob("zstore-*.pt")] == [f"zstore-{EPOCHS}.pt"]
 
 
 def _read(path: Path) -> str:

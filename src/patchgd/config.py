@@ -270,6 +270,9 @@ class TrainConfig:
     monitor: Literal[tuple(MONITORS)] = _field("accuracy",
         help='the validation metric that picks `best.pt` and drives `train.patience`: `accuracy`, '
              '`balanced_accuracy`, `auroc`, `qwk` (larger is better) or `loss` (smaller)')
+    eval_every: int = _field(1, ge=1,
+        help='evaluate every this many epochs (and after the last): a cohort with a cached fill need not pay an '
+             "exact fill of the validation set every epoch; `best.pt` and `patience` count evaluated epochs")
     bootstrap: int = _field(1000, ge=0,
         help='bootstrap resamples of the 95 % intervals of `test.json` and `patchgd evaluate` (by group where '
              '`data.group_column` is set; 0: none)')
@@ -308,6 +311,23 @@ class PatchGDConfig:
     parallel_fill: bool = _field(False,
         help='under `torchrun`, all processes train on the same batch and split the fill of its cells among them (for '
              'images whose fill dominates a step)')
+    fill: Literal["exact", "cached"] = _field("exact",
+        help="`exact`: every step fills `Z` with the current weights (Algorithm 1); `cached`: `Z` persists across "
+             "steps in a store, images are filled whole at their first visit, each step re-encodes the sampled cells "
+             "(with gradients, written back) and the `refresh` oldest (without): cheaper, with codes of earlier "
+             "weights; with `model.freeze: all` the store holds the encoder's features, which never go stale")
+    refresh: int = _field(0, ge=0,
+        help="`fill: cached`: the oldest cells of each image re-encoded without gradients in each step (at least "
+             "the grid's cells: every cell, which is `exact`)")
+    refresh_epochs: int | None = _field(None, ge=1,
+        help='`fill: cached`: every this many epochs, each image is filled whole again at its first visit')
+    store: Literal["memory", "disk"] = _field("memory",
+        help="`fill: cached`: where the codes live: `memory` (saved in the checkpoints; one process) or `disk` "
+             "(memory-mapped files under `store_dir`, with an undo journal so that a killed run resumes exactly; "
+             "any `torchrun` process reads and writes it, so several machines need a shared folder)")
+    store_dir: str | None = _field(None, help="`store: disk`: the folder (default `RUN_DIR/zstore`)")
+    store_dtype: Literal["float16", "float32"] = _field("float16",
+        help="`fill: cached`: the stored codes' type (`float32` doubles the store)")
 
 
 @dataclass(frozen=True)

@@ -32,18 +32,20 @@ def plot_learning_curves(metrics_csv: str | Path, png: str | Path, title: str | 
     """
     rows = list(csv.DictReader(Path(metrics_csv).open()))
     epochs = [int(r["epoch"]) for r in rows]
-    accuracy = [float(r["val_accuracy"]) for r in rows]
-    best = best_epoch or epochs[accuracy.index(max(accuracy))]
+    evaluated = [r for r in rows if r["val_accuracy"]]  # train.eval_every leaves the others empty
+    val_epochs = [int(r["epoch"]) for r in evaluated]
+    accuracy = [float(r["val_accuracy"]) for r in evaluated]
+    best = best_epoch or val_epochs[accuracy.index(max(accuracy))]
     fig, (loss_ax, acc_ax, lr_ax) = plt.subplots(1, 3, figsize=(13, 3.5))
     loss_ax.plot(epochs, [float(r["train_loss"]) for r in rows], "o-", label="train")
-    loss_ax.plot(epochs, [float(r["val_loss"]) for r in rows], "o-", label="validation")
+    loss_ax.plot(val_epochs, [float(r["val_loss"]) for r in evaluated], "o-", label="validation")
     loss_ax.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
     loss_ax.legend()
-    acc_ax.plot(epochs, accuracy, "o-", color="tab:green", label="accuracy")
-    acc_ax.plot(epochs, [float(r["val_qwk"]) for r in rows], "s--", color="tab:purple", label="kappa (QWK)")
+    acc_ax.plot(val_epochs, accuracy, "o-", color="tab:green", label="accuracy")
+    acc_ax.plot(val_epochs, [float(r["val_qwk"]) for r in evaluated], "s--", color="tab:purple", label="kappa (QWK)")
     if num_classes:
         acc_ax.axhline(1 / num_classes, color="grey", linestyle=":", label=f"chance (1/{num_classes})")
-    acc_ax.axvline(best, color="tab:red", alpha=0.4, label=f"best epoch {best} ({accuracy[epochs.index(best)]:.3f})")
+    acc_ax.axvline(best, color="tab:red", alpha=0.4, label=f"best epoch {best} ({accuracy[val_epochs.index(best)]:.3f})")
     acc_ax.set(xlabel="epoch", ylabel="score", title="validation", ylim=(min(0.0, acc_ax.get_ylim()[0]), 1))
     acc_ax.legend(fontsize="small")
     lr_ax.plot(epochs, [float(r["lr"]) for r in rows], "o-", color="tab:orange")

@@ -49,11 +49,11 @@ def drop_skipped(images: torch.Tensor | list, labels: torch.Tensor) -> tuple[tor
     skipped = [item for item in images if isinstance(item, Skipped)]
     if not skipped:
         return images, labels, []
-    kept = [(item, int(label)) for item, label in zip(images, labels) if not isinstance(item, Skipped)]
-    if not kept:
+    keep = [i for i, item in enumerate(images) if not isinstance(item, Skipped)]
+    if not keep:
         return [], labels[:0], skipped
-    images, labels = collate_images(kept)
-    return images, labels, skipped
+    images, _ = collate_images([(images[i], 0) for i in keep])
+    return images, labels[keep], skipped  # a label row (a cached fill's (class, index)) stays whole
 
 
 def _failing(err: DataError, images: Sequence) -> int | None:

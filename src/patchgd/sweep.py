@@ -160,7 +160,7 @@ def _summary(point: Point, status: dict | None, out: Path) -> dict:
     metrics = out / "runs" / point.name / METRICS_FILE
     if metrics.is_file():
         with metrics.open(newline="") as f:
-            epochs = list(csv.DictReader(f))
+            epochs = [r for r in csv.DictReader(f) if r["val_accuracy"]]  # the evaluated epochs
         if epochs:
             best = max(epochs, key=lambda r: float(r["val_accuracy"]))
             row.update(best_val_accuracy=float(best["val_accuracy"]), best_epoch=int(best["epoch"]),

@@ -200,16 +200,18 @@ def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epo
 
 def build_method(cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer,
                  generator: torch.Generator | None = None, *, fill: Callable | None = None,
-                 wrap: Callable[[nn.Module], nn.Module] | None = None):
+                 wrap: Callable[[nn.Module], nn.Module] | None = None, cache=None):
     """The step object of ``cfg.method`` (PatchGD options from ``cfg.patchgd``); ``fill`` replaces PatchGD's
-    fill (the patch-parallel fill) and ``wrap`` puts the forward module under DDP, both when it is built."""
+    fill (the patch-parallel fill), ``wrap`` puts the forward module under DDP and ``cache`` (a
+    :class:`~patchgd.methods.cached.CachedZ`) makes ``Z`` persist, all when it is built."""
     p = cfg.patchgd
+    extra = {} if cache is None else {"cache": cache}
     return create_method(cfg.method, model, optimizer, amp=cfg.train.amp,
                          micro_batch_size=cfg.train.micro_batch_size, wrap=wrap, sampling=p.sampling,
                          patches_per_step=p.patches_per_step, max_sampled=p.max_sampled,
                          inner_iterations=p.inner_iterations,
                          grad_accum_steps=p.grad_accum_steps, fill_mode=p.fill_mode,
-                         fill_batch_size=p.fill_batch_size, generator=generator, fill=fill)
+                         fill_batch_size=p.fill_batch_size, generator=generator, fill=fill, **extra)
 
 
 def fill_chunk(cfg: Config, image_shape: tuple[int, ...] | None = None, lazy: bool = False) -> int | None:

@@ -181,7 +181,8 @@ def build_train_loader(cfg: Config, train_set: ImageDataset, generator: torch.Ge
                        sampler: torch.utils.data.Sampler | None = None, drop_last: bool = False) -> DataLoader:
     """Shuffled batches of ``train_set`` (or in the order of ``sampler``, a process's shard under
     torchrun); with ``train.balanced_sampler``, drawn with replacement with probability inversely
-    proportional to each image's class frequency (every class equally often)."""
+    proportional to each image's class frequency (every class equally often). With a cached fill the
+    labels come with each image's index (:class:`KeyedDataset`)."""
     if cfg.train.balanced_sampler:
         if sampler is not None:
             raise ValueError("train.balanced_sampler=true is not available with several processes (torchrun) "
@@ -191,9 +192,25 @@ def build_train_loader(cfg: Config, train_set: ImageDataset, generator: torch.Ge
         weights = torch.as_tensor(1.0 / counts[labels], dtype=torch.double)
         sampler = WeightedRandomSampler(weights, num_samples=len(train_set), replacement=True,
                                         generator=generator)
-    return DataLoader(train_set, batch_size=cfg.train.batch_size, shuffle=sampler is None, sampler=sampler,
+    keyed = KeyedDataset(train_set) if cfg.patchgd.fill == "cached" else train_set
+    return DataLoader(keyed, batch_size=cfg.train.batch_size, shuffle=sampler is None, sampler=sampler,
                       drop_last=drop_last, num_workers=cfg.data.num_workers, generator=generator,
                       collate_fn=collate_images)
+
+
+class KeyedDataset(torch.utils.data.Dataset):
+    """A data set whose labels come with each item's index, ``(label, index)``, batched as ``(B, 2)``: what a
+    cached fill keys its store by (the pair travels together through skipping and sharding)."""
+
+    def __init__(self, dataset: ImageDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        item, label = self.dataset[index]
+        return item, (label, index)
 
 
 def read_options(cfg: Config) -> dict:

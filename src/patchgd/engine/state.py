@@ -137,31 +137,42 @@ class RunProgress:
 
     @property
     def best(self) -> dict:
-        """The best epoch's record."""
-        return self.history[self.best_epoch - self.history[0]["epoch"]]
+        """The best epoch's record (empty before any evaluation)."""
+        return self.history[self.best_epoch - self.history[0]["epoch"]] if self.best_epoch else {}
 
     @property
     def best_value(self) -> float | None:
-        return self.best[f"val_{self.monitor}"]
+        return self.best.get(f"val_{self.monitor}")
+
+    @property
+    def evaluations_since_best(self) -> int:
+        """Evaluated epochs after the best one (``train.patience`` counts them)."""
+        return sum(1 for r in self.history if r["epoch"] > self.best_epoch and _defined(r.get("val_loss")))
 
     def add(self, record: dict) -> None:
         self.history = [*self.history, record]
         self.peak_memory_bytes = max(self.peak_memory_bytes, record["peak_memory_bytes"])
+        if not _defined(record.get("val_loss")):
+            return  # not evaluated (train.eval_every): never the best
         value = record.get(f"val_{self.monitor}")
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            if not self.best_epoch:
-                self.best_epoch = record["epoch"]
-            return
-        best = self.best_value if len(self.history) > 1 else None
-        larger = MONITORS[self.monitor]
-        if best is None or (isinstance(best, float) and math.isnan(best)) or (value > best if larger else value < best):
+        if not self.best_epoch:
             self.best_epoch = record["epoch"]
+        elif _defined(value):
+            best, larger = self.best_value, MONITORS[self.monitor]
+            if not _defined(best) or (value > best if larger else value < best):
+                self.best_epoch = record["epoch"]
 
 
-def epoch_record(epoch: int, lr: float, train_stats: dict, results: dict, elapsed: float) -> dict:
-    """An epoch's row of ``metrics.csv`` (:data:`METRIC_COLUMNS`), also kept in the checkpoint."""
-    return {"epoch": epoch, "lr": lr, "train_loss": train_stats["train_loss"], "val_loss": results["loss"],
-            "val_accuracy": results["accuracy"], "val_balanced_accuracy": results["balanced_accuracy"],
-            "val_macro_f1": results["macro_f1"], "val_auroc": results["auroc"], "val_qwk": results["qwk"],
+def _defined(value) -> bool:
+    return value is not None and not (isinstance(value, float) and math.isnan(value))
+
+
+def epoch_record(epoch: int, lr: float, train_stats: dict, results: dict | None, elapsed: float) -> dict:
+    """An epoch's row of ``metrics.csv`` (:data:`METRIC_COLUMNS`), also kept in the checkpoint; its validation
+    values None when the epoch was not evaluated (``train.eval_every``)."""
+    r = results or {}
+    return {"epoch": epoch, "lr": lr, "train_loss": train_stats["train_loss"], "val_loss": r.get("loss"),
+            "val_accuracy": r.get("accuracy"), "val_balanced_accuracy": r.get("balanced_accuracy"),
+            "val_macro_f1": r.get("macro_f1"), "val_auroc": r.get("auroc"), "val_qwk": r.get("qwk"),
             "peak_memory_bytes": train_stats["peak_memory_bytes"],
             "peak_process_bytes": train_stats["peak_process_bytes"], "epoch_time_s": round(elapsed, 3)}

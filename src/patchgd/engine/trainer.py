@@ -48,6 +48,7 @@ from .data import (build_augmentation, build_datasets, build_test_set, build_tra
 from .loop import DivergenceError, evaluate, train_one_epoch, write_validation_heatmaps
 from .plan import plan_budget
 from .report import describe_scores, scores, write_pictures, write_predictions
+from .zcache import build_cache, check_cached_fill, commit_cache, save_cache
 from .state import (RunProgress, check_resume, copy_checkpoint, epoch_record, restore_rng_states, restore_run_files,
                     restore_training_state, rng_states, seed_everything, write_metrics)
 
@@ -56,15 +57,21 @@ def epoch_summary(epoch: int, cfg: Config, train_stats: dict, results: dict, ela
     """The line logged after each epoch, memory peaks named as what they are."""
     process = (f", {train_stats['peak_process_name']} {format_size(train_stats['peak_process_bytes'])}"
                if train_stats["peak_process_name"] else "")
-    auroc = "-" if results["auroc"] is None else f"{results['auroc']:.4f}"
-    return (f"epoch {epoch}/{cfg.train.epochs}  train loss {train_stats['train_loss']:.4f}  "
-            f"val loss {results['loss']:.4f}  val acc {results['accuracy']:.4f}  bal acc "
-            f"{results['balanced_accuracy']:.4f}  auroc {auroc}  qwk {results['qwk']:.4f}  "
+    if results is None:
+        val = f"not evaluated (train.eval_every={cfg.train.eval_every})"
+    else:
+        auroc = "-" if results["auroc"] is None else f"{results['auroc']:.4f}"
+        val = (f"val loss {results['loss']:.4f}  val acc {results['accuracy']:.4f}  bal acc "
+               f"{results['balanced_accuracy']:.4f}  auroc {auroc}  qwk {results['qwk']:.4f}")
+    return (f"epoch {epoch}/{cfg.train.epochs}  train loss {train_stats['train_loss']:.4f}  {val}  "
             f"tensor peak {format_size(train_stats['peak_memory_bytes'])}{process}  {elapsed:.1f}s")
 
 
 def log_epoch(logger: RunLogger, epoch: int, lr: float, train_stats: dict, results: dict) -> None:
     """An epoch's numbers as TensorBoard scalars."""
+    if results is None:
+        logger.scalars({"loss/train": train_stats["train_loss"], "lr": lr}, epoch)
+        return
     logger.scalars({"loss/train": train_stats["train_loss"], "loss/val": results["loss"],
                     "accuracy/val": results["accuracy"], "balanced_accuracy/val": results["balanced_accuracy"],
                     "macro_f1/val": results["macro_f1"], "qwk/val": results["qwk"], "lr": lr,
@@ -153,7 +160,7 @@ def _fit(cfg: Config, run_dir: Path, resuming: bool, logger: RunLogger) -> dict:
     run = build_run(cfg, device, train_set, val_set, test_set, run_dir, state, log)
     progress = resume_run(run, state, run_dir, log) if state is not None else RunProgress(cfg.train.monitor)
     start_run(run, run_dir, log)
-    results, epoch = {}, progress.next_epoch - 1
+    results, epoch = None, progress.next_epoch - 1
     for epoch in range(progress.next_epoch, cfg.train.epochs + 1):
         started = time.perf_counter()
         lr = run.optimizer.param_groups[0]["lr"]
@@ -163,14 +170,15 @@ def _fit(cfg: Config, run_dir: Path, resuming: bool, logger: RunLogger) -> dict:
         write_epoch_files(run, progress, results, run_dir, logger)
         log(epoch_summary(epoch, cfg, train_stats, results, elapsed))
         log_epoch(logger, epoch, lr, train_stats, results)
-        if cfg.train.patience is not None and epoch - progress.best_epoch >= cfg.train.patience:
+        if cfg.train.patience is not None and progress.evaluations_since_best >= cfg.train.patience:
             log(f"early stop: no better validation {cfg.train.monitor} for {cfg.train.patience} epochs "
                 f"(best {progress.best_value:.4f} at epoch {progress.best_epoch})")
             break
     test = score_test_set(run, run_dir, progress, log) if run.test_set is not None else None
     distributed.barrier()  # when fit returns on any process, the run directory is complete
     return {"run_dir": str(run_dir), "best_accuracy": progress.best["val_accuracy"], "best_epoch": progress.best_epoch,
-            "monitor": cfg.train.monitor, "best_value": progress.best_value, "final_accuracy": results.get("accuracy"),
+            "monitor": cfg.train.monitor, "best_value": progress.best_value,
+            "final_accuracy": results["accuracy"] if results else None,
             "epochs": epoch, "peak_memory_bytes": progress.peak_memory_bytes, "test": test, "config": run.cfg}
 
 
@@ -225,6 +233,8 @@ def build_run(cfg: Config, device: torch.device, train_set, val_set, test_set, r
     check_patch_fits(cfg, image_shape, origin_of(train_set))
     if cfg.memory.budget is not None and not resuming:
         cfg = plan_run(cfg, train_set, image_shape, lazy, device, log)
+    if cfg.patchgd.fill == "cached":
+        check_cached_fill(cfg)
 
     model = build_training_model(cfg, device, resuming, image_shape, lazy, log)
     # The patch-parallel fill has every process work on the same images, hence the same random draws.
@@ -247,8 +257,9 @@ def build_run(cfg: Config, device: torch.device, train_set, val_set, test_set, r
                          "channel, which it cannot normalise in training; raise train.batch_size, "
                          "patchgd.sampling or patchgd.patches_per_step")
     optimizer = build_optimizer(cfg, model)
+    cache = build_cache(cfg, model, train_set, run_dir, state, log) if cfg.patchgd.fill == "cached" else None
     method = build_method(cfg, model, optimizer, generator, wrap=distributed.ddp(device),
-                          fill=functools.partial(distributed.parallel_fill, model) if shared else None)
+                          fill=functools.partial(distributed.parallel_fill, model) if shared else None, cache=cache)
 
     sampler = distributed.train_sampler(train_set, cfg.train.seed, shared=shared)
     loader_generator = torch.Generator()
@@ -268,6 +279,7 @@ def build_run(cfg: Config, device: torch.device, train_set, val_set, test_set, r
     steps_done = 0
     if resuming:
         steps_done = restore_training(state, run_dir, model, optimizer, method, len(train_loader), len(train_set))
+        method.steps = steps_done  # when the cached codes to come are made
     log(describe_normalization(cfg, model))  # after a resume's restore: the statistics are the checkpoint's
     # batches per process = global steps
     scheduler = build_scheduler(cfg, optimizer, len(train_loader), steps_done=steps_done)
@@ -393,8 +405,9 @@ def start_run(run: TrainingRun, run_dir: Path, log) -> None:
         f"{distributed.batch_note(cfg.train.batch_size)}, {cfg.train.epochs} epochs")
 
 
-def run_epoch(run: TrainingRun, epoch: int, run_dir: Path, logger: RunLogger) -> tuple[dict, dict]:
-    """Train one epoch, then evaluate: the training statistics and the evaluation results.
+def run_epoch(run: TrainingRun, epoch: int, run_dir: Path, logger: RunLogger) -> tuple[dict, dict | None]:
+    """Train one epoch, then evaluate (every ``train.eval_every`` epochs and after the last): the training
+    statistics and the evaluation results (None when not evaluated).
 
     Raises:
         DivergenceError: A non-finite loss, parameter or validation output, naming the checkpoint kept.
@@ -403,15 +416,20 @@ def run_epoch(run: TrainingRun, epoch: int, run_dir: Path, logger: RunLogger) ->
     run.loader_generator.manual_seed(cfg.train.seed * 1_000_003 + epoch)  # a resumed epoch shuffles alike
     if run.sampler is not None:
         run.sampler.set_epoch(epoch)
+    cache = getattr(run.method, "cache", None)
+    if cache is not None:
+        cache.begin_epoch(epoch, len(run.train_loader), cfg.patchgd.refresh_epochs)
     try:
         train_stats = train_one_epoch(run.method, run.train_loader, run.scheduler, epoch,
                                       measure_step=min(1, len(run.train_loader) - 1), logger=logger,
                                       global_step=(epoch - 1) * len(run.train_loader), skips=run.skips)
+        if run.skips is not None:  # writes the list, also when the threshold stops the run
+            run.skips.end_epoch(epoch, train_stats["train_images"])
+        if epoch % cfg.train.eval_every and epoch != cfg.train.epochs:
+            return train_stats, None  # train.eval_every: no evaluation this epoch
         distributed.broadcast_buffers(run.model)  # evaluate what rank 0 saves: its BatchNorm statistics
         results = evaluate(run.model, run.val_loader, run.device, cfg.data.num_classes, cfg.train.amp,
                            logger=logger, skips=run.skips, epoch=epoch)
-        if run.skips is not None:  # writes the list, also when the threshold stops the run
-            run.skips.end_epoch(epoch, train_stats["train_images"])
         if results["non_finite"]:
             raise DivergenceError(f"epoch {epoch}: {results['non_finite']} of {len(run.val_set)} validation "
                                   "images got non-finite logits (lower train.lr, or check the data: "
@@ -423,7 +441,7 @@ def run_epoch(run: TrainingRun, epoch: int, run_dir: Path, logger: RunLogger) ->
     return train_stats, results
 
 
-def write_epoch_files(run: TrainingRun, progress: RunProgress, results: dict, run_dir: Path,
+def write_epoch_files(run: TrainingRun, progress: RunProgress, results: dict | None, run_dir: Path,
                       logger: RunLogger) -> None:
     """The epoch's files (rank 0): ``last.pt``, ``best.pt``, ``metrics.csv``, ``eval.json``, the learning
     curves and, every ``train.heatmap_every`` epochs, the validation heatmaps."""
@@ -441,10 +459,17 @@ def write_epoch_files(run: TrainingRun, progress: RunProgress, results: dict, ru
     # last.pt first, then best.pt as its copy, then the metrics row: a kill at any point leaves a last.pt
     # that the resume completes the rest from (see restore_run_files), never a row or a best.pt without
     # its weights.
+    cache = getattr(run.method, "cache", None)
+    if cache is not None:
+        save_cache(cache, run_dir, epoch)
     save_checkpoint(run_dir / LAST_CHECKPOINT, state)
+    if cache is not None:
+        commit_cache(cache, run_dir, epoch)
     if progress.best_epoch == epoch:
         copy_checkpoint(run_dir / LAST_CHECKPOINT, run_dir / BEST_CHECKPOINT)
     write_metrics(run_dir / METRICS_FILE, progress.history)
+    if results is None:  # not evaluated this epoch (train.eval_every)
+        return
     classes = [class_name(cfg, c) for c in range(cfg.data.num_classes)]
     with atomic_file(run_dir / EVAL_FILE) as tmp:
         # The epoch of last.pt; best.pt may hold an earlier one, which "best_epoch" names.
