@@ -13,6 +13,7 @@ from patchgd.config import AugmentConfig, ConfigError
 from patchgd.methods.cached import CachedZ
 from patchgd.zstore import ZStore
 
+from helpers import TinyEncoder
 from test_methods import make_model, naive_algorithm1, random_schedule
 
 
@@ -152,3 +153,37 @@ def test_a_cached_run_evaluates_every_few_epochs_and_says_what_its_store_holds(t
     with pytest.raises(ConfigError, match="fill=cached with augmentation"):
         patchgd.engine.trainer.fit(dataclasses.replace(cfg, output_dir=str(tmp_path / "run2"),
                                                        augment=AugmentConfig(flip=True)), log=lambda line: None)
+
+
+def test_subbag_steps_on_k_cells_per_image_and_evaluates_every_cell():
+    """Sub-bag training: a step encodes k cells per image with gradients and nothing else; the update equals
+    one written out here (the set head on those cells' codes); inference encodes every cell."""
+    from patchgd.methods.subbag import SubBag
+
+    torch.manual_seed(0)
+    model = patchgd.PatchGDClassifier(TinyEncoder(latent_dim=6), num_classes=3, patch_size=8, latent_dim=6, head="mean",
+                                      head_width=8, head_dropout=0.0)
+    theirs = copy.deepcopy(model)
+    calls = []
+    model.backbone.register_forward_hook(lambda m, i, out: calls.append((torch.is_grad_enabled(), len(out))))
+    generator = torch.Generator().manual_seed(5)
+    step = SubBag(model, torch.optim.SGD(model.parameters(), lr=0.1), sampling=0.25, generator=generator)
+    images, labels = torch.randn(2, 3, 24, 32), torch.tensor([1, 2])  # 3 x 4 grids: k = 3
+    stats = step.step(images, labels)
+    assert calls == [(True, 6)] and stats["patches_per_image"] == 3
+    # the same cells, drawn again from the same generator state, through the other model by hand
+    redraw = torch.Generator().manual_seed(5)
+    picked = [torch.randperm(12, generator=redraw)[:3] for _ in range(2)]
+    optimizer = torch.optim.SGD(theirs.parameters(), lr=0.1)
+    bags = []
+    for b, cells in enumerate(picked):
+        patches = torch.stack([images[b, :, (c // 4) * 8:(c // 4 + 1) * 8, (c % 4) * 8:(c % 4 + 1) * 8] for c in cells])
+        bags.append(theirs.backbone(patches).mean(dim=0))
+    torch.nn.functional.cross_entropy(theirs.head.mlp(torch.stack(bags)), labels).backward()
+    optimizer.step()
+    for (name, a), b in zip(model.named_parameters(), theirs.parameters()):
+        torch.testing.assert_close(a, b, msg=lambda d, name=name: f"{name}: {d}")
+    calls.clear()
+    with torch.no_grad():
+        model.eval()(images)
+    assert sum(n for _, n in calls) == 2 * 12  # inference: every cell

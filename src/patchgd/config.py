@@ -32,8 +32,9 @@ from .io import atomic_file
 
 # The names a config may choose, each listed once: the schema's types below, the model and the method
 # registries read them from here (this module imports no torch, so it sits below them all).
-METHODS = ("patchgd", "gd", "gd-extended")
-HEADS = ("conv", "conv1d", "transformer", "attention")
+METHODS = ("patchgd", "gd", "gd-extended", "subbag")
+PATCH_METHODS = ("patchgd", "subbag")  # whose model cuts images into patches, fills Z and classifies it
+HEADS = ("conv", "conv1d", "transformer", "attention", "mean")
 TISSUE_METHODS = ("otsu", "none")
 ON_ERROR = ("stop", "skip")  # what a data set does with a file it cannot read
 # The validation metrics that may pick best.pt (train.monitor), and whether larger is better.
@@ -117,8 +118,8 @@ class ModelConfig:
         help="start the backbone from a run's checkpoint, a state dict or an `hf-hub:` repository (the paper's App. C "
              'initialisation, e.g. from a low-resolution GD run)')
     head: Literal[HEADS] = _field("conv",
-        help="`conv` (the paper's head), `conv1d` (the same head for sequences), `transformer` or `attention` (gated "
-             'attention-MIL pooling over the cells)')
+        help="`conv` (the paper's head), `conv1d` (the same head for sequences), `transformer`, `attention` (gated "
+             'attention-MIL pooling over the cells) or `mean` (the cells\' mean, then an MLP)')
     head_depth: int = _field(2, ge=1, help='encoder layers of the transformer head')
     head_heads: int = _field(4, ge=1, help='attention heads of the transformer head')
     backbone_args: dict[str, Any] | None = _field(None,
@@ -346,8 +347,9 @@ class Config:
     """A whole run: the method, where it writes, and one section per concern."""
 
     method: Literal[METHODS] = _field("patchgd",
-        help='`patchgd`, `gd` (the backbone with its own classifier on the whole image) or `gd-extended` (its unpooled'
-             " feature map and a head like PatchGD's)")
+        help='`patchgd`, `gd` (the backbone with its own classifier on the whole image), `gd-extended` (its unpooled'
+             " feature map and a head like PatchGD's) or `subbag` (each step encodes `k` random cells per image with "
+             "gradients and an `attention` or `mean` head classifies those alone; evaluation encodes every cell)")
     output_dir: str = _field("runs/patchgd", help='the run directory')
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
-from ..config import Config, ConfigError, check_paths
+from ..config import PATCH_METHODS, Config, ConfigError, check_paths
 from ..data.augment import Augment
 from ..data.datasets import ImageCSVDataset, ImageDataset, ImageFolderDataset, collate_images
 from ..data.errors import DataError, Skipped
@@ -38,7 +38,7 @@ def build_datasets(cfg: Config) -> tuple[ImageDataset | SequenceDataset, ImageDa
                      for split in ("train", "val"))
     sets = _layout_datasets(cfg)
     check_groups_apart(*sets)
-    if cfg.data.image_size is None and cfg.method != "patchgd":  # PatchGD gives each image its own grid
+    if cfg.data.image_size is None and cfg.method not in PATCH_METHODS:  # PatchGD gives each image its own grid
         for dataset in sets:
             require_one_size(dataset.paths, dataset.image_sizes)
     return sets
@@ -174,7 +174,7 @@ def build_augmentation(cfg: Config) -> Augment | None:
                           f"{cfg.model.in_chans}, expected 3")
     if not any((a.flip, a.rotate90, a.brightness, a.contrast, a.saturation, a.hue, a.hed)):
         return None
-    return Augment(a, patch_size=cfg.model.patch_size if cfg.method == "patchgd" else None)
+    return Augment(a, patch_size=cfg.model.patch_size if cfg.method in PATCH_METHODS else None)
 
 
 def build_train_loader(cfg: Config, train_set: ImageDataset, generator: torch.Generator,
@@ -218,7 +218,7 @@ def read_options(cfg: Config) -> dict:
     that can be read in pieces lazy, on its patch grid; the GD baselines read every image whole."""
     d = cfg.data
     return dict(in_chans=cfg.model.in_chans, image_size=d.image_size, level=d.level, mpp=d.mpp, slide_mpp=d.slide_mpp,
-                patch_size=cfg.model.patch_size if cfg.method == "patchgd" else None, tissue=d.tissue,
+                patch_size=cfg.model.patch_size if cfg.method in PATCH_METHODS else None, tissue=d.tissue,
                 tissue_fraction=d.tissue_fraction, intensity=Intensity.from_config(d))
 
 
@@ -241,7 +241,7 @@ def item_shape(image: torch.Tensor | LazyImage) -> tuple[int, int, int]:
 def check_patch_fits(cfg: Config, shape: tuple[int, ...], where) -> None:
     """Refuse PatchGD on an image smaller than one patch (``shape``: its ``(C, H, W)``, read from ``where``):
     its grid would be all padding. Training and prediction alike."""
-    if cfg.method == "patchgd" and len(shape) == 3 and cfg.model.patch_size > min(shape[1:]):
+    if cfg.method in PATCH_METHODS and len(shape) == 3 and cfg.model.patch_size > min(shape[1:]):
         raise ValueError(f"model.patch_size={cfg.model.patch_size} is larger than the "
                          f"{'x'.join(map(str, shape[1:]))} images of {where}; expected at most {min(shape[1:])} px "
                          "(a smaller patch, or no data.image_size downscaling)")

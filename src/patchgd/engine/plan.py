@@ -28,7 +28,7 @@ from typing import NamedTuple
 import torch
 
 from .. import distributed
-from ..config import Config
+from ..config import PATCH_METHODS, Config
 from ..grid import grid_shape
 from ..memory import PeakMemory, cap_cuda_memory, format_size, parse_size, process_peak
 from .build import build_method, build_model, build_optimizer, patches_per_step, resolve_device, resolve_weights
@@ -226,7 +226,7 @@ def plan_budget(cfg: Config, image_shape: tuple[int, ...], device: torch.device 
         raise ValueError(f"memory.budget: {e}") from None
     device = torch.device(device)
     capped = cap_cuda_memory(budget, device)
-    patchgd = cfg.method == "patchgd"
+    patchgd = cfg.method in PATCH_METHODS
     rows, cols = grid_shape(image_shape[-2], image_shape[-1], cfg.model.patch_size)
     trials: list[Trial] = []
     measured: dict[tuple[int, int | None, int | None], tuple[int | None, int | None, dict]] = {}

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 
 from .. import distributed
 from ..checkpoint import load_checkpoint, save_checkpoint
-from ..config import Config, config_to_dict, save_config
+from ..config import PATCH_METHODS, Config, config_to_dict, save_config
 from ..data.datasets import ImageDataset, collate_images
 from ..data.errors import DataError
 from ..data.lazy import LazyImage
@@ -244,11 +244,11 @@ def build_run(cfg: Config, device: torch.device, train_set, val_set, test_set, r
                          "read in pieces (a slide): leave parallel_fill off (each process fills its own slides)")
     if distributed.world_size() > 1 and not shared:  # other images per process: other dropout and cells
         generator = seed_everything(cfg.train.seed + 1_000_003 * distributed.rank())
-    if cfg.method == "patchgd" and lazy and cfg.patchgd.patches_per_step is None:
+    if cfg.method in PATCH_METHODS and lazy and cfg.patchgd.patches_per_step is None:
         log(f"patchgd.sampling={cfg.patchgd.sampling} is a share of each slide's tissue cells: the patches that "
             "carry gradients, most of a step's memory, grow with the slides; patchgd.patches_per_step "
             "(e.g. 16) keeps memory the same for any slide")
-    if cfg.method == "patchgd" and patches_per_step(cfg, image_shape) == 1 and any(
+    if cfg.method in PATCH_METHODS and patches_per_step(cfg, image_shape) == 1 and any(
             isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None and m.weight.requires_grad
             for m in model.backbone.modules()):
         raise ValueError(f"train.batch_size={cfg.train.batch_size} image(s) x 1 sampled patch per inner iteration "
@@ -478,7 +478,7 @@ def write_epoch_files(run: TrainingRun, progress: RunProgress, results: dict | N
     write_pictures(run_dir, "", results, classes, f"validation, epoch {epoch}")
     plot_learning_curves(run_dir / METRICS_FILE, run_dir / CURVES_FILE, num_classes=cfg.data.num_classes,
                          best_epoch=progress.best_epoch)
-    if cfg.method == "patchgd" and cfg.train.heatmap_every and epoch % cfg.train.heatmap_every == 0:
+    if cfg.method in PATCH_METHODS and cfg.train.heatmap_every and epoch % cfg.train.heatmap_every == 0:
         try:
             pictures = write_validation_heatmaps(run.model, run.val_set, cfg, run_dir / "heatmaps" / f"epoch{epoch:03d}")
         except DataError as err:

@@ -9,10 +9,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..config import METHODS
+from ..config import METHODS, PATCH_METHODS
 from ..model import GDClassifier, GDExtendedClassifier, PatchGDClassifier
 from .gd import GD
 from .patchgd import PatchGD
+from .subbag import SUBBAG_HEADS, SubBag
 
 
 def create_model(method: str, backbone: str | nn.Module, num_classes: int, *, patch_size: int = 128,
@@ -25,7 +26,7 @@ def create_model(method: str, backbone: str | nn.Module, num_classes: int, *, pa
     """Build the model a method trains.
 
     Args:
-        method: ``"patchgd"``, ``"gd"`` or ``"gd-extended"``.
+        method: ``"patchgd"``, ``"gd"``, ``"gd-extended"`` or ``"subbag"`` (a PatchGD model with a set head).
         backbone: A timm model name or a module (see the model classes).
         num_classes: Number of classes.
         patch_size: PatchGD's patch side.
@@ -53,7 +54,10 @@ def create_model(method: str, backbone: str | nn.Module, num_classes: int, *, pa
     """
     encoder = dict(in_chans=in_chans, pretrained=pretrained, backbone_args=backbone_args, freeze=freeze,
                    grad_checkpointing=grad_checkpointing, channels_last=channels_last, mean=mean, std=std)
-    if method == "patchgd":
+    if method == "subbag" and head not in SUBBAG_HEADS:
+        raise ValueError(f"method subbag classifies a bag of sampled cells: head={head!r}; expected one of "
+                         f"{', '.join(SUBBAG_HEADS)}")
+    if method in PATCH_METHODS:
         return PatchGDClassifier(backbone, num_classes, patch_size, latent_dim, head, pad_value=pad_value,
                                  head_width=head_width, head_dropout=head_dropout, head_depth=head_depth,
                                  head_heads=head_heads, fill_workers=fill_workers, fill_batch_size=fill_batch_size,
@@ -71,7 +75,7 @@ def create_model(method: str, backbone: str | nn.Module, num_classes: int, *, pa
 
 def create_method(method: str, model: nn.Module, optimizer: torch.optim.Optimizer, *, amp: str | None = None,
                   micro_batch_size: int | None = None, wrap: Callable[[nn.Module], nn.Module] | None = None,
-                  **patchgd_options: Any) -> PatchGD | GD:
+                  **patchgd_options: Any) -> PatchGD | SubBag | GD:
     """The step object for ``method``; ``patchgd_options`` go to :class:`PatchGD` (ignored by GD),
     ``micro_batch_size`` to :class:`GD` (PatchGD bounds its memory with ``sampling`` instead), ``wrap`` (DDP)
     to both."""
@@ -80,6 +84,9 @@ def create_method(method: str, model: nn.Module, optimizer: torch.optim.Optimize
             raise ValueError("train.micro_batch_size splits the batches of gd and gd-extended; PatchGD bounds its "
                              "memory with patchgd.sampling or patchgd.patches_per_step instead")
         return PatchGD(model, optimizer, amp=amp, wrap=wrap, **patchgd_options)
+    if method == "subbag":
+        return SubBag(model, optimizer, patchgd_options.get("sampling", 0.25), amp=amp, wrap=wrap,
+                      patches_per_step=patchgd_options.get("patches_per_step"), generator=patchgd_options.get("generator"))
     if method in ("gd", "gd-extended"):
         return GD(model, optimizer, amp=amp, micro_batch_size=micro_batch_size, wrap=wrap)
     raise ValueError(f"unknown method {method!r}: expected one of {', '.join(METHODS)}")

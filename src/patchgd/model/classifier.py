@@ -14,7 +14,7 @@ from ..data.lazy import LazyImage, SourceGrid, cell_mask
 from ..grid import PatchGrid
 from ..normalize import Normalize
 from .backbones import Conv1dEncoder, PatchEncoder, create_timm
-from .heads import AttentionMILHead, ConvHead, TransformerHead
+from .heads import AttentionMILHead, ConvHead, MeanPoolHead, TransformerHead
 from .pretrained import encoder_normalization, resolve_encoder
 
 
@@ -115,6 +115,8 @@ class PatchGDClassifier(nn.Module):
                                    dropout=head_dropout)
         elif head == "attention":
             head = AttentionMILHead(latent_dim, num_classes, width=head_width, dropout=head_dropout)
+        elif head == "mean":
+            head = MeanPoolHead(latent_dim, num_classes, width=head_width, dropout=head_dropout)
         elif isinstance(head, str):
             raise ValueError(f"unknown head {head!r}: expected one of {', '.join(HEADS)} or an nn.Module")
         self.normalize = Normalize(in_chans, mean, std)

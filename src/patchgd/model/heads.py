@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 
-__all__ = ["AttentionMILHead", "ConvHead", "TransformerHead", "SafeBatchNorm1d", "SafeBatchNorm2d"]
+__all__ = ["AttentionMILHead", "ConvHead", "MeanPoolHead", "TransformerHead", "SafeBatchNorm1d", "SafeBatchNorm2d"]
 
 
 class _SafeBatchNorm:
@@ -238,3 +238,32 @@ class AttentionMILHead(nn.Module):
         nonzero on real cells."""
         h, weights = self.attention(z, mask)
         return self.fc(torch.einsum("bc,bcw->bw", weights, h))
+
+
+class MeanPoolHead(nn.Module):
+    """The mean of the cells' codes, then an MLP: the simplest head of a bag of cells (sub-bag training's
+    baseline aggregator). Cells marked as padding by ``mask`` are left out of the mean.
+
+    Args:
+        in_channels: Latent size ``s``.
+        num_classes: Number of output logits.
+        width: Hidden width of the MLP.
+        dropout: Dropout after its hidden layer.
+
+    Example:
+        >>> MeanPoolHead(16, 3, width=8)(torch.randn(2, 16, 4, 5)).shape
+        torch.Size([2, 3])
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, width: int = 256, dropout: float = 0.1):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(in_channels, width), nn.GELU(), nn.Dropout(dropout),
+                                 nn.Linear(width, num_classes))
+
+    def forward(self, z: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, s, ...)`` cells -> ``(B, classes)``; ``mask`` ``(B, 1, ...)`` is nonzero on real cells."""
+        cells = z.flatten(2)
+        if mask is None:
+            return self.mlp(cells.mean(dim=2))
+        weights = mask.reshape(mask.shape[0], 1, -1).to(cells.dtype)
+        return self.mlp((cells * weights).sum(dim=2) / weights.sum(dim=2).clamp_min(1))
