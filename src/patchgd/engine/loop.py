@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +71,8 @@ def train_one_epoch(method, loader: DataLoader, scheduler, epoch: int, measure_s
     """
     logger = logger or _stderr_logger()
     losses, peak, process, seen, previous = [], 0, ("", 0), 0, None
+    started = time.perf_counter()
+    counter = EncodeCounter(method.model)
     bar = logger.progress(loader, f"epoch {epoch}", unit="batch")
     for i, (images, labels) in enumerate(bar):
         seen += len(labels)
@@ -104,8 +107,29 @@ def train_one_epoch(method, loader: DataLoader, scheduler, epoch: int, measure_s
             bar.set_info(loss=f"{np.mean(losses[-20:]):.4f}")
         if (i + 1) % logger.every == 0:
             logger.scalars({"loss/train_step": float(np.mean(losses[-logger.every:]))}, global_step + i + 1)
+    counter.remove()
     return {"train_loss": float(np.mean(losses)) if losses else float("nan"), "peak_memory_bytes": peak,
-            "peak_process_name": process[0], "peak_process_bytes": process[1], "train_images": seen}
+            "peak_process_name": process[0], "peak_process_bytes": process[1], "train_images": seen,
+            "train_time_s": time.perf_counter() - started, "encoded_with_grad": counter.counts[True],
+            "encoded_no_grad": counter.counts[False]}
+
+
+class EncodeCounter:
+    """Patches a patch model's encoder encodes, with gradients and without (a GD model: none counted), until
+    :meth:`remove`: what an epoch paid for its fill and its inner iterations."""
+
+    def __init__(self, model: nn.Module):
+        self.counts = {True: 0, False: 0}
+        encoder = getattr(model, "backbone", None) if hasattr(model, "fill_z") else None
+        encoder = getattr(encoder, "features", encoder)  # a timm encoder's own module: its features count too
+        self.handle = encoder.register_forward_hook(self._count) if encoder is not None else None
+
+    def _count(self, module, inputs, output) -> None:
+        self.counts[torch.is_grad_enabled()] += len(output)
+
+    def remove(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
 
 
 @torch.inference_mode()

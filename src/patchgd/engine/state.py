@@ -21,7 +21,8 @@ from ..rundir import BEST_CHECKPOINT, LAST_CHECKPOINT, METRICS_FILE
 
 
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "val_loss", "val_accuracy", "val_balanced_accuracy", "val_macro_f1",
-                  "val_auroc", "val_qwk", "peak_memory_bytes", "peak_process_bytes", "epoch_time_s"]
+                  "val_auroc", "val_qwk", "peak_memory_bytes", "peak_process_bytes", "train_time_s",
+                  "encoded_with_grad", "encoded_no_grad", "epoch_time_s"]
 
 
 def rng_states(generator: torch.Generator) -> dict:
@@ -175,4 +176,6 @@ def epoch_record(epoch: int, lr: float, train_stats: dict, results: dict | None,
             "val_accuracy": r.get("accuracy"), "val_balanced_accuracy": r.get("balanced_accuracy"),
             "val_macro_f1": r.get("macro_f1"), "val_auroc": r.get("auroc"), "val_qwk": r.get("qwk"),
             "peak_memory_bytes": train_stats["peak_memory_bytes"],
-            "peak_process_bytes": train_stats["peak_process_bytes"], "epoch_time_s": round(elapsed, 3)}
+            "peak_process_bytes": train_stats["peak_process_bytes"], "train_time_s": round(train_stats["train_time_s"], 3),
+            "encoded_with_grad": train_stats["encoded_with_grad"], "encoded_no_grad": train_stats["encoded_no_grad"],
+            "epoch_time_s": round(elapsed, 3)}
