@@ -19,7 +19,7 @@ LAYERS = [
     {"explain", "skips"},
     {"heatmaps"},
     {"engine"},
-    {"inference", "cells"},
+    {"inference", "cells", "extract"},
     {"sweep"},
     {"cv"},
     {"bench"},

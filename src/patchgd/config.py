@@ -329,6 +329,10 @@ class PatchGDConfig:
     store_dir: str | None = _field(None, help="`store: disk`: the folder (default `RUN_DIR/zstore`)")
     store_dtype: Literal["float16", "float32"] = _field("float16",
         help="`fill: cached`: the stored codes' type (`float32` doubles the store)")
+    features_from: str | None = _field(None,
+        help="`fill: cached` with `model.freeze: all`: a folder of per-slide feature files (`patchgd extract`, "
+             "TRIDENT, CLAM: `NAME.h5` with `features` and level-0 `coords`) that an image's first fill reads "
+             "instead of encoding (its cells the file lacks are encoded); the same encoder, patch size and level")
 
 
 @dataclass(frozen=True)

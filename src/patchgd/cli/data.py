@@ -73,6 +73,16 @@ def cmd_prepare_tcga(args) -> int:
     return 0
 
 
+def cmd_extract(args) -> int:
+    from .. import distributed
+    from ..extract import extract_features
+
+    cfg = config_from_args(args)
+    with distributed.process_group(cfg.train.device):
+        extract_features(cfg, args.out, device=args.device, log=lambda line: print(line, flush=True))
+    return 0
+
+
 def cmd_stats(args) -> int:
     from ..data.datasets import compute_normalization
     from ..engine.data import build_datasets, read_options
@@ -129,7 +139,8 @@ def cmd_inspect(args) -> int:
 
 
 def register(sub) -> None:
-    """Add ``generate``, ``prepare``, ``stats`` and ``inspect`` to the ``patchgd`` command's subparsers ``sub``."""
+    """Add ``generate``, ``prepare``, ``extract``, ``stats`` and ``inspect`` to the ``patchgd`` command's subparsers
+    ``sub``."""
     gen = sub.add_parser("generate", help="generate a synthetic data set")
     gen_sub = gen.add_subparsers(dest="dataset", required=True, metavar="DATASET")
     um = gen_sub.add_parser("ultramnist", help="UltraMNIST: 3-5 digits per image, label = their sum")
@@ -201,6 +212,13 @@ def register(sub) -> None:
                       help="go on without the sheet's slides that are not downloaded (a partial download), listing "
                            "them in OUT/missing.csv")
     tcga.set_defaults(func=cmd_prepare_tcga)
+
+    extract = sub.add_parser("extract", help="encode a config's images once with its encoder: one NAME.h5 per "
+                             "slide in TRIDENT's layout (features, coords), resumable, broken slides listed")
+    add_config_options(extract)
+    extract.add_argument("--out", required=True, help="folder of the .h5 files (patchgd.features_from reads it)")
+    extract.add_argument("--device", default="auto")
+    extract.set_defaults(func=cmd_extract)
 
     stats = sub.add_parser("stats", help="per-channel mean and std of a data set, for data.mean/data.std")
     stats.add_argument("folder", nargs="?", help="folder of images (its subfolders too); default: the training "

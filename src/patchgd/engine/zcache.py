@@ -14,6 +14,7 @@ from .. import distributed
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..config import Config, ConfigError
 from ..data.datasets import ImageDataset
+from ..data.features import FeatureFolder
 from ..grid import grid_shape
 from ..memory import format_size
 from ..methods.cached import CachedZ
@@ -90,7 +91,15 @@ def build_cache(cfg: Config, model: nn.Module, train_set: ImageDataset, run_dir:
                         log(f"Z store: {store.rewind(state['epoch'])} rows put back as they were at epoch "
                             f"{state['epoch']}'s checkpoint")
             distributed.barrier()
-    return CachedZ(model, store, refresh=p.refresh, features=features)
+    folder = None
+    if p.features_from is not None:
+        if not features:
+            raise ConfigError(f"patchgd.features_from={p.features_from!r} holds a frozen encoder's features: it needs "
+                              "model.freeze: all (and a timm backbone)")
+        folder = FeatureFolder(p.features_from)
+        log(f"features: read from {folder.folder} where an image has a file there")
+    return CachedZ(model, store, refresh=p.refresh, features=features, features_from=folder,
+                   names=[Path(path).stem for path in train_set.paths])
 
 
 def save_cache(cache: CachedZ, run_dir: Path, epoch: int) -> None:

@@ -30,7 +30,8 @@ from collections.abc import Sequence
 
 import torch
 
-from ..data.lazy import SourceGrid
+from ..data.features import FeatureFolder
+from ..data.lazy import LazyImage, SourceGrid
 from ..grid import PatchGrid
 from ..model import PatchGDClassifier
 from ..zstore import ZStore
@@ -48,11 +49,17 @@ class CachedZ:
         features: The store holds the frozen encoder's features (width :attr:`PatchGDClassifier.feature_dim`).
     """
 
-    def __init__(self, model: PatchGDClassifier, store: ZStore, *, refresh: int = 0, features: bool = False):
+    def __init__(self, model: PatchGDClassifier, store: ZStore, *, refresh: int = 0, features: bool = False,
+                 features_from: FeatureFolder | None = None, names: Sequence[str] | None = None):
+        if features_from is not None and (not features or names is None):
+            raise ValueError("features_from gives the frozen encoder's features: it needs features=True and the "
+                             "images' names")
         self.model, self.store, self.refresh, self.features = model, store, refresh, features
+        self.features_from, self.names = features_from, names
         self.valid_from = 0  # codes stamped before this step belong to an earlier refill period
         self._features: torch.Tensor | None = None  # this step's (B, D, cells) features, with ``features``
-        self.encoded = {"whole": 0, "refreshed": 0}  # cells encoded without gradients, since the last reset
+        # cells encoded without gradients (whole fills, refreshes) and read from feature files, since made
+        self.encoded = {"whole": 0, "refreshed": 0, "from_files": 0}
 
     def begin_epoch(self, epoch: int, steps_per_epoch: int, refresh_epochs: int | None) -> None:
         """Start ``epoch`` (from 1): with ``refresh_epochs`` E, every E-th epoch starts a refill period, in
@@ -111,7 +118,12 @@ class CachedZ:
         return self._latent(grid, z, encoded)
 
     def _fill_whole(self, grid, images, stale: list[int], z: torch.Tensor, encoded, keys, chunk: int, step: int) -> None:
-        """Algorithm 1's fill of the ``stale`` images (all of them: the same fill as Algorithm 1's), stored."""
+        """Algorithm 1's fill of the ``stale`` images (all of them: the same fill as Algorithm 1's), stored;
+        with ``features_from``, an image's features are read from its file instead, where it has one."""
+        if self.features_from is not None:
+            stale = [b for b in stale if not self._fill_from_file(grid, b, z, encoded, keys, chunk, step)]
+            if not stale:
+                return
         if len(stale) == grid.batch_size:
             sub, place = grid, list(range(grid.batch_size))
         else:
@@ -127,6 +139,32 @@ class CachedZ:
             z[b][:, encoded[b].to(z.device)] = codes
             self.store.write(torch.full_like(own, keys[b]), own, codes.T, step)
             self.encoded["whole"] += len(own)
+
+    def _fill_from_file(self, grid, b: int, z: torch.Tensor, encoded, keys, chunk: int, step: int) -> bool:
+        """Image ``b``'s features from its feature file (False without one); its encoded cells the file lacks
+        are encoded, cells the file has beyond them (another tissue mask) left out."""
+        found = self.features_from.read(self.names[keys[b]])
+        if found is None:
+            return False
+        item = grid.items[b] if isinstance(grid, SourceGrid) else None
+        downsample = item.source.downsample if isinstance(item, LazyImage) else 1.0
+        own = self._own(grid, b, encoded[b])
+        row_of = {int(c): i for i, c in enumerate(found["cells"](self._shape(grid, b), round(grid.patch_size * downsample)))}
+        codes = torch.zeros(len(own), self.model.feature_dim)
+        present = [j for j, c in enumerate(own.tolist()) if c in row_of]
+        if present:
+            rows = [row_of[own[j].item()] for j in present]
+            codes[present] = torch.from_numpy(found["features"][rows])
+        missing = torch.tensor([j for j in range(len(own)) if j not in set(present)], dtype=torch.long)
+        for start in range(0, len(missing), chunk):
+            part = missing[start:start + chunk]
+            cells = encoded[b][part].to(grid.device)
+            codes[part] = self.model.encode_features(grid.patches(cells, torch.full_like(cells, b))).float().cpu()
+        z[b][:, encoded[b].to(z.device)] = codes.T.to(z.device, z.dtype)
+        self.store.write(torch.full_like(own, keys[b]), own, codes, step)
+        self.encoded["from_files"] += len(present)
+        self.encoded["whole"] += len(missing)
+        return True
 
     def _refresh(self, grid, fresh: list[int], sampled, z: torch.Tensor, encoded, keys, chunk: int, step: int) -> None:
         """Encode again the ``refresh`` oldest cells of each fresh image that this step does not sample."""
