@@ -307,8 +307,8 @@ class PatchGDConfig:
         help="backbone mode while filling `Z` in training: `train` (the paper's code: BatchNorm on batch statistics) "
              'or `eval` (running statistics)')
     fill_batch_size: int | None = _field(None, ge=1,
-        help='patches per backbone call in the fill (default: in training those of one inner step, `B * k`; in '
-             'evaluate and predict one grid row of every image)')
+        help='patches per backbone call in the fill (default: in a training step those of one inner step, `B * k`; '
+             'in evaluation and prediction one grid row of every image, at most 64 patches of a slide)')
     parallel_fill: bool = _field(False,
         help='under `torchrun`, all processes train on the same batch and split the fill of its cells among them (for '
              'images whose fill dominates a step)')

@@ -24,6 +24,7 @@ from .data.lazy import LazyImage
 from .engine.build import build_model
 from .engine.data import check_patch_fits, class_name, item_shape, read_options
 from .grid import grid_shape
+from .model.classifier import fill_chunk
 from .runlog import Progress
 
 __all__ = ["load_input", "load_model", "predict", "prediction"]
@@ -101,7 +102,7 @@ def patch_progress(model: nn.Module, image: torch.Tensor | LazyImage, desc: str)
     _, height, width = shape
     cells = grid_shape(height, width, model.patch_size)
     total = cells[0] * cells[1]
-    if total <= model.default_fill_chunk(1, cells[1], isinstance(image, LazyImage)):
+    if total <= fill_chunk(1, cells[1], isinstance(image, LazyImage), fill_batch_size=model.fill_batch_size):
         return contextlib.nullcontext()
 
     @contextlib.contextmanager

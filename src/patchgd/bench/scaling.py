@@ -20,6 +20,7 @@ import torch
 
 from .. import distributed
 from ..methods import METHODS, create_method
+from ..model.classifier import fill_chunk
 from ._common import (add_common_arguments, build_model, format_table, interleaved, median, resolve_device,
                       write_json)
 
@@ -72,7 +73,7 @@ def measure(args: argparse.Namespace, size: int, device: torch.device) -> dict:
         shared = torch.randn(args.batch_size, 3, size, size, device=device)
         model = alone.model
         grid = model.grid(shared)
-        chunk = args.fill_batch_size or grid.batch_size * grid.cols  # fill_z's default chunk, made explicit
+        chunk = fill_chunk(grid.batch_size, grid.cols, False, fill_batch_size=args.fill_batch_size)
         contenders["fill alone"] = on_rank_zero(lambda: model.fill_z(grid, chunk))
         contenders["parallel fill"] = on_all(lambda: distributed.parallel_fill(model, grid, chunk))
     samples = interleaved(contenders, args.repeats, args.warmup, device)

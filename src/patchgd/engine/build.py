@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from .. import distributed
 from ..checkpoint import load_checkpoint
-from ..config import Config
+from ..config import PATCH_METHODS, Config
 from ..grid import PatchGrid
 from ..methods import create_method, create_model, patches_per_iteration
 from ..model.pretrained import HUB_PREFIX, architecture_only, resolve_encoder
@@ -48,8 +48,7 @@ def resolve_weights(cfg: Config) -> Config:
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained_origin=origin))
 
 
-def build_model(cfg: Config, *, weights: bool = True, image_shape: tuple[int, ...] | None = None,
-                lazy: bool = False) -> nn.Module:
+def build_model(cfg: Config, *, weights: bool = True) -> nn.Module:
     """The model ``cfg.method`` trains, on the CPU.
 
     Args:
@@ -57,9 +56,6 @@ def build_model(cfg: Config, *, weights: bool = True, image_shape: tuple[int, ..
             (:func:`resolve_weights`).
         weights: Load the pretrained weights; False builds the architecture alone, for a model whose state
             comes from a checkpoint (so rebuilding it never needs the hub or the weights file).
-        image_shape: One training item's shape, when the model is built to train (sets the fill chunk,
-            :func:`fill_chunk`).
-        lazy: The training items are read in pieces (slides).
     """
     m = cfg.model
     pretrained = m.pretrained_origin if weights else architecture_only(m.pretrained_origin)
@@ -76,7 +72,7 @@ def build_model(cfg: Config, *, weights: bool = True, image_shape: tuple[int, ..
                         head_heads=m.head_heads, pad_value=cfg.data.pad_value,
                         image_size=cfg.data.image_size, channels_last=m.channels_last, mean=cfg.data.mean,
                         std=cfg.data.std, fill_workers=cfg.data.num_workers,
-                        fill_batch_size=fill_chunk(cfg, image_shape, lazy))
+                        fill_batch_size=cfg.patchgd.fill_batch_size if cfg.method in PATCH_METHODS else None)
 
 
 def init_backbone(model: nn.Module, path: str | Path) -> int:
@@ -212,18 +208,6 @@ def build_method(cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer
                          inner_iterations=p.inner_iterations,
                          grad_accum_steps=p.grad_accum_steps, fill_mode=p.fill_mode,
                          fill_batch_size=p.fill_batch_size, generator=generator, fill=fill, **extra)
-
-
-def fill_chunk(cfg: Config, image_shape: tuple[int, ...] | None = None, lazy: bool = False) -> int | None:
-    """PatchGD's fill chunk (patches per backbone call), decided here only: ``patchgd.fill_batch_size`` when
-    set; else, training on items in memory of ``image_shape``, the ``B * k`` patches an inner iteration
-    holds anyway; else None, the model's own default of one grid row of every image per call (a slide's
-    ``B * k`` over its whole grid could be thousands of patches; evaluation and prediction)."""
-    if cfg.method != "patchgd":
-        return None
-    if cfg.patchgd.fill_batch_size or image_shape is None or lazy:
-        return cfg.patchgd.fill_batch_size
-    return patches_per_step(cfg, image_shape)
 
 
 def patches_per_step(cfg: Config, image_shape: tuple[int, ...]) -> int:

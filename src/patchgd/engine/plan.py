@@ -173,7 +173,7 @@ def _measure(cfg: Config, image_shape: tuple[int, ...], device: torch.device) ->
     everything built as :func:`~patchgd.engine.trainer.fit` builds it; ``(None, None, {})`` if a capped CUDA
     device ran out of memory."""
     torch.manual_seed(cfg.train.seed)  # every trial starts from the same weights and data
-    model = build_model(cfg, weights=False, image_shape=image_shape).to(device)  # weights change no memory
+    model = build_model(cfg, weights=False).to(device)  # weights change no memory
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg, model)

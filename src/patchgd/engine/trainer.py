@@ -236,7 +236,7 @@ def build_run(cfg: Config, device: torch.device, train_set, val_set, test_set, r
     if cfg.patchgd.fill == "cached":
         check_cached_fill(cfg)
 
-    model = build_training_model(cfg, device, resuming, image_shape, lazy, log)
+    model = build_training_model(cfg, device, resuming, log)
     # The patch-parallel fill has every process work on the same images, hence the same random draws.
     shared = cfg.method == "patchgd" and cfg.patchgd.parallel_fill and distributed.world_size() > 1
     if shared and lazy:
@@ -346,11 +346,9 @@ def plan_run(cfg: Config, train_set, image_shape: tuple[int, ...], lazy: bool, d
     return plan.apply(cfg)
 
 
-def build_training_model(cfg: Config, device: torch.device, resuming: bool, image_shape: tuple[int, ...],
-                         lazy: bool, log) -> nn.Module:
-    """The model on ``device``: its weights (a new run), its fill chunk for these items, the backbone's App. C
-    start, SyncBatchNorm."""
-    model = build_model(cfg, weights=not resuming, image_shape=image_shape, lazy=lazy)
+def build_training_model(cfg: Config, device: torch.device, resuming: bool, log) -> nn.Module:
+    """The model on ``device``: its weights (a new run), the backbone's App. C start, SyncBatchNorm."""
+    model = build_model(cfg, weights=not resuming)
     if cfg.model.init_backbone is not None and not resuming:
         loaded = init_backbone(model, cfg.model.init_backbone)
         log(f"backbone initialised from {cfg.model.init_backbone}: {loaded} tensors")

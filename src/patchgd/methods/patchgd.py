@@ -11,6 +11,7 @@ import torch.nn as nn
 from ..data.lazy import SourceGrid, cell_mask
 from ..grid import PatchGrid
 from ..model import PatchGDClassifier
+from ..model.classifier import fill_chunk
 from .base import Step, classification_loss
 from .cached import CachedZ
 from .schedule import default_inner_iterations, patches_per_iteration, sample_schedule
@@ -50,8 +51,8 @@ class PatchGD(Step):
             batch). A last, shorter group also updates, its loss scaled by its own length.
         fill_mode: ``"train"`` fills ``Z`` with the backbone in training mode (the paper's code: BatchNorm
             uses batch statistics in fill and inner steps alike), ``"eval"`` in evaluation mode.
-        fill_batch_size: Patches per backbone call while filling (default ``B * k``, what an inner
-            iteration already holds, so a larger image never raises the peak through the fill).
+        fill_batch_size: Patches per backbone call while filling (default ``B * k``:
+            :func:`~patchgd.model.classifier.fill_chunk`).
         amp: ``None``, ``"bf16"`` (CPU or CUDA) or ``"fp16"`` (CUDA, with a gradient scaler).
         generator: Random generator for the sampler.
         cache: A :class:`~patchgd.methods.cached.CachedZ`: ``Z`` persists across steps (``patchgd.fill:
@@ -183,7 +184,8 @@ class PatchGD(Step):
 
         if self.fill_mode == "eval":
             model.backbone.eval()
-        chunk = self.fill_batch_size or len(schedule[0][1])
+        chunk = fill_chunk(grid.batch_size, grid.cols, isinstance(grid, SourceGrid), fill_batch_size=self.fill_batch_size,
+                           sampled=len(schedule[0][1]))
         with self.autocast():
             z = self.fill(grid, chunk) if self.cache is None else \
                 self.cache.fill(grid, images, keys, schedule, chunk, self.steps)

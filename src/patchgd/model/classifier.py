@@ -18,11 +18,32 @@ from .heads import AttentionMILHead, ConvHead, MeanPoolHead, TransformerHead
 from .pretrained import encoder_normalization, resolve_encoder
 
 
-__all__ = ["PatchGDClassifier", "GDClassifier", "GDExtendedClassifier"]
+__all__ = ["PatchGDClassifier", "GDClassifier", "GDExtendedClassifier", "fill_chunk"]
 
 # A slide's grid row can hold hundreds of patches: by default its fill reads and encodes at most this many
 # at a time, so that the fill's memory does not grow with the slide's width.
 SOURCE_FILL_CHUNK = 64
+
+
+def fill_chunk(batch: int, cols: int, streamed: bool, *, fill_batch_size: int | None = None,
+               sampled: int | None = None) -> int:
+    """Patches per backbone call of a fill: the one rule.
+
+    ``fill_batch_size`` (``patchgd.fill_batch_size``) when set; else, in a training step, the ``sampled``
+    patches (``B * k``) its inner iterations hold anyway, so that a larger image never raises the step's
+    peak through the fill; else (evaluation, prediction) one grid row of every image (``batch * cols``, on the
+    CPU faster and smaller than larger chunks: benchmarks/RESULTS.md, "inference"), at most
+    ``SOURCE_FILL_CHUNK`` when the patches are read in pieces (``streamed``: a slide's row can be thousands).
+
+    Example:
+        >>> fill_chunk(2, 300, streamed=True), fill_chunk(2, 300, False), fill_chunk(2, 300, True, sampled=32)
+        (64, 600, 32)
+    """
+    if fill_batch_size:
+        return fill_batch_size
+    if sampled:
+        return sampled
+    return min(batch * cols, SOURCE_FILL_CHUNK) if streamed else batch * cols
 
 
 def _timm_encoder(backbone: str, pretrained: bool | str | dict | None, in_chans: int, mean, std):
@@ -61,10 +82,8 @@ class PatchGDClassifier(nn.Module):
         pad_value: Pixel value (in the images' own units, e.g. 0-255 for uint8) that pads images whose sides
             are not multiples of ``patch_size``; a patch of it is the "blank patch" whose code fills the
             background cells of a tissue mask.
-        fill_batch_size: Default number of patches per backbone call in :meth:`fill_z`; None (the default)
-            encodes one grid row of every image per call (``B * n`` patches, at most 64 of a slide read in
-            pieces), which on the CPU is faster and smaller than larger chunks (benchmarks/RESULTS.md,
-            "inference"); see :meth:`default_fill_chunk`.
+        fill_batch_size: Patches per backbone call in :meth:`fill_z` (``patchgd.fill_batch_size``); None (the
+            default) follows :func:`fill_chunk`: one grid row of every image per call.
         head_width: Channels of the conv head; token width of the transformer head; width of the attention head.
         head_dropout: Dropout probability of the head.
         head_depth: Encoder layers of the transformer head.
@@ -187,7 +206,7 @@ class PatchGDClassifier(nn.Module):
         Args:
             images: ``(B, C, H, W)`` images or ``(B, C, L)`` sequences, one item per image (see :meth:`grid`),
                 or their grid.
-            batch_size: Patches per backbone call (default: :meth:`default_fill_chunk`).
+            batch_size: Patches per backbone call (default: :func:`fill_chunk`).
             shard: ``(i, n)``: encode only the chunks ``i, i + n, ...`` and leave the other cells unset
                 (:func:`patchgd.distributed.parallel_fill` splits a fill over processes with it); in-memory
                 batches only.
@@ -203,20 +222,12 @@ class PatchGDClassifier(nn.Module):
         if streamed and shard[1] != 1:
             raise ValueError("a fill split over processes (patchgd.parallel_fill) needs in-memory images of one "
                              "size; a batch read in pieces (slides) or of mixed sizes fills on each process")
-        chunk = batch_size or self.default_fill_chunk(grid.batch_size, grid.cols, streamed)
+        chunk = batch_size or fill_chunk(grid.batch_size, grid.cols, streamed, fill_batch_size=self.fill_batch_size)
         encode, width = (self.encode_features, self.feature_dim) if features else (self.encode, self.latent_dim)
         with torch.no_grad():
             z = self._fill_streamed(grid, chunk, encode, width, not features) if streamed else \
                 self._fill_in_memory(grid, chunk, shard, encode, width)
         return z.view(grid.batch_size, width, *grid.shape)
-
-    def default_fill_chunk(self, batch: int, cols: int, streamed: bool) -> int:
-        """Patches per backbone call of a fill that names none: ``fill_batch_size`` when set, else one grid
-        row of every image (``batch * cols``), at most ``SOURCE_FILL_CHUNK`` when the patches are read in
-        pieces (``streamed``: a slide's row can be thousands of patches)."""
-        if self.fill_batch_size:
-            return self.fill_batch_size
-        return min(batch * cols, SOURCE_FILL_CHUNK) if streamed else batch * cols
 
     def _fill_in_memory(self, grid: PatchGrid, chunk: int, shard: tuple[int, int], encode, width: int) -> torch.Tensor:
         """``Z`` as ``(B, width, cells)``: the row-major (image, cell) sequence cut into chunks of ``chunk``
