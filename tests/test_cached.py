@@ -187,3 +187,16 @@ def test_subbag_steps_on_k_cells_per_image_and_evaluates_every_cell():
     with torch.no_grad():
         model.eval()(images)
     assert sum(n for _, n in calls) == 2 * 12  # inference: every cell
+
+
+def test_the_planner_states_the_store_a_cached_run_keeps(tmp_path):
+    from patchgd.engine.plan import plan_from_config
+    from test_evaluation import csv_data, run_config
+
+    root = csv_data(tmp_path / "data", {"train": 8, "val": 4})
+    cfg = run_config(tmp_path, root)
+    cfg = dataclasses.replace(cfg, patchgd=dataclasses.replace(cfg.patchgd, fill="cached", store="disk"),
+                              memory=dataclasses.replace(cfg.memory, budget="1GB"))
+    described = plan_from_config(cfg, "cpu").describe()
+    assert f"Z store: 8 images, 72 cells of 8 float16 (codes): 1.69 KiB on disk in {tmp_path / 'run' / 'zstore'}" \
+        in described

@@ -77,6 +77,7 @@ class Plan:
         processes: Data-parallel processes the plan is for: the budget and the batch are per process
             (each has its own device), the global batch is ``processes`` times the batch.
         micro_batch_size: GD's chosen micro-batch when ``train.micro_batch_size`` is set, else None.
+        notes: More lines for :meth:`describe` (the Z store of a cached fill).
     """
 
     method: str
@@ -93,6 +94,7 @@ class Plan:
     capped: bool
     processes: int = 1
     micro_batch_size: int | None = None
+    notes: list[str] = dataclasses.field(default_factory=list)
 
     def describe(self) -> str:
         """A short table of the trials and the choice."""
@@ -126,7 +128,7 @@ class Plan:
         if configured_k is not None and self.patches_per_image < configured_k:
             lines.append(f"k lowered from {configured_k} with max_sampled kept: each batch takes more inner "
                          "iterations (ζ) of fewer patches")
-        return "\n".join(lines)
+        return "\n".join(lines + self.notes)
 
     def _fits(self, trial: Trial) -> bool:
         budgeted = trial.budgeted_bytes(self.device)
@@ -286,4 +288,9 @@ def plan_from_config(cfg: Config, device: torch.device | str | None = None, proc
     train_set, val_set = build_datasets(cfg)
     cfg = resolve_weights(resolve_classes(cfg, train_set, val_set))
     device = resolve_device(cfg.train.device) if device is None else device
-    return plan_budget(cfg, tuple(train_set[0][0].shape), device, processes=processes, log=log)
+    plan = plan_budget(cfg, tuple(train_set[0][0].shape), device, processes=processes, log=log)
+    if cfg.patchgd.fill == "cached":  # the store a cached run keeps, on top of the step's memory
+        from .zcache import describe_store
+
+        plan.notes.append(describe_store(cfg, build_model(cfg, weights=False), train_set, cfg.output_dir))
+    return plan

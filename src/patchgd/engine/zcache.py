@@ -20,7 +20,7 @@ from ..memory import format_size
 from ..methods.cached import CachedZ
 from ..zstore import ZStore, default_store_dir, free_bytes, store_bytes
 
-__all__ = ["SNAPSHOT", "build_cache", "check_cached_fill", "commit_cache", "save_cache", "store_layout"]
+__all__ = ["SNAPSHOT", "build_cache", "check_cached_fill", "commit_cache", "describe_store", "save_cache", "store_layout"]
 
 SNAPSHOT = "zstore-{epoch}.pt"  # a store in memory, as of the checkpoint of that epoch
 
@@ -61,6 +61,17 @@ def store_layout(cfg: Config, model: nn.Module, train_set: ImageDataset) -> tupl
     return cells, model.feature_dim if features else cfg.model.latent_dim, features
 
 
+def describe_store(cfg: Config, model: nn.Module, train_set: ImageDataset, run_dir: str | Path) -> str:
+    """One line on the store a cached run keeps: images, cells, what a cell holds, its size and where."""
+    p = cfg.patchgd
+    cells, width, features = store_layout(cfg, model, train_set)
+    folder = Path(p.store_dir) if p.store_dir else default_store_dir(run_dir)
+    where = f"on disk in {folder}" if p.store == "disk" else "in memory (saved beside the checkpoints)"
+    return (f"Z store: {len(cells)} images, {sum(cells)} cells of {width} {p.store_dtype} "
+            f"({'the frozen encoder features' if features else 'codes'}): "
+            f"{format_size(store_bytes(cells, width, p.store_dtype))} {where}")
+
+
 def build_cache(cfg: Config, model: nn.Module, train_set: ImageDataset, run_dir: Path, state: dict | None,
                 log) -> CachedZ:
     """The run's cached fill: its store made (a new run; its size said and checked against the free disk)
@@ -69,9 +80,7 @@ def build_cache(cfg: Config, model: nn.Module, train_set: ImageDataset, run_dir:
     cells, width, features = store_layout(cfg, model, train_set)
     size = store_bytes(cells, width, p.store_dtype)
     folder = Path(p.store_dir) if p.store_dir else default_store_dir(run_dir)
-    where = f"on disk in {folder}" if p.store == "disk" else "in memory (saved beside the checkpoints)"
-    log(f"Z store: {len(cells)} images, {sum(cells)} cells of {width} {p.store_dtype} "
-        f"({'the frozen encoder features' if features else 'codes'}): {format_size(size)} {where}")
+    log(describe_store(cfg, model, train_set, run_dir))
     if p.store == "memory":
         store = ZStore.create(cells, width, p.store_dtype)
         if state is not None:
