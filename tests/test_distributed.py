@@ -399,3 +399,53 @@ def _nccl_entry(rank, port, out_dir):
                     "z_alone": bn.fill_z(images, 5).cpu()}, out_dir / f"nccl-{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+# --- a cached fill on two processes --------------------------------------------------------------------------
+
+def _cached_config(data_dir, run_dir):
+    cfg = _fit_config(data_dir, run_dir)
+    return config_from_dict({**patchgd.config.config_to_dict(cfg),
+                             "train": {**patchgd.config.config_to_dict(cfg)["train"], "log_every": 1},
+                             "patchgd": {"fill": "cached", "store": "disk", "refresh": 2, "sampling": 0.5}})
+
+
+def _cached_worker(rank, data_dir, root, phase):
+    from patchgd.engine.trainer import fit
+
+    if phase == "whole":
+        fit(_cached_config(data_dir, root / "whole"))
+    elif phase == "resume":
+        fit(_cached_config(data_dir, root / "killed"), resume=root / "killed")
+    else:
+        def die_in_epoch_2(line):  # rank 0's progress line after epoch 2's first step: both ranks wrote the store
+            if line.startswith("epoch 2: 1/"):
+                raise Interrupted
+        try:
+            fit(_cached_config(data_dir, root / "killed"), log=die_in_epoch_2)
+        except RuntimeError as err:
+            if rank == 0 or "Connection closed" not in str(err):
+                raise
+            raise Interrupted from None
+
+
+def test_two_processes_share_a_store_on_disk_and_resume_it_exactly(tmp_path):
+    """Both processes read and write one store (each its own images); killed in the middle of an epoch and
+    resumed, the run ends with the weights and the store of the run never killed."""
+    import numpy as np
+
+    data_dir = tmp_path / "data"
+    generate_ultramnist(data_dir, train=8, val=4, image_size=64, seed=0)
+    spawn(_cached_worker, data_dir, tmp_path, "whole")
+    with pytest.raises(mp.ProcessRaisedException, match="Interrupted"):
+        spawn(_cached_worker, data_dir, tmp_path, "killed")
+    assert list((tmp_path / "killed" / "zstore").glob("journal-2-r*.bin"))  # epoch 2's writes to undo
+    spawn(_cached_worker, data_dir, tmp_path, "resume")
+    whole, killed = (load_checkpoint(tmp_path / name / "last.pt") for name in ("whole", "killed"))
+    for name, value in whole["model"].items():
+        torch.testing.assert_close(killed["model"][name], value, rtol=0, atol=0, msg=name)
+    stores = [tmp_path / name / "zstore" for name in ("whole", "killed")]
+    for array in ("codes.npy", "stamps.npy"):
+        assert np.array_equal(np.load(stores[0] / array), np.load(stores[1] / array)), array
+    assert (np.load(stores[0] / "stamps.npy") >= 0).all()  # every training image filled, whichever process had it
+    assert not list(stores[1].glob("journal-*"))
