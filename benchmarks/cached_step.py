@@ -46,7 +46,7 @@ def stepper(kind: str, args, cells: int):
         cache = CachedZ(net, ZStore.create([cells] * args.batch, width), features=features,
                         refresh=cells // 8 if kind == "cached+refresh" else 0)
     params = [p for p in net.parameters() if p.requires_grad]
-    step = patchgd.PatchGD(net, torch.optim.Adam(params, lr=1e-4), sampling=0.25, max_sampled=args.max_sampled,
+    step = patchgd.PatchGD(net, torch.optim.Adam(params, lr=1e-4), sampling=args.sampling, max_sampled=args.max_sampled,
                            grad_accum_steps=1, fill_mode="eval", cache=cache,
                            generator=torch.Generator().manual_seed(0))
     labels = torch.arange(args.batch) % 10
@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--image-size", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--max-sampled", type=float, default=0.25)
+    parser.add_argument("--sampling", type=float, default=0.25, help="k = sampling x cells (default 0.25)")
+    parser.add_argument("--max-sampled", type=float, default=0.25, help="ζ = max_sampled / sampling (default 0.25)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     medians = {kind: statistics.median(t) for kind, t in times.items()}
     # the encoder's cost per patch, without gradients and with (forward and backward), in chunks of B * k
     net = model()
-    k = -(-cells // 4)
+    k = -(-int(cells * args.sampling * 1e6) // 10**6)
     patches = torch.randint(0, 255, (args.batch * k, 1, 64, 64), dtype=torch.uint8)
     encode = {"no_grad": [], "with_grad": []}
     for _ in range(args.repeats):
@@ -90,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         net.encode(patches).sum().backward()
         encode["with_grad"].append(time.perf_counter() - started)
     per_patch = {kind: statistics.median(t) / len(patches) for kind, t in encode.items()}
-    print(f"{args.image_size} px ({cells} cells), batch {args.batch}, k {k}, max_sampled {args.max_sampled}, "
+    print(f"{args.image_size} px ({cells} cells), batch {args.batch}, k {k}, sampling {args.sampling}, "
+          f"max_sampled {args.max_sampled}, "
           f"{args.threads} thread(s), median of {args.repeats} interleaved steps after a warm-up:")
     for kind, median in medians.items():
         print(f"  {kind:>15}: {median:7.3f} s per step, {median / medians['exact']:.3f} x exact")
