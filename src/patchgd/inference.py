@@ -24,7 +24,7 @@ from .data.lazy import LazyImage
 from .engine.build import build_model
 from .engine.data import check_patch_fits, class_name, item_shape, read_options
 from .grid import grid_shape
-from .model.classifier import fill_chunk
+from .model.fill import fill_chunk
 from .runlog import Progress
 
 __all__ = ["load_input", "load_model", "predict", "prediction"]

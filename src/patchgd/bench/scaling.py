@@ -20,7 +20,7 @@ import torch
 
 from .. import distributed
 from ..methods import METHODS, create_method
-from ..model.classifier import fill_chunk
+from ..model.fill import fill_chunk
 from ._common import (add_common_arguments, build_model, format_table, interleaved, median, resolve_device,
                       write_json)
 

@@ -11,7 +11,7 @@ import torch.nn as nn
 from ..data.lazy import SourceGrid, cell_mask
 from ..grid import PatchGrid
 from ..model import PatchGDClassifier
-from ..model.classifier import fill_chunk
+from ..model.fill import Fill, fill_chunk
 from .base import Step, classification_loss
 from .cached import CachedZ
 from .schedule import default_inner_iterations, patches_per_iteration, sample_schedule
@@ -52,7 +52,7 @@ class PatchGD(Step):
         fill_mode: ``"train"`` fills ``Z`` with the backbone in training mode (the paper's code: BatchNorm
             uses batch statistics in fill and inner steps alike), ``"eval"`` in evaluation mode.
         fill_batch_size: Patches per backbone call while filling (default ``B * k``:
-            :func:`~patchgd.model.classifier.fill_chunk`).
+            :func:`~patchgd.model.fill.fill_chunk`).
         amp: ``None``, ``"bf16"`` (CPU or CUDA) or ``"fp16"`` (CUDA, with a gradient scaler).
         generator: Random generator for the sampler.
         cache: A :class:`~patchgd.methods.cached.CachedZ`: ``Z`` persists across steps (``patchgd.fill:
@@ -90,7 +90,7 @@ class PatchGD(Step):
         self.fill_mode = fill_mode
         self.fill_batch_size = fill_batch_size
         self.generator = generator
-        self.fill = fill or model.fill_z
+        self.fill = fill or Fill(model)  # Algorithm 1's fill; the patch-parallel one under torchrun
         self.cache = cache
         self.steps = 0  # steps taken: when a cached code was made (the trainer sets it when a run resumes)
 

@@ -50,7 +50,7 @@ def create_model(method: str, backbone: str | nn.Module, num_classes: int, *, pa
         std: Per-channel standard deviation.
         fill_workers: PatchGD's reader processes for disk-backed images while filling ``Z``.
         fill_batch_size: PatchGD's patches per backbone call while filling ``Z`` outside a training step
-            (None: :meth:`~patchgd.PatchGDClassifier.default_fill_chunk`'s one grid row of every image).
+            (None: :func:`~patchgd.model.fill.fill_chunk`'s one grid row of every image).
     """
     encoder = dict(in_chans=in_chans, pretrained=pretrained, backbone_args=backbone_args, freeze=freeze,
                    grad_checkpointing=grad_checkpointing, channels_last=channels_last, mean=mean, std=std)

@@ -13,38 +13,13 @@ from ..config import HEADS
 from ..data.lazy import LazyImage, SourceGrid, cell_mask
 from ..grid import PatchGrid
 from ..normalize import Normalize
+from .fill import Fill
 from .backbones import Conv1dEncoder, PatchEncoder, create_timm
 from .heads import AttentionMILHead, ConvHead, MeanPoolHead, TransformerHead
 from .pretrained import encoder_normalization, resolve_encoder
 
 
-__all__ = ["PatchGDClassifier", "GDClassifier", "GDExtendedClassifier", "fill_chunk"]
-
-# A slide's grid row can hold hundreds of patches: by default its fill reads and encodes at most this many
-# at a time, so that the fill's memory does not grow with the slide's width.
-SOURCE_FILL_CHUNK = 64
-
-
-def fill_chunk(batch: int, cols: int, streamed: bool, *, fill_batch_size: int | None = None,
-               sampled: int | None = None) -> int:
-    """Patches per backbone call of a fill: the one rule.
-
-    ``fill_batch_size`` (``patchgd.fill_batch_size``) when set; else, in a training step, the ``sampled``
-    patches (``B * k``) its inner iterations hold anyway, so that a larger image never raises the step's
-    peak through the fill; else (evaluation, prediction) one grid row of every image (``batch * cols``, on the
-    CPU faster and smaller than larger chunks: benchmarks/RESULTS.md, "inference"), at most
-    ``SOURCE_FILL_CHUNK`` when the patches are read in pieces (``streamed``: a slide's row can be thousands).
-
-    Example:
-        >>> fill_chunk(2, 300, streamed=True), fill_chunk(2, 300, False), fill_chunk(2, 300, True, sampled=32)
-        (64, 600, 32)
-    """
-    if fill_batch_size:
-        return fill_batch_size
-    if sampled:
-        return sampled
-    return min(batch * cols, SOURCE_FILL_CHUNK) if streamed else batch * cols
-
+__all__ = ["PatchGDClassifier", "GDClassifier", "GDExtendedClassifier"]
 
 def _timm_encoder(backbone: str, pretrained: bool | str | dict | None, in_chans: int, mean, std):
     """The origin record of a timm backbone (``pretrained`` resolved, or already a record) and the
@@ -83,7 +58,7 @@ class PatchGDClassifier(nn.Module):
             are not multiples of ``patch_size``; a patch of it is the "blank patch" whose code fills the
             background cells of a tissue mask.
         fill_batch_size: Patches per backbone call in :meth:`fill_z` (``patchgd.fill_batch_size``); None (the
-            default) follows :func:`fill_chunk`: one grid row of every image per call.
+            default) follows :func:`~patchgd.model.fill.fill_chunk`: one grid row of every image per call.
         head_width: Channels of the conv head; token width of the transformer head; width of the attention head.
         head_dropout: Dropout probability of the head.
         head_depth: Encoder layers of the transformer head.
@@ -195,66 +170,16 @@ class PatchGDClassifier(nn.Module):
 
     def fill_z(self, images: torch.Tensor | Sequence | PatchGrid | SourceGrid, batch_size: int | None = None, *,
                shard: tuple[int, int] = (0, 1), features: bool = False) -> torch.Tensor:
-        """Algorithm 2: encode every patch without gradients and place it in its cell of ``Z``.
-
-        The backbone sees at most ``batch_size`` patches at a time, whatever the image size, so the
-        memory of a fill is bounded by the chunk, ``Z`` and the input. On a :class:`SourceGrid`, the
-        chunks are read in ``fill_workers`` DataLoader workers while the backbone runs; only the
-        encoded cells (inside the image, tissue under a mask) are read; every background cell gets
-        :meth:`background_code`, and cells that only pad a smaller image to the batch's grid hold 0.
-
-        Args:
-            images: ``(B, C, H, W)`` images or ``(B, C, L)`` sequences, one item per image (see :meth:`grid`),
-                or their grid.
-            batch_size: Patches per backbone call (default: :func:`fill_chunk`).
-            shard: ``(i, n)``: encode only the chunks ``i, i + n, ...`` and leave the other cells unset
-                (:func:`patchgd.distributed.parallel_fill` splits a fill over processes with it); in-memory
-                batches only.
-            features: Fill with the encoder's features before the projection (:meth:`encode_features`,
-                width :attr:`feature_dim`) instead of the codes; background cells then hold 0.
+        """Algorithm 2: encode every patch without gradients and place it in its cell of ``Z``: this model's
+        :class:`~patchgd.model.fill.Fill` (its chunks of at most ``batch_size`` patches, default
+        :func:`~patchgd.model.fill.fill_chunk`, its reader workers ``fill_workers``), which see the
+        arguments.
 
         Returns:
             ``Z`` of shape ``(B, s, m, n)`` (``(B, s, n)`` for sequences) in the default dtype (float32
             under mixed precision too), cells in row-major order.
         """
-        grid = images if isinstance(images, (PatchGrid, SourceGrid)) else self.grid(images)
-        streamed = isinstance(grid, SourceGrid)
-        if streamed and shard[1] != 1:
-            raise ValueError("a fill split over processes (patchgd.parallel_fill) needs in-memory images of one "
-                             "size; a batch read in pieces (slides) or of mixed sizes fills on each process")
-        chunk = batch_size or fill_chunk(grid.batch_size, grid.cols, streamed, fill_batch_size=self.fill_batch_size)
-        encode, width = (self.encode_features, self.feature_dim) if features else (self.encode, self.latent_dim)
-        with torch.no_grad():
-            z = self._fill_streamed(grid, chunk, encode, width, not features) if streamed else \
-                self._fill_in_memory(grid, chunk, shard, encode, width)
-        return z.view(grid.batch_size, width, *grid.shape)
-
-    def _fill_in_memory(self, grid: PatchGrid, chunk: int, shard: tuple[int, int], encode, width: int) -> torch.Tensor:
-        """``Z`` as ``(B, width, cells)``: the row-major (image, cell) sequence cut into chunks of ``chunk``
-        patches, the chunks ``i, i + n, ...`` of ``shard`` ``(i, n)`` encoded."""
-        cells = grid.num_cells
-        total = grid.batch_size * cells
-        z = torch.empty(grid.batch_size, width, cells, device=grid.device)
-        index, shards = shard
-        for start in range(index * chunk, total, shards * chunk):
-            stop = min(start + chunk, total)
-            flat = torch.arange(start, stop, device=grid.device)
-            z[flat // cells, :, flat % cells] = encode(grid.patch_range(start, stop)).to(z.dtype)
-        return z
-
-    def _fill_streamed(self, grid: SourceGrid, chunk: int, encode, width: int, background: bool) -> torch.Tensor:
-        """``Z`` as ``(B, width, cells)`` of a batch read in pieces: the encoded cells streamed in chunks (read
-        by ``fill_workers`` while the backbone runs), every background cell the background code (with
-        ``background``), and the cells that only pad a smaller image to the batch's grid 0."""
-        device = grid.device
-        z = torch.zeros(grid.batch_size, width, grid.num_cells, device=device)
-        image_idx, cell_idx = grid.encoded_cells()
-        for image_c, cell_c, patches in grid.stream(image_idx, cell_idx, chunk, self.fill_workers):
-            z[image_c.to(device), :, cell_c.to(device)] = encode(grid.deliver(image_c, patches)).to(z.dtype)
-        image_idx, cell_idx = grid.background_cells()
-        if background and image_idx.numel():
-            z[image_idx.to(device), :, cell_idx.to(device)] = self.background_code(grid).to(z.dtype)
-        return z
+        return Fill(self)(images, batch_size, shard=shard, features=features)
 
     def background_code(self, grid: PatchGrid | SourceGrid) -> torch.Tensor:
         """The code of every background cell: the encoding of one blank patch (all ``pad_value``), shaped
