@@ -95,6 +95,34 @@ def test_a_step_run_again_without_a_broken_slide_equals_the_step_on_the_good_sli
         assert torch.equal(a, b)  # weights and BatchNorm statistics: the failed fill left no trace
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_skipping_reads_the_errors_fields_not_their_words(tmp_path, monkeypatch, workers):
+    """A reader whose messages name neither the file nor the cells (reworded), in this process or in a fill
+    worker: the skip still finds the slide and records its level and cells, from the error's fields."""
+    import patchgd.data.readers.base as base
+
+    good = LazyImage(open_source(write_slide(tmp_path / "good.tif")))
+    torn = LazyImage(open_source(truncate_tile(write_slide(tmp_path / "torn.tif"))))
+    read = base.PatchSource.read
+
+    def reworded(self, *args, **kwargs):
+        try:
+            return read(self, *args, **kwargs)
+        except DataError as err:
+            raise DataError("a tile would not decode", path=err.path, level=err.level, cells=err.cells) from None
+
+    monkeypatch.setattr(base.PatchSource, "read", reworded)
+    step = make_step()
+    step.model.fill_workers = workers
+    _, images, _, skipped = run_skipping(step.step, [good, torn], torch.tensor([0, 1]), step.model, step.optimizer,
+                                         step.generator)
+    assert images == [good] and [s.path for s in skipped] == [str(tmp_path / "torn.tif")]
+    log = SkipLog(0.5)
+    log.record(skipped, epoch=1, split="train")
+    (row,) = log.rows
+    assert row["level"] == 0 and row["cells"].startswith("grid row") and "a tile would not decode" in row["message"]
+
+
 def test_drop_skipped_restacks_images_in_memory_and_errors_naming_no_image_propagate():
     images = [torch.zeros(3, 8, 8), Skipped("a.tif", "cannot decode"), torch.ones(3, 8, 8)]
     kept, labels, skipped = drop_skipped(images, torch.tensor([0, 1, 2]))

@@ -23,7 +23,6 @@ takes the same decision and rank 0 writes them all.
 from __future__ import annotations
 
 import csv
-import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -37,7 +36,6 @@ from .io import atomic_file
 
 __all__ = ["SkipLog", "drop_skipped", "run_skipping"]
 
-_CELLS = re.compile(r"grid row \d+, columns \d+\.\.\d+")  # where PatchSource.read_cells says it failed
 
 
 def drop_skipped(images: torch.Tensor | list, labels: torch.Tensor) -> tuple[torch.Tensor | list, torch.Tensor,
@@ -57,10 +55,9 @@ def drop_skipped(images: torch.Tensor | list, labels: torch.Tensor) -> tuple[tor
 
 
 def _failing(err: DataError, images: Sequence) -> int | None:
-    """Which image of ``images`` the error names (its ``path``; or in its message, all an error raised again
-    from a DataLoader worker keeps), or None."""
+    """Which image of ``images`` the error names (its ``path`` field; its message is for people), or None."""
     for i, item in enumerate(images):
-        if isinstance(item, LazyImage) and (str(item.source.path) == err.path or str(item.source.path) in str(err)):
+        if isinstance(item, LazyImage) and str(item.source.path) == err.path:
             return i
     return None
 
@@ -167,9 +164,9 @@ class SkipLog:
             self._add(item, epoch=0, split="val")
 
     def _add(self, item: Skipped, epoch: int, split: str) -> None:
-        cells = item.cells or (found.group(0) if (found := _CELLS.search(item.message)) else "")
         self.rows.append({"epoch": epoch, "split": split, "file": item.path,
-                          "level": "" if item.level is None else item.level, "cells": cells, "message": item.message})
+                          "level": "" if item.level is None else item.level, "cells": item.cells or "",
+                          "message": item.message})
         left = "leaves the data set" if epoch == 0 else f"leaves epoch {epoch} ({split})"
         said = item.message.removeprefix(f"{item.path}: ")  # the reader's message names the file too
         self.log(f"skipped {item.path}: {said} - it {left}")

@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from patchgd.data.readers import PatchSource
+from patchgd.data.errors import DataError
 from patchgd.grid import Orientation, PatchGrid, grid_shape
 from patchgd.normalize import to_unit_range
 
@@ -222,13 +223,23 @@ class SourceGrid:
         reads = _ChunkReads(self, image_idx, cell_idx, chunk)
         lazy = any(isinstance(item, LazyImage) for item in self.items)
         if num_workers == 0 or not lazy or len(reads) < 2:
-            return (reads[j] for j in range(len(reads)))
-        return iter(DataLoader(reads, batch_size=None, num_workers=min(num_workers, len(reads)),
-                               pin_memory=self.device.type == "cuda", prefetch_factor=2))
+            return _raising(reads[j] for j in range(len(reads)))
+        return _raising(iter(DataLoader(reads, batch_size=None, num_workers=min(num_workers, len(reads)),
+                                        pin_memory=self.device.type == "cuda", prefetch_factor=2)))
+
+
+def _raising(chunks: Iterator) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The chunks, a chunk that could not be read raised here as the reader's own :class:`DataError`."""
+    for images, cells, patches in chunks:
+        if isinstance(patches, DataError):
+            raise patches
+        yield images, cells, patches
 
 
 class _ChunkReads(Dataset):
-    """Chunk ``j`` of a fill: the ``j``-th ``chunk`` of ``(image, cell)`` pairs and their patches."""
+    """Chunk ``j`` of a fill: the ``j``-th ``chunk`` of ``(image, cell)`` pairs and their patches, or the
+    :class:`DataError` that reading them raised, as a value: a DataLoader worker's exception would reach the
+    main process as text alone, and skipping reads the error's fields (file, level, cells)."""
 
     def __init__(self, grid: SourceGrid, image_idx: torch.Tensor, cell_idx: torch.Tensor, chunk: int):
         self.grid, self.image_idx, self.cell_idx, self.chunk = grid, image_idx.cpu(), cell_idx.cpu(), chunk
@@ -236,10 +247,13 @@ class _ChunkReads(Dataset):
     def __len__(self) -> int:
         return math.ceil(len(self.cell_idx) / self.chunk)
 
-    def __getitem__(self, j: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def __getitem__(self, j: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | DataError]:
         part = slice(j * self.chunk, (j + 1) * self.chunk)
         images, cells = self.image_idx[part], self.cell_idx[part]
-        return images, cells, self.grid.read(images, cells)
+        try:
+            return images, cells, self.grid.read(images, cells)
+        except DataError as err:
+            return images, cells, err
 
 
 def cell_mask(grid: PatchGrid | SourceGrid) -> torch.Tensor | None:

@@ -321,11 +321,13 @@ class PatchSource(abc.ABC):
             base, why = self.resolution()
             if base is None:
                 raise DataError(f"{self.path}: microns per pixel unknown ({why}); mpp={mpp} needs it: give the "
-                                "scan's with an mpp column in the CSV or data.slide_mpp, or choose data.level")
+                                "scan's with an mpp column in the CSV or data.slide_mpp, or choose data.level",
+                                path=str(self.path))
             level = select_level_by_mpp([base * ds for _, _, ds in levels], mpp)
         level = 0 if level is None else level
         if not 0 <= level < len(levels):
-            raise DataError(f"{self.path}: level {level} asked for; the file has levels 0..{len(levels) - 1}")
+            raise DataError(f"{self.path}: level {level} asked for; the file has levels 0..{len(levels) - 1}",
+                            path=str(self.path))
         self.level = level
         self.height, self.width, _ = levels[level]
 

@@ -58,7 +58,7 @@ class OpenSlideSource(PatchSource):
         try:
             self._slide = openslide.OpenSlide(self.path)
         except (openslide.OpenSlideError, OSError) as err:
-            raise DataError(f"{self.path}: OpenSlide cannot open the slide ({err})") from err
+            raise DataError(f"{self.path}: OpenSlide cannot open the slide ({err})", path=str(self.path)) from err
         background = self._slide.properties.get(openslide.PROPERTY_NAME_BACKGROUND_COLOR, "FFFFFF")
         self._background = np.array([int(background[i : i + 2], 16) for i in (0, 2, 4)], np.float32)
 

@@ -38,7 +38,7 @@ class TiffSource(PatchSource):
         self._ensure_open()
         self.dtype = np.dtype(self._arrays[0][0].dtype)
         if not (np.issubdtype(self.dtype, np.integer) or np.issubdtype(self.dtype, np.floating)):
-            raise DataError(f"{self.path}: pixel type {self.dtype}; expected integers or floats")
+            raise DataError(f"{self.path}: pixel type {self.dtype}; expected integers or floats", path=str(self.path))
         self._choose_level(level, mpp)
 
     @property
@@ -74,7 +74,7 @@ class TiffSource(PatchSource):
                 self._tif.close()
             if isinstance(err, DataError):  # from _yxs_index, which names the file
                 raise
-            raise DataError(f"{self.path}: cannot read the tiled TIFF ({err})") from err
+            raise DataError(f"{self.path}: cannot read the tiled TIFF ({err})", path=str(self.path)) from err
         self._level_shapes = shapes
 
     def _close(self) -> None:
