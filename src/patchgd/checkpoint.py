@@ -23,7 +23,12 @@ import torch
 
 from .io import atomic_file
 
-__all__ = ["CheckpointError", "load_checkpoint", "save_checkpoint"]
+__all__ = ["CHECKPOINT_FORMAT", "CheckpointError", "load_checkpoint", "migrate_checkpoint", "save_checkpoint"]
+
+# The format of the run checkpoints this release writes (their "format" key; none: format 1, the releases
+# before formats were recorded). A change of what a checkpoint holds raises it, adds its step to
+# migrate_checkpoint and a fixture under tests/fixtures/checkpoints/.
+CHECKPOINT_FORMAT = 2
 
 # The first bytes of a torch.save file: a zip archive, or (torch < 1.6) a pickle stream (protocol 2+).
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -87,4 +92,32 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device | None = 
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} is not a patchgd checkpoint: it holds a {type(state).__name__}, "
                               "expected a dict")
+    return state
+
+
+def migrate_checkpoint(state: dict[str, Any], path: str | Path, warn=None) -> dict[str, Any]:
+    """A run checkpoint of any format this release reads, as this release writes them.
+
+    Format 1 (no ``format`` key) to 2: ``best_accuracy`` left (``train.monitor`` picks the best epoch;
+    ``best_epoch`` names it). Config keys this release does not know (renamed or removed since) are
+    dropped, with one line to ``warn``; keys added since take their defaults when the config is read.
+
+    Raises:
+        CheckpointError: A format newer than this release's, or a file that is no run checkpoint.
+    """
+    from .config import known_keys
+
+    version = state.get("format", 1)
+    if not isinstance(version, int) or version > CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is a checkpoint of format {version}, written by a newer patchgd; this "
+                              f"release reads formats 1 to {CHECKPOINT_FORMAT}: upgrade patchgd")
+    if "model" not in state or "config" not in state:
+        raise CheckpointError(f"{path} is not a patchgd checkpoint (expected a dict with 'model' and 'config')")
+    state = dict(state)
+    if version < 2:
+        state.pop("best_accuracy", None)
+    state["config"], dropped = known_keys(state["config"])
+    if dropped and warn is not None:
+        warn(f"{path}: config key(s) {', '.join(dropped)} of another patchgd release are not known here; ignored")
+    state["format"] = CHECKPOINT_FORMAT
     return state

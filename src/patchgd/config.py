@@ -466,6 +466,24 @@ def config_from_dict(d: Mapping[str, Any] | None, source: str | None = None) -> 
     return _build(Config, d, "", source)
 
 
+def known_keys(raw: Mapping[str, Any], cls: type = None, prefix: str = "") -> tuple[dict[str, Any], list[str]]:
+    """``raw`` without the keys this release's schema does not know (a config of another release), and the
+    dotted names of those dropped."""
+    cls = cls or Config
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = get_type_hints(cls)
+    kept, dropped = {}, []
+    for key, value in raw.items():
+        if key not in fields:
+            dropped.append(f"{prefix}{key}")
+        elif dataclasses.is_dataclass(hints[key]) and isinstance(value, Mapping):
+            kept[key], more = known_keys(value, hints[key], f"{prefix}{key}.")
+            dropped += more
+        else:
+            kept[key] = value
+    return kept, dropped
+
+
 def config_to_dict(config: Config) -> dict[str, Any]:
     """The config as plain nested dicts and lists, ready for YAML or a checkpoint."""
     return dataclasses.asdict(config)

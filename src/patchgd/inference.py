@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .checkpoint import load_checkpoint
+from .checkpoint import load_checkpoint, migrate_checkpoint
 from .config import Config, config_from_dict
 from .data.datasets import load_image
 from .data.lazy import LazyImage
@@ -36,14 +36,15 @@ def load_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> tu
     Only the architecture is built from the config (no hub or weights file is needed); the weights are the
     checkpoint's, read with ``weights_only=True``.
 
+    A checkpoint of an earlier release is migrated (:func:`~patchgd.checkpoint.migrate_checkpoint`).
+
     Raises:
-        CheckpointError: The file is missing or cannot be read safely.
-        ValueError: The file is no patchgd checkpoint.
+        CheckpointError: The file is missing, cannot be read safely, is no patchgd checkpoint, or comes from
+            a newer release.
     """
     path = Path(checkpoint)
-    state = load_checkpoint(path, map_location=device)
-    if "model" not in state or "config" not in state:
-        raise ValueError(f"{path} is not a patchgd checkpoint (expected a dict with 'model' and 'config')")
+    state = migrate_checkpoint(load_checkpoint(path, map_location=device), path,
+                               warn=lambda line: print(f"warning: {line}", file=sys.stderr))
     cfg = config_from_dict(state["config"], source=str(path))
     model = build_model(cfg, weights=False)  # the architecture alone: the weights are the checkpoint's
     model.load_state_dict(state["model"])

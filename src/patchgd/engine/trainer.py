@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +26,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from .. import distributed
-from ..checkpoint import load_checkpoint, save_checkpoint
+from ..checkpoint import CHECKPOINT_FORMAT, load_checkpoint, migrate_checkpoint, save_checkpoint
 from ..config import PATCH_METHODS, Config, config_to_dict, save_config
 from ..data.datasets import ImageDataset, collate_images
 from ..data.errors import DataError
@@ -205,7 +206,8 @@ def load_resume_state(run_dir: Path, device: torch.device) -> dict:
     if not (run_dir / LAST_CHECKPOINT).is_file():
         raise FileNotFoundError(f"{run_dir} has no last.pt to resume from (its first epoch never finished); "
                                 "start the run again without --resume")
-    return load_checkpoint(run_dir / LAST_CHECKPOINT, map_location=device)
+    return migrate_checkpoint(load_checkpoint(run_dir / LAST_CHECKPOINT, map_location=device), run_dir / LAST_CHECKPOINT,
+                              warn=lambda line: print(f"warning: {line}", file=sys.stderr))
 
 
 def config_for_resume(cfg: Config, state: dict, run_dir: Path) -> Config:
@@ -451,7 +453,7 @@ def write_epoch_files(run: TrainingRun, progress: RunProgress, results: dict | N
     state = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
              "scheduler": run.scheduler.state_dict(),
              "scaler": run.method.scaler.state_dict() if run.method.scaler else None,
-             "epoch": epoch, "best_epoch": progress.best_epoch,
+             "format": CHECKPOINT_FORMAT, "epoch": epoch, "best_epoch": progress.best_epoch,
              "config": config_to_dict(cfg), "rng": rngs[0], "rng_ranks": rngs if world > 1 else None,
              "metrics": progress.history, "steps_per_epoch": len(run.train_loader)}
     # last.pt first, then best.pt as its copy, then the metrics row: a kill at any point leaves a last.pt
