@@ -176,6 +176,10 @@ def test_under_torchrun_an_error_names_the_rank_that_failed(tmp_path, data, caps
     (["train", "--config", "CONFIG", "--set", "train.epoch=3"], "unknown key 'train.epoch'"),
     (["train", "--config", "CONFIG", "--set", "data.root=/nonexistent/place"], "data.root /nonexistent/place"),
     (["train", "--config", "CONFIG", "--set", "model.init_backbone=/no/best.pt"], "model.init_backbone /no/best.pt"),
+    (["train", "--config", "CONFIG", "--set", "data.level=1", "--set", "data.mpp=0.5"],
+     "data.level=1 and data.mpp=0.5: give one"),
+    (["plan", "--config", "CONFIG", "--set", "patchgd.fill=cached", "--set", "augment.flip=true"],
+     "patchgd.fill=cached and augment.*"),
     (["evaluate", "/no/run/best.pt", "--data", "DATA"], "checkpoint /no/run/best.pt does not exist"),
     (["predict", "/no/run/best.pt", "x.png"], "checkpoint /no/run/best.pt does not exist"),
 ])

@@ -291,6 +291,38 @@ def test_config_from_dict_fills_defaults_and_names_its_source():
         config_from_dict({"train": {"batch_size": 0}}, source="ckpt.pt")
 
 
+@pytest.mark.parametrize("raw, expected", [
+    ({"data": {"level": 1, "mpp": 0.5}}, "data.level=1 and data.mpp=0.5"),
+    ({"data": {"fold": 2, "test_fold": 2}}, "data.fold=2 and data.test_fold=2"),
+    ({"data": {"kind": "sequences", "on_error": "skip"}}, "data.kind=sequences and data.on_error=skip"),
+    ({"method": "subbag", "model": {"head": "conv"}}, "method=subbag and model.head='conv'"),
+    ({"method": "gd", "model": {"head": "attention"}}, "method=gd and model.head='attention'"),
+    ({"train": {"micro_batch_size": 2}}, "method=patchgd and train.micro_batch_size=2"),
+    ({"train": {"sync_batchnorm": True}, "data": {"on_error": "skip"}}, "sync_batchnorm=true and data.on_error"),
+    ({"train": {"sync_batchnorm": True}, "patchgd": {"parallel_fill": True}}, "patchgd.parallel_fill=true: Sync"),
+    ({"augment": {"hed": 0.05}, "model": {"in_chans": 1}}, "model.in_chans=1"),
+    ({"method": "gd", "patchgd": {"fill": "cached"}}, "patchgd.fill=cached with method=gd"),
+    ({"patchgd": {"fill": "cached"}, "augment": {"rotate90": True}}, "patchgd.fill=cached and augment.*"),
+    ({"patchgd": {"fill": "cached", "parallel_fill": True}}, "fill=cached and patchgd.parallel_fill=true"),
+    ({"patchgd": {"features_from": "feats"}}, "patchgd.features_from='feats' with patchgd.fill=exact"),
+])
+def test_keys_that_cannot_go_together_are_refused_when_read(raw, expected):
+    # Each conflict is refused where the config is read (seconds, before any data), naming the keys and source.
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(raw, source="run.yaml")
+    assert str(info.value).startswith("run.yaml: ") and expected in str(info.value)
+
+
+def test_fit_validates_a_config_built_in_python(tmp_path):
+    from patchgd.engine.trainer import fit
+
+    cfg = dataclasses.replace(Config(), data=dataclasses.replace(DataConfig(), level=1, mpp=0.5),
+                              output_dir=str(tmp_path / "run"))
+    with pytest.raises(ConfigError, match="data.level=1 and data.mpp=0.5"):
+        fit(cfg)
+    assert not (tmp_path / "run").exists()
+
+
 def test_every_key_is_in_the_reference_table():
     # The table moved from the README into the generated configuration reference (tests/test_docs.py).
     table = (Path(__file__).resolve().parents[1] / "docs" / "configuration.md").read_text()

@@ -294,9 +294,8 @@ def test_augmentation_moves_whole_images_only():
 
 
 def test_colour_jitter_needs_colour_images():
-    cfg = config_from_dict({"augment": {"hue": 0.05, "saturation": 0.1}, "model": {"in_chans": 1}})
-    with pytest.raises(ConfigError, match="model.in_chans is 1, expected 3"):
-        patchgd.engine.data.build_augmentation(cfg)
+    with pytest.raises(ConfigError, match=r"model.in_chans=1: colour and stain jitter need colour images \(in_chans 3\)"):
+        config_from_dict({"augment": {"hue": 0.05, "saturation": 0.1}, "model": {"in_chans": 1}})
     cfg = config_from_dict({"augment": {"hue": 0.05, "saturation": 0.1}, "model": {"in_chans": 3}})
     torch.manual_seed(0)
     image = torch.rand(3, 8, 8)

@@ -461,9 +461,64 @@ def config_from_dict(d: Mapping[str, Any] | None, source: str | None = None) -> 
         source: What to name in error messages (a file path), if anything.
 
     Raises:
-        ConfigError: On an unknown key, a value of the wrong type or one out of range.
+        ConfigError: On an unknown key, a value of the wrong type or one out of range, or keys that cannot
+            go together (:func:`validate`).
     """
-    return _build(Config, d, "", source)
+    config = _build(Config, d, "", source)
+    validate(config, source)
+    return config
+
+
+def validate(config: Config, source: str | None = None) -> None:
+    """Every check that combines keys, run when a config is read: before torch or any data set, a conflict is
+    refused in well under a second, naming the keys.
+
+    Raises:
+        ConfigError: The first conflict found.
+    """
+    d, m, t, p, a = config.data, config.model, config.train, config.patchgd, config.augment
+    patch = config.method in PATCH_METHODS
+    conflicts = [
+        (d.level is not None and d.mpp is not None,
+         f"data.level={d.level} and data.mpp={d.mpp}: give one (a pyramid level, or the microns per pixel to read "
+         "at), not both"),
+        (d.fold is not None and d.fold == d.test_fold,
+         f"data.fold={d.fold} and data.test_fold={d.test_fold}: the validation and test folds must differ"),
+        (d.kind == "sequences" and d.on_error == "skip",
+         "data.kind=sequences and data.on_error=skip: skipping leaves out image files that cannot be read; "
+         "sequences come whole from train.npz and val.npz"),
+        (config.method == "subbag" and m.head not in ("attention", "mean"),
+         f"method=subbag and model.head={m.head!r}: a sub-bag is a set of cells; expected head attention or mean"),
+        (config.method in ("gd", "gd-extended") and m.head != "conv",
+         f"method={config.method} and model.head={m.head!r}: the GD baselines have their own classifier or conv "
+         "head; model.head is PatchGD's"),
+        (patch and t.micro_batch_size is not None,
+         f"method={config.method} and train.micro_batch_size={t.micro_batch_size}: micro-batches split GD's batches; "
+         "PatchGD bounds its memory with patchgd.sampling or patchgd.patches_per_step"),
+        (t.sync_batchnorm and d.on_error == "skip",
+         "train.sync_batchnorm=true and data.on_error=skip: a step run again without an unreadable image would "
+         "repeat SyncBatchNorm's all-reduces on one process only; choose one"),
+        (t.sync_batchnorm and p.parallel_fill and config.method == "patchgd",
+         "train.sync_batchnorm=true and patchgd.parallel_fill=true: SyncBatchNorm all-reduces per chunk, and the "
+         "parallel fill gives the processes unequal chunk counts; choose one"),
+        ((a.saturation or a.hue or a.hed) and m.in_chans != 3,
+         f"augment.saturation/hue/hed and model.in_chans={m.in_chans}: colour and stain jitter need colour images "
+         "(in_chans 3)"),
+        (p.fill == "cached" and (config.method != "patchgd" or d.kind != "images"),
+         f"patchgd.fill=cached with method={config.method}, data.kind={d.kind}: the cached fill keeps PatchGD's Z "
+         "of images"),
+        (p.fill == "cached" and any((a.flip, a.rotate90, a.brightness, a.contrast, a.saturation, a.hue, a.hed)),
+         "patchgd.fill=cached and augment.*: every step would show another view of an image, whose cached codes "
+         "belong to the view they were made from; turn augmentation off, or use patchgd.fill=exact"),
+        (p.fill == "cached" and p.parallel_fill,
+         "patchgd.fill=cached and patchgd.parallel_fill=true: the cached fill reads Z, it does not split a fill"),
+        (p.features_from is not None and (p.fill != "cached" or m.freeze != "all"),
+         f"patchgd.features_from={p.features_from!r} with patchgd.fill={p.fill}, model.freeze={m.freeze!r}: stored "
+         "features are a frozen encoder's, read by a cached fill: expected fill cached and freeze all"),
+    ]
+    for conflict, message in conflicts:
+        if conflict:
+            raise ConfigError(f"{source}: {message}" if source else message)
 
 
 def known_keys(raw: Mapping[str, Any], cls: type = None, prefix: str = "") -> tuple[dict[str, Any], list[str]]:

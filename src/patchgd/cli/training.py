@@ -36,10 +36,10 @@ def cmd_train(args) -> int:
 
 
 def cmd_plan(args) -> int:
+    cfg = config_from_args(args)  # a config error comes before torch (seconds)
     from ..engine.build import resolve_device
     from ..engine.plan import plan_from_config
 
-    cfg = config_from_args(args)
     if args.budget:
         cfg = dataclasses.replace(cfg, memory=dataclasses.replace(cfg.memory, budget=args.budget))
     if cfg.memory.budget is None:

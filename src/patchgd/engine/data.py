@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
-from ..config import PATCH_METHODS, Config, ConfigError, check_paths
+from ..config import PATCH_METHODS, Config, check_paths
 from ..data.augment import Augment
 from ..data.datasets import ImageCSVDataset, ImageDataset, ImageFolderDataset, collate_images
 from ..data.errors import DataError, Skipped
@@ -169,9 +169,6 @@ def build_augmentation(cfg: Config) -> Augment | None:
     iteration alike, so the grid, ``Z`` and the labels stay consistent.
     """
     a = cfg.augment
-    if (a.saturation or a.hue or a.hed) and cfg.model.in_chans != 3:
-        raise ConfigError(f"augment.saturation/augment.hue/augment.hed need colour images; model.in_chans is "
-                          f"{cfg.model.in_chans}, expected 3")
     if not any((a.flip, a.rotate90, a.brightness, a.contrast, a.saturation, a.hue, a.hed)):
         return None
     return Augment(a, patch_size=cfg.model.patch_size if cfg.method in PATCH_METHODS else None)

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 
 from .. import distributed
 from ..checkpoint import CHECKPOINT_FORMAT, load_checkpoint, migrate_checkpoint, save_checkpoint
-from ..config import PATCH_METHODS, Config, config_to_dict, save_config
+from ..config import PATCH_METHODS, Config, config_to_dict, save_config, validate
 from ..data.datasets import ImageDataset, collate_images
 from ..data.errors import DataError
 from ..data.lazy import LazyImage
@@ -110,8 +110,10 @@ def fit(cfg: Config, resume: str | Path | None = None, *, log: Callable[[str], N
     Raises:
         DivergenceError: A non-finite loss, parameter or validation output; the checkpoints on disk keep
             the last epoch whose weights were all finite.
-        ConfigError: Resuming under a changed config.
+        ConfigError: Keys that cannot go together (:func:`~patchgd.config.validate`: a config built in Python
+            has not been read through it), or resuming under a changed config.
     """
+    validate(cfg)
     if cfg.train.threads is not None:
         torch.set_num_threads(cfg.train.threads)
     run_dir = Path(resume) if resume is not None else Path(cfg.output_dir)
@@ -324,10 +326,6 @@ def build_skip_log(cfg: Config, train_set, val_set, run_dir: Path, log) -> SkipL
     sets already in it); None otherwise."""
     if cfg.data.on_error != "skip":
         return None
-    if cfg.train.sync_batchnorm:
-        raise ValueError("data.on_error=skip and train.sync_batchnorm=true cannot be combined: a step run "
-                         "again without an unreadable image would repeat SyncBatchNorm's all-reduces on one "
-                         "process only; choose one")
     skips = SkipLog(cfg.data.max_skipped, getattr(train_set, "excluded", []), getattr(val_set, "excluded", []),
                     path=run_dir / SKIPPED_FILE, log=log)
     skips.check_data(len(train_set))
@@ -355,10 +353,6 @@ def build_training_model(cfg: Config, device: torch.device, resuming: bool, log)
         loaded = init_backbone(model, cfg.model.init_backbone)
         log(f"backbone initialised from {cfg.model.init_backbone}: {loaded} tensors")
     if cfg.train.sync_batchnorm:
-        if cfg.patchgd.parallel_fill and cfg.method == "patchgd":
-            # SyncBatchNorm all-reduces per chunk, and the parallel fill gives processes unequal chunk counts.
-            raise ValueError("train.sync_batchnorm=true and patchgd.parallel_fill=true cannot be combined: the "
-                             "processes would encode different numbers of fill chunks; choose one")
         model = distributed.convert_sync_batchnorm(model, device)
     model = model.to(device)
     if cfg.model.channels_last:

@@ -26,24 +26,12 @@ SNAPSHOT = "zstore-{epoch}.pt"  # a store in memory, as of the checkpoint of tha
 
 
 def check_cached_fill(cfg: Config) -> None:
-    """Refuse what a cached fill cannot do, naming the keys.
+    """Refuse what a cached fill cannot do under this launch (the key conflicts are :func:`~patchgd.config.validate`'s).
 
     Raises:
-        ConfigError: Another method, sequences, augmentation (a cached code would belong to another view of
-            its image), a patch-parallel fill, or a store in memory under several processes.
+        ConfigError: A store in memory under several processes.
     """
-    p, a = cfg.patchgd, cfg.augment
-    if cfg.method != "patchgd" or cfg.data.kind == "sequences":
-        raise ConfigError(f"patchgd.fill=cached keeps PatchGD's Z of images; method={cfg.method!r}, "
-                          f"data.kind={cfg.data.kind!r}: expected method patchgd on images")
-    if any((a.flip, a.rotate90, a.brightness, a.contrast, a.saturation, a.hue, a.hed)):
-        raise ConfigError("patchgd.fill=cached with augmentation: every step would show another view of an image, "
-                          "whose cached codes belong to the view they were made from; turn augment.* off, or use "
-                          "patchgd.fill=exact")
-    if p.parallel_fill:
-        raise ConfigError("patchgd.fill=cached and patchgd.parallel_fill=true: the cached fill reads Z, it does not "
-                          "split a fill; choose one")
-    if p.store == "memory" and distributed.world_size() > 1:
+    if cfg.patchgd.store == "memory" and distributed.world_size() > 1:
         raise ConfigError("patchgd.fill=cached with patchgd.store=memory under torchrun: each process would keep "
                           "its own copy; use patchgd.store=disk (a folder every process reaches)")
 
@@ -103,8 +91,8 @@ def build_cache(cfg: Config, model: nn.Module, train_set: ImageDataset, run_dir:
     folder = None
     if p.features_from is not None:
         if not features:
-            raise ConfigError(f"patchgd.features_from={p.features_from!r} holds a frozen encoder's features: it needs "
-                              "model.freeze: all (and a timm backbone)")
+            raise ConfigError(f"patchgd.features_from={p.features_from!r} holds a frozen encoder's features: "
+                              f"model.backbone={cfg.model.backbone!r} has none; expected a timm backbone")
         folder = FeatureFolder(p.features_from)
         log(f"features: read from {folder.folder} where an image has a file there")
     return CachedZ(model, store, refresh=p.refresh, features=features, features_from=folder,
