@@ -77,10 +77,22 @@ def test_prepare_tcga_lists_missing_slides_and_exits_2(tmp_path, sheet, capsys):
     assert not (tmp_path / "out").exists()
     # --allow-missing goes on without it, and says which it left out
     assert main(["prepare", "tcga", str(sheet), str(tmp_path / "out"), "--slides", str(tmp_path / "download"),
-                 "--projects", "TCGA-LUAD", "TCGA-LUSC", "--allow-missing"]) == 0
+                 "--projects", "TCGA-LUAD", "TCGA-LUSC", "--folds", "4", "--allow-missing"]) == 0
     out = capsys.readouterr().out
     assert "11 slides of 8 patients (LUAD 6, LUSC 5)" in out and f"1 slide(s) of the sheet not downloaded" in out
     assert gone.name in out
     rows = list(csv.DictReader((tmp_path / "out" / "train.csv").open()))
     assert len(rows) == 11 and gone.name not in {r["image_id"] for r in rows}
     assert [r["file_name"] for r in csv.DictReader((tmp_path / "out" / "missing.csv").open())] == [gone.name]
+
+
+def test_prepare_tcga_with_too_few_patients_for_the_folds_says_which_project_and_what_works(tmp_path, sheet,
+                                                                                            capsys):
+    # four patients a project, five folds asked: scikit-learn's words would name neither
+    assert main(["prepare", "tcga", str(sheet), str(tmp_path / "out"), "--slides", str(tmp_path / "download"),
+                 "--projects", "TCGA-LUAD", "TCGA-LUSC", "--folds", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "TCGA-LUAD has 4 patient(s)" in err and "too few for --folds 5" in err and "--folds 4 or fewer" in err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+    assert main(["prepare", "tcga", str(sheet), str(tmp_path / "out"), "--slides", str(tmp_path / "download"),
+                 "--projects", "TCGA-LUAD", "TCGA-LUSC", "--folds", "4"]) == 0

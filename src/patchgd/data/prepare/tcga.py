@@ -124,6 +124,13 @@ def prepare_tcga(sample_sheet: str | Path, slides_dir: str | Path, out: str | Pa
         raise FileNotFoundError(f"none of the slides of {sample_sheet} is in {slides_dir}")
     labels = sorted({s["project"] for s in slides})
     index = {name: i for i, name in enumerate(labels)}
+    patients = {name: len({s["case_id"] for s in slides if s["project"] == name}) for name in labels}
+    fewest = min(labels, key=patients.get)
+    if patients[fewest] < folds:  # some fold would validate without this class
+        way_out = (f"pass --folds {patients[fewest]} or fewer" if patients[fewest] >= 2 else
+                   f"add patients of {fewest} or leave the project out (--projects)")
+        raise DataError(f"{sample_sheet}: {fewest} has {patients[fewest]} patient(s) (each stays in one fold), too few "
+                        f"for --folds {folds}, which needs at least {folds} patients in every project; {way_out}")
     fold_of = grouped_folds([index[s["project"]] for s in slides], [s["case_id"] for s in slides], folds, seed,
                             sample_sheet)
     with atomic_directory(out, overwrite=overwrite) as tmp:
