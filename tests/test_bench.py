@@ -8,11 +8,12 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from patchgd.bench.__main__ import build_parser, main
+from benchmarks.__main__ import build_parser, main
 
 TINY = ["--backbone", "test_resnet", "--patch-size", "32", "--latent-dim", "8", "--head-width", "8",
         "--num-classes", "3", "--threads", "1", "--device", "cpu"]
@@ -40,9 +41,11 @@ def test_every_benchmark_is_registered(name):
     assert args.benchmark == name and callable(args.func)
 
 
-def test_python_m_entry_point_prints_help():
-    done = subprocess.run([sys.executable, "-m", "patchgd.bench", "step", "--help"], capture_output=True,
-                          text=True, check=True)
+@pytest.mark.parametrize("argv", [["-m", "benchmarks.step", "--help"], ["-m", "benchmarks", "step", "--help"]])
+def test_python_m_entry_points_print_help(argv):
+    # from the repository root, as RESULTS.md's commands run them
+    done = subprocess.run([sys.executable, *argv], capture_output=True, text=True, check=True,
+                          cwd=Path(__file__).resolve().parents[1])
     assert "--image-sizes" in done.stdout and "--device" in done.stdout
 
 

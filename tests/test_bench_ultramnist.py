@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from patchgd.bench import ultramnist
-from patchgd.bench.__main__ import main
+from benchmarks import ultramnist
+from benchmarks.__main__ import main
 from patchgd.config import load_config
 from patchgd.memory import parse_size
 from patchgd.methods import create_model
@@ -87,7 +87,7 @@ def test_init_backbone_into_gd_keeps_its_own_classifier(tmp_path):
 
 def test_quick_study_end_to_end(tmp_path):
     # The 256 px study's code on its tiny --quick configuration (128 px images, 2 x 2 grid, one epoch).
-    from patchgd.bench import ultramnist_study
+    from benchmarks import ultramnist_study
 
     assert main(["ultramnist_study", "--quick", "--threads", "1", "--out", str(tmp_path)]) == 0
     results = json.loads((tmp_path / "study.json").read_text())["results"]

@@ -217,7 +217,7 @@ def test_generate_refuses_to_overwrite_and_checkpoint_errors_are_clear(tmp_path,
 
 def test_every_subcommand_has_help(capsys):
     for command in (["generate", "ultramnist"], ["prepare", "panda"], ["stats"], ["train"], ["evaluate"],
-                    ["predict"], ["inspect"], ["plan"], ["demo"], ["bench"]):
+                    ["predict"], ["inspect"], ["plan"], ["demo"]):
         with pytest.raises(SystemExit) as exit_info:
             main([*command, "--help"])
         assert exit_info.value.code == 0

@@ -343,7 +343,7 @@ def test_a_killed_two_process_run_resumes_to_the_uninterrupted_weights(fit_runs)
 # --- the scaling benchmark ---------------------------------------------------------------------------------
 
 def _scaling_worker(rank, out_dir):
-    from patchgd.bench.__main__ import main
+    from benchmarks.__main__ import main
 
     assert main(["scaling", "--backbone", "test_resnet", "--patch-size", "32", "--latent-dim", "8", "--head-width",
                  "8", "--image-sizes", "64", "--batch-size", "2", "--repeats", "1", "--warmup", "0",

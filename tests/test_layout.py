@@ -22,7 +22,6 @@ LAYERS = [
     {"inference", "cells", "extract"},
     {"sweep"},
     {"cv"},
-    {"bench"},
     {"cli", "__main__"},
 ]
 RANK = {unit: rank for rank, units in enumerate(LAYERS) for unit in units}

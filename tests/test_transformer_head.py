@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from benchmarks.__main__ import main as bench
 from patchgd.engine import build
 from patchgd.checkpoint import load_checkpoint
 from patchgd.cli import PACKAGED_CONFIGS, main
@@ -121,7 +122,7 @@ def test_cli_trains_a_transformer_head(tmp_path, mnist_dir, capsys):
 
 
 def test_bench_heads_compares_both_heads_on_the_same_run(tmp_path, capsys):
-    assert main(["bench", "heads", "--backbone", "test_resnet", "--patch-size", "32", "--image-sizes", "64",
+    assert bench(["heads", "--backbone", "test_resnet", "--patch-size", "32", "--image-sizes", "64",
                  "--latent-dim", "8", "--head-width", "8", "--transformer-width", "16", "--transformer-heads", "2",
                  "--repeats", "1", "--warmup", "0", "--device", "cpu", "--out", str(tmp_path)]) == 0
     assert "transformer/conv" in capsys.readouterr().out

@@ -3,7 +3,7 @@
 A Megapixel MNIST data set knows where each digit lies (``meta.json``), so its training images can be cut
 into PatchGD's cells, each labelled by the digit mostly inside it or as background
 (:func:`patchgd.data.prepare.megapixel_mnist.cut_digit_cells`), and the backbone trained as a GD classifier of
-those cells. ``patchgd demo`` starts PatchGD from it; ``bench ultramnist_study --pretrain-cells`` starts
+those cells. ``patchgd demo`` starts PatchGD from it; ``python -m benchmarks.ultramnist_study --pretrain-cells`` starts
 every arm from it.
 """
 

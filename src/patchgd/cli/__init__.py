@@ -1,5 +1,5 @@
-"""The ``patchgd`` command: generate, prepare, train, evaluate, predict, inspect, plan, sweep, stats, demo
-and bench.
+"""The ``patchgd`` command: generate, prepare, extract, stats, inspect, configs, train, plan, sweep, cv, demo,
+evaluate and predict (the benchmarks are the repository's ``benchmarks/``, not part of the command).
 
 Only the standard library, PyYAML and the config schema are imported here; every command imports what
 it needs (torch among it) when it runs, so that ``patchgd --help`` answers at once.
@@ -11,7 +11,6 @@ import argparse
 import os
 import sys
 
-from ..bench import parse_with_benchmarks
 from ..config import ConfigError
 from . import data, training, use
 from .common import PACKAGED_CONFIGS
@@ -27,17 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     for group in (data, training, use):
         group.register(sub)
-
-    bench = sub.add_parser("bench", help="speed, memory and accuracy benchmarks")
-    bench_sub = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
-    from ..bench import register_all
-
-    register_all(bench_sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_with_benchmarks(build_parser(), argv)
+    args = build_parser().parse_args(argv)
     # Under torchrun every process prints its own error; the rank says which one failed first.
     world = int(os.environ.get("WORLD_SIZE", "1"))
     who = f"patchgd {args.command}" + (f" (rank {os.environ.get('RANK')} of {world})" if world > 1 else "")

@@ -15,19 +15,20 @@ peak at the smallest, with ``--input slide``.
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 from pathlib import Path
 
 import tifffile
 import torch
 
-from ..data.readers import open_source
-from ..data.lazy import LazyImage
-from ..grid import grid_shape
-from ..io import atomic_file
-from ..memory import PeakMemory, format_size
-from ..methods import GD, PatchGD, sample_schedule
-from ._common import add_common_arguments, build_model, format_table, resolve_device, write_json
+from patchgd.data.readers import open_source
+from patchgd.data.lazy import LazyImage
+from patchgd.grid import grid_shape
+from patchgd.io import atomic_file
+from patchgd.memory import PeakMemory, format_size
+from patchgd.methods import GD, PatchGD, sample_schedule
+from ._common import main_of, add_common_arguments, build_model, format_table, resolve_device, write_json
 
 TARGET = 1.05
 MIB = 1024**2
@@ -189,3 +190,7 @@ def run(args: argparse.Namespace) -> int:
     plot(results, png)
     print(f"wrote {png}")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main_of(register))

@@ -21,6 +21,7 @@ Writes ``diagnose.json`` to ``--out`` and prints one table row per epoch.
 from __future__ import annotations
 
 import argparse
+import sys
 import copy
 import time
 from collections import defaultdict
@@ -29,14 +30,14 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
-from ..config import load_config
-from ..data.datasets import collate_images
-from ..engine.build import (build_method, build_model, build_optimizer, build_scheduler, encoder_of, init_backbone,
+from patchgd.config import load_config
+from patchgd.data.datasets import collate_images
+from patchgd.engine.build import (build_method, build_model, build_optimizer, build_scheduler, encoder_of, init_backbone,
                             resolve_device)
-from ..engine.data import build_datasets, build_train_loader, resolve_classes
-from ..engine.loop import evaluate
-from ..engine.state import seed_everything
-from ._common import format_table, write_json
+from patchgd.engine.data import build_datasets, build_train_loader, resolve_classes
+from patchgd.engine.loop import evaluate
+from patchgd.engine.state import seed_everything
+from ._common import main_of, format_table, write_json
 
 
 def register(subparsers) -> None:
@@ -162,3 +163,7 @@ def run(args: argparse.Namespace) -> int:
                                           "config": {"model": vars(cfg.model), "train": vars(cfg.train),
                                                      "patchgd": vars(cfg.patchgd)}})
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main_of(register))

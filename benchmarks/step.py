@@ -10,11 +10,12 @@ detaching ``Z``, sampling, checks). Target: at most 1.10.
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 
-from ..methods import GD, PatchGD, classification_loss
-from ._common import (add_common_arguments, build_model, format_table, interleaved, median, resolve_device,
+from patchgd.methods import GD, PatchGD, classification_loss
+from ._common import (main_of, add_common_arguments, build_model, format_table, interleaved, median, resolve_device,
                       timed, write_json)
 
 TARGET = 1.10
@@ -118,3 +119,7 @@ def run(args: argparse.Namespace) -> int:
     write_json(args, "step", device, {"target_ratio": TARGET, "worst_ratio": worst, "met": worst <= TARGET,
                                       "sizes": results})
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main_of(register))

@@ -20,6 +20,7 @@ Slides written here are deleted at the end.
 from __future__ import annotations
 
 import argparse
+import sys
 import math
 import multiprocessing
 import resource
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from ._common import add_common_arguments, format_table, interleaved, median, resolve_device, write_json
+from ._common import main_of, add_common_arguments, format_table, interleaved, median, resolve_device, write_json
 
 TARGET = 0.9
 
@@ -57,7 +58,7 @@ def register(subparsers) -> None:
 
 
 def _model(args: argparse.Namespace):
-    from ..methods import create_model
+    from patchgd.methods import create_model
 
     torch.manual_seed(args.seed)
     model = create_model("patchgd", args.backbone, args.num_classes, patch_size=args.patch_size,
@@ -67,7 +68,7 @@ def _model(args: argparse.Namespace):
 
 
 def _open(args: argparse.Namespace, path: str):
-    from ..data.datasets import load_image
+    from patchgd.data.datasets import load_image
 
     return load_image(path, 3, patch_size=args.patch_size, tissue="otsu", tissue_fraction=args.tissue_fraction)
 
@@ -95,10 +96,10 @@ def _predict(args: argparse.Namespace, path: str) -> dict:
 
 
 def _step(args: argparse.Namespace, path: str) -> dict:
-    from ..data.lazy import SourceGrid
-    from ..methods import PatchGD, sample_schedule
-    from ..methods.cached import CachedZ
-    from ..zstore import ZStore
+    from patchgd.data.lazy import SourceGrid
+    from patchgd.methods import PatchGD, sample_schedule
+    from patchgd.methods.cached import CachedZ
+    from patchgd.zstore import ZStore
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -152,8 +153,8 @@ def throughput(args: argparse.Namespace, path: str, device: torch.device) -> dic
     backbone on in-memory patches."""
     import dataclasses
 
-    from ..config import AugmentConfig
-    from ..data.colour import ColourJitter
+    from patchgd.config import AugmentConfig
+    from patchgd.data.colour import ColourJitter
 
     model = _model(args).to(device).eval()
     image = _open(args, path)
@@ -194,7 +195,7 @@ def run(args: argparse.Namespace) -> int:
             if args.slide:
                 path, written_s = args.slide, None
             else:
-                from ..data.prepare.synthetic import write_synthetic_slide
+                from patchgd.data.prepare.synthetic import write_synthetic_slide
 
                 path = str(Path(folder) / f"synthetic-{size}.tif")
                 started = time.perf_counter()
@@ -230,3 +231,7 @@ def run(args: argparse.Namespace) -> int:
     write_json(args, "slide", device, {"target_ratio": TARGET, "met": speed["ratio"] >= TARGET, "sizes": rows,
                                        "throughput": speed})
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main_of(register))

@@ -10,13 +10,14 @@ warm-up step (model, optimizer and input counted as baseline).
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 
-from ..memory import PeakMemory, format_size
-from ..methods import PatchGD, classification_loss, create_model
-from ._common import (add_common_arguments, format_table, interleaved, median, resolve_device, small_call_seconds,
-                      write_json)
+from patchgd.memory import PeakMemory, format_size
+from patchgd.methods import PatchGD, classification_loss, create_model
+from ._common import (add_common_arguments, format_table, interleaved, main_of, median, resolve_device,
+                      small_call_seconds, write_json)
 
 HEADS = ("conv", "transformer")
 
@@ -99,3 +100,7 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(["image px", "grid", "head", "head params", "step s", "head fwd+bwd s", "step peak"], table))
     write_json(args, "heads", device, {"sizes": results})
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main_of(register))

@@ -15,6 +15,7 @@ step peak at ``--loose-batch`` images, the tight one a quarter of it.
 from __future__ import annotations
 
 import argparse
+import sys
 import csv
 import dataclasses
 import shutil
@@ -24,14 +25,14 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config, DataConfig, MemoryConfig, ModelConfig, PatchGDConfig, TrainConfig
-from ..data.prepare.ultramnist import generate_ultramnist
-from ..io import atomic_file
-from ..memory import format_size, parse_size
-from ..engine.plan import plan_budget
-from ..engine.trainer import fit
-from ._common import format_table, machine, write_json
-from ..rundir import BEST_CHECKPOINT, METRICS_FILE
+from patchgd.config import Config, DataConfig, MemoryConfig, ModelConfig, PatchGDConfig, TrainConfig
+from patchgd.data.prepare.ultramnist import generate_ultramnist
+from patchgd.io import atomic_file
+from patchgd.memory import format_size, parse_size
+from patchgd.engine.plan import plan_budget
+from patchgd.engine.trainer import fit
+from ._common import main_of, format_table, machine, write_json
+from patchgd.rundir import BEST_CHECKPOINT, METRICS_FILE
 
 SHARED_MNIST = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "mnist"
 METHODS = ("gd", "gd-extended", "patchgd")
@@ -258,3 +259,7 @@ def run(args: argparse.Namespace) -> int:
     plot(records, budgets, png)
     print(f"wrote {report} and {png}")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main_of(register))

@@ -30,21 +30,22 @@ Writes ``study.json``, ``study.md`` and ``study_curves.png`` to ``--out``. One c
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from ..cells import pretrain_on_cells
-from ..data.prepare.megapixel_mnist import generate_megapixel_mnist
-from ..data.prepare.ultramnist import default_max_scale
-from ..config import Config
-from ..io import atomic_file
-from ..memory import format_size, parse_size
-from ..engine.plan import BudgetError, plan_budget
-from ._common import format_table, machine, write_json
+from patchgd.cells import pretrain_on_cells
+from patchgd.data.prepare.megapixel_mnist import generate_megapixel_mnist
+from patchgd.data.prepare.ultramnist import default_max_scale
+from patchgd.config import Config
+from patchgd.io import atomic_file
+from patchgd.memory import format_size, parse_size
+from patchgd.engine.plan import BudgetError, plan_budget
+from ._common import main_of, format_table, machine, write_json
 from .ultramnist import PAPER_4GB, SHARED_MNIST, base_config, gd_peaks, markdown, prepare, train_run, variant
-from ..rundir import BEST_CHECKPOINT
+from patchgd.rundir import BEST_CHECKPOINT
 
 QUICK = dict(train=16, val=8, image_size=128, grid=2, epochs=1, max_batch=4, size_step=16)
 ARMS = ("patchgd", "gd full-res accum", "gd low-res", "patchgd init low-res gd")
@@ -235,3 +236,7 @@ def run(args: argparse.Namespace) -> int:
     plot(records, budget, args.image_size, TASKS[args.task], png)
     print(f"wrote {report} and {png}")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main_of(register))

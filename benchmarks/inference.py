@@ -11,13 +11,14 @@ head - the same model, so only the fill's chunking and cutting differ.
 from __future__ import annotations
 
 import argparse
+import sys
 import functools
 import math
 
 import torch
 
-from ..memory import PeakMemory
-from ._common import (add_common_arguments, autocast, build_model, format_table, interleaved, median,
+from patchgd.memory import PeakMemory
+from ._common import (main_of, add_common_arguments, autocast, build_model, format_table, interleaved, median,
                       resolve_device, write_json)
 
 
@@ -98,3 +99,7 @@ def run(args: argparse.Namespace) -> int:
                          r["peak_bytes"]["patchgd-64"] / r["peak_bytes"]["reference"]] for r in results]))
     write_json(args, "inference", device, {"sizes": results})
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main_of(register))

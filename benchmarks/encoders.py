@@ -15,15 +15,16 @@ add to the tensor peak: leave some headroom (the planner, ``memory.budget``, mea
 from __future__ import annotations
 
 import argparse
+import sys
 
 import numpy as np
 import torch
 
-from ..model.backbones import freeze_encoder
-from ..memory import PeakMemory, format_size, parse_size
-from ..methods import PatchGD, create_model
-from ..engine.build import parameter_groups
-from ._common import format_table, resolve_device, write_json
+from patchgd.model.backbones import freeze_encoder
+from patchgd.memory import PeakMemory, format_size, parse_size
+from patchgd.methods import PatchGD, create_model
+from patchgd.engine.build import parameter_groups
+from ._common import main_of, format_table, resolve_device, write_json
 
 ENCODERS = {
     "resnet50": ("resnet50", {}),
@@ -148,3 +149,7 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(["encoder", "setting", "k", "tensor peak", "how / largest k"], rows))
     write_json(args, "encoders", device, {"rows": results})
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main_of(register))

@@ -11,10 +11,11 @@ patches out of the image and writing the features into ``Z``. Target: at least 0
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 
-from ._common import (add_common_arguments, autocast, build_model, format_table, interleaved, median,
+from ._common import (main_of, add_common_arguments, autocast, build_model, format_table, interleaved, median,
                       resolve_device, write_json)
 
 TARGET = 0.95
@@ -77,3 +78,7 @@ def run(args: argparse.Namespace) -> int:
     write_json(args, "fill", device, {"target_ratio": TARGET, "worst_ratio": worst, "met": worst >= TARGET,
                                       "sizes": rows})
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main_of(register))

@@ -8,6 +8,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,11 +16,21 @@ from typing import Any
 
 import torch
 
-from ..io import atomic_file
-from ..methods import autocast, create_model, sync
+from patchgd.io import atomic_file
+from patchgd.methods import autocast, create_model, sync
 
-__all__ = ["add_common_arguments", "resolve_device", "build_model", "autocast", "sync", "timed",
+__all__ = ["main_of", "add_common_arguments", "resolve_device", "build_model", "autocast", "sync", "timed",
            "interleaved", "median", "small_call_seconds", "machine", "format_table", "write_json"]
+
+
+def main_of(register: Callable, argv: list[str] | None = None) -> int:
+    """Run the one benchmark ``register`` adds, with ``argv`` (default: the command line's) as its flags:
+    what ``python -m benchmarks.NAME`` does."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks")
+    sub = parser.add_subparsers(dest="benchmark", required=True)
+    register(sub)
+    args = parser.parse_args([*sub.choices, *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, *, image_sizes: list[int], batch_size: int = 1,

@@ -1,6 +1,6 @@
 """Data-parallel scaling: training images per second on 1 process and on the N processes of a group.
 
-Run it under torchrun, e.g. ``torchrun --standalone --nproc_per_node 2 -m patchgd bench scaling``. Each
+Run it under torchrun, e.g. ``torchrun --standalone --nproc_per_node 2 -m benchmarks.scaling``. Each
 round, in turns: rank 0 trains a step alone (a model of its own, no DDP) while the others wait, then
 every process trains a step of the same per-process batch under DistributedDataParallel. Throughput is
 ``batch / step time`` alone and ``N * batch / step time`` together; the scaling efficiency is their ratio
@@ -15,13 +15,14 @@ DDP's bookkeeping cost); on one GPU per process it is the real scaling.
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 
-from .. import distributed
-from ..methods import METHODS, create_method
-from ..model.fill import fill_chunk
-from ._common import (add_common_arguments, build_model, format_table, interleaved, median, resolve_device,
+from patchgd import distributed
+from patchgd.methods import METHODS, create_method
+from patchgd.model.fill import fill_chunk
+from ._common import (main_of, add_common_arguments, build_model, format_table, interleaved, median, resolve_device,
                       write_json)
 
 
@@ -111,3 +112,7 @@ def run(args: argparse.Namespace) -> int:
             for r in rows]))
         write_json(args, "scaling", device, {"processes": world, "sizes": rows})
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main_of(register))
