@@ -1,7 +1,8 @@
 """Why a PatchGD run learns slowly: what happens inside its steps, measured on a config's own run.
 
-Trains ``--config`` (with ``--set`` overrides) the way ``patchgd train`` does (same builders, data,
-schedule and seed; no run directory) and records, per epoch:
+Trains ``--config`` (with ``--set`` overrides) the way ``patchgd train`` does (its run setup,
+:mod:`patchgd.engine.setup`: the same seeds, model, optimizer, step, augmentation and loaders, and its
+schedule; no run directory) and records, per epoch:
 
 * the training loss at each inner iteration ``j`` of a step, averaged over the epoch's steps (does a
   step's loss fall from its first inner iteration to its last, as later iterations see more re-encoded
@@ -21,23 +22,20 @@ Writes ``diagnose.json`` to ``--out`` and prints one table row per epoch.
 from __future__ import annotations
 
 import argparse
-import sys
 import copy
+import sys
 import time
 from collections import defaultdict
 
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader
 
 from patchgd.config import load_config
-from patchgd.data.datasets import collate_images
-from patchgd.engine.build import (build_method, build_model, build_optimizer, build_scheduler, encoder_of, init_backbone,
-                            resolve_device)
-from patchgd.engine.data import build_datasets, build_train_loader, resolve_classes
+from patchgd.engine.build import build_scheduler, encoder_of, resolve_device, resolve_weights
+from patchgd.engine.data import build_datasets, resolve_classes
 from patchgd.engine.loop import evaluate
-from patchgd.engine.state import seed_everything
-from ._common import main_of, format_table, write_json
+from patchgd.engine.setup import build_loaders, build_training
+from ._common import format_table, main_of, write_json
 
 
 def register(subparsers) -> None:
@@ -99,18 +97,14 @@ def run(args: argparse.Namespace) -> int:
     if cfg.method != "patchgd":
         raise ValueError(f"{args.config}: method={cfg.method!r}; the diagnosis looks inside PatchGD steps")
     device = resolve_device(cfg.train.device)
-    train_set, val_set = build_datasets(cfg)
+    cfg = resolve_weights(cfg)
+    train_set, val_set = build_datasets(cfg, augment=True)
     cfg = resolve_classes(cfg, train_set, val_set)
-    generator = seed_everything(cfg.train.seed)
-    model = build_model(cfg)
-    if cfg.model.init_backbone is not None:
-        init_backbone(model, cfg.model.init_backbone)
-    model = model.to(device)
-    optimizer = build_optimizer(cfg, model)
-    method = build_method(cfg, model, optimizer, generator)
-    loader = build_train_loader(cfg, train_set, torch.Generator())
-    val_loader = DataLoader(val_set, batch_size=cfg.train.eval_batch_size or cfg.train.batch_size,
-                            collate_fn=collate_images)
+    # the run setup fit uses: the same seeds, model, optimizer, step and loaders
+    training = build_training(cfg, device)
+    model, optimizer, method = training.model, training.optimizer, training.method
+    loaders = build_loaders(cfg, train_set, val_set)
+    loader, val_loader = loaders.train, loaders.val
     scheduler = build_scheduler(cfg, optimizer, len(loader))
 
     encoder = encoder_of(model)

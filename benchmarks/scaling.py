@@ -20,7 +20,8 @@ import sys
 import torch
 
 from patchgd import distributed
-from patchgd.methods import METHODS, create_method
+from patchgd.methods import create_method
+from patchgd.registry import METHODS
 from patchgd.model.fill import fill_chunk
 from ._common import (main_of, add_common_arguments, build_model, format_table, interleaved, median, resolve_device,
                       write_json)
@@ -31,7 +32,7 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser("scaling", help="training images/s on 1 and N processes (run under torchrun)",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_arguments(parser, image_sizes=[256], batch_size=4, backbone="resnet18")
-    parser.add_argument("--method", choices=METHODS, default="patchgd", help="method to train (default patchgd)")
+    parser.add_argument("--method", choices=METHODS.names(), default="patchgd", help="method to train (default patchgd)")
     parser.add_argument("--sampling", type=float, default=0.25,
                         help="PatchGD fraction of cells per inner iteration (default 0.25)")
     parser.add_argument("--fill-batch-size", type=int, default=None,

@@ -188,7 +188,7 @@ def test_config_error_is_a_value_error():
         ("data:\n  mean: [0.5, x]\n", ["data.mean", "[0.5, 'x']", "list of float"]),
         ("patchgd:\n  inner_iterations: 1.5\n", ["patchgd.inner_iterations", "expected int or null"]),
         # enums
-        ("method: sgd\n", ["method", "'sgd'", "'patchgd', 'gd', 'gd-extended'"]),
+        ("method: sgd\n", ["method='sgd'", "expected one of patchgd, gd, gd-extended, subbag", "patchgd.register_method"]),
         ("train:\n  optimizer: rmsprop\n", ["train.optimizer", "'rmsprop'", "'adam', 'adamw', 'sgd'"]),
         ("train:\n  schedule: cosine\n", ["train.schedule", "'cosine'", "'paper', 'constant'"]),
         ("train:\n  amp: fp32\n", ["train.amp", "'fp32'", "'bf16', 'fp16' or null"]),

@@ -12,7 +12,6 @@ import torch
 import yaml
 from PIL import Image
 
-import patchgd
 from patchgd.cli import main
 from patchgd.config import load_config
 from patchgd.engine.build import build_model

@@ -10,7 +10,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "patchgd"
 # Bottom to top; a unit is a top-level module or folder of patchgd. The leaves share the lowest layer.
 LAYERS = [
-    {"io", "normalize", "memory", "metrics", "runlog", "rundir", "distributed", "plots", "checkpoint", "config",
+    {"io", "normalize", "memory", "metrics", "runlog", "rundir", "distributed", "plots", "checkpoint", "config", "registry",
      "zstore"},
     {"grid"},
     {"data"},

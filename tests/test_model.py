@@ -121,7 +121,7 @@ def test_pretrained_loads_a_local_file(tmp_path):
 def test_unknown_backbone_and_head_are_clear_errors():
     with pytest.raises(ValueError, match="unknown backbone 'resnet_nope'"):
         patchgd.PatchGDClassifier("resnet_nope", num_classes=2, patch_size=32)
-    with pytest.raises(ValueError, match="unknown head 'mlp'"):
+    with pytest.raises(ValueError, match="model.head='mlp': no such head"):
         patchgd.PatchGDClassifier(TinyEncoder(), num_classes=2, patch_size=32, latent_dim=8, head="mlp")
 
 

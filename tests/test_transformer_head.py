@@ -118,7 +118,7 @@ def test_cli_trains_a_transformer_head(tmp_path, mnist_dir, capsys):
     capsys.readouterr()
     assert main(["predict", str(run / "last.pt"), str(next((data / "val").glob("*.png"))), "--json"]) == 0
     assert main(["train", "--config", str(PACKAGED_CONFIGS / "demo.yaml"), "--set", "model.head=mlp"]) == 2
-    assert "model.head: got 'mlp'" in capsys.readouterr().err
+    assert "model.head='mlp': no such head" in capsys.readouterr().err
 
 
 def test_bench_heads_compares_both_heads_on_the_same_run(tmp_path, capsys):

@@ -9,11 +9,13 @@ model) does not pay for importing torch.
 
 import importlib
 
-__all__ = ["PatchGDClassifier", "PatchGD", "GD", "GDClassifier", "GDExtendedClassifier", "create_model",
-           "create_method", "load_model", "predict"]
+__all__ = ["PatchGDClassifier", "PatchGD", "GD", "GDClassifier", "GDExtendedClassifier", "Method", "create_model",
+           "create_method", "load_model", "predict", "register_head", "register_method", "register_reader"]
 __version__ = "0.1.0"
 
-_HOMES = {"PatchGD": "methods", "GD": "methods", "create_method": "methods", "create_model": "methods",
+_HOMES = {"PatchGD": "methods", "GD": "methods", "Method": "methods", "create_method": "methods",
+          "create_model": "methods", "register_head": "registry", "register_method": "registry",
+          "register_reader": "registry",
           "PatchGDClassifier": "model", "GDClassifier": "model", "GDExtendedClassifier": "model",
           "load_model": "inference", "predict": "inference"}
 

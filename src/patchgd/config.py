@@ -28,13 +28,10 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from .io import atomic_file
+from .registry import HEADS, METHODS, READERS, patch_method
 
-
-# The names a config may choose, each listed once: the schema's types below, the model and the method
-# registries read them from here (this module imports no torch, so it sits below them all).
-METHODS = ("patchgd", "gd", "gd-extended", "subbag")
-PATCH_METHODS = ("patchgd", "subbag")  # whose model cuts images into patches, fills Z and classifies it
-HEADS = ("conv", "conv1d", "transformer", "attention", "mean")
+# The names a config may choose, each listed once. Heads, methods and readers are the registries' (one may
+# add to them, so their keys are checked by validate() rather than by their type).
 TISSUE_METHODS = ("otsu", "none")
 ON_ERROR = ("stop", "skip")  # what a data set does with a file it cannot read
 # The validation metrics that may pick best.pt (train.monitor), and whether larger is better.
@@ -117,9 +114,13 @@ class ModelConfig:
     init_backbone: str | None = _field(None,
         help="start the backbone from a run's checkpoint, a state dict or an `hf-hub:` repository (the paper's App. C "
              'initialisation, e.g. from a low-resolution GD run)')
-    head: Literal[HEADS] = _field("conv",
+    head: str = _field("conv",
         help="`conv` (the paper's head), `conv1d` (the same head for sequences), `transformer`, `attention` (gated "
-             'attention-MIL pooling over the cells) or `mean` (the cells\' mean, then an MLP)')
+             "attention-MIL pooling over the cells), `mean` (the cells' mean, then an MLP), or a head registered with "
+             "`patchgd.register_head`")
+    head_args: dict[str, Any] | None = _field(None,
+        help="keyword arguments of the head, on top of `head_width`, `head_dropout`, `head_depth` and `head_heads` "
+             "(each given to a head that takes `width`, `dropout`, `depth`, `heads`): a registered head's own options")
     head_depth: int = _field(2, ge=1, help='encoder layers of the transformer head')
     head_heads: int = _field(4, ge=1, help='attention heads of the transformer head')
     backbone_args: dict[str, Any] | None = _field(None,
@@ -187,6 +188,10 @@ class DataConfig:
     slide_mpp: float | None = _field(None, gt=0,
         help="every slide's microns per pixel at level 0, instead of its metadata (a CSV column `mpp` gives one "
              "slide's)")
+    reader: str | None = _field(None,
+        help="the reader of every image and slide: `openslide` (vendor formats), `tiff` (tiled TIFF through tifffile + "
+             "zarr), `image` (PNG, JPEG, strip TIFF, decoded whole) or one registered with `patchgd.register_reader`; "
+             "null: the first reader that claims the file's suffix and contents, in that order")
     on_error: Literal[ON_ERROR] = _field("stop",
         help='`stop`: an image that cannot be opened or decoded stops the run; `skip`: it leaves the data set or the '
              'epoch and is listed in `skipped.csv`')
@@ -350,10 +355,11 @@ class MemoryConfig:
 class Config:
     """A whole run: the method, where it writes, and one section per concern."""
 
-    method: Literal[METHODS] = _field("patchgd",
+    method: str = _field("patchgd",
         help='`patchgd`, `gd` (the backbone with its own classifier on the whole image), `gd-extended` (its unpooled'
              " feature map and a head like PatchGD's) or `subbag` (each step encodes `k` random cells per image with "
-             "gradients and an `attention` or `mean` head classifies those alone; evaluation encodes every cell)")
+             "gradients and an `attention` or `mean` head classifies those alone; evaluation encodes every cell), or a "
+             "method registered with `patchgd.register_method`")
     output_dir: str = _field("runs/patchgd", help='the run directory')
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -477,7 +483,14 @@ def validate(config: Config, source: str | None = None) -> None:
         ConfigError: The first conflict found.
     """
     d, m, t, p, a = config.data, config.model, config.train, config.patchgd, config.augment
-    patch = config.method in PATCH_METHODS
+    for registry, name in ((METHODS, config.method), (HEADS, m.head), (READERS, d.reader)):
+        if name is not None:
+            try:
+                registry.check(name)
+            except ValueError as err:
+                raise ConfigError(f"{source}: {err}" if source else str(err)) from None
+    patch = patch_method(config.method)
+    bag_heads = [name for name in HEADS.names() if HEADS.info(name).get("bag")]
     conflicts = [
         (d.level is not None and d.mpp is not None,
          f"data.level={d.level} and data.mpp={d.mpp}: give one (a pyramid level, or the microns per pixel to read "
@@ -487,8 +500,9 @@ def validate(config: Config, source: str | None = None) -> None:
         (d.kind == "sequences" and d.on_error == "skip",
          "data.kind=sequences and data.on_error=skip: skipping leaves out image files that cannot be read; "
          "sequences come whole from train.npz and val.npz"),
-        (config.method == "subbag" and m.head not in ("attention", "mean"),
-         f"method=subbag and model.head={m.head!r}: a sub-bag is a set of cells; expected head attention or mean"),
+        (METHODS.info(config.method).get("bag") and not HEADS.info(m.head).get("bag"),
+         f"method={config.method} and model.head={m.head!r}: a sub-bag is a set of cells; expected a head that takes "
+         f"one: {', '.join(bag_heads)}"),
         (config.method in ("gd", "gd-extended") and m.head != "conv",
          f"method={config.method} and model.head={m.head!r}: the GD baselines have their own classifier or conv "
          "head; model.head is PatchGD's"),

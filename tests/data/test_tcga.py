@@ -79,7 +79,7 @@ def test_prepare_tcga_lists_missing_slides_and_exits_2(tmp_path, sheet, capsys):
     assert main(["prepare", "tcga", str(sheet), str(tmp_path / "out"), "--slides", str(tmp_path / "download"),
                  "--projects", "TCGA-LUAD", "TCGA-LUSC", "--folds", "4", "--allow-missing"]) == 0
     out = capsys.readouterr().out
-    assert "11 slides of 8 patients (LUAD 6, LUSC 5)" in out and f"1 slide(s) of the sheet not downloaded" in out
+    assert "11 slides of 8 patients (LUAD 6, LUSC 5)" in out and "1 slide(s) of the sheet not downloaded" in out
     assert gone.name in out
     rows = list(csv.DictReader((tmp_path / "out" / "train.csv").open()))
     assert len(rows) == 11 and gone.name not in {r["image_id"] for r in rows}

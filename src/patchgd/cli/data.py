@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -138,13 +139,20 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def _writes(parser: argparse.ArgumentParser, func, out_help: str) -> None:
+    """The output folder a generator or preparer writes atomically, ``--overwrite``, and its command."""
+    parser.add_argument("out", help=out_help)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.set_defaults(func=func)
+
+
 def register(sub) -> None:
     """Add ``generate``, ``prepare``, ``extract``, ``stats`` and ``inspect`` to the ``patchgd`` command's subparsers
     ``sub``."""
     gen = sub.add_parser("generate", help="generate a synthetic data set")
     gen_sub = gen.add_subparsers(dest="dataset", required=True, metavar="DATASET")
     um = gen_sub.add_parser("ultramnist", help="UltraMNIST: 3-5 digits per image, label = their sum")
-    um.add_argument("out", help="output folder (written atomically)")
+    _writes(um, cmd_generate, "output folder (written atomically)")
     um.add_argument("--train", type=int, required=True, help="number of training images")
     um.add_argument("--val", type=int, required=True, help="number of validation images")
     um.add_argument("--image-size", type=int, default=None, help="image side in pixels (default 512)")
@@ -159,10 +167,8 @@ def register(sub) -> None:
     um.add_argument("--preset", choices=["default", "original"], default=None,
                     help="'original' = the 4000 px, 28-class benchmark")
     um.add_argument("--seed", type=int, default=0)
-    um.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    um.set_defaults(func=cmd_generate)
     mp = gen_sub.add_parser("megapixel-mnist", help="Megapixel MNIST: 5 digits on a large canvas, 3 of the class")
-    mp.add_argument("out", help="output folder (written atomically)")
+    _writes(mp, cmd_generate_megapixel, "output folder (written atomically)")
     mp.add_argument("--preset", choices=["original", "scaled", "demo"], default="scaled",
                     help="'original' = Katharopoulos & Fleuret's 1500 px, 5000 / 1000 images; 'scaled' (default) = "
                          "500 px, 1000 / 200 images, the same digit size and scribble density; 'demo' = "
@@ -174,30 +180,24 @@ def register(sub) -> None:
     mp.add_argument("--digits", default=None,
                     help="MNIST folder in IDX format (default: scikit-learn's bundled digits)")
     mp.add_argument("--seed", type=int, default=0)
-    mp.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    mp.set_defaults(func=cmd_generate_megapixel)
 
     prep = sub.add_parser("prepare", help="prepare a real data set for training")
     prep_sub = prep.add_subparsers(dest="dataset", required=True, metavar="DATASET")
     panda = prep_sub.add_parser("panda", help="PANDA: resize slides to N px squares, stratified folds")
     panda.add_argument("src", help="PANDA folder with train.csv and train_images/")
-    panda.add_argument("out", help="output folder (written atomically)")
+    _writes(panda, cmd_prepare, "output folder (written atomically)")
     panda.add_argument("--size", type=int, required=True, help="side N of the square images (512/2048/4096)")
     panda.add_argument("--folds", type=int, default=5, help="number of stratified folds")
     panda.add_argument("--seed", type=int, default=42)
     panda.add_argument("--workers", type=int, default=1, help="parallel reader processes")
-    panda.add_argument("--overwrite", action="store_true")
-    panda.set_defaults(func=cmd_prepare)
     aeon = prep_sub.add_parser("aeon", help="a time-series data set bundled with the aeon package, for 1-D PatchGD "
                                "(data.kind: sequences)")
     aeon.add_argument("name", help="data set name, e.g. BasicMotions (multichannel: BasicMotions)")
-    aeon.add_argument("out", help="output folder (written atomically): train.npz, val.npz, meta.json")
-    aeon.add_argument("--overwrite", action="store_true")
-    aeon.set_defaults(func=cmd_prepare_aeon)
+    _writes(aeon, cmd_prepare_aeon, "output folder (written atomically): train.npz, val.npz, meta.json")
     tcga = prep_sub.add_parser("tcga", help="TCGA diagnostic slides from a GDC sample sheet: labels by project, "
                                "folds grouped by patient")
     tcga.add_argument("sample_sheet", help="the GDC portal's sample sheet (TSV) of the downloaded slides")
-    tcga.add_argument("out", help="output folder (written atomically): train.csv and slides/ (links)")
+    _writes(tcga, cmd_prepare_tcga, "output folder (written atomically): train.csv and slides/ (links)")
     tcga.add_argument("--slides", help="folder gdc-client downloaded into (<File ID>/<File Name>; default: the "
                       "sample sheet's folder)")
     tcga.add_argument("--projects", nargs="+", help="projects to keep and label by, e.g. TCGA-LUAD TCGA-LUSC "
@@ -207,11 +207,9 @@ def register(sub) -> None:
     tcga.add_argument("--all-sample-types", action="store_true", help="keep every sample type")
     tcga.add_argument("--folds", type=int, default=5, help="folds of the kfold column (default 5)")
     tcga.add_argument("--seed", type=int, default=42)
-    tcga.add_argument("--overwrite", action="store_true")
     tcga.add_argument("--allow-missing", action="store_true",
                       help="go on without the sheet's slides that are not downloaded (a partial download), listing "
                            "them in OUT/missing.csv")
-    tcga.set_defaults(func=cmd_prepare_tcga)
 
     extract = sub.add_parser("extract", help="encode a config's images once with its encoder: one NAME.h5 per "
                              "slide in TRIDENT's layout (features, coords), resumable, broken slides listed")

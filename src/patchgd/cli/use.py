@@ -6,7 +6,8 @@ import json
 import sys
 from pathlib import Path
 
-from ..config import PATCH_METHODS, Config
+from ..config import Config
+from ..registry import patch_method
 from .common import require
 
 
@@ -78,7 +79,7 @@ def cmd_evaluate(args) -> int:
               "/ split.csv): the scores are optimistic; score held-out images (--data with the run's data.root "
               "scores its validation set)", file=sys.stderr)
     if cfg.data.kind != "sequences" and cfg.data.image_size is None and args.batch_size > 1 \
-            and cfg.method not in PATCH_METHODS:
+            and not patch_method(cfg.method):
         require_one_size(dataset.paths, dataset.image_sizes)  # PatchGD gives each image its own grid
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate_images)
     results = evaluate(model, loader, device, cfg.data.num_classes, cfg.train.amp)  # as the run evaluated
@@ -138,7 +139,7 @@ def cmd_predict(args) -> int:
     device = resolve_device(args.device)
     model, cfg = load_model(args.checkpoint, device)
     explaining = args.heatmap is not None or args.z_image is not None
-    if explaining and cfg.method not in PATCH_METHODS:
+    if explaining and not patch_method(cfg.method):
         raise ValueError(f"--heatmap and --z-image explain PatchGD's latent grid Z; {args.checkpoint} is a "
                          f"{cfg.method} model")
     if not explaining:

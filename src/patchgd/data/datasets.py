@@ -20,12 +20,13 @@ from patchgd.config import ON_ERROR, TISSUE_METHODS
 from patchgd.data.errors import DataError, Skipped
 from patchgd.data.images import check_images, image_channels
 from patchgd.data.intensity import Intensity, prepare_pixels
-from patchgd.data.layouts import (EXTENSIONS, FOLD_COLUMN, MPP_COLUMN, check_unique, class_folders, encode_labels,
+from patchgd.data.layouts import (FOLD_COLUMN, MPP_COLUMN, check_unique, class_folders, encode_labels,
                                   find_images, list_images, mpp_column, pick_label_column, read_csv, require_column,
                                   resolve_image_dir, select_fold)
 from patchgd.data.readers import ArraySource, open_source
 from patchgd.data.lazy import LazyImage
 from patchgd.normalize import to_unit_range
+from patchgd.registry import suffixes
 from patchgd.runlog import Progress
 
 
@@ -69,6 +70,8 @@ class ImageDataset(Dataset):
             holds each image's ``(height, width)`` as stored (None without a check).
         groups: The group of each image (a patient, a case), which a validation split keeps on one side;
             None when images are independent.
+        reader: The reader of every file by name (``data.reader``); None chooses by suffix
+            (:func:`~patchgd.data.readers.open_source`).
     """
 
     def __init__(
@@ -92,6 +95,7 @@ class ImageDataset(Dataset):
         verify: str | None = "header",
         groups: Sequence[str] | None = None,
         on_error: str = "stop",
+        reader: str | None = None,
     ) -> None:
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error={on_error!r}; expected one of {ON_ERROR}")
@@ -112,7 +116,7 @@ class ImageDataset(Dataset):
         self.in_chans = in_chans
         self.image_size = image_size
         self.read_options = dict(level=level, mpp=mpp, patch_size=patch_size, tissue=tissue,
-                                 tissue_fraction=tissue_fraction, intensity=intensity or Intensity())
+                                 tissue_fraction=tissue_fraction, intensity=intensity or Intensity(), reader=reader)
         self.transform = transform
         self.on_error = on_error
         self.unknown_mpp: list[tuple[Path, str]] = []  # slides whose resolution is unknown, and why
@@ -133,8 +137,8 @@ class ImageDataset(Dataset):
                 if path.suffix.lower() in _WHOLE_ONLY:
                     sizes += check_images([path], self.in_chans, full=full, intensity=self.read_options["intensity"])
                 else:
-                    with open_source(path, in_chans=self.in_chans, level=level, mpp=mpp,
-                                     slide_mpp=slide_mpp) as source:
+                    with open_source(path, in_chans=self.in_chans, level=level, mpp=mpp, slide_mpp=slide_mpp,
+                                     reader=self.read_options["reader"]) as source:
                         sizes.append((source.height, source.width))
                         known, why = source.resolution()
                         if known is None and source.tiled:  # a slide; a strip TIFF, decoded whole, has no mpp to know
@@ -214,7 +218,7 @@ class ImageCSVDataset(ImageDataset):
             (None: the sorted names found, or integer labels).
         label_column: The label column; None picks the first of ``label``, ``isup_grade`` present.
         id_column: The image id column. An id is a file name, with or without one of the extensions of
-            :data:`EXTENSIONS` (``.png .jpg .jpeg .tif .tiff`` and the slide formats).
+            the suffixes the readers claim (:func:`patchgd.registry.suffixes`: ``.png .jpg .jpeg .tif .tiff`` and the slide formats).
         fold: With a ``kfold`` column, the fold held out for validation.
         split: With ``fold``: ``"train"`` keeps rows whose ``kfold != fold``, ``"val"`` those with
             ``kfold == fold``.
@@ -305,7 +309,7 @@ class ImageFolderDataset(ImageDataset):
         found = class_folders(self.folder)
         if not found:
             raise DataError(f"{self.folder}: no class folders with images; expected {self.folder}/<class name>/"
-                            f"<images> with extensions {' '.join(EXTENSIONS)}")
+                            f"<images> with extensions {' '.join(suffixes())}")
         if classes is None:
             classes = sorted(found)
         unknown = sorted(set(found) - set(classes))
@@ -325,8 +329,8 @@ _tissue_masks: dict[tuple, torch.Tensor] = {}  # per process: a mask is computed
 
 def load_image(path: str | Path, in_chans: int, image_size: int | None = None, *, level: int | None = None,
                mpp: float | None = None, slide_mpp: float | None = None, patch_size: int | None = None,
-               tissue: str = "otsu", tissue_fraction: float = 0.1,
-               intensity: Intensity | None = None) -> torch.Tensor | LazyImage:
+               tissue: str = "otsu", tissue_fraction: float = 0.1, intensity: Intensity | None = None,
+               reader: str | None = None) -> torch.Tensor | LazyImage:
     """Read an image the one way training, evaluation and prediction do.
 
     A file that can be read in pieces (OpenSlide formats, tiled TIFF) becomes, given ``patch_size`` and no
@@ -346,13 +350,14 @@ def load_image(path: str | Path, in_chans: int, image_size: int | None = None, *
         tissue: ``"otsu"`` or ``"none"``.
         tissue_fraction: Least tissue fraction of an encoded cell.
         intensity: How pixel values map to [0, 1] (:func:`~patchgd.data.intensity.prepare_pixels`).
+        reader: A reader by name (``data.reader``); None chooses by suffix.
 
     Raises:
         DataError: The file cannot be read, its values do not fit ``intensity``, or a tissue mask finds no
             tissue cell in it.
     """
     intensity = intensity or Intensity()
-    source = open_source(path, in_chans=in_chans, level=level, mpp=mpp, slide_mpp=slide_mpp)
+    source = open_source(path, in_chans=in_chans, level=level, mpp=mpp, slide_mpp=slide_mpp, reader=reader)
     if patch_size is not None and image_size is None and source.tiled and not isinstance(source, ArraySource):
         if not intensity.model_scales(source.dtype):
             source.close()
@@ -360,7 +365,7 @@ def load_image(path: str | Path, in_chans: int, image_size: int | None = None, *
                             "data.intensity, data.bit_depth and non-uint pixels need images read whole")
         mask = None
         if tissue != "none":
-            key = (str(path), in_chans, level, mpp, slide_mpp, patch_size, tissue_fraction)
+            key = (str(path), in_chans, level, mpp, slide_mpp, patch_size, tissue_fraction, reader)
             if key not in _tissue_masks:
                 from patchgd.data.tissue import tissue_mask
 

@@ -13,8 +13,9 @@ from PIL import Image, UnidentifiedImageError
 
 from patchgd.data.errors import DataError, keeps_tifffile_warnings
 from patchgd.data.intensity import Intensity, scale_pixels
+from patchgd.registry import READERS
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+IMAGE_EXTENSIONS = READERS.info("image")["suffixes"]  # what is decoded whole
 _TIFF_EXTENSIONS = (".tif", ".tiff")
 # PIL converts these modes to L/RGB itself; 16-bit and float modes go through numpy to keep their range.
 _PIL_CONVERTIBLE = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}

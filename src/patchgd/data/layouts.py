@@ -12,11 +12,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from patchgd.data.errors import DataError
-from patchgd.data.images import IMAGE_EXTENSIONS
-from patchgd.data.readers import SLIDE_EXTENSIONS
+from patchgd.registry import suffixes
 
 # Every file a data set accepts.
-EXTENSIONS = tuple(dict.fromkeys(IMAGE_EXTENSIONS + SLIDE_EXTENSIONS))
 LABEL_COLUMNS = ("label", "isup_grade")  # auto-detected in this order
 FOLD_COLUMN = "kfold"
 MPP_COLUMN = "mpp"  # optional: each slide's microns per pixel at level 0, where its file's is missing or wrong
@@ -26,9 +24,9 @@ def class_folders(folder: Path) -> dict[str, list[Path]]:
     """``{class name: its image files}`` for the subfolders of ``folder`` that hold images."""
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder {folder} does not exist")
-    found = {}
+    found, known = {}, suffixes()
     for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
-        files = sorted(p for p in sub.rglob("*") if p.suffix.lower() in EXTENSIONS and p.is_file())
+        files = sorted(p for p in sub.rglob("*") if p.suffix.lower() in known and p.is_file())
         if files:
             found[sub.name] = files
     return found
@@ -193,7 +191,7 @@ def find_images(image_dir: Path, image_ids: list[str]) -> list[Path]:
     by_stem: dict[tuple[str, str], str] = {}
     for name in sorted(names):
         stem, ext = os.path.splitext(name)
-        if ext.lower() in EXTENSIONS:
+        if ext.lower() in suffixes():
             by_stem.setdefault((stem, ext.lower()), name)
     paths, missing = [], []
     for image_id in image_ids:
@@ -206,15 +204,15 @@ def find_images(image_dir: Path, image_ids: list[str]) -> list[Path]:
         shown = ", ".join(repr(m) for m in missing[:5]) + (", ..." if len(missing) > 5 else "")
         raise FileNotFoundError(
             f"{len(missing)} image(s) missing from {image_dir}: {shown}; "
-            f"expected files named by image_id with an extension among {' '.join(EXTENSIONS)}"
+            f"expected files named by image_id with an extension among {' '.join(suffixes())}"
         )
     return paths
 
 
 def _match(image_id: str, names: set[str], by_stem: dict[tuple[str, str], str]) -> str | None:
-    if image_id in names and os.path.splitext(image_id)[1].lower() in EXTENSIONS:
+    if image_id in names and os.path.splitext(image_id)[1].lower() in suffixes():
         return image_id
-    for ext in EXTENSIONS:
+    for ext in suffixes():
         if (image_id, ext) in by_stem:
             return by_stem[(image_id, ext)]
     return None
@@ -223,4 +221,5 @@ def _match(image_id: str, names: set[str], by_stem: dict[tuple[str, str], str]) 
 def list_images(folder: Path) -> list[Path]:
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder {folder} does not exist")
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in EXTENSIONS and p.is_file())
+    known = suffixes()
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in known and p.is_file())

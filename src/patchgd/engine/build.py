@@ -14,10 +14,11 @@ import torch.nn as nn
 
 from .. import distributed
 from ..checkpoint import load_checkpoint
-from ..config import PATCH_METHODS, Config
+from ..config import Config
 from ..grid import PatchGrid
-from ..methods import create_method, create_model, patches_per_iteration
+from ..methods import patches_per_iteration
 from ..model.pretrained import HUB_PREFIX, architecture_only, resolve_encoder
+from ..registry import METHODS
 
 
 def resolve_device(name: str) -> torch.device:
@@ -64,15 +65,7 @@ def build_model(cfg: Config, *, weights: bool = True) -> nn.Module:
             raise ValueError(f"model.backbone={m.backbone!r} with model.pretrained={m.pretrained!r} needs its origin "
                              "resolved first (patchgd.engine.build.resolve_weights)")
         pretrained = False  # a random-initialised registry model: nothing to resolve
-    return create_model(cfg.method, m.backbone, cfg.data.num_classes, patch_size=m.patch_size,
-                        latent_dim=m.latent_dim, in_chans=m.in_chans, pretrained=pretrained,
-                        backbone_args=m.backbone_args, freeze=m.freeze, grad_checkpointing=m.grad_checkpointing,
-                        head=m.head,
-                        head_width=m.head_width, head_dropout=m.head_dropout, head_depth=m.head_depth,
-                        head_heads=m.head_heads, pad_value=cfg.data.pad_value,
-                        image_size=cfg.data.image_size, channels_last=m.channels_last, mean=cfg.data.mean,
-                        std=cfg.data.std, fill_workers=cfg.data.num_workers,
-                        fill_batch_size=cfg.patchgd.fill_batch_size if cfg.method in PATCH_METHODS else None)
+    return METHODS.get(cfg.method).model.from_config(cfg, pretrained)
 
 
 def init_backbone(model: nn.Module, path: str | Path) -> int:
@@ -131,6 +124,7 @@ def parameter_groups(model: nn.Module, lr: float, backbone_lr: float | None = No
     the stem is group 0), and everything else (projection, head, classifier) at ``lr``.
 
     Example:
+        >>> from patchgd.methods import create_model
         >>> model = create_model("gd", "test_resnet", 2)
         >>> [round(g["lr"], 7) for g in parameter_groups(model, 1e-3, 1e-4, 0.5)]
         [6.3e-06, 1.25e-05, 2.5e-05, 5e-05, 0.0001, 0.001]
@@ -200,14 +194,7 @@ def build_method(cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer
     """The step object of ``cfg.method`` (PatchGD options from ``cfg.patchgd``); ``fill`` replaces PatchGD's
     fill (the patch-parallel fill), ``wrap`` puts the forward module under DDP and ``cache`` (a
     :class:`~patchgd.methods.cached.CachedZ`) makes ``Z`` persist, all when it is built."""
-    p = cfg.patchgd
-    extra = {} if cache is None else {"cache": cache}
-    return create_method(cfg.method, model, optimizer, amp=cfg.train.amp,
-                         micro_batch_size=cfg.train.micro_batch_size, wrap=wrap, sampling=p.sampling,
-                         patches_per_step=p.patches_per_step, max_sampled=p.max_sampled,
-                         inner_iterations=p.inner_iterations,
-                         grad_accum_steps=p.grad_accum_steps, fill_mode=p.fill_mode,
-                         fill_batch_size=p.fill_batch_size, generator=generator, fill=fill, **extra)
+    return METHODS.get(cfg.method).step(cfg, model, optimizer, generator=generator, fill=fill, wrap=wrap, cache=cache)
 
 
 def patches_per_step(cfg: Config, image_shape: tuple[int, ...]) -> int:

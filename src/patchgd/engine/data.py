@@ -12,10 +12,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
-from ..config import PATCH_METHODS, Config, check_paths
+from ..config import Config, check_paths
+from ..registry import patch_method
 from ..data.augment import Augment
 from ..data.datasets import ImageCSVDataset, ImageDataset, ImageFolderDataset, collate_images
-from ..data.errors import DataError, Skipped
+from ..data.errors import DataError
 from ..data.images import require_one_size
 from ..data.intensity import Intensity
 from ..data.layouts import class_folders, read_csv
@@ -28,20 +29,25 @@ from ..io import atomic_file
 DEFAULT_VAL_CSV = "val.csv"  # used when present; another name must exist
 
 
-def build_datasets(cfg: Config) -> tuple[ImageDataset | SequenceDataset, ImageDataset | SequenceDataset]:
+def build_datasets(cfg: Config, *, augment: bool = False) -> tuple[ImageDataset | SequenceDataset,
+                                                                   ImageDataset | SequenceDataset]:
     """Train and validation sets from ``data.*`` (the layouts and validation rules of
     :class:`~patchgd.config.DataConfig`; validation items use the training set's classes); or, with
-    ``data.kind: sequences``, ``train.npz`` and ``val.npz``."""
+    ``data.kind: sequences``, ``train.npz`` and ``val.npz``. With ``augment`` (training), the training set
+    carries ``augment.*`` (:func:`build_augmentation`); without, every image is read as stored (extraction,
+    statistics)."""
     check_paths(cfg)
     if cfg.data.kind == "sequences":
         return tuple(SequenceDataset(Path(cfg.data.root) / f"{split}.npz", cfg.data.num_classes, cfg.model.in_chans)
                      for split in ("train", "val"))
-    sets = _layout_datasets(cfg)
-    check_groups_apart(*sets)
-    if cfg.data.image_size is None and cfg.method not in PATCH_METHODS:  # PatchGD gives each image its own grid
-        for dataset in sets:
+    train, val = _layout_datasets(cfg)
+    check_groups_apart(train, val)
+    if cfg.data.image_size is None and not patch_method(cfg.method):  # PatchGD gives each image its own grid
+        for dataset in (train, val):
             require_one_size(dataset.paths, dataset.image_sizes)
-    return sets
+    if augment:  # here, on the training side alone: a split's subsets never take it along
+        train.transform = build_augmentation(cfg)
+    return train, val
 
 
 def _layout_datasets(cfg: Config) -> tuple[ImageDataset, ImageDataset]:
@@ -171,7 +177,7 @@ def build_augmentation(cfg: Config) -> Augment | None:
     a = cfg.augment
     if not any((a.flip, a.rotate90, a.brightness, a.contrast, a.saturation, a.hue, a.hed)):
         return None
-    return Augment(a, patch_size=cfg.model.patch_size if cfg.method in PATCH_METHODS else None)
+    return Augment(a, patch_size=cfg.model.patch_size if patch_method(cfg.method) else None)
 
 
 def build_train_loader(cfg: Config, train_set: ImageDataset, generator: torch.Generator,
@@ -215,16 +221,21 @@ def read_options(cfg: Config) -> dict:
     that can be read in pieces lazy, on its patch grid; the GD baselines read every image whole."""
     d = cfg.data
     return dict(in_chans=cfg.model.in_chans, image_size=d.image_size, level=d.level, mpp=d.mpp, slide_mpp=d.slide_mpp,
-                patch_size=cfg.model.patch_size if cfg.method in PATCH_METHODS else None, tissue=d.tissue,
-                tissue_fraction=d.tissue_fraction, intensity=Intensity.from_config(d))
+                patch_size=cfg.model.patch_size if patch_method(cfg.method) else None, tissue=d.tissue,
+                tissue_fraction=d.tissue_fraction, intensity=Intensity.from_config(d), reader=d.reader)
 
 
 def first_item(dataset) -> torch.Tensor | LazyImage:
-    """The first item of ``dataset`` that could be read (with ``data.on_error: skip`` some may not)."""
+    """The first item of ``dataset`` that could be read (with ``data.on_error: skip`` some may not), as
+    stored: not augmented."""
     for index in range(len(dataset)):
-        item = dataset[index][0]
-        if not isinstance(item, Skipped):
-            return item
+        if not isinstance(dataset, ImageDataset):
+            return dataset[index][0]
+        try:
+            return dataset.load_image(index)
+        except DataError:
+            if dataset.on_error == "stop":
+                raise
     raise DataError(f"{origin_of(dataset)}: none of its {len(dataset)} images could be read")
 
 
@@ -238,7 +249,7 @@ def item_shape(image: torch.Tensor | LazyImage) -> tuple[int, int, int]:
 def check_patch_fits(cfg: Config, shape: tuple[int, ...], where) -> None:
     """Refuse PatchGD on an image smaller than one patch (``shape``: its ``(C, H, W)``, read from ``where``):
     its grid would be all padding. Training and prediction alike."""
-    if cfg.method in PATCH_METHODS and len(shape) == 3 and cfg.model.patch_size > min(shape[1:]):
+    if patch_method(cfg.method) and len(shape) == 3 and cfg.model.patch_size > min(shape[1:]):
         raise ValueError(f"model.patch_size={cfg.model.patch_size} is larger than the "
                          f"{'x'.join(map(str, shape[1:]))} images of {where}; expected at most {min(shape[1:])} px "
                          "(a smaller patch, or no data.image_size downscaling)")

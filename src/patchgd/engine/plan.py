@@ -1,8 +1,9 @@
 """Memory-budget planner: the largest training setting whose measured peak fits ``memory.budget``.
 
 The paper's "4 GB" columns mean "the largest batch that fits in 4 GB". The planner finds it by running
-real training steps (the trainer's own builders, on random images of the training shape) and measuring
-each with :class:`~patchgd.memory.PeakMemory`, as :func:`~patchgd.engine.trainer.fit` measures its steps. GD and
+real training steps (built by the run setup of :mod:`patchgd.engine.setup`, as ``fit`` builds them, on random
+images of the training shape) and measuring each with :class:`~patchgd.memory.PeakMemory`, as
+:func:`~patchgd.engine.trainer.fit` measures its steps. GD and
 GD-extended trade batch size only, or, with ``train.micro_batch_size`` set, keep the batch and trade the
 micro-batch of their gradient accumulation; PatchGD first trades batch size, then, at batch 1, the patches
 per inner iteration ``k`` (its ``sampling``, or ``patches_per_step`` when that sets ``k``).
@@ -28,11 +29,14 @@ from typing import NamedTuple
 import torch
 
 from .. import distributed
-from ..config import PATCH_METHODS, Config
+from ..config import Config
+from ..registry import patch_method
 from ..grid import grid_shape
 from ..memory import PeakMemory, cap_cuda_memory, format_size, parse_size, process_peak
-from .build import build_method, build_model, build_optimizer, patches_per_step, resolve_device, resolve_weights
+from .build import build_model, patches_per_step, resolve_device, resolve_weights
 from .data import build_datasets, resolve_classes
+from .setup import build_training
+from .state import restore_rng_states, rng_states
 
 __all__ = ["BudgetError", "Plan", "Trial", "plan_budget", "plan_from_config"]
 
@@ -174,12 +178,10 @@ def _measure(cfg: Config, image_shape: tuple[int, ...], device: torch.device) ->
     """Tensor peak, process-level peak and stats of one training step of ``cfg`` after a warm-up step,
     everything built as :func:`~patchgd.engine.trainer.fit` builds it; ``(None, None, {})`` if a capped CUDA
     device ran out of memory."""
-    torch.manual_seed(cfg.train.seed)  # every trial starts from the same weights and data
-    model = build_model(cfg, weights=False).to(device)  # weights change no memory
-    if cfg.model.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(cfg, model)
-    method = build_method(cfg, model, optimizer, torch.Generator().manual_seed(cfg.train.seed))
+    # Built as the run builds it (seeded alike, so every trial starts from the same weights), in this process
+    # alone; weights change no memory.
+    training = build_training(cfg, device, weights=False, processes=False)
+    model, optimizer, method = training.model, training.optimizer, training.method
     # Batches stay on the CPU as the data loader yields them (uint8 pixels); the step moves them, as in training.
     images = torch.randint(256, (cfg.train.batch_size, *image_shape), dtype=torch.uint8)
     labels = torch.randint(cfg.data.num_classes, (cfg.train.batch_size,))
@@ -228,7 +230,7 @@ def plan_budget(cfg: Config, image_shape: tuple[int, ...], device: torch.device 
         raise ValueError(f"memory.budget: {e}") from None
     device = torch.device(device)
     capped = cap_cuda_memory(budget, device)
-    patchgd = cfg.method in PATCH_METHODS
+    patchgd = patch_method(cfg.method)
     rows, cols = grid_shape(image_shape[-2], image_shape[-1], cfg.model.patch_size)
     trials: list[Trial] = []
     measured: dict[tuple[int, int | None, int | None], tuple[int | None, int | None, dict]] = {}
@@ -252,7 +254,8 @@ def plan_budget(cfg: Config, image_shape: tuple[int, ...], device: torch.device 
                 f": {what} ({time.perf_counter() - started:.1f}s)")
         return budgeted is not None and budgeted <= budget
 
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    saved = rng_states(torch.Generator())  # the trials seed as a run does; the caller's states come back
+    try:
         k = micro_batch_size = None
         if micro:
             batch_size = max_batch_size or cfg.train.batch_size
@@ -264,6 +267,8 @@ def plan_budget(cfg: Config, image_shape: tuple[int, ...], device: torch.device 
         if patchgd and batch_size == 0 and trials[0].patches_per_image > 1:
             k = _largest_fitting(lambda k: fits(1, k), trials[0].patches_per_image - 1) or None
             batch_size = 1 if k else 0
+    finally:
+        restore_rng_states(saved, torch.Generator())
     if batch_size == 0:
         smallest = trials[-1]  # both searches try their smallest setting first and stop when it fails
         what = f"{cfg.method}, " + ("micro-batch 1" if micro else "batch 1") + (", k 1" if patchgd else "")

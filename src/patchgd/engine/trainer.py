@@ -27,7 +27,8 @@ from torch.utils.data import DataLoader
 
 from .. import distributed
 from ..checkpoint import CHECKPOINT_FORMAT, load_checkpoint, migrate_checkpoint, save_checkpoint
-from ..config import PATCH_METHODS, Config, config_to_dict, save_config, validate
+from ..config import Config, config_to_dict, save_config, validate
+from ..registry import patch_method
 from ..data.datasets import ImageDataset, collate_images
 from ..data.errors import DataError
 from ..data.lazy import LazyImage
@@ -41,17 +42,16 @@ from ..rundir import (BEST_CHECKPOINT, CONFIG_FILE, CURVES_FILE, EVAL_FILE, LAST
                       SKIPPED_FILE, SPLIT_FILE, TEST_FILE, TEST_PREDICTIONS_FILE, hold_run_dir)
 from ..runlog import RunLogger
 from ..skips import SkipLog
-from .build import (build_method, build_model, build_optimizer, build_scheduler, describe_normalization,
-                    init_backbone, patches_per_step, resolve_device, resolve_weights)
-from .data import (build_augmentation, build_datasets, build_test_set, build_train_loader, check_patch_fits,
-                   class_name, describe_data, first_item, image_name, item_shape, origin_of, resolve_classes,
-                   train_loader_drops_last, write_split)
+from .build import build_scheduler, describe_normalization, patches_per_step, resolve_device, resolve_weights
+from .data import (build_datasets, build_test_set, check_patch_fits, class_name, describe_data, first_item,
+                   image_name, item_shape, origin_of, resolve_classes, write_split)
 from .loop import DivergenceError, evaluate, train_one_epoch, write_validation_heatmaps
 from .plan import plan_budget
 from .report import describe_scores, scores, write_pictures, write_predictions
+from .setup import build_loaders, build_training, shares_batches
 from .zcache import build_cache, check_cached_fill, commit_cache, save_cache
 from .state import (RunProgress, check_resume, copy_checkpoint, epoch_record, restore_rng_states, restore_run_files,
-                    restore_training_state, rng_states, seed_everything, write_metrics)
+                    restore_training_state, rng_states, write_metrics)
 
 
 def epoch_summary(epoch: int, cfg: Config, train_stats: dict, results: dict, elapsed: float) -> str:
@@ -193,7 +193,7 @@ def build_data(cfg: Config, resuming: bool, log) -> tuple[Config, ImageDataset |
         cfg = resolve_weights(cfg)
         if cfg.model.backbone != "conv1d":
             log(f"encoder: {describe_origin(cfg.model.pretrained_origin)}")
-    train_set, val_set = build_datasets(cfg)
+    train_set, val_set = build_datasets(cfg, augment=True)
     cfg = resolve_classes(cfg, train_set, val_set)  # before check_resume: the saved config holds the classes
     test_set = build_test_set(cfg, train_set, val_set)
     log(describe_data(cfg, train_set, val_set))
@@ -223,13 +223,12 @@ def config_for_resume(cfg: Config, state: dict, run_dir: Path) -> Config:
 
 def build_run(cfg: Config, device: torch.device, train_set, val_set, test_set, run_dir: Path, state: dict | None,
               log) -> TrainingRun:
-    """Everything an epoch needs, in the order the random states require: the split file, the seeds, the
-    skip log, the memory plan, the model, optimizer and method, the loaders; then, resuming from the
-    checkpoint ``state``, its weights and optimizer; last the schedule, at the step count the run stands at."""
+    """Everything an epoch needs: the split file, the skip log, the memory plan, then the run setup
+    (:mod:`patchgd.engine.setup`: seeds, model, optimizer, step, loaders); then, resuming from the checkpoint
+    ``state``, its weights and optimizer; last the schedule, at the step count the run stands at."""
     resuming = state is not None
     if distributed.is_main() and isinstance(train_set, ImageDataset):
         write_split(run_dir / SPLIT_FILE, cfg.data.root, train_set, val_set, test_set)
-    generator = seed_everything(cfg.train.seed)
     skips = build_skip_log(cfg, train_set, val_set, run_dir, log)
     first = first_item(train_set)
     lazy = isinstance(first, LazyImage)
@@ -239,56 +238,41 @@ def build_run(cfg: Config, device: torch.device, train_set, val_set, test_set, r
         cfg = plan_run(cfg, train_set, image_shape, lazy, device, log)
     if cfg.patchgd.fill == "cached":
         check_cached_fill(cfg)
-
-    model = build_training_model(cfg, device, resuming, log)
-    # The patch-parallel fill has every process work on the same images, hence the same random draws.
-    shared = cfg.method == "patchgd" and cfg.patchgd.parallel_fill and distributed.world_size() > 1
-    if shared and lazy:
+    if shares_batches(cfg) and lazy:
         raise ValueError(f"patchgd.parallel_fill=true splits the fill of in-memory images; {train_set.paths[0]} is "
                          "read in pieces (a slide): leave parallel_fill off (each process fills its own slides)")
-    if distributed.world_size() > 1 and not shared:  # other images per process: other dropout and cells
-        generator = seed_everything(cfg.train.seed + 1_000_003 * distributed.rank())
-    if cfg.method in PATCH_METHODS and lazy and cfg.patchgd.patches_per_step is None:
+    if patch_method(cfg.method) and lazy and cfg.patchgd.patches_per_step is None:
         log(f"patchgd.sampling={cfg.patchgd.sampling} is a share of each slide's tissue cells: the patches that "
             "carry gradients, most of a step's memory, grow with the slides; patchgd.patches_per_step "
             "(e.g. 16) keeps memory the same for any slide")
-    if cfg.method in PATCH_METHODS and patches_per_step(cfg, image_shape) == 1 and any(
+    cache = functools.partial(build_cache, cfg, train_set=train_set, run_dir=run_dir, state=state, log=log) \
+        if cfg.patchgd.fill == "cached" else None
+    training = build_training(cfg, device, weights=not resuming, cache=cache, log=log)
+    check_batchnorm_values(cfg, training.model, image_shape, origin_of(train_set))
+    loaders = build_loaders(cfg, train_set, val_set, log)
+    steps_done = 0
+    if resuming:
+        steps_done = restore_training(state, run_dir, training.model, training.optimizer, training.method,
+                                      len(loaders.train), len(train_set))
+        training.method.steps = steps_done  # when the cached codes to come are made
+    log(describe_normalization(cfg, training.model))  # after a resume's restore: the checkpoint's statistics
+    # batches per process = global steps
+    scheduler = build_scheduler(cfg, training.optimizer, len(loaders.train), steps_done=steps_done)
+    return TrainingRun(cfg, device, training.model, training.method, training.optimizer, scheduler, train_set,
+                       val_set, test_set, loaders.train, loaders.val, loaders.sampler, loaders.generator,
+                       training.generator, skips, image_shape)
+
+
+def check_batchnorm_values(cfg: Config, model: nn.Module, image_shape: tuple[int, ...], origin: str) -> None:
+    """Refuse a PatchGD step whose inner iterations give the backbone's trainable BatchNorm one value per channel."""
+    if patch_method(cfg.method) and patches_per_step(cfg, image_shape) == 1 and any(
             isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None and m.weight.requires_grad
             for m in model.backbone.modules()):
         raise ValueError(f"train.batch_size={cfg.train.batch_size} image(s) x 1 sampled patch per inner iteration "
                          f"(patchgd.sampling={cfg.patchgd.sampling} of the {'x'.join(map(str, image_shape[1:]))} "
-                         f"images of {origin_of(train_set)}) gives the backbone's BatchNorm a single value per "
+                         f"images of {origin}) gives the backbone's BatchNorm a single value per "
                          "channel, which it cannot normalise in training; raise train.batch_size, "
                          "patchgd.sampling or patchgd.patches_per_step")
-    optimizer = build_optimizer(cfg, model)
-    cache = build_cache(cfg, model, train_set, run_dir, state, log) if cfg.patchgd.fill == "cached" else None
-    method = build_method(cfg, model, optimizer, generator, wrap=distributed.ddp(device),
-                          fill=functools.partial(distributed.parallel_fill, model) if shared else None, cache=cache)
-
-    sampler = distributed.train_sampler(train_set, cfg.train.seed, shared=shared)
-    loader_generator = torch.Generator()
-    drop_last = train_loader_drops_last(len(sampler) if sampler is not None else len(train_set),
-                                        cfg.train.batch_size)
-    if drop_last:
-        log(f"{len(train_set)} training images in batches of {cfg.train.batch_size} would leave a last batch "
-            "of one image: it is dropped (a different image each epoch)")
-    if isinstance(train_set, ImageDataset):
-        train_set.transform = build_augmentation(cfg)
-    train_loader = build_train_loader(cfg, train_set, loader_generator, sampler, drop_last)
-    if len(train_loader) == 0:
-        raise ValueError(f"{origin_of(train_set)}: {len(train_set)} training item(s); expected at least 2")
-    val_loader = DataLoader(distributed.eval_shard(val_set),
-                            batch_size=cfg.train.eval_batch_size or cfg.train.batch_size,
-                            num_workers=cfg.data.num_workers, collate_fn=collate_images)
-    steps_done = 0
-    if resuming:
-        steps_done = restore_training(state, run_dir, model, optimizer, method, len(train_loader), len(train_set))
-        method.steps = steps_done  # when the cached codes to come are made
-    log(describe_normalization(cfg, model))  # after a resume's restore: the statistics are the checkpoint's
-    # batches per process = global steps
-    scheduler = build_scheduler(cfg, optimizer, len(train_loader), steps_done=steps_done)
-    return TrainingRun(cfg, device, model, method, optimizer, scheduler, train_set, val_set, test_set, train_loader,
-                       val_loader, sampler, loader_generator, generator, skips, image_shape)
 
 
 def score_test_set(run: TrainingRun, run_dir: Path, progress: RunProgress, log) -> dict:
@@ -344,20 +328,6 @@ def plan_run(cfg: Config, train_set, image_shape: tuple[int, ...], lazy: bool, d
     plan = distributed.broadcast_object(plan)
     log(plan.describe())
     return plan.apply(cfg)
-
-
-def build_training_model(cfg: Config, device: torch.device, resuming: bool, log) -> nn.Module:
-    """The model on ``device``: its weights (a new run), the backbone's App. C start, SyncBatchNorm."""
-    model = build_model(cfg, weights=not resuming)
-    if cfg.model.init_backbone is not None and not resuming:
-        loaded = init_backbone(model, cfg.model.init_backbone)
-        log(f"backbone initialised from {cfg.model.init_backbone}: {loaded} tensors")
-    if cfg.train.sync_batchnorm:
-        model = distributed.convert_sync_batchnorm(model, device)
-    model = model.to(device)
-    if cfg.model.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model
 
 
 def restore_training(state: dict, run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, method,
@@ -472,7 +442,7 @@ def write_epoch_files(run: TrainingRun, progress: RunProgress, results: dict | N
     write_pictures(run_dir, "", results, classes, f"validation, epoch {epoch}")
     plot_learning_curves(run_dir / METRICS_FILE, run_dir / CURVES_FILE, num_classes=cfg.data.num_classes,
                          best_epoch=progress.best_epoch)
-    if cfg.method in PATCH_METHODS and cfg.train.heatmap_every and epoch % cfg.train.heatmap_every == 0:
+    if patch_method(cfg.method) and cfg.train.heatmap_every and epoch % cfg.train.heatmap_every == 0:
         try:
             pictures = write_validation_heatmaps(run.model, run.val_set, cfg, run_dir / "heatmaps" / f"epoch{epoch:03d}")
         except DataError as err:

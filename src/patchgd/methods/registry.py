@@ -1,84 +1,102 @@
-"""Methods by name: :func:`create_model` and :func:`create_method` build what a method trains and steps
-(the names themselves are :data:`patchgd.config.METHODS`, which the config checks too)."""
+"""The built-in methods as :class:`Method` entries of :data:`patchgd.registry.METHODS`, and the Python API
+that builds by name: :func:`create_model` and :func:`create_method`.
+
+A method is its model class (built from a config by the class's ``from_config(cfg, pretrained)``, or
+from keyword arguments by :func:`create_model`) and its step (``step(cfg, model, optimizer, **run)``, where
+``run`` is what a training run adds: ``generator``, ``fill``, ``wrap``, ``cache``). A method of one's
+own is a :class:`Method` registered with :func:`patchgd.register_method`.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from ..config import METHODS, PATCH_METHODS
+from ..config import Config
 from ..model import GDClassifier, GDExtendedClassifier, PatchGDClassifier
+from ..registry import METHODS
 from .gd import GD
 from .patchgd import PatchGD
-from .subbag import SUBBAG_HEADS, SubBag
+from .subbag import SubBag
+
+__all__ = ["GD_EXTENDED", "GD_METHOD", "Method", "PATCHGD", "SUBBAG", "create_method", "create_model"]
 
 
-def create_model(method: str, backbone: str | nn.Module, num_classes: int, *, patch_size: int = 128,
-                 latent_dim: int = 256, in_chans: int = 3, pretrained: bool | str | dict | None = None,
-                 backbone_args: dict | None = None, freeze: str | int | None = None,
-                 grad_checkpointing: bool = False, head: str = "conv", head_width: int = 256,
-                 head_dropout: float = 0.2, head_depth: int = 2, head_heads: int = 4, pad_value: float = 0.0,
-                 image_size: int | None = None, channels_last: bool = False, mean: list[float] | None = None, std: list[float] | None = None,
-                 fill_workers: int = 0, fill_batch_size: int | None = None) -> nn.Module:
-    """Build the model a method trains.
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """A training method: the classifier it trains and the step that trains it.
 
-    Args:
-        method: ``"patchgd"``, ``"gd"``, ``"gd-extended"`` or ``"subbag"`` (a PatchGD model with a set head).
-        backbone: A timm model name or a module (see the model classes).
-        num_classes: Number of classes.
-        patch_size: PatchGD's patch side.
-        latent_dim: PatchGD's latent size ``s``.
-        in_chans: Image channels.
-        pretrained: Pretrained weights of a timm backbone: ``True``, a local file or snapshot folder, or an
-            origin record (:func:`patchgd.model.pretrained.resolve_encoder`).
-        backbone_args: Extra ``timm.create_model`` arguments.
-        freeze: None, ``"all"`` or the stem and first N stages/blocks of the encoder.
-        grad_checkpointing: Gradient checkpointing in the encoder.
-        head: PatchGD's head: ``"conv"`` (the paper's), ``"conv1d"`` (sequences), ``"transformer"`` or
-            ``"attention"`` (gated attention-MIL pooling).
-        head_width: Channels of the conv head (PatchGD, GD-extended); token width of the transformer head.
-        head_dropout: Dropout of the head.
-        head_depth: Encoder layers of the transformer head.
-        head_heads: Attention heads of the transformer head.
-        pad_value: PatchGD's padding value.
-        image_size: Input size of the whole image, for GD backbones built for one (ViTs).
-        channels_last: Channels-last memory format.
-        mean: Per-channel mean of the [0, 1]-scaled pixels (the model normalises on the device).
-        std: Per-channel standard deviation.
-        fill_workers: PatchGD's reader processes for disk-backed images while filling ``Z``.
-        fill_batch_size: PatchGD's patches per backbone call while filling ``Z`` outside a training step
-            (None: :func:`~patchgd.model.fill.fill_chunk`'s one grid row of every image).
+    Attributes:
+        model: The model class: ``model(backbone, num_classes, **options)``, and ``model.from_config(cfg,
+            pretrained)`` for a run.
+        step: ``step(cfg, model, optimizer, *, generator, fill, wrap, cache)`` -> an object with
+            ``step(images, labels) -> dict``; ``generator`` draws the cells, ``fill`` replaces PatchGD's fill
+            (the patch-parallel fill), ``wrap`` puts the forward module under DDP, ``cache`` is a cached fill
+            (:class:`~patchgd.methods.cached.CachedZ`) or None.
     """
-    encoder = dict(in_chans=in_chans, pretrained=pretrained, backbone_args=backbone_args, freeze=freeze,
-                   grad_checkpointing=grad_checkpointing, channels_last=channels_last, mean=mean, std=std)
-    if method == "subbag" and head not in SUBBAG_HEADS:
-        raise ValueError(f"method subbag classifies a bag of sampled cells: head={head!r}; expected one of "
-                         f"{', '.join(SUBBAG_HEADS)}")
-    if method in PATCH_METHODS:
-        return PatchGDClassifier(backbone, num_classes, patch_size, latent_dim, head, pad_value=pad_value,
-                                 head_width=head_width, head_dropout=head_dropout, head_depth=head_depth,
-                                 head_heads=head_heads, fill_workers=fill_workers, fill_batch_size=fill_batch_size,
-                                 **encoder)
-    if head != "conv":
-        raise ValueError(f"head={head!r} is PatchGD's; the {method} baseline has its own classifier or conv head")
-    common = dict(img_size=image_size, **encoder)
-    if method == "gd":
-        return GDClassifier(backbone, num_classes, **common)
-    if method == "gd-extended":
-        return GDExtendedClassifier(backbone, num_classes, head_width=head_width, head_dropout=head_dropout,
-                                    **common)
-    raise ValueError(f"unknown method {method!r}: expected one of {', '.join(METHODS)}")
+
+    model: type[nn.Module]
+    step: Callable[..., Any]
+
+
+def _patchgd_step(cfg: Config, model, optimizer, *, generator=None, fill=None, wrap=None, cache=None) -> PatchGD:
+    p = cfg.patchgd
+    return PatchGD(model, optimizer, p.sampling, p.max_sampled, p.inner_iterations, p.grad_accum_steps,
+                   patches_per_step=p.patches_per_step, fill_mode=p.fill_mode, fill_batch_size=p.fill_batch_size,
+                   amp=cfg.train.amp, generator=generator, fill=fill, wrap=wrap, cache=cache)
+
+
+def _subbag_step(cfg: Config, model, optimizer, *, generator=None, wrap=None, **_) -> SubBag:
+    return SubBag(model, optimizer, cfg.patchgd.sampling, amp=cfg.train.amp, wrap=wrap,
+                  patches_per_step=cfg.patchgd.patches_per_step, generator=generator)
+
+
+def _gd_step(cfg: Config, model, optimizer, *, wrap=None, **_) -> GD:
+    return GD(model, optimizer, amp=cfg.train.amp, micro_batch_size=cfg.train.micro_batch_size, wrap=wrap)
+
+
+PATCHGD = Method(PatchGDClassifier, _patchgd_step)
+SUBBAG = Method(PatchGDClassifier, _subbag_step)
+GD_METHOD = Method(GDClassifier, _gd_step)
+GD_EXTENDED = Method(GDExtendedClassifier, _gd_step)
+
+
+def _parameters(cls: type) -> set[str]:
+    """The keyword arguments a model class names, its bases' included (GD-extended passes its own on)."""
+    return {name for c in cls.__mro__ if issubclass(c, nn.Module) and c is not nn.Module and "__init__" in vars(c)
+            for name in inspect.signature(c.__init__).parameters}
+
+
+def create_model(method: str, backbone: str | nn.Module, num_classes: int, **options: Any) -> nn.Module:
+    """The model ``method`` trains: its model class with ``options`` (for PatchGD and sub-bags
+    :class:`~patchgd.model.PatchGDClassifier`'s arguments, ``patch_size`` among them; for ``gd``
+    :class:`~patchgd.model.GDClassifier`'s; for ``gd-extended`` :class:`~patchgd.model.GDExtendedClassifier`'s).
+    An option that only another method's model takes is left out, so one set of options builds each
+    method's model (as a comparison of methods needs); one no model names goes on (to timm, for GD).
+
+    Example:
+        >>> create_model("patchgd", "test_resnet", 10, patch_size=32, latent_dim=16).latent_dim
+        16
+        >>> create_model("gd", "test_resnet", 10, patch_size=32).num_classes
+        10
+    """
+    cls = METHODS.get(method).model
+    others = set().union(*(_parameters(METHODS.get(name).model) for name in METHODS.names())) - _parameters(cls)
+    return cls(backbone, num_classes, **{key: value for key, value in options.items() if key not in others})
 
 
 def create_method(method: str, model: nn.Module, optimizer: torch.optim.Optimizer, *, amp: str | None = None,
                   micro_batch_size: int | None = None, wrap: Callable[[nn.Module], nn.Module] | None = None,
                   **patchgd_options: Any) -> PatchGD | SubBag | GD:
-    """The step object for ``method``; ``patchgd_options`` go to :class:`PatchGD` (ignored by GD),
+    """The step object of a built-in ``method`` from keyword arguments: ``patchgd_options`` go to
+    :class:`PatchGD` (``sampling`` and ``patches_per_step`` to :class:`SubBag`; ignored by GD),
     ``micro_batch_size`` to :class:`GD` (PatchGD bounds its memory with ``sampling`` instead), ``wrap`` (DDP)
-    to both."""
+    to all. A run builds its step from its config instead (the registered :class:`Method`'s ``step``)."""
     if method == "patchgd":
         if micro_batch_size is not None:
             raise ValueError("train.micro_batch_size splits the batches of gd and gd-extended; PatchGD bounds its "
@@ -89,4 +107,6 @@ def create_method(method: str, model: nn.Module, optimizer: torch.optim.Optimize
                       patches_per_step=patchgd_options.get("patches_per_step"), generator=patchgd_options.get("generator"))
     if method in ("gd", "gd-extended"):
         return GD(model, optimizer, amp=amp, micro_batch_size=micro_batch_size, wrap=wrap)
-    raise ValueError(f"unknown method {method!r}: expected one of {', '.join(METHODS)}")
+    METHODS.check(method)
+    raise ValueError(f"create_method builds the built-in methods; {method!r} is built from a config by its "
+                     "registered Method's step")

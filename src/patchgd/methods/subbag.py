@@ -19,9 +19,7 @@ from ..model import PatchGDClassifier
 from .base import Step, classification_loss
 from .schedule import patches_per_iteration
 
-__all__ = ["SUBBAG_HEADS", "SubBag"]
-
-SUBBAG_HEADS = ("attention", "mean")  # heads of a bag of cells: position plays no part
+__all__ = ["SubBag"]
 
 
 class BagForward(nn.Module):

@@ -9,17 +9,28 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..config import HEADS
+from ..config import Config, ModelConfig
 from ..data.lazy import LazyImage, SourceGrid, cell_mask
 from ..grid import PatchGrid
 from ..normalize import Normalize
 from .fill import Fill
 from .backbones import Conv1dEncoder, PatchEncoder, create_timm
-from .heads import AttentionMILHead, ConvHead, MeanPoolHead, TransformerHead
+from .heads import ConvHead, build_head
 from .pretrained import encoder_normalization, resolve_encoder
 
 
 __all__ = ["PatchGDClassifier", "GDClassifier", "GDExtendedClassifier"]
+
+_DEFAULT = ModelConfig()  # every default below is the config's: one home for each
+
+
+def _encoder_options(cfg: Config) -> dict[str, Any]:
+    """The keyword arguments every classifier's encoder takes, from a config."""
+    m = cfg.model
+    return dict(in_chans=m.in_chans, backbone_args=m.backbone_args, freeze=m.freeze,
+                grad_checkpointing=m.grad_checkpointing, channels_last=m.channels_last, mean=cfg.data.mean,
+                std=cfg.data.std)
+
 
 def _timm_encoder(backbone: str, pretrained: bool | str | dict | None, in_chans: int, mean, std):
     """The origin record of a timm backbone (``pretrained`` resolved, or already a record) and the
@@ -42,10 +53,11 @@ class PatchGDClassifier(nn.Module):
         num_classes: Number of classes.
         patch_size: Side ``p`` of the square patches (chunk length of sequences).
         latent_dim: Latent size ``s`` of each cell of ``Z``.
-        head: ``"conv"`` for the paper's head, ``"conv1d"`` for the same head over sequences,
-            ``"transformer"`` for :class:`~patchgd.heads.TransformerHead`, ``"attention"`` for
-            :class:`~patchgd.heads.AttentionMILHead` (gated attention-MIL pooling), or any module mapping ``Z``
-            to logits.
+        head: A head's name in :data:`patchgd.registry.HEADS` (``"conv"``, the paper's; ``"conv1d"``, the same
+            over sequences; ``"transformer"``; ``"attention"``, gated attention-MIL pooling; ``"mean"``; or
+            one registered with :func:`patchgd.register_head`), or any module mapping ``Z`` to logits.
+        head_args: Keyword arguments of a named head, on top of ``head_width`` and the rest
+            (:func:`~patchgd.model.heads.build_head`).
         in_chans: Image channels (for a timm backbone and the normalisation).
         pretrained: For a timm backbone: ``True`` (the name's default pretrained tag, or a hub
             repository's weights), a local weights file or snapshot folder, ``False``, None (true for an
@@ -80,11 +92,14 @@ class PatchGDClassifier(nn.Module):
         torch.Size([2, 16, 10])
     """
 
-    def __init__(self, backbone: str | nn.Module, num_classes: int, patch_size: int, latent_dim: int = 256,
-                 head: str | nn.Module = "conv", *, in_chans: int = 3, pretrained: bool | str | dict | None = None,
-                 backbone_args: dict | None = None, freeze: str | int | None = None, grad_checkpointing: bool = False,
-                 pad_value: float = 0.0, fill_batch_size: int | None = None, head_width: int = 256,
-                 head_dropout: float = 0.2, head_depth: int = 2, head_heads: int = 4, channels_last: bool = False,
+    def __init__(self, backbone: str | nn.Module, num_classes: int, patch_size: int,
+                 latent_dim: int = _DEFAULT.latent_dim, head: str | nn.Module = _DEFAULT.head, *,
+                 head_args: dict[str, Any] | None = None, in_chans: int = _DEFAULT.in_chans,
+                 pretrained: bool | str | dict | None = None, backbone_args: dict | None = None,
+                 freeze: str | int | None = None, grad_checkpointing: bool = False, pad_value: float = 0.0,
+                 fill_batch_size: int | None = None, head_width: int = _DEFAULT.head_width,
+                 head_dropout: float = _DEFAULT.head_dropout, head_depth: int = _DEFAULT.head_depth,
+                 head_heads: int = _DEFAULT.head_heads, channels_last: bool = False,
                  mean: list[float] | None = None, std: list[float] | None = None, fill_workers: int = 0):
         super().__init__()
         if patch_size <= 0:
@@ -101,18 +116,9 @@ class PatchGDClassifier(nn.Module):
                              "name; set up your own module yourself")
         if isinstance(backbone, str):
             backbone = Conv1dEncoder(in_chans, latent_dim)
-        if head in ("conv", "conv1d"):
-            head = ConvHead(latent_dim, num_classes, width=head_width, dropout=head_dropout,
-                            dims=1 if head == "conv1d" else 2)
-        elif head == "transformer":
-            head = TransformerHead(latent_dim, num_classes, width=head_width, depth=head_depth, heads=head_heads,
-                                   dropout=head_dropout)
-        elif head == "attention":
-            head = AttentionMILHead(latent_dim, num_classes, width=head_width, dropout=head_dropout)
-        elif head == "mean":
-            head = MeanPoolHead(latent_dim, num_classes, width=head_width, dropout=head_dropout)
-        elif isinstance(head, str):
-            raise ValueError(f"unknown head {head!r}: expected one of {', '.join(HEADS)} or an nn.Module")
+        if isinstance(head, str):
+            head = build_head(head, latent_dim, num_classes, width=head_width, dropout=head_dropout,
+                              depth=head_depth, heads=head_heads, head_args=head_args)
         self.normalize = Normalize(in_chans, mean, std)
         self.backbone = backbone
         self.head = head
@@ -123,6 +129,16 @@ class PatchGDClassifier(nn.Module):
         self.fill_batch_size = fill_batch_size
         self.fill_workers = fill_workers
         self.channels_last = channels_last
+
+    @classmethod
+    def from_config(cls, cfg: Config, pretrained: bool | str | dict | None) -> PatchGDClassifier:
+        """The model of ``cfg`` (``model.*``; the pixels' ``data.mean``/``std``/``pad_value``; the fill's
+        ``data.num_workers`` and ``patchgd.fill_batch_size``), with ``pretrained`` resolved."""
+        m = cfg.model
+        return cls(m.backbone, cfg.data.num_classes, m.patch_size, m.latent_dim, m.head, head_args=m.head_args,
+                   pretrained=pretrained, pad_value=cfg.data.pad_value, fill_batch_size=cfg.patchgd.fill_batch_size,
+                   head_width=m.head_width, head_dropout=m.head_dropout, head_depth=m.head_depth,
+                   head_heads=m.head_heads, fill_workers=cfg.data.num_workers, **_encoder_options(cfg))
 
     @property
     def device(self) -> torch.device:
@@ -255,6 +271,13 @@ class GDClassifier(nn.Module):
         self.num_classes = num_classes
         self.channels_last = channels_last
 
+    @classmethod
+    def from_config(cls, cfg: Config, pretrained: bool | str | dict | None) -> GDClassifier:
+        """The model of ``cfg`` (``model.*``, ``data.image_size`` for backbones built for one size, the pixels'
+        ``data.mean``/``std``), with ``pretrained`` resolved."""
+        return cls(cfg.model.backbone, cfg.data.num_classes, pretrained=pretrained, img_size=cfg.data.image_size,
+                   **_encoder_options(cfg))
+
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
         """Whole images (integer pixels or floats) -> normalised floats in the backbone's memory format."""
         if not isinstance(images, torch.Tensor):
@@ -289,7 +312,8 @@ class GDExtendedClassifier(GDClassifier):
     """
 
     def __init__(self, backbone: str | nn.Module, num_classes: int, *, feature_dim: int | None = None,
-                 head: str | nn.Module = "conv", head_width: int = 256, head_dropout: float = 0.2, **encoder: Any):
+                 head: str | nn.Module = "conv", head_width: int = _DEFAULT.head_width,
+                 head_dropout: float = _DEFAULT.head_dropout, **encoder: Any):
         if isinstance(backbone, str):
             # The unpooled map: no classifier, no pooling.
             super().__init__(backbone, 0, global_pool="", **encoder)
@@ -300,6 +324,12 @@ class GDExtendedClassifier(GDClassifier):
         else:
             super().__init__(backbone, num_classes, **encoder)
         self.head = ConvHead(feature_dim, num_classes, head_width, head_dropout) if head == "conv" else head
+
+    @classmethod
+    def from_config(cls, cfg: Config, pretrained: bool | str | dict | None) -> GDExtendedClassifier:
+        """As :meth:`GDClassifier.from_config`, with the conv head's ``model.head_width`` and ``head_dropout``."""
+        return cls(cfg.model.backbone, cfg.data.num_classes, pretrained=pretrained, img_size=cfg.data.image_size,
+                   head_width=cfg.model.head_width, head_dropout=cfg.model.head_dropout, **_encoder_options(cfg))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         images = self.prepare(images)

@@ -1,6 +1,10 @@
-"""Heads that classify the latent grid ``Z`` of shape ``(B, s, m, n)`` (``(B, s, n)`` for sequences)."""
+"""Heads that classify the latent grid ``Z`` of shape ``(B, s, m, n)`` (``(B, s, n)`` for sequences), and
+:func:`build_head`, which builds one by its name in :data:`patchgd.registry.HEADS`."""
 
 from __future__ import annotations
+
+import inspect
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -8,7 +12,40 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 
-__all__ = ["AttentionMILHead", "ConvHead", "MeanPoolHead", "TransformerHead", "SafeBatchNorm1d", "SafeBatchNorm2d"]
+from ..registry import HEADS
+
+__all__ = ["AttentionMILHead", "ConvHead", "MeanPoolHead", "TransformerHead", "SafeBatchNorm1d", "SafeBatchNorm2d",
+           "build_head", "conv1d_head"]
+
+
+def build_head(name: str, latent_dim: int, num_classes: int, *, width: int, dropout: float, depth: int, heads: int,
+               head_args: dict[str, Any] | None = None) -> nn.Module:
+    """The head registered as ``name``, for ``latent_dim`` codes and ``num_classes`` logits.
+
+    ``width``, ``dropout``, ``depth`` and ``heads`` (``model.head_width``, ``head_dropout``, ``head_depth``,
+    ``head_heads``) go to a builder that names them as parameters; ``head_args`` (``model.head_args``) on top.
+
+    Raises:
+        ValueError: An unknown name, or arguments the builder does not take.
+
+    Example:
+        >>> build_head("attention", 16, 3, width=8, dropout=0.1, depth=2, heads=4)(torch.randn(2, 16, 4, 5)).shape
+        torch.Size([2, 3])
+    """
+    builder = HEADS.get(name)
+    accepted = inspect.signature(builder).parameters
+    common = {k: v for k, v in dict(width=width, dropout=dropout, depth=depth, heads=heads).items() if k in accepted}
+    args = {**common, **(head_args or {})}
+    try:
+        inspect.signature(builder).bind(latent_dim, num_classes, **args)
+    except TypeError as err:
+        raise ValueError(f"model.head={name!r} with model.head_args={head_args or {}}: {err}") from None
+    return builder(latent_dim, num_classes, **args)
+
+
+def conv1d_head(in_channels: int, num_classes: int, width: int, dropout: float) -> nn.Module:
+    """The paper's conv head over sequences, ``Z`` of shape ``(B, s, n)``."""
+    return ConvHead(in_channels, num_classes, width=width, dropout=dropout, dims=1)
 
 
 class _SafeBatchNorm:

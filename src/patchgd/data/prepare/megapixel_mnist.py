@@ -100,11 +100,8 @@ def generate_megapixel_mnist(
         image_size: The side of the square canvas in pixels (at least 3 digits wide).
         noise: Scribbles per image (drawn from 50 per data set), placed anywhere, pasted under the
             digits' strokes (a pixel keeps the brighter of both).
-        digits: An MNIST folder, a loaded :class:`DigitSource`, or None for scikit-learn's digits.
-        seed: The random seed.
-        val_fraction: The share of the digit source reserved for validation images.
-        overwrite: Replace an existing non-empty ``out_dir``.
-        progress: Show a progress bar.
+        digits, seed, val_fraction, overwrite, progress: As for
+            :func:`~patchgd.data.prepare.ultramnist.generate_ultramnist`.
 
     Returns:
         ``out_dir`` as a Path.

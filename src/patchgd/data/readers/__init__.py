@@ -10,34 +10,40 @@ The core never needs a whole image; it asks a source for the patches at some gri
 - :class:`ImageFileSource`: PNG, JPEG and strip TIFF, which cannot be read in pieces: decoded whole, once
   per process, and kept in their own integer type (uint8 for 8-bit images), never as float.
 
-:func:`open_source` picks the first that can read a file. Every source is picklable: only what re-opens
-the file travels, and each process opens its own handle on first use, so sources can go to DataLoader
-workers.
+:func:`open_source` opens a file with the reader ``data.reader`` names, or by default with the first reader
+of :data:`patchgd.registry.READERS` that claims the file's suffix and contents (``claims``); a reader of
+one's own is a :class:`PatchSource` subclass registered with :func:`patchgd.register_reader`. Every
+source is picklable: only what re-opens the file travels, and each process opens its own handle on first
+use, so sources can go to DataLoader workers.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-
-
-try:
-    import openslide
-except ImportError:  # a tiled TIFF is then read through tifffile + zarr
-    openslide = None
+from patchgd.registry import READERS
 
 from .array import ArraySource
-from .base import PLAUSIBLE_MPP, SLIDE_EXTENSIONS, PatchSource, select_level_by_mpp
+from .base import PLAUSIBLE_MPP, PatchSource, select_level_by_mpp
 from .image import ImageFileSource
 from .openslide_reader import OpenSlideSource
-from .tiff import TiffSource, is_tiled_tiff, pyramid_levels
+from .tiff import TiffSource, pyramid_levels
 
-__all__ = ["PLAUSIBLE_MPP", "SLIDE_EXTENSIONS", "ArraySource", "ImageFileSource", "OpenSlideSource", "PatchSource", "TiffSource",
-           "open_source", "pyramid_levels", "select_level_by_mpp"]
+__all__ = ["PLAUSIBLE_MPP", "ArraySource", "ImageFileSource", "OpenSlideSource", "PatchSource", "TiffSource",
+           "choose_reader", "open_source", "pyramid_levels", "select_level_by_mpp"]
+
+
+def choose_reader(path: Path) -> type[PatchSource]:
+    """The first reader, in registry order, whose suffixes include ``path``'s and that claims the file (every
+    reader, in order, for a suffix none lists); when none claims it, ``image``, which decodes a file whole
+    and whose error says what is wrong with it."""
+    suffix = path.suffix.lower()
+    names = [n for n in READERS.names() if suffix in READERS.info(n).get("suffixes", ())] or READERS.names()
+    return next((reader for reader in map(READERS.get, names) if reader.claims(path)), ImageFileSource)
 
 
 def open_source(path: str | Path, *, in_chans: int = 3, level: int | None = None,
-                mpp: float | None = None, slide_mpp: float | None = None) -> PatchSource:
+                mpp: float | None = None, slide_mpp: float | None = None, reader: str | None = None) -> PatchSource:
     """Open an image or whole-slide file as a :class:`PatchSource` at one resolution.
 
     OpenSlide reads the vendor formats (SVS, NDPI, MRXS, SCN, BIF, Philips TIFF, ...); tifffile + zarr
@@ -52,6 +58,8 @@ def open_source(path: str | Path, *, in_chans: int = 3, level: int | None = None
             target (within 1 %) is read, or level 0 when the target is finer than level 0.
         slide_mpp: The scan's microns per pixel at level 0, instead of the file's metadata (which may be
             missing or a placeholder: :meth:`PatchSource.resolution`).
+        reader: A reader's name in :data:`patchgd.registry.READERS` (``data.reader``); None chooses by suffix
+            (:func:`choose_reader`).
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
@@ -65,12 +73,5 @@ def open_source(path: str | Path, *, in_chans: int = 3, level: int | None = None
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such image or slide file")
-    tiled = is_tiled_tiff(path)
-    vendor = openslide.OpenSlide.detect_format(str(path)) if openslide is not None else None
-    # A generic tiled TIFF goes to tifffile: OpenSlide sees neither SubIFD levels nor OME metadata, and
-    # decodes the same pixels more slowly (benchmarks/RESULTS.md, "Slide reading").
-    if vendor is not None and not (vendor == "generic-tiff" and tiled):
-        return OpenSlideSource(path, in_chans=in_chans, level=level, mpp=mpp, slide_mpp=slide_mpp)
-    if tiled:
-        return TiffSource(path, in_chans=in_chans, level=level, mpp=mpp, slide_mpp=slide_mpp)
-    return ImageFileSource(path, in_chans=in_chans, level=level, mpp=mpp, slide_mpp=slide_mpp)
+    cls = choose_reader(path) if reader is None else READERS.get(reader)
+    return cls(path, in_chans=in_chans, level=level, mpp=mpp, slide_mpp=slide_mpp)

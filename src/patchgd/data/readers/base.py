@@ -8,6 +8,7 @@ import abc
 import math
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -17,8 +18,6 @@ from patchgd.data.images import to_channels
 
 
 
-# Whole-slide formats a data set accepts besides IMAGE_EXTENSIONS (.tif/.tiff, which are both).
-SLIDE_EXTENSIONS = (".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".svslide")
 
 
 # A level's mpp may exceed the target by this much and still count as fine enough: vendors store
@@ -70,6 +69,12 @@ class PatchSource(abc.ABC):
     dtype: np.dtype
     tiled: bool
     level: int
+
+    @classmethod
+    def claims(cls, path: Path) -> bool:
+        """Whether this reader reads ``path`` (a file with one of its registered suffixes), when the reader is
+        chosen by suffix (``data.reader: null``): by default, every such file."""
+        return True
 
     def __init__(self, path: str, in_chans: int, slide_mpp: float | None = None) -> None:
         if in_chans not in (1, 3):

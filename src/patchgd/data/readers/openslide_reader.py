@@ -16,6 +16,7 @@ except ImportError:  # a tiled TIFF is then read through tifffile + zarr
     openslide = None
 
 from .base import PatchSource
+from .tiff import is_tiled_tiff
 
 
 class OpenSlideSource(PatchSource):
@@ -30,6 +31,16 @@ class OpenSlideSource(PatchSource):
         level: The pyramid level to read (0 = full resolution).
         mpp: Instead of ``level``: target microns per pixel (see :func:`select_level_by_mpp`).
     """
+
+    @classmethod
+    def claims(cls, path: Path) -> bool:
+        """A file OpenSlide recognises, but not a generic tiled TIFF: OpenSlide sees neither SubIFD levels nor
+        OME metadata, and decodes the same pixels more slowly than tifffile (benchmarks/RESULTS.md, "Slide
+        reading")."""
+        if openslide is None:
+            return False
+        vendor = openslide.OpenSlide.detect_format(str(path))
+        return vendor is not None and not (vendor == "generic-tiff" and is_tiled_tiff(path))
 
     def __init__(self, path: str | Path, *, in_chans: int = 3, level: int | None = None,
                  mpp: float | None = None, slide_mpp: float | None = None) -> None:

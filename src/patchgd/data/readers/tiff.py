@@ -29,6 +29,11 @@ class TiffSource(PatchSource):
         mpp: Instead of ``level``: target microns per pixel (see :func:`select_level_by_mpp`).
     """
 
+    @classmethod
+    def claims(cls, path: Path) -> bool:
+        """A TIFF whose full-resolution image is tiled (a strip TIFF is decoded whole by ``image``)."""
+        return is_tiled_tiff(path)
+
     def __init__(self, path: str | Path, *, in_chans: int = 3, level: int | None = None,
                  mpp: float | None = None, slide_mpp: float | None = None) -> None:
         super().__init__(str(path), in_chans, slide_mpp)
