@@ -200,3 +200,26 @@ def test_the_planner_states_the_store_a_cached_run_keeps(tmp_path):
     described = plan_from_config(cfg, "cpu").describe()
     assert f"Z store: 8 images, 72 cells of 8 float16 (codes): 1.69 KiB on disk in {tmp_path / 'run' / 'zstore'}" \
         in described
+
+
+def test_staleness_reads_a_cached_runs_store_against_its_final_encoder(tmp_path):
+    """benchmarks/staleness.py: with weights that do not move (a frozen encoder, a learning rate of 1e-12),
+    every stored code is the final encoder's to float16 rounding and the head scores the stored and the fresh
+    Z alike; a store read in another order or shape would not be."""
+    from benchmarks.staleness import measure
+    from test_evaluation import csv_data, run_config
+
+    import patchgd.engine.trainer
+
+    root = csv_data(tmp_path / "data", {"train": 8, "val": 4})
+    cfg = run_config(tmp_path, root, epochs=2, lr=1e-12)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, freeze=4),
+                              patchgd=dataclasses.replace(cfg.patchgd, fill="cached", fill_mode="eval"))
+    patchgd.engine.trainer.fit(cfg, log=lambda line: None)
+    result = measure(tmp_path / "run")
+    assert result["images"] == 8 and result["cells"] == 72 and result["epoch"] == 2
+    assert result["median_distance"] < 2e-3  # float16
+    assert sum(b["cells"] for b in result["by_age"]) == 72
+    heads = result["head_on"]
+    assert heads["stored"]["accuracy"] == heads["fresh"]["accuracy"]
+    assert heads["stored"]["loss"] == pytest.approx(heads["fresh"]["loss"], abs=1e-3)
