@@ -1,7 +1,9 @@
 """Shared by the tests: tiny models (fast on two CPU cores, deterministic, no downloads) and a tiny run config."""
 
+import numpy as np
 import torch.nn as nn
 import yaml
+from PIL import Image
 
 
 class TinyEncoder(nn.Module):
@@ -36,3 +38,19 @@ def write_config(tmp_path, root, **overrides):
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def spotted_images(root, n=6, shape=(64, 64), suffix=".png"):
+    """Two class folders of grey images under ``root``, ``n`` each: noise, and noise with a bright square."""
+    rng = np.random.default_rng(0)
+    for label in ("plain", "spotted"):
+        (root / label).mkdir(parents=True)
+        for i in range(n):
+            pixels = rng.integers(0, 100, shape, dtype=np.uint8)
+            if label == "spotted":
+                pixels[8:24, 30:46] = 250
+            if suffix == ".npy":
+                np.save(root / label / f"{i}.npy", pixels)
+            else:
+                Image.fromarray(pixels).save(root / label / f"{i}{suffix}")
+    return root

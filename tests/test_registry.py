@@ -22,6 +22,8 @@ from patchgd.inference import load_model
 from patchgd.methods import PatchGD
 from patchgd.registry import HEADS, METHODS, READERS, suffixes
 
+from helpers import spotted_images
+
 
 # --- what a user writes, outside the package --------------------------------------------------------------
 
@@ -77,22 +79,6 @@ class NpySource(PatchSource):
 
 # --- data ---------------------------------------------------------------------------------------------------
 
-def images(root: Path, suffix: str = ".png", n: int = 6) -> Path:
-    """Two classes of 64 px grey images, ``n`` each: noise, and noise with a bright square."""
-    rng = np.random.default_rng(0)
-    for label in ("plain", "spotted"):
-        (root / label).mkdir(parents=True)
-        for i in range(n):
-            pixels = rng.integers(0, 100, (64, 64), dtype=np.uint8)
-            if label == "spotted":
-                pixels[8:24, 30:46] = 250
-            if suffix == ".npy":
-                np.save(root / label / f"{i}.npy", pixels)
-            else:
-                Image.fromarray(pixels).save(root / label / f"{i}{suffix}")
-    return root
-
-
 def config(tmp_path, root, **sections):
     raw = {"output_dir": str(tmp_path / "run"),
            "model": {"backbone": "test_resnet", "patch_size": 32, "latent_dim": 8, "in_chans": 1, "head_width": 8},
@@ -110,7 +96,8 @@ def config(tmp_path, root, **sections):
 # --- the tests ------------------------------------------------------------------------------------------------
 
 def test_a_head_registered_outside_the_package_trains_from_a_config_with_its_own_arguments(tmp_path):
-    cfg = config(tmp_path, images(tmp_path / "data"), model={"head": "test-linear", "head_args": {"scale": 2.0}})
+    root = spotted_images(tmp_path / "data")
+    cfg = config(tmp_path, root, model={"head": "test-linear", "head_args": {"scale": 2.0}})
     summary = fit(cfg, log=lambda line: None)
     assert summary["epochs"] == 1
     model, _ = load_model(tmp_path / "run" / "best.pt")
@@ -130,7 +117,7 @@ def test_head_args_the_head_does_not_take_are_refused_naming_the_key():
 
 
 def test_a_method_registered_outside_the_package_trains_from_a_config(tmp_path):
-    root = images(tmp_path / "data")
+    root = spotted_images(tmp_path / "data")
     encoded = {}
     for method in ("patchgd", "test-every-cell"):
         cfg = config(tmp_path / method, root, method=method, patchgd={"sampling": 0.5, "max_sampled": 0.5})
@@ -145,7 +132,7 @@ def test_a_method_registered_outside_the_package_trains_from_a_config(tmp_path):
 
 
 def test_a_reader_registered_outside_the_package_reads_its_suffix_in_pieces(tmp_path):
-    root = images(tmp_path / "data", ".npy")
+    root = spotted_images(tmp_path / "data", suffix=".npy")
     assert ".npy" in suffixes() and choose_reader(next(root.rglob("*.npy"))) is NpySource
     cfg = config(tmp_path, root)
     fit(cfg, log=lambda line: None)
@@ -199,7 +186,7 @@ def test_the_command_line_finds_a_head_through_an_installed_packages_entry_point
         "Metadata-Version: 2.1\nName: patchgd-plugin-demo\nVersion: 0.1\n")
     (site / "patchgd_plugin_demo-0.1.dist-info" / "entry_points.txt").write_text(
         "[patchgd.plugins]\ndemo = patchgd_plugin_demo\n")
-    root = images(tmp_path / "data")
+    root = spotted_images(tmp_path / "data")
     yaml_file = tmp_path / "run.yaml"
     yaml_file.write_text(f"output_dir: {tmp_path / 'run'}\nmodel: {{backbone: test_resnet, patch_size: 32, "
                          f"latent_dim: 8, in_chans: 1, head: plugin-pool, head_width: 8}}\n"

@@ -2,10 +2,8 @@
 and loaders from the same config (patchgd.engine.setup), so a planned or diagnosed step is the step that
 trains."""
 
-import numpy as np
 import torch
 import yaml
-from PIL import Image
 
 import patchgd.engine.plan
 import patchgd.engine.setup
@@ -14,17 +12,7 @@ from benchmarks import diagnose
 from patchgd.config import config_from_dict
 from patchgd.data.augment import Augment
 
-
-def images(root, n=5):
-    rng = np.random.default_rng(0)
-    for label in ("plain", "spotted"):
-        (root / label).mkdir(parents=True)
-        for i in range(n):
-            pixels = rng.integers(0, 100, (64, 96), dtype=np.uint8)
-            if label == "spotted":
-                pixels[8:24, 30:46] = 250
-            Image.fromarray(pixels).save(root / label / f"{i}.png")
-    return root
+from helpers import spotted_images
 
 
 RAW = {"model": {"backbone": "test_resnet", "patch_size": 32, "latent_dim": 8, "in_chans": 1, "head": "attention",
@@ -69,8 +57,9 @@ def test_the_planner_measures_the_step_fit_trains(tmp_path, monkeypatch):
     calls = []
     spy(monkeypatch, patchgd.engine.plan, "build_training", calls, "plan", describe_training)
     spy(monkeypatch, patchgd.engine.trainer, "build_training", calls, "fit", describe_training)
+    root = spotted_images(tmp_path / "data", n=5, shape=(64, 96))
     cfg = config_from_dict({**RAW, "output_dir": str(tmp_path / "run"), "memory": {"budget": "2GB"},
-                            "data": {**RAW["data"], "root": str(images(tmp_path / "data"))}})
+                            "data": {**RAW["data"], "root": str(root)}})
     patchgd.engine.trainer.fit(cfg, log=lambda line: None)
     planned = [made for who, made in calls if who == "plan"]
     (fit,) = [made for who, made in calls if who == "fit"]
@@ -91,7 +80,7 @@ def test_the_diagnosis_trains_with_the_loaders_and_augmentation_fit_uses(tmp_pat
     spy(monkeypatch, patchgd.engine.trainer, "build_loaders", calls, "fit")
     spy(monkeypatch, diagnose, "build_training", calls, "diagnose", describe_training)
     spy(monkeypatch, patchgd.engine.trainer, "build_training", calls, "fit", describe_training)
-    root = images(tmp_path / "data")
+    root = spotted_images(tmp_path / "data", n=5, shape=(64, 96))
     raw = {**RAW, "output_dir": str(tmp_path / "run"), "data": {**RAW["data"], "root": str(root)}}
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(raw))
