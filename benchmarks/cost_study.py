@@ -22,9 +22,10 @@ The arms run one after another in this process and are skipped when already done
 report holds every arm that has finished in ``--out``. ``--arms`` also runs the probes (``probes``), arms
 that test what would bring the cached fill to exact's accuracy.
 
-Usage (one command per size and seed; ``--threads 1`` pins one core)::
+Usage (one command per size and seed; ``--threads 1`` pins one core), then one table of the seeds::
 
     python benchmarks/cost_study.py --image-size 1024 --seed 0 --threads 1 --out bench-results/cost-1024-seed0
+    python benchmarks/cost_study.py --combine bench-results/cost-1024-seed0 bench-results/cost-1024-seed1
 """
 
 from __future__ import annotations
@@ -99,11 +100,26 @@ def read_metrics(run: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def reference(name: str) -> str | None:
+    """The exact arm an arm is compared with: the one that samples as much of each image per step (sub-bag's
+    k is exact 0.25's; two-stage and downscaled GD, which sample nothing, are held to exact 1.0)."""
+    if name == "exact 1.0":
+        return None
+    if name == "cached 0.25 slow":
+        return "exact 0.25 slow"
+    if name == "sub-bag" or ("0.25" in name and name != "exact 0.25"):
+        return "exact 0.25"
+    return "exact 1.0"
+
+
 def val_correct(run: Path) -> np.ndarray:
-    """Whether each validation image (val.csv's order) is right by the run's best.pt."""
+    """Whether each validation image (val.csv's order) is right by the run's best.pt; kept beside it."""
     import patchgd
     from patchgd.engine.data import build_datasets
 
+    kept = run / "val_correct.npy"
+    if kept.exists() and kept.stat().st_mtime >= (run / "best.pt").stat().st_mtime:
+        return np.load(kept)
     model, cfg = patchgd.load_model(run / "best.pt")
     val = build_datasets(cfg)[1]
     right = []
@@ -112,6 +128,8 @@ def val_correct(run: Path) -> np.ndarray:
             image, label = val[i]
             batch = image[None] if isinstance(image, torch.Tensor) else [image]
             right.append(int(model(batch).argmax()) == label)
+    with atomic_file(kept) as tmp, tmp.open("wb") as f:
+        np.save(f, np.array(right))
     return np.array(right)
 
 
@@ -122,6 +140,40 @@ def mcnemar(a: np.ndarray, b: np.ndarray) -> tuple[int, int, float]:
     only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
     p = binomtest(only_a, only_a + only_b, 0.5).pvalue if only_a + only_b else 1.0
     return only_a, only_b, float(p)
+
+
+def combine(outs: list[Path]) -> str:
+    """One table of the studies in ``outs`` (the seeds of one size): per arm and seed, the best accuracy, its
+    distance from its exact arm's in that arm's binomial standard errors, McNemar's p against it, and the
+    training time of later epochs as a share of its exact arm's."""
+    studies = [json.loads((out / "study.json").read_text()) for out in outs]
+    seeds = " / ".join(str(study["args"]["seed"]) for study in studies)
+    sizes = {study["args"]["image_size"] for study in studies}
+    lines = [f"Megapixel MNIST {' and '.join(map(str, sorted(sizes)))} px, seeds {seeds} (each cell: seed by seed)",
+             "", f"| arm | best acc | vs its exact, in SE | McNemar p | train s later epochs | / its exact's |",
+             "|---|---|---|---|---|---|"]
+    names = list(dict.fromkeys(name for study in studies for name in study["arms"]))
+    for name in names:
+        cells = {key: [] for key in ("acc", "se", "p", "time", "ratio")}
+        for study in studies:
+            row, arms_ = study["arms"].get(name), study["arms"]
+            exact = arms_.get(reference(name)) if row else None
+            n = study["args"]["val"]
+            cells["acc"].append("-" if row is None else f"{row['best_accuracy']:.3f}")
+            cells["time"].append("-" if row is None or row["train_time_later_s"] is None
+                                 else f"{row['train_time_later_s']:.0f}")
+            if exact is None:
+                cells["se"].append("-"), cells["p"].append("-"), cells["ratio"].append("-")
+                continue
+            q = exact["best_accuracy"]
+            se = (q * (1 - q) / n) ** 0.5
+            cells["se"].append(f"{(row['best_accuracy'] - q) / se:+.1f}")
+            cells["p"].append(f"{row['mcnemar_vs_exact'][2]:.2g}")
+            cells["ratio"].append("-" if not row["train_time_later_s"] or not exact["train_time_later_s"]
+                                  else f"{row['train_time_later_s'] / exact['train_time_later_s']:.3f}")
+        label = name if reference(name) is None else f"{name} (vs {reference(name)})"
+        lines.append("| " + " | ".join([label, *(" / ".join(cells[k]) for k in cells)]) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,7 +187,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arms", nargs="+", default=None, help="run these arms only (default: all)")
     parser.add_argument("--digits", default=str(SHARED_MNIST), help="MNIST folder of IDX files")
     parser.add_argument("--out", default="bench-results/cost-study", help="folder: data, runs, study.json/.md")
+    parser.add_argument("--combine", nargs="+", type=Path, metavar="OUT",
+                        help="run nothing: print one table of these studies' study.json (the seeds of a size)")
     args = parser.parse_args(argv)
+    if args.combine:
+        print(combine(args.combine), end="")
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -180,18 +237,18 @@ def main(argv: list[str] | None = None) -> int:
             "step_peak_bytes": max(int(float(r["peak_memory_bytes"])) for r in rows),
             "process_peak_bytes": max(int(float(r["peak_process_bytes"])) for r in rows),
             "store": store_size(run), "best_epoch": saved["best_epoch"], "run_dir": str(run)}
-    reference = "exact 1.0"
-    if reference in table:
-        ref = val_correct(Path(table[reference]["run_dir"]))
-        for name, row in table.items():
-            if name != reference:
-                row["mcnemar_vs_exact"] = mcnemar(val_correct(Path(row["run_dir"])), ref)
+    for name, row in table.items():
+        exact = reference(name)
+        if exact in table:
+            row["reference"] = exact
+            row["mcnemar_vs_exact"] = mcnemar(val_correct(Path(row["run_dir"])),
+                                              val_correct(Path(table[exact]["run_dir"])))
     write_report(out, args, table)
     return 0
 
 
 def write_report(out: Path, args, table: dict) -> None:
-    headers = ["arm", "best acc", "final acc", "McNemar vs exact 1.0 (only arm / only exact, p)",
+    headers = ["arm", "best acc", "final acc", "McNemar vs exact (only arm / only exact, p)",
                "train s, epoch 1", "train s, later", "encoded/epoch with grad", "without grad", "step peak",
                "process RSS", "store"]
     lines = [f"# Cost study: Megapixel MNIST {args.image_size} px, seed {args.seed}, {args.train} / {args.val} "
@@ -200,7 +257,7 @@ def write_report(out: Path, args, table: dict) -> None:
         m = r.get("mcnemar_vs_exact")
         lines.append("| " + " | ".join([
             name, f"{r['best_accuracy']:.3f}", f"{r['final_accuracy']:.3f}",
-            "-" if m is None else f"{m[0]} / {m[1]}, p {m[2]:.3g}", f"{r['train_time_first_s']:.0f}",
+            "-" if m is None else f"{r['reference']}: {m[0]} / {m[1]}, p {m[2]:.3g}", f"{r['train_time_first_s']:.0f}",
             "-" if r["train_time_later_s"] is None else f"{r['train_time_later_s']:.0f}",
             f"{r['encoded_with_grad_per_epoch'][-1]:,}", f"{r['encoded_no_grad_per_epoch'][0]:,} / "
             f"{r['encoded_no_grad_per_epoch'][-1]:,}", format_size(r["step_peak_bytes"]),
