@@ -223,3 +223,25 @@ def test_staleness_reads_a_cached_runs_store_against_its_final_encoder(tmp_path)
     heads = result["head_on"]
     assert heads["stored"]["accuracy"] == heads["fresh"]["accuracy"]
     assert heads["stored"]["loss"] == pytest.approx(heads["fresh"]["loss"], abs=1e-3)
+
+
+def test_staleness_tells_the_batchnorm_statistics_from_the_weights(tmp_path):
+    """With a learning rate of 1e-12 from a given backbone, the weights stay where they started and only
+    BatchNorm's running statistics move (they follow the sampled cells' batches): putting the weights back
+    changes no code, putting the statistics back does."""
+    from benchmarks.staleness import measure
+    from test_evaluation import csv_data, run_config
+
+    import patchgd.engine.trainer
+
+    root = csv_data(tmp_path / "data", {"train": 8, "val": 4})
+    start = run_config(tmp_path / "start", root, epochs=1)
+    patchgd.engine.trainer.fit(start, log=lambda line: None)
+    cfg = run_config(tmp_path, root, epochs=2, lr=1e-12)
+    begun = str(tmp_path / "start" / "run" / "last.pt")
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_backbone=begun),
+                              patchgd=dataclasses.replace(cfg.patchgd, fill="cached", fill_mode="eval"))
+    patchgd.engine.trainer.fit(cfg, log=lambda line: None)
+    moved = measure(tmp_path / "run")["moved_by"]
+    assert moved["weights"] < 1e-6
+    assert moved["statistics"] > 1e-2
