@@ -133,6 +133,17 @@ def test_override_creates_a_section_missing_from_the_file(tmp_path):
     assert (c.method, c.memory.budget, c.model.in_chans) == ("gd", "2GB", 1)
 
 
+def test_keys_that_go_together_are_checked_once_every_override_is_in(tmp_path):
+    """--set method=gd alone conflicts with the demo's attention head; with --set model.head=conv it is one
+    change, in either order, and a file that only its overrides make whole loads too."""
+    for sets in (["method=gd", "model.head=conv"], ["model.head=conv", "method=gd"]):
+        c = load_config("demo", sets)
+        assert (c.method, c.model.head) == ("gd", "conv")
+    assert load_config(write(tmp_path, "method: gd\nmodel:\n  head: attention\n"), ["model.head=conv"]).method == "gd"
+    with pytest.raises(ConfigError, match=r"demo.yaml --set method=gd: .*method=gd and model.head='attention'"):
+        load_config("demo", ["method=gd"])
+
+
 def test_round_trip_through_yaml_and_dict(tmp_path):
     c = Config(method="gd", model=ModelConfig(pretrained="w.pth"),
                data=DataConfig(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225], val_csv=None),

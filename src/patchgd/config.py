@@ -631,10 +631,13 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         where = str(path)
         raw = read_yaml(path)
         raw = {} if raw is None else raw
-    config = config_from_dict(raw, source=where)  # errors in the file name the file, before any override
+    config = _build(Config, raw, "", where)  # errors in the file name the file, before any override
     for item in overrides:
         _apply_override(raw, item)
-        config = config_from_dict(raw, source=f"--set {item}")
+        config = _build(Config, raw, "", f"--set {item}")
+    # Keys that go together are checked once every override is in: --set method=gd --set model.head=conv is
+    # one change, in either order.
+    validate(config, " ".join(filter(None, [where, *(f"--set {item}" for item in overrides)])) or None)
     return config
 
 
