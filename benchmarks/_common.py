@@ -19,7 +19,10 @@ import torch
 from patchgd.io import atomic_file
 from patchgd.methods import autocast, create_model, sync
 
-__all__ = ["main_of", "add_common_arguments", "resolve_device", "build_model", "autocast", "sync", "timed",
+# The real MNIST test set beside the repository (../shared/data/mnist), the studies' default digits.
+SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+
+__all__ = ["SHARED_MNIST", "main_of", "add_common_arguments", "resolve_device", "build_model", "autocast", "sync", "timed",
            "interleaved", "median", "small_call_seconds", "machine", "format_table", "write_json"]
 
 

@@ -13,7 +13,7 @@ depend on them). Arms, each a step on the same batch, alternated ``--repeats`` t
 Also the cost of one encode without gradients and with (forward and backward), per patch, from chunks of
 ``B * k`` patches. One torch thread by default.
 
-Usage: python benchmarks/cached_step.py --image-size 1024 --max-sampled 0.25 [--repeats 5]
+Usage: python -m benchmarks.cached_step --image-size 1024 --max-sampled 0.25 [--repeats 5]
 """
 
 from __future__ import annotations

@@ -24,8 +24,8 @@ that test what would bring the cached fill to exact's accuracy.
 
 Usage (one command per size and seed; ``--threads 1`` pins one core), then one table of the seeds::
 
-    python benchmarks/cost_study.py --image-size 1024 --seed 0 --threads 1 --out bench-results/cost-1024-seed0
-    python benchmarks/cost_study.py --combine bench-results/cost-1024-seed0 bench-results/cost-1024-seed1
+    python -m benchmarks.cost_study --image-size 1024 --seed 0 --threads 1 --out bench-results/cost-1024-seed0
+    python -m benchmarks.cost_study --combine bench-results/cost-1024-seed0 bench-results/cost-1024-seed1
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ from patchgd.engine.trainer import fit
 from patchgd.io import atomic_file
 from patchgd.memory import format_size
 
-SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+from ._common import SHARED_MNIST
+
 PATCH = 64
 NOISE_PER_PIXEL = 50 / 1500**2  # Megapixel MNIST's density of scribbles
 

@@ -31,10 +31,9 @@ from patchgd.io import atomic_file
 from patchgd.memory import format_size, parse_size
 from patchgd.engine.plan import plan_budget
 from patchgd.engine.trainer import fit
-from ._common import main_of, format_table, machine, write_json
+from ._common import SHARED_MNIST, main_of, format_table, machine, write_json
 from patchgd.rundir import BEST_CHECKPOINT, METRICS_FILE
 
-SHARED_MNIST = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "mnist"
 METHODS = ("gd", "gd-extended", "patchgd")
 TIGHT_RATIO = 4  # 16 GB : 4 GB
 # The paper's Table 1 (UltraMNIST 512 px, 4 GB), for the report.
