@@ -295,7 +295,8 @@ def plan_from_config(cfg: Config, device: torch.device | str | None = None, proc
     device = resolve_device(cfg.train.device) if device is None else device
     plan = plan_budget(cfg, tuple(train_set[0][0].shape), device, processes=processes, log=log)
     if cfg.patchgd.fill == "cached":  # the store a cached run keeps, on top of the step's memory
-        from .zcache import describe_store
+        from .zcache import describe_store, store_layout
 
-        plan.notes.append(describe_store(cfg, build_model(cfg, weights=False), train_set, cfg.output_dir))
+        layout = store_layout(cfg, build_model(cfg, weights=False), train_set)
+        plan.notes.append(describe_store(cfg, layout, cfg.output_dir))
     return plan

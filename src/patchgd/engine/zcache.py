@@ -49,10 +49,11 @@ def store_layout(cfg: Config, model: nn.Module, train_set: ImageDataset) -> tupl
     return cells, model.feature_dim if features else cfg.model.latent_dim, features
 
 
-def describe_store(cfg: Config, model: nn.Module, train_set: ImageDataset, run_dir: str | Path) -> str:
-    """One line on the store a cached run keeps: images, cells, what a cell holds, its size and where."""
+def describe_store(cfg: Config, layout: tuple[list[int], int, bool], run_dir: str | Path) -> str:
+    """One line on the store a cached run keeps (``layout``: :func:`store_layout`'s): images, cells, what a
+    cell holds, its size and where."""
     p = cfg.patchgd
-    cells, width, features = store_layout(cfg, model, train_set)
+    cells, width, features = layout
     folder = Path(p.store_dir) if p.store_dir else default_store_dir(run_dir)
     where = f"on disk in {folder}" if p.store == "disk" else "in memory (saved beside the checkpoints)"
     return (f"Z store: {len(cells)} images, {sum(cells)} cells of {width} {p.store_dtype} "
@@ -65,10 +66,11 @@ def build_cache(cfg: Config, model: nn.Module, train_set: ImageDataset, run_dir:
     """The run's cached fill: its store made (a new run; its size said and checked against the free disk)
     or found again as of the checkpoint ``state`` (a resumed run)."""
     p = cfg.patchgd
-    cells, width, features = store_layout(cfg, model, train_set)
+    layout = store_layout(cfg, model, train_set)  # reads every image's size: once
+    cells, width, features = layout
     size = store_bytes(cells, width, p.store_dtype)
     folder = Path(p.store_dir) if p.store_dir else default_store_dir(run_dir)
-    log(describe_store(cfg, model, train_set, run_dir))
+    log(describe_store(cfg, layout, run_dir))
     if p.store == "memory":
         store = ZStore.create(cells, width, p.store_dtype)
         if state is not None:
@@ -88,14 +90,14 @@ def build_cache(cfg: Config, model: nn.Module, train_set: ImageDataset, run_dir:
                         log(f"Z store: {store.rewind(state['epoch'])} rows put back as they were at epoch "
                             f"{state['epoch']}'s checkpoint")
             distributed.barrier()
-    folder = None
+    feature_files = None
     if p.features_from is not None:
         if not features:
             raise ConfigError(f"patchgd.features_from={p.features_from!r} holds a frozen encoder's features: "
                               f"model.backbone={cfg.model.backbone!r} has none; expected a timm backbone")
-        folder = FeatureFolder(p.features_from)
-        log(f"features: read from {folder.folder} where an image has a file there")
-    return CachedZ(model, store, refresh=p.refresh, features=features, features_from=folder,
+        feature_files = FeatureFolder(p.features_from)
+        log(f"features: read from {feature_files.folder} where an image has a file there")
+    return CachedZ(model, store, refresh=p.refresh, features=features, features_from=feature_files,
                    names=[Path(path).stem for path in train_set.paths])
 
 
