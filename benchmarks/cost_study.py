@@ -151,20 +151,21 @@ def combine(outs: list[Path]) -> str:
     seeds = " / ".join(str(study["args"]["seed"]) for study in studies)
     sizes = {study["args"]["image_size"] for study in studies}
     lines = [f"Megapixel MNIST {' and '.join(map(str, sorted(sizes)))} px, seeds {seeds} (each cell: seed by seed)",
-             "", f"| arm | best acc | vs its exact, in SE | McNemar p | train s later epochs | / its exact's |",
+             "", "| arm | best acc | vs its exact, in SE | McNemar p | train s later epochs | / its exact's |",
              "|---|---|---|---|---|---|"]
     names = list(dict.fromkeys(name for study in studies for name in study["arms"]))
     for name in names:
         cells = {key: [] for key in ("acc", "se", "p", "time", "ratio")}
         for study in studies:
-            row, arms_ = study["arms"].get(name), study["arms"]
-            exact = arms_.get(reference(name)) if row else None
+            row = study["arms"].get(name)
+            exact = study["arms"].get(reference(name)) if row else None
             n = study["args"]["val"]
             cells["acc"].append("-" if row is None else f"{row['best_accuracy']:.3f}")
             cells["time"].append("-" if row is None or row["train_time_later_s"] is None
                                  else f"{row['train_time_later_s']:.0f}")
             if exact is None:
-                cells["se"].append("-"), cells["p"].append("-"), cells["ratio"].append("-")
+                for key in ("se", "p", "ratio"):
+                    cells[key].append("-")
                 continue
             q = exact["best_accuracy"]
             se = (q * (1 - q) / n) ** 0.5
