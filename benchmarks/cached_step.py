@@ -27,14 +27,17 @@ import time
 import torch
 
 import patchgd
+from patchgd.config import load_config
+from patchgd.engine.build import build_model
+from patchgd.methods import patches_per_iteration
 from patchgd.methods.cached import CachedZ
 from patchgd.zstore import ZStore
 
 
 def model(freeze=None) -> patchgd.PatchGDClassifier:
+    """The demo recipe's model (``configs/demo.yaml``), its weights seeded, its encoder frozen or not."""
     torch.manual_seed(0)
-    return patchgd.PatchGDClassifier("test_resnet", num_classes=10, patch_size=64, latent_dim=64, head="attention",
-                                     head_width=64, head_dropout=0.1, in_chans=1, freeze=freeze)
+    return build_model(load_config("demo", [f"model.freeze={freeze or 'null'}"]), weights=False)
 
 
 def stepper(kind: str, args, cells: int):
@@ -65,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    cells = (args.image_size // 64) ** 2
+    patch = load_config("demo").model.patch_size
+    cells = (args.image_size // patch) ** 2
     images = torch.randint(0, 255, (args.batch, 1, args.image_size, args.image_size), dtype=torch.uint8)
     arms = {kind: stepper(kind, args, cells) for kind in ("exact", "cached", "cached+refresh", "two-stage")}
     for step, labels in arms.values():  # warm-up; for the cached arms, the images' first visit
@@ -79,8 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     medians = {kind: statistics.median(t) for kind, t in times.items()}
     # the encoder's cost per patch, without gradients and with (forward and backward), in chunks of B * k
     net = model()
-    k = -(-int(cells * args.sampling * 1e6) // 10**6)
-    patches = torch.randint(0, 255, (args.batch * k, 1, 64, 64), dtype=torch.uint8)
+    k = patches_per_iteration(args.sampling, cells)
+    patches = torch.randint(0, 255, (args.batch * k, 1, patch, patch), dtype=torch.uint8)
     encode = {"no_grad": [], "with_grad": []}
     for _ in range(args.repeats):
         started = time.perf_counter()

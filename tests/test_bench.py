@@ -148,3 +148,14 @@ def test_diagnose_records_inner_losses_gradient_norms_and_batchnorm_statistics(t
         assert epoch["grad_norm_backbone"] > 0 and epoch["grad_norm_head"] > 0 and epoch["grad_norm_projection"] > 0
         assert epoch["bn_distance_fill"] > 0 and epoch["bn_distance_inner"] > 0  # both phases in train mode
         assert 0 <= epoch["val_accuracy"] <= 1 and 0 <= epoch["val_accuracy_batch_stats"] <= 1
+
+
+def test_cached_step_times_every_arm_on_one_batch(capsys):
+    """benchmarks/cached_step.py on a tiny batch: every arm timed, per-patch encode costs measured."""
+    from benchmarks import cached_step
+
+    assert cached_step.main(["--image-size", "128", "--batch", "2", "--repeats", "1"]) == 0
+    record = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert set(record["median_step_s"]) == {"exact", "cached", "cached+refresh", "two-stage"}
+    assert all(len(times) == 1 and times[0] > 0 for times in record["step_s"].values())
+    assert all(cost > 0 for cost in record["encode_s_per_patch"].values())
